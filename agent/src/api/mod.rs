@@ -1,0 +1,196 @@
+//! The client-facing HTTP API: OpenAI-compatible `/v1/*`, Ollama-native
+//! `/api/*`, and health endpoints. Handlers only parse what routing needs,
+//! hand the request to a [`RequestHandler`], and relay what comes back.
+
+pub mod models;
+pub mod relay;
+pub mod routing;
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use axum::Router;
+use axum::extract::rejection::BytesRejection;
+use axum::extract::{DefaultBodyLimit, State};
+use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, Uri};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use bytes::Bytes;
+use llmesh_mesh::{ApiKind, InferenceRequest, RequestHandler};
+use tracing::Instrument;
+
+use crate::error::{ApiError, ErrorFormat};
+use crate::local::LocalNode;
+
+/// Header naming the node that served a request.
+pub const NODE_HEADER: &str = "x-llmesh-node";
+/// Header saying how a request was served: `local`, `peer:<node>`, `cloud:<provider>`.
+pub const ROUTE_HEADER: &str = "x-llmesh-route";
+/// Header carrying the request id (taken from the client when it sends one).
+pub const REQUEST_ID_HEADER: &str = "x-request-id";
+
+/// Everything the handlers share.
+pub struct AppState {
+    /// This node's name, for `x-llmesh-node`.
+    pub node_name: String,
+    /// Runs requests on this node.
+    pub local: Arc<LocalNode>,
+    /// Longest silence allowed between body chunks from the backend.
+    pub idle_timeout: Duration,
+    /// Largest non-streaming response relayed.
+    pub max_response_bytes: usize,
+    /// Largest request body accepted.
+    pub max_body_bytes: usize,
+}
+
+type AppStateRef = State<Arc<AppState>>;
+
+/// Builds the HTTP router.
+pub fn router(state: Arc<AppState>) -> Router {
+    let limit = state.max_body_bytes;
+    Router::new()
+        .route("/", get(|| async { "llmesh is running\n" }))
+        .route("/healthz", get(models::healthz))
+        .route("/readyz", get(models::readyz))
+        .route("/v1/models", get(models::openai_models))
+        .route("/v1/models/{*id}", get(models::openai_model))
+        .route(
+            "/v1/chat/completions",
+            post(|s: AppStateRef, h: HeaderMap, b| infer(s, ApiKind::OpenaiChat, h, b)),
+        )
+        .route(
+            "/v1/completions",
+            post(|s: AppStateRef, h: HeaderMap, b| infer(s, ApiKind::OpenaiCompletions, h, b)),
+        )
+        .route(
+            "/v1/embeddings",
+            post(|s: AppStateRef, h: HeaderMap, b| infer(s, ApiKind::OpenaiEmbeddings, h, b)),
+        )
+        .route(
+            "/api/chat",
+            post(|s: AppStateRef, h: HeaderMap, b| infer(s, ApiKind::OllamaChat, h, b)),
+        )
+        .route(
+            "/api/generate",
+            post(|s: AppStateRef, h: HeaderMap, b| infer(s, ApiKind::OllamaGenerate, h, b)),
+        )
+        .route(
+            "/api/embed",
+            post(|s: AppStateRef, h: HeaderMap, b| infer(s, ApiKind::OllamaEmbed, h, b)),
+        )
+        .route(
+            "/api/embeddings",
+            post(|s: AppStateRef, h: HeaderMap, b| infer(s, ApiKind::OllamaEmbeddings, h, b)),
+        )
+        .route(
+            "/api/show",
+            post(|s: AppStateRef, h: HeaderMap, b| infer(s, ApiKind::OllamaShow, h, b)),
+        )
+        .route("/api/tags", get(models::ollama_tags))
+        .route("/api/ps", get(models::ollama_ps))
+        .route("/api/version", get(models::ollama_version))
+        .fallback(no_route)
+        .method_not_allowed_fallback(method_not_allowed)
+        .layer(DefaultBodyLimit::max(limit))
+        .with_state(state)
+}
+
+/// The error format a path speaks.
+pub fn format_for(path: &str) -> ErrorFormat {
+    if path.starts_with("/api/") {
+        ErrorFormat::Ollama
+    } else {
+        ErrorFormat::OpenAi
+    }
+}
+
+async fn no_route(method: Method, uri: Uri) -> Response {
+    ApiError::no_route(method.as_str(), uri.path())
+        .with_format(format_for(uri.path()))
+        .into_response()
+}
+
+async fn method_not_allowed(method: Method, uri: Uri) -> Response {
+    ApiError::new(
+        StatusCode::METHOD_NOT_ALLOWED,
+        "method_not_allowed",
+        format!("{} does not accept {method}", uri.path()),
+    )
+    .with_format(format_for(uri.path()))
+    .into_response()
+}
+
+/// The client's request id when it is sane, otherwise a fresh one.
+fn request_id(headers: &HeaderMap) -> String {
+    headers
+        .get(REQUEST_ID_HEADER)
+        .and_then(|v| v.to_str().ok())
+        .filter(|v| !v.is_empty() && v.len() <= 128 && v.bytes().all(|b| b.is_ascii_graphic()))
+        .map(str::to_string)
+        .unwrap_or_else(|| uuid::Uuid::new_v4().simple().to_string())
+}
+
+fn stamp(response: &mut Response, node: &str, request_id: &str, route: Option<&str>) {
+    let headers = response.headers_mut();
+    if let Ok(value) = HeaderValue::from_str(request_id) {
+        headers.insert(REQUEST_ID_HEADER, value);
+    }
+    if let Ok(value) = HeaderValue::from_str(node) {
+        headers.insert(NODE_HEADER, value);
+    }
+    if let Some(route) = route.and_then(|r| HeaderValue::from_str(r).ok()) {
+        headers.insert(ROUTE_HEADER, route);
+    }
+}
+
+/// Serves one inference request of kind `api`.
+async fn infer(
+    State(state): AppStateRef,
+    api: ApiKind,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Response {
+    let format = if api.is_ollama_native() {
+        ErrorFormat::Ollama
+    } else {
+        ErrorFormat::OpenAi
+    };
+    let request_id = request_id(&headers);
+    let started = Instant::now();
+    let result = async {
+        let body = body.map_err(|rejection| {
+            if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
+                ApiError::too_large(state.max_body_bytes)
+            } else {
+                ApiError::bad_request(format!("cannot read request body: {}", rejection.body_text()))
+            }
+        })?;
+        let fields = routing::parse(api, &body)?;
+        let span = tracing::info_span!("request", id = %request_id, api = api.as_str_name(), model = %fields.model);
+        let request = InferenceRequest {
+            request_id: request_id.clone(),
+            api,
+            model: fields.model,
+            stream: fields.stream,
+            body,
+            deadline: None,
+        };
+        let response = state.local.serve(request).instrument(span).await.map_err(ApiError::from)?;
+        Ok::<_, ApiError>(relay::relay(response, state.idle_timeout, state.max_response_bytes, format).await)
+    }
+    .await;
+    let (mut response, route) = match result {
+        Ok(response) => (response, Some("local")),
+        Err(err) => {
+            if err.status.is_server_error() {
+                tracing::warn!(id = %request_id, status = err.status.as_u16(), error = %err.message, "request failed");
+            } else {
+                tracing::debug!(id = %request_id, status = err.status.as_u16(), error = %err.message, "request rejected");
+            }
+            (err.with_format(format).into_response(), None)
+        }
+    };
+    tracing::debug!(id = %request_id, status = response.status().as_u16(), head_ms = started.elapsed().as_millis() as u64, "response head sent");
+    stamp(&mut response, &state.node_name, &request_id, route);
+    response
+}

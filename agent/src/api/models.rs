@@ -1,0 +1,106 @@
+//! Read-only endpoints: model lists in OpenAI and Ollama shapes, version,
+//! health and readiness.
+
+use std::time::UNIX_EPOCH;
+
+use axum::Json;
+use axum::extract::{Path, State};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use llmesh_mesh::ServeError;
+use serde_json::{Value, json};
+
+use super::AppStateRef;
+use crate::backend::ModelEntry;
+use crate::error::ApiError;
+use crate::sim::OLLAMA_COMPAT_VERSION;
+
+fn created(entry: &ModelEntry) -> u64 {
+    humantime::parse_rfc3339_weak(&entry.modified_at)
+        .ok()
+        .and_then(|t| t.duration_since(UNIX_EPOCH).ok())
+        .map_or(0, |d| d.as_secs())
+}
+
+fn openai_entry(entry: &ModelEntry) -> Value {
+    json!({ "id": entry.name, "object": "model", "created": created(entry), "owned_by": "llmesh" })
+}
+
+fn ollama_entry(entry: &ModelEntry) -> Value {
+    json!({
+        "name": entry.name, "model": entry.name, "modified_at": entry.modified_at,
+        "size": entry.size, "digest": entry.digest, "details": entry.details,
+    })
+}
+
+/// `GET /v1/models`
+pub async fn openai_models(State(state): AppStateRef) -> Json<Value> {
+    let snapshot = state.local.inventory().current();
+    let data: Vec<Value> = snapshot.inventory.models.iter().map(openai_entry).collect();
+    Json(json!({ "object": "list", "data": data }))
+}
+
+/// `GET /v1/models/{id}` (ids may contain `/`, as in `hf.co/org/model`).
+pub async fn openai_model(State(state): AppStateRef, Path(id): Path<String>) -> Response {
+    let snapshot = state.local.inventory().current();
+    match snapshot.inventory.resolve(&id) {
+        Some(entry) => Json(openai_entry(entry)).into_response(),
+        None => ApiError::from(ServeError::ModelNotFound(id)).into_response(),
+    }
+}
+
+/// `GET /api/tags`
+pub async fn ollama_tags(State(state): AppStateRef) -> Json<Value> {
+    let snapshot = state.local.inventory().current();
+    let models: Vec<Value> = snapshot.inventory.models.iter().map(ollama_entry).collect();
+    Json(json!({ "models": models }))
+}
+
+/// `GET /api/ps`
+pub async fn ollama_ps(State(state): AppStateRef) -> Json<Value> {
+    let snapshot = state.local.inventory().current();
+    let models: Vec<Value> = snapshot
+        .inventory
+        .models
+        .iter()
+        .filter_map(|entry| {
+            let loaded = entry.loaded.as_ref()?;
+            let mut value = ollama_entry(entry);
+            value["expires_at"] = json!(loaded.expires_at);
+            value["size_vram"] = json!(loaded.size_vram);
+            value["context_length"] = json!(loaded.context_length);
+            Some(value)
+        })
+        .collect();
+    Json(json!({ "models": models }))
+}
+
+/// `GET /api/version`: the Ollama API level the agent speaks, so clients
+/// that check a minimum version accept it.
+pub async fn ollama_version() -> Json<Value> {
+    Json(json!({ "version": OLLAMA_COMPAT_VERSION, "llmesh": env!("CARGO_PKG_VERSION") }))
+}
+
+/// `GET /healthz`: the process is up.
+pub async fn healthz() -> Json<Value> {
+    Json(json!({ "status": "ok" }))
+}
+
+/// `GET /readyz`: the backend answers and its models are known.
+pub async fn readyz(State(state): AppStateRef) -> Response {
+    let snapshot = state.local.inventory().current();
+    if snapshot.healthy {
+        Json(json!({ "status": "ready", "models": snapshot.inventory.models.len() }))
+            .into_response()
+    } else {
+        let reason = snapshot
+            .last_error
+            .clone()
+            .unwrap_or_else(|| "backend not polled yet".into());
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            Json(json!({ "status": "not ready", "reason": reason })),
+        )
+            .into_response()
+    }
+}

@@ -1,0 +1,240 @@
+//! Relays a backend response to the client. Streams pass through chunk by
+//! chunk as they arrive; a stream that breaks or stalls ends with an error
+//! event in the API's own format, never a silent truncation. Non-streaming
+//! bodies are collected first (they are small) so a backend that breaks
+//! mid-body yields a clean 502 instead of half a JSON document.
+
+use std::time::Duration;
+
+use axum::body::Body;
+use axum::http::{HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use bytes::{Bytes, BytesMut};
+use futures::StreamExt;
+use llmesh_mesh::{BodyStream, InferenceResponse, ServeError};
+use serde_json::json;
+
+use crate::error::{ApiError, ErrorFormat};
+
+/// How a response body is framed, from its content type.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Framing {
+    /// `text/event-stream`: OpenAI streaming.
+    Sse,
+    /// `application/x-ndjson`: Ollama streaming.
+    Ndjson,
+    /// Anything else: one document.
+    Document,
+}
+
+impl Framing {
+    /// Framing of a body with `content_type`.
+    pub fn of(content_type: &str) -> Framing {
+        let essence = content_type.split(';').next().unwrap_or_default().trim();
+        match essence {
+            "text/event-stream" => Framing::Sse,
+            "application/x-ndjson" | "application/jsonl" => Framing::Ndjson,
+            _ => Framing::Document,
+        }
+    }
+}
+
+/// The event that ends a broken stream, in the stream's own format: OpenAI
+/// SDKs raise on an SSE event with an `error` key, Ollama clients on an
+/// NDJSON line with one.
+pub fn stream_error_event(framing: Framing, message: &str) -> Bytes {
+    match framing {
+        Framing::Sse => {
+            let event = json!({ "error": { "message": message, "type": "server_error", "param": null, "code": "stream_interrupted" } });
+            Bytes::from(format!("data: {event}\n\n"))
+        }
+        _ => Bytes::from(format!("{}\n", json!({ "error": message }))),
+    }
+}
+
+/// Wraps a backend stream: each chunk must come within `idle`, and a
+/// failure becomes a final error event.
+fn guarded(
+    body: BodyStream,
+    framing: Framing,
+    idle: Duration,
+) -> impl futures::Stream<Item = Result<Bytes, std::io::Error>> + Send {
+    async_stream::stream! {
+        let mut body = body;
+        loop {
+            match tokio::time::timeout(idle, body.next()).await {
+                Ok(Some(Ok(chunk))) => yield Ok(chunk),
+                Ok(None) => break,
+                Ok(Some(Err(message))) => {
+                    tracing::warn!(error = %message, "backend stream broke; ending it with an error event");
+                    yield Ok(stream_error_event(framing, &message));
+                    break;
+                }
+                Err(_) => {
+                    let message = format!("backend sent nothing for {idle:?}; stream abandoned");
+                    tracing::warn!("{message}");
+                    yield Ok(stream_error_event(framing, &message));
+                    break;
+                }
+            }
+        }
+    }
+}
+
+/// Collects a non-streaming body, bounded in size and in silence.
+async fn collect(mut body: BodyStream, idle: Duration, limit: usize) -> Result<Bytes, ServeError> {
+    let mut buffer = BytesMut::new();
+    loop {
+        match tokio::time::timeout(idle, body.next()).await {
+            Ok(Some(Ok(chunk))) => {
+                if buffer.len() + chunk.len() > limit {
+                    return Err(ServeError::BackendUnreachable(format!(
+                        "backend response exceeds {limit} bytes (api.max_response_bytes)"
+                    )));
+                }
+                buffer.extend_from_slice(&chunk);
+            }
+            Ok(None) => return Ok(buffer.freeze()),
+            Ok(Some(Err(message))) => return Err(ServeError::BackendUnreachable(message)),
+            Err(_) => {
+                return Err(ServeError::Timeout(format!(
+                    "backend sent nothing for {idle:?} mid-response"
+                )));
+            }
+        }
+    }
+}
+
+/// Builds the client response from a backend response.
+pub async fn relay(
+    response: InferenceResponse,
+    idle: Duration,
+    max_response_bytes: usize,
+    error_format: ErrorFormat,
+) -> Response {
+    let status = StatusCode::from_u16(response.status).unwrap_or(StatusCode::BAD_GATEWAY);
+    let content_type = HeaderValue::from_str(&response.content_type)
+        .unwrap_or_else(|_| HeaderValue::from_static("application/json"));
+    let framing = Framing::of(&response.content_type);
+    let body = match framing {
+        Framing::Sse | Framing::Ndjson => Body::from_stream(guarded(response.body, framing, idle)),
+        Framing::Document => match collect(response.body, idle, max_response_bytes).await {
+            Ok(bytes) => Body::from(bytes),
+            Err(err) => {
+                return ApiError::from(err)
+                    .with_format(error_format)
+                    .into_response();
+            }
+        },
+    };
+    let mut out = Response::new(body);
+    *out.status_mut() = status;
+    out.headers_mut().insert(header::CONTENT_TYPE, content_type);
+    if framing != Framing::Document {
+        out.headers_mut()
+            .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
+        // Tell buffering proxies in front of us (nginx) to pass chunks on.
+        out.headers_mut()
+            .insert("x-accel-buffering", HeaderValue::from_static("no"));
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http_body_util::BodyExt;
+
+    fn response(
+        content_type: &str,
+        chunks: Vec<Result<&'static str, &'static str>>,
+    ) -> InferenceResponse {
+        let stream = futures::stream::iter(chunks.into_iter().map(|c| {
+            c.map(|s| Bytes::from_static(s.as_bytes()))
+                .map_err(str::to_string)
+        }));
+        InferenceResponse {
+            status: 200,
+            content_type: content_type.into(),
+            body: Box::pin(stream),
+        }
+    }
+
+    async fn text(response: Response) -> String {
+        let bytes = response
+            .into_body()
+            .collect()
+            .await
+            .expect("body")
+            .to_bytes();
+        String::from_utf8(bytes.to_vec()).expect("utf8")
+    }
+
+    #[test]
+    fn framing_from_content_type() {
+        assert_eq!(
+            Framing::of("text/event-stream; charset=utf-8"),
+            Framing::Sse
+        );
+        assert_eq!(Framing::of("application/x-ndjson"), Framing::Ndjson);
+        assert_eq!(Framing::of("application/json"), Framing::Document);
+    }
+
+    #[tokio::test]
+    async fn broken_sse_stream_ends_with_an_error_event() {
+        let r = response(
+            "text/event-stream",
+            vec![Ok("data: {\"a\":1}\n\n"), Err("reset")],
+        );
+        let out = text(relay(r, Duration::from_secs(5), 1024, ErrorFormat::OpenAi).await).await;
+        assert!(out.starts_with("data: {\"a\":1}\n\n"));
+        let last: serde_json::Value =
+            serde_json::from_str(out.trim_end().rsplit("data: ").next().expect("event"))
+                .expect("json");
+        assert_eq!(last["error"]["code"], "stream_interrupted");
+    }
+
+    #[tokio::test]
+    async fn broken_ndjson_stream_ends_with_an_error_line() {
+        let r = response(
+            "application/x-ndjson",
+            vec![Ok("{\"done\":false}\n"), Err("reset")],
+        );
+        let out = text(relay(r, Duration::from_secs(5), 1024, ErrorFormat::Ollama).await).await;
+        let last: serde_json::Value =
+            serde_json::from_str(out.lines().last().expect("line")).expect("json");
+        assert!(last["error"].as_str().is_some_and(|m| m.contains("reset")));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn stalled_stream_is_abandoned_after_the_idle_timeout() {
+        let stalled = futures::stream::iter(vec![Ok(Bytes::from_static(b"{\"x\":1}\n"))])
+            .chain(futures::stream::pending());
+        let r = InferenceResponse {
+            status: 200,
+            content_type: "application/x-ndjson".into(),
+            body: Box::pin(stalled),
+        };
+        let out = text(relay(r, Duration::from_secs(3), 1024, ErrorFormat::Ollama).await).await;
+        assert!(
+            out.lines()
+                .last()
+                .is_some_and(|l| l.contains("sent nothing")),
+            "{out}"
+        );
+    }
+
+    #[tokio::test]
+    async fn broken_document_becomes_a_502() {
+        let r = response("application/json", vec![Ok("{\"half\":"), Err("reset")]);
+        let out = relay(r, Duration::from_secs(5), 1024, ErrorFormat::OpenAi).await;
+        assert_eq!(out.status(), StatusCode::BAD_GATEWAY);
+    }
+
+    #[tokio::test]
+    async fn oversized_document_becomes_a_502() {
+        let r = response("application/json", vec![Ok("0123456789"), Ok("0123456789")]);
+        let out = relay(r, Duration::from_secs(5), 15, ErrorFormat::OpenAi).await;
+        assert_eq!(out.status(), StatusCode::BAD_GATEWAY);
+    }
+}

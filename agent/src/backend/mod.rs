@@ -1,0 +1,146 @@
+//! Backends: what actually runs inference beside this agent. Each kind sits
+//! behind [`Backend`]; the rest of the agent never knows which it talks to.
+
+mod http;
+mod ollama;
+mod openai;
+mod sim;
+
+use std::sync::Arc;
+
+use llmesh_mesh::{InferenceRequest, InferenceResponse, ServeError};
+use serde::{Deserialize, Serialize};
+
+pub use ollama::OllamaBackend;
+pub use openai::OpenAiBackend;
+pub use sim::SimBackend;
+
+use crate::config::{BackendConfig, BackendKind};
+use crate::sim::SimConfig;
+
+/// Ollama's model details block, kept as Ollama reports it.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct ModelDetails {
+    /// Model this one was derived from.
+    pub parent_model: String,
+    /// File format, e.g. `gguf`.
+    pub format: String,
+    /// Model family, e.g. `llama`.
+    pub family: String,
+    /// All families.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub families: Option<Vec<String>>,
+    /// Parameter count, e.g. `8.0B`.
+    pub parameter_size: String,
+    /// Quantization, e.g. `Q4_K_M`.
+    pub quantization_level: String,
+}
+
+/// What a loaded model occupies.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct LoadedInfo {
+    /// Bytes of GPU memory in use.
+    pub size_vram: u64,
+    /// When the backend will unload it (RFC 3339), if known.
+    pub expires_at: String,
+    /// Context window it was loaded with.
+    pub context_length: u32,
+}
+
+/// One model a backend can serve.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ModelEntry {
+    /// Name clients use, e.g. `qwen2.5:7b`.
+    pub name: String,
+    /// Size on disk in bytes.
+    pub size: u64,
+    /// Content digest.
+    pub digest: String,
+    /// Last modification (RFC 3339).
+    pub modified_at: String,
+    /// Family, format and quantization.
+    pub details: ModelDetails,
+    /// Present while the model is loaded in memory.
+    pub loaded: Option<LoadedInfo>,
+}
+
+/// A backend's models at one moment.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Inventory {
+    /// Every model the backend can serve, loaded or not.
+    pub models: Vec<ModelEntry>,
+}
+
+impl Inventory {
+    /// Finds a model as Ollama would: exact name, or with the implicit
+    /// `:latest` tag added or removed.
+    pub fn resolve(&self, name: &str) -> Option<&ModelEntry> {
+        self.models.iter().find(|m| m.name == name).or_else(|| {
+            let alternative = match name.strip_suffix(":latest") {
+                Some(bare) => bare.to_string(),
+                None => format!("{name}:latest"),
+            };
+            self.models.iter().find(|m| m.name == alternative)
+        })
+    }
+}
+
+/// An inference server this agent fronts.
+#[async_trait::async_trait]
+pub trait Backend: Send + Sync + 'static {
+    /// Which kind this is.
+    fn kind(&self) -> BackendKind;
+
+    /// The models the backend has now; an error means it is unreachable.
+    async fn inventory(&self) -> Result<Inventory, ServeError>;
+
+    /// Runs one request, returning once the response head is known.
+    async fn serve(&self, req: &InferenceRequest) -> Result<InferenceResponse, ServeError>;
+}
+
+/// Builds the configured backend.
+pub fn build(config: &BackendConfig, sim: &SimConfig) -> Result<Arc<dyn Backend>, ServeError> {
+    Ok(match config.kind {
+        BackendKind::Ollama => Arc::new(OllamaBackend::new(config)?),
+        BackendKind::Openai => Arc::new(OpenAiBackend::new(config)?),
+        BackendKind::Sim => Arc::new(SimBackend::new(sim.clone()).map_err(ServeError::Internal)?),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn entry(name: &str) -> ModelEntry {
+        ModelEntry {
+            name: name.into(),
+            size: 1,
+            digest: String::new(),
+            modified_at: String::new(),
+            details: ModelDetails::default(),
+            loaded: None,
+        }
+    }
+
+    #[test]
+    fn resolves_the_implicit_latest_tag() {
+        let inventory = Inventory {
+            models: vec![entry("llama3:latest"), entry("qwen2.5:7b"), entry("phi")],
+        };
+        assert_eq!(
+            inventory.resolve("llama3").map(|m| m.name.as_str()),
+            Some("llama3:latest")
+        );
+        assert_eq!(
+            inventory.resolve("phi:latest").map(|m| m.name.as_str()),
+            Some("phi")
+        );
+        assert_eq!(
+            inventory.resolve("qwen2.5:7b").map(|m| m.name.as_str()),
+            Some("qwen2.5:7b")
+        );
+        assert!(inventory.resolve("qwen2.5").is_none());
+    }
+}

@@ -1,0 +1,186 @@
+//! Command-line interface. Flags override `LLMESH_*` environment variables,
+//! which override the TOML file, which overrides built-in defaults.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand};
+use serde_json::{Map, Value, json};
+
+use crate::config::{BackendKind, LogFormat};
+use crate::sim::SimConfig;
+
+/// llmesh: one inference endpoint over a fleet of GPU boxes running Ollama.
+#[derive(Debug, Parser)]
+#[command(name = "llmesh", version, about, long_about = None)]
+pub struct Cli {
+    /// What to run.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// Subcommands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the agent beside an Ollama (or OpenAI-compatible) backend.
+    Agent(AgentArgs),
+    /// Run a simulated Ollama (for tests, benchmarks and demos).
+    SimBackend(SimBackendArgs),
+    /// Start a local setup on simulated backends; no GPU or Ollama needed.
+    Demo(DemoArgs),
+}
+
+const AGENT_AFTER_HELP: &str = "\
+Configuration is layered: built-in defaults < TOML file (--config) <
+LLMESH_* environment < flags. Every file key can be set from the
+environment as LLMESH_<SECTION>__<KEY>, e.g. LLMESH_BACKEND__URL,
+LLMESH_API__LISTEN, LLMESH_BACKEND__RESPONSE_TIMEOUT=60s. See
+llmesh.example.toml for every key with its default, and --print-config
+for the configuration as it resolves.";
+
+/// Flags of `llmesh agent`.
+#[derive(Debug, Clone, Default, Args)]
+#[command(after_help = AGENT_AFTER_HELP)]
+pub struct AgentArgs {
+    /// TOML config file.
+    #[arg(long, short = 'c', env = "LLMESH_CONFIG")]
+    pub config: Option<PathBuf>,
+    /// HTTP address for the API, dashboard and metrics [default: 127.0.0.1:11440].
+    #[arg(long)]
+    pub listen: Option<SocketAddr>,
+    /// Backend base URL [default: http://127.0.0.1:11434].
+    #[arg(long)]
+    pub backend: Option<String>,
+    /// Backend kind [default: ollama].
+    #[arg(long, value_enum)]
+    pub backend_kind: Option<BackendKind>,
+    /// Put HTTP on N (later: libp2p N+1, QUIC N+2, gRPC N+3), so many agents can share a host.
+    #[arg(long, value_name = "N")]
+    pub port_base: Option<u16>,
+    /// Node name shown in headers and logs [default: the host name].
+    #[arg(long)]
+    pub name: Option<String>,
+    /// Largest request body in bytes; larger gets 413 [default: 33554432].
+    #[arg(long)]
+    pub max_body_bytes: Option<usize>,
+    /// Wait for the backend's response head, e.g. 300s [default: 300s].
+    #[arg(long, value_parser = humantime::parse_duration)]
+    pub response_timeout: Option<Duration>,
+    /// Longest silence between streamed chunks, e.g. 120s [default: 120s].
+    #[arg(long, value_parser = humantime::parse_duration)]
+    pub idle_timeout: Option<Duration>,
+    /// Models of the in-process simulated backend (with --backend-kind sim).
+    #[arg(long, value_delimiter = ',', value_name = "SPEC")]
+    pub sim_models: Option<Vec<String>>,
+    /// Log format [default: text].
+    #[arg(long, value_enum)]
+    pub log_format: Option<LogFormat>,
+    /// Print the resolved configuration as TOML and exit.
+    #[arg(long)]
+    pub print_config: bool,
+}
+
+fn set(map: &mut Map<String, Value>, section: &str, key: &str, value: Value) {
+    let entry = map.entry(section.to_string()).or_insert_with(|| json!({}));
+    if let Some(object) = entry.as_object_mut() {
+        object.insert(key.to_string(), value);
+    }
+}
+
+fn duration(d: Duration) -> Value {
+    json!(humantime::format_duration(d).to_string())
+}
+
+impl AgentArgs {
+    /// The flags the user passed, shaped like [`crate::config::Config`].
+    pub fn overrides(&self) -> Value {
+        let mut map = Map::new();
+        if let Some(base) = self.port_base {
+            map.insert("port_base".into(), json!(base));
+        }
+        if let Some(listen) = self.listen {
+            set(&mut map, "api", "listen", json!(listen.to_string()));
+        }
+        if let Some(bytes) = self.max_body_bytes {
+            set(&mut map, "api", "max_body_bytes", json!(bytes));
+        }
+        if let Some(url) = &self.backend {
+            set(&mut map, "backend", "url", json!(url));
+        }
+        if let Some(kind) = self.backend_kind {
+            set(&mut map, "backend", "kind", json!(kind.as_str()));
+        }
+        if let Some(timeout) = self.response_timeout {
+            set(&mut map, "backend", "response_timeout", duration(timeout));
+        }
+        if let Some(timeout) = self.idle_timeout {
+            set(&mut map, "backend", "idle_timeout", duration(timeout));
+        }
+        if let Some(name) = &self.name {
+            set(&mut map, "node", "name", json!(name));
+        }
+        if let Some(models) = &self.sim_models {
+            set(&mut map, "sim", "models", json!(models));
+        }
+        if let Some(format) = self.log_format {
+            set(&mut map, "log", "format", json!(format));
+        }
+        Value::Object(map)
+    }
+}
+
+/// Flags of `llmesh sim-backend`.
+#[derive(Debug, Clone, Args)]
+pub struct SimBackendArgs {
+    /// Address to listen on (Ollama's default, so an agent with no flags finds it).
+    #[arg(long, default_value = "127.0.0.1:11434")]
+    pub listen: SocketAddr,
+    /// Log format.
+    #[arg(long, value_enum, default_value = "text")]
+    pub log_format: LogFormat,
+    /// The simulated backend.
+    #[command(flatten)]
+    pub sim: SimConfig,
+}
+
+/// Flags of `llmesh demo`.
+#[derive(Debug, Clone, Args)]
+pub struct DemoArgs {
+    /// HTTP address of the demo's agent [default: 127.0.0.1:11440].
+    #[arg(long)]
+    pub listen: Option<SocketAddr>,
+    /// Put the demo's ports at N.
+    #[arg(long, value_name = "N")]
+    pub port_base: Option<u16>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    #[test]
+    fn cli_definition_is_consistent() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn only_passed_flags_override() {
+        let cli = Cli::parse_from([
+            "llmesh",
+            "agent",
+            "--backend",
+            "http://h:1",
+            "--idle-timeout",
+            "3s",
+        ]);
+        let Command::Agent(args) = cli.command else {
+            panic!("agent subcommand")
+        };
+        assert_eq!(
+            args.overrides(),
+            json!({ "backend": { "url": "http://h:1", "idle_timeout": "3s" } })
+        );
+    }
+}

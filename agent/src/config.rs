@@ -1,0 +1,337 @@
+//! Agent configuration: built-in defaults < TOML file < `LLMESH_*`
+//! environment < command-line flags. Each part of the agent owns a section.
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::time::Duration;
+
+use figment::Figment;
+use figment::providers::{Env, Format, Serialized, Toml};
+use serde::{Deserialize, Serialize};
+
+use crate::sim::SimConfig;
+
+/// First port of the default block: HTTP on it, libp2p, QUIC and gRPC on
+/// the next three. Next to Ollama's 11434 so it is easy to remember.
+pub const DEFAULT_PORT_BASE: u16 = 11440;
+
+/// Default Ollama address.
+pub const DEFAULT_BACKEND_URL: &str = "http://127.0.0.1:11434";
+
+/// Config sections that `LLMESH_<SECTION>__<KEY>` environment variables may set.
+const ENV_SECTIONS: &[&str] = &["node", "api", "backend", "sim", "log", "port_base"];
+
+/// What serves requests on this node.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum BackendKind {
+    /// Ollama: native `/api/*` and its OpenAI-compatible `/v1/*`.
+    Ollama,
+    /// Any OpenAI-compatible server (llama.cpp's llama-server, vLLM, ...).
+    Openai,
+    /// The built-in simulated backend, run in process.
+    Sim,
+}
+
+impl BackendKind {
+    /// The name used in config files and gossip.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            BackendKind::Ollama => "ollama",
+            BackendKind::Openai => "openai",
+            BackendKind::Sim => "sim",
+        }
+    }
+}
+
+/// Top-level agent configuration.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    /// When set, HTTP listens on this port (the IP of `api.listen` is
+    /// kept); later planes take the next ports.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub port_base: Option<u16>,
+    /// This node.
+    pub node: NodeConfig,
+    /// The HTTP API.
+    pub api: ApiConfig,
+    /// The inference backend beside this agent.
+    pub backend: BackendConfig,
+    /// The simulated backend, used when `backend.kind = "sim"`.
+    pub sim: SimConfig,
+    /// Logging.
+    pub log: LogConfig,
+}
+
+/// Identity of this node.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct NodeConfig {
+    /// Human-readable node name, shown in headers, status and logs.
+    pub name: String,
+}
+
+/// The client-facing HTTP API.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ApiConfig {
+    /// Address of the HTTP API (API, dashboard, metrics).
+    pub listen: SocketAddr,
+    /// Largest request body accepted; larger gets 413.
+    pub max_body_bytes: usize,
+    /// Largest non-streaming backend response relayed; larger gets 502.
+    pub max_response_bytes: usize,
+    /// How long a shutdown waits for in-flight requests.
+    #[serde(with = "humantime_serde")]
+    pub drain_timeout: Duration,
+}
+
+/// The backend this agent serves from.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct BackendConfig {
+    /// Which kind of backend.
+    pub kind: BackendKind,
+    /// Base URL (ignored for `sim`).
+    pub url: String,
+    /// Bearer token for OpenAI-compatible backends that want one.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub api_key: Option<String>,
+    /// Time allowed to open a connection.
+    #[serde(with = "humantime_serde")]
+    pub connect_timeout: Duration,
+    /// Time allowed until the response head; Ollama sends it only after
+    /// loading the model (and, when not streaming, after generating).
+    #[serde(with = "humantime_serde")]
+    pub response_timeout: Duration,
+    /// Longest silence allowed between two body chunks.
+    #[serde(with = "humantime_serde")]
+    pub idle_timeout: Duration,
+    /// How often the model inventory is polled.
+    #[serde(with = "humantime_serde")]
+    pub inventory_interval: Duration,
+}
+
+/// Log output.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct LogConfig {
+    /// `text` for people, `json` for log pipelines.
+    pub format: LogFormat,
+    /// tracing filter directives, e.g. `info,llmesh=debug` (RUST_LOG wins).
+    pub filter: String,
+}
+
+/// Log line format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// Human-readable lines.
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            port_base: None,
+            node: NodeConfig::default(),
+            api: ApiConfig::default(),
+            backend: BackendConfig::default(),
+            sim: SimConfig::default(),
+            log: LogConfig::default(),
+        }
+    }
+}
+
+impl Default for NodeConfig {
+    fn default() -> Self {
+        let name = std::env::var("HOSTNAME")
+            .ok()
+            .filter(|h| !h.is_empty())
+            .or_else(|| {
+                std::fs::read_to_string("/etc/hostname")
+                    .ok()
+                    .map(|h| h.trim().to_string())
+            })
+            .filter(|h| !h.is_empty())
+            .unwrap_or_else(|| "llmesh-node".to_string());
+        NodeConfig { name }
+    }
+}
+
+impl Default for ApiConfig {
+    fn default() -> Self {
+        ApiConfig {
+            listen: SocketAddr::from(([127, 0, 0, 1], DEFAULT_PORT_BASE)),
+            max_body_bytes: 32 * 1024 * 1024,
+            max_response_bytes: 64 * 1024 * 1024,
+            drain_timeout: Duration::from_secs(30),
+        }
+    }
+}
+
+impl Default for BackendConfig {
+    fn default() -> Self {
+        BackendConfig {
+            kind: BackendKind::Ollama,
+            url: DEFAULT_BACKEND_URL.to_string(),
+            api_key: None,
+            connect_timeout: Duration::from_secs(3),
+            response_timeout: Duration::from_secs(300),
+            idle_timeout: Duration::from_secs(120),
+            inventory_interval: Duration::from_secs(2),
+        }
+    }
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        LogConfig {
+            format: LogFormat::Text,
+            filter: "info".to_string(),
+        }
+    }
+}
+
+/// A configuration that could not be loaded.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The named config file does not exist.
+    #[error("config file {0} not found")]
+    MissingFile(String),
+    /// A source had a bad value or an unknown key.
+    #[error("invalid configuration: {0}")]
+    Invalid(#[from] Box<figment::Error>),
+    /// The values parse but do not make sense together.
+    #[error("invalid configuration: {0}")]
+    Inconsistent(String),
+}
+
+impl Config {
+    /// Loads the layered configuration. `overrides` holds the flags the user
+    /// actually passed, as a nested JSON object mirroring this struct.
+    pub fn load(file: Option<&Path>, overrides: serde_json::Value) -> Result<Config, ConfigError> {
+        let mut figment = Figment::from(Serialized::defaults(Config::default()));
+        if let Some(path) = file {
+            if !path.exists() {
+                return Err(ConfigError::MissingFile(path.display().to_string()));
+            }
+            figment = figment.merge(Toml::file_exact(path));
+        }
+        let env = Env::prefixed("LLMESH_")
+            .filter(|key| ENV_SECTIONS.iter().any(|s| key.as_str().starts_with(s)))
+            .split("__");
+        figment = figment.merge(env).merge(Serialized::defaults(overrides));
+        let mut config: Config = figment.extract().map_err(Box::new)?;
+        config.resolve()?;
+        Ok(config)
+    }
+
+    /// Applies derived values and checks consistency.
+    fn resolve(&mut self) -> Result<(), ConfigError> {
+        if let Some(base) = self.port_base {
+            if base > u16::MAX - 3 {
+                return Err(ConfigError::Inconsistent(format!(
+                    "port_base {base} leaves no room for the next three ports"
+                )));
+            }
+            self.api.listen.set_port(base);
+        }
+        if self.backend.kind != BackendKind::Sim {
+            reqwest::Url::parse(&self.backend.url).map_err(|e| {
+                ConfigError::Inconsistent(format!(
+                    "backend.url '{}' is not a URL: {e}",
+                    self.backend.url
+                ))
+            })?;
+        }
+        if self.node.name.trim().is_empty() {
+            return Err(ConfigError::Inconsistent(
+                "node.name must not be empty".into(),
+            ));
+        }
+        self.sim
+            .parsed_models()
+            .map_err(ConfigError::Inconsistent)?;
+        Ok(())
+    }
+
+    /// The config rendered as TOML (for `--print-config`); secrets masked.
+    pub fn to_toml(&self) -> String {
+        let mut shown = self.clone();
+        if shown.backend.api_key.is_some() {
+            shown.backend.api_key = Some("<set>".into());
+        }
+        toml::to_string_pretty(&shown).unwrap_or_else(|e| format!("# cannot render config: {e}\n"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn defaults_need_no_file() {
+        let config = Config::load(None, json!({})).expect("defaults load");
+        assert_eq!(config.backend.kind, BackendKind::Ollama);
+        assert_eq!(config.backend.url, DEFAULT_BACKEND_URL);
+        assert_eq!(config.api.listen.port(), DEFAULT_PORT_BASE);
+    }
+
+    #[test]
+    fn file_then_flags_in_order() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("llmesh.toml");
+        std::fs::write(
+            &path,
+            "[backend]\nkind = \"openai\"\nurl = \"http://10.0.0.5:8080\"\nresponse_timeout = \"5s\"\n[api]\nlisten = \"0.0.0.0:9000\"\n",
+        )
+        .expect("write");
+        let config = Config::load(
+            Some(&path),
+            json!({ "backend": { "url": "http://127.0.0.1:1" } }),
+        )
+        .expect("loads");
+        assert_eq!(config.backend.kind, BackendKind::Openai);
+        assert_eq!(config.backend.url, "http://127.0.0.1:1");
+        assert_eq!(config.backend.response_timeout, Duration::from_secs(5));
+        assert_eq!(config.api.listen.port(), 9000);
+    }
+
+    #[test]
+    fn port_base_sets_the_http_port() {
+        let config = Config::load(None, json!({ "port_base": 20000 })).expect("loads");
+        assert_eq!(config.api.listen.port(), 20000);
+    }
+
+    #[test]
+    fn unknown_keys_and_bad_values_are_errors() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("bad.toml");
+        std::fs::write(&path, "[backend]\nurll = \"x\"\n").expect("write");
+        let err = Config::load(Some(&path), json!({})).expect_err("typo rejected");
+        assert!(err.to_string().contains("urll"), "{err}");
+        assert!(Config::load(None, json!({ "backend": { "url": "not a url" } })).is_err());
+        assert!(matches!(
+            Config::load(Some(Path::new("/nonexistent.toml")), json!({})),
+            Err(ConfigError::MissingFile(_))
+        ));
+    }
+
+    #[test]
+    fn example_config_in_the_repo_loads() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../llmesh.example.toml");
+        let config = Config::load(Some(&path), json!({})).expect("example config is valid");
+        assert_eq!(
+            config,
+            Config {
+                node: config.node.clone(),
+                ..Config::default()
+            }
+        );
+    }
+}

@@ -1,0 +1,17 @@
+//! The llmesh agent: the node's edges. Config, CLI, the HTTP API, backends
+//! (Ollama, OpenAI-compatible, simulated) and the demo. Decisions about
+//! *where* a request runs live in `llmesh-mesh`.
+#![forbid(unsafe_code)]
+#![warn(missing_docs)]
+
+pub mod api;
+pub mod backend;
+pub mod cli;
+pub mod config;
+pub mod demo;
+pub mod error;
+pub mod inventory;
+pub mod local;
+pub mod serve;
+pub mod sim;
+pub mod telemetry;

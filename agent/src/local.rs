@@ -1,0 +1,83 @@
+//! Serving a request on this node's own backend. This is the
+//! [`RequestHandler`] the HTTP API calls for local work and the data plane
+//! will call for requests forwarded by peers.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use llmesh_mesh::{InferenceRequest, InferenceResponse, RequestHandler, ServeError};
+
+use crate::backend::Backend;
+use crate::inventory::InventoryHandle;
+
+/// Runs requests on the local backend.
+pub struct LocalNode {
+    backend: Arc<dyn Backend>,
+    inventory: InventoryHandle,
+    response_timeout: Duration,
+}
+
+impl LocalNode {
+    /// A local handler; `response_timeout` bounds the wait for a response head.
+    pub fn new(
+        backend: Arc<dyn Backend>,
+        inventory: InventoryHandle,
+        response_timeout: Duration,
+    ) -> LocalNode {
+        LocalNode {
+            backend,
+            inventory,
+            response_timeout,
+        }
+    }
+
+    /// The inventory this node serves from.
+    pub fn inventory(&self) -> &InventoryHandle {
+        &self.inventory
+    }
+
+    /// Checks that the model exists, refreshing the inventory once before
+    /// calling it unknown (it may have been pulled a moment ago).
+    async fn check_model(&self, model: &str) -> Result<(), ServeError> {
+        let snapshot = self.inventory.current();
+        if snapshot.inventory.resolve(model).is_some() {
+            return Ok(());
+        }
+        let snapshot = self.inventory.refresh().await;
+        if snapshot.inventory.resolve(model).is_some() {
+            return Ok(());
+        }
+        if !snapshot.healthy {
+            let reason = snapshot
+                .last_error
+                .clone()
+                .unwrap_or_else(|| "not polled yet".into());
+            return Err(ServeError::BackendUnavailable(format!(
+                "the {} backend cannot be reached, so model '{model}' cannot be checked ({reason})",
+                self.backend.kind().as_str()
+            )));
+        }
+        Err(ServeError::ModelNotFound(model.to_string()))
+    }
+}
+
+#[async_trait::async_trait]
+impl RequestHandler for LocalNode {
+    async fn serve(&self, req: InferenceRequest) -> Result<InferenceResponse, ServeError> {
+        self.check_model(&req.model).await?;
+        let budget = req
+            .deadline
+            .map(|d| {
+                d.saturating_duration_since(Instant::now())
+                    .min(self.response_timeout)
+            })
+            .unwrap_or(self.response_timeout);
+        match tokio::time::timeout(budget, self.backend.serve(&req)).await {
+            Ok(result) => result,
+            Err(_) => Err(ServeError::Timeout(format!(
+                "the {} backend sent no response within {budget:?}",
+                self.backend.kind().as_str()
+            ))),
+        }
+    }
+}

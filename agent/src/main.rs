@@ -1,0 +1,114 @@
+//! The `llmesh` binary: parse, load config, run, wait for a signal, drain.
+
+use std::io::Write;
+use std::process::ExitCode;
+
+use clap::Parser;
+use llmesh::cli::{Cli, Command};
+use llmesh::config::{Config, LogConfig};
+use llmesh::{demo, serve, telemetry};
+use tokio_util::sync::CancellationToken;
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(err) => {
+            eprintln!("llmesh: cannot start the async runtime: {err}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(cli)) {
+        Ok(code) => code,
+        Err(err) => {
+            eprintln!("llmesh: {err:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn print_now(text: &str) {
+    let mut out = std::io::stdout().lock();
+    // stdout may be a closed pipe; there is nobody to tell then.
+    let _ = writeln!(out, "{text}");
+    let _ = out.flush();
+}
+
+async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
+    let shutdown = CancellationToken::new();
+    match cli.command {
+        Command::Agent(args) => {
+            let config = match Config::load(args.config.as_deref(), args.overrides()) {
+                Ok(config) => config,
+                Err(err) => {
+                    eprintln!("llmesh: {err}");
+                    return Ok(ExitCode::from(2));
+                }
+            };
+            if args.print_config {
+                print!("{}", config.to_toml());
+                return Ok(ExitCode::SUCCESS);
+            }
+            telemetry::init(&config.log);
+            tokio::spawn(cancel_on_signal(shutdown.clone()));
+            serve::run_agent(config, shutdown, |addr| {
+                print_now(&format!("llmesh agent listening on http://{addr}"))
+            })
+            .await?;
+        }
+        Command::SimBackend(args) => {
+            telemetry::init(&LogConfig {
+                format: args.log_format,
+                ..LogConfig::default()
+            });
+            tokio::spawn(cancel_on_signal(shutdown.clone()));
+            serve::run_sim(args.listen, args.sim, shutdown, |addr| {
+                print_now(&format!("llmesh sim-backend listening on http://{addr}"));
+            })
+            .await?;
+        }
+        Command::Demo(args) => {
+            let config = demo::config(&args);
+            telemetry::init(&LogConfig {
+                filter: "warn".into(),
+                ..config.log.clone()
+            });
+            tokio::spawn(cancel_on_signal(shutdown.clone()));
+            serve::run_agent(config, shutdown, |addr| print_now(&demo::banner(addr))).await?;
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Cancels `shutdown` on Ctrl-C or SIGTERM.
+async fn cancel_on_signal(shutdown: CancellationToken) {
+    let ctrl_c = async {
+        if let Err(err) = tokio::signal::ctrl_c().await {
+            tracing::warn!(error = %err, "cannot listen for Ctrl-C");
+            std::future::pending::<()>().await;
+        }
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut signal) => {
+                signal.recv().await;
+            }
+            Err(err) => {
+                tracing::warn!(error = %err, "cannot listen for SIGTERM");
+                std::future::pending::<()>().await;
+            }
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        () = ctrl_c => {}
+        () = term => {}
+    }
+    tracing::info!("shutting down; finishing in-flight requests");
+    shutdown.cancel();
+}

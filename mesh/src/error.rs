@@ -1,0 +1,88 @@
+//! Why a request could not be served, in classes that map to HTTP statuses
+//! and tell the forwarder whether another target may be tried.
+
+/// A failure to serve a request before its response started.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ServeError {
+    /// The request itself is wrong (malformed JSON, missing model).
+    #[error("{0}")]
+    BadRequest(String),
+    /// No backend on this node knows the model.
+    #[error("model '{0}' is not available on this node")]
+    ModelNotFound(String),
+    /// The backend could not be reached (connection refused or reset).
+    #[error("backend unreachable: {0}")]
+    BackendUnreachable(String),
+    /// The backend is known to be down or not ready to serve.
+    #[error("backend unavailable: {0}")]
+    BackendUnavailable(String),
+    /// The backend did not answer in time.
+    #[error("backend timed out: {0}")]
+    Timeout(String),
+    /// This backend kind cannot serve this API.
+    #[error("{0}")]
+    Unsupported(String),
+    /// Anything else; a bug or an unexpected state.
+    #[error("internal error: {0}")]
+    Internal(String),
+}
+
+impl ServeError {
+    /// The HTTP status a client should see for this error.
+    pub fn status(&self) -> u16 {
+        match self {
+            ServeError::BadRequest(_) => 400,
+            ServeError::ModelNotFound(_) => 404,
+            ServeError::Unsupported(_) => 501,
+            ServeError::BackendUnreachable(_) => 502,
+            ServeError::BackendUnavailable(_) => 503,
+            ServeError::Timeout(_) => 504,
+            ServeError::Internal(_) => 500,
+        }
+    }
+
+    /// A short machine-readable code for the OpenAI error body.
+    pub fn code(&self) -> &'static str {
+        match self {
+            ServeError::BadRequest(_) => "invalid_request",
+            ServeError::ModelNotFound(_) => "model_not_found",
+            ServeError::Unsupported(_) => "unsupported",
+            ServeError::BackendUnreachable(_) => "backend_unreachable",
+            ServeError::BackendUnavailable(_) => "backend_unavailable",
+            ServeError::Timeout(_) => "backend_timeout",
+            ServeError::Internal(_) => "internal_error",
+        }
+    }
+
+    /// Whether another target could succeed where this one failed: only
+    /// failures of the target itself, never failures of the request.
+    pub fn is_retryable(&self) -> bool {
+        matches!(
+            self,
+            ServeError::BackendUnreachable(_)
+                | ServeError::BackendUnavailable(_)
+                | ServeError::Timeout(_)
+        )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn statuses_match_the_documented_mapping() {
+        assert_eq!(ServeError::BadRequest("x".into()).status(), 400);
+        assert_eq!(ServeError::ModelNotFound("m".into()).status(), 404);
+        assert_eq!(ServeError::BackendUnreachable("x".into()).status(), 502);
+        assert_eq!(ServeError::BackendUnavailable("x".into()).status(), 503);
+        assert_eq!(ServeError::Timeout("x".into()).status(), 504);
+    }
+
+    #[test]
+    fn only_target_failures_are_retryable() {
+        assert!(ServeError::Timeout("x".into()).is_retryable());
+        assert!(!ServeError::BadRequest("x".into()).is_retryable());
+        assert!(!ServeError::ModelNotFound("m".into()).is_retryable());
+    }
+}

@@ -1,0 +1,60 @@
+//! The seam between the data plane and whatever runs requests.
+
+use std::pin::Pin;
+use std::time::Instant;
+
+use bytes::Bytes;
+use futures::Stream;
+use llmesh_proto::ApiKind;
+
+use crate::ServeError;
+
+/// Response body bytes as the backend produced them (SSE events, NDJSON
+/// lines or one JSON document). An `Err` item means the stream broke after
+/// it started; the relay turns it into an error event in the API's format.
+pub type BodyStream = Pin<Box<dyn Stream<Item = Result<Bytes, String>> + Send>>;
+
+/// A request ready to run: routing fields parsed, body kept as received.
+#[derive(Debug, Clone)]
+pub struct InferenceRequest {
+    /// Id that follows the request across hops and into every log line.
+    pub request_id: String,
+    /// The client-facing API it arrived on.
+    pub api: ApiKind,
+    /// The model name as the client wrote it.
+    pub model: String,
+    /// Whether the client asked for a streamed response.
+    pub stream: bool,
+    /// The client's body, byte for byte.
+    pub body: Bytes,
+    /// When the request must be abandoned, if it has a deadline.
+    pub deadline: Option<Instant>,
+}
+
+/// A response whose head is known and whose body is still streaming.
+pub struct InferenceResponse {
+    /// HTTP status from the backend.
+    pub status: u16,
+    /// Content type of the body (`text/event-stream`, `application/x-ndjson`,
+    /// `application/json`).
+    pub content_type: String,
+    /// The body, relayed chunk by chunk; dropping it cancels the work.
+    pub body: BodyStream,
+}
+
+impl std::fmt::Debug for InferenceResponse {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("InferenceResponse")
+            .field("status", &self.status)
+            .field("content_type", &self.content_type)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Runs requests on this node. The HTTP API calls it for local work and the
+/// data-plane server calls it for requests forwarded by peers.
+#[async_trait::async_trait]
+pub trait RequestHandler: Send + Sync + 'static {
+    /// Start serving `req`; returns once the response head is known.
+    async fn serve(&self, req: InferenceRequest) -> Result<InferenceResponse, ServeError>;
+}

@@ -1,0 +1,72 @@
+//! Wire types shared between llmesh nodes, generated from `proto/llmesh.proto`.
+//!
+//! The gossip plane carries [`NodeState`]; the data plane carries
+//! [`RequestHead`], [`ResponseHead`] and [`Trailer`] around raw body bytes.
+#![forbid(unsafe_code)]
+
+#[allow(missing_docs, clippy::all)]
+mod generated {
+    include!(concat!(env!("OUT_DIR"), "/llmesh.v1.rs"));
+}
+
+pub use generated::*;
+
+/// Version of the node-to-node protocol; a peer speaking another gets a
+/// clear refusal instead of undecodable frames.
+pub const PROTOCOL_VERSION: u32 = 1;
+
+impl ApiKind {
+    /// Whether a streamed response of this API uses Server-Sent Events
+    /// (OpenAI) rather than newline-delimited JSON (Ollama).
+    pub fn streams_sse(self) -> bool {
+        matches!(
+            self,
+            ApiKind::OpenaiChat | ApiKind::OpenaiCompletions | ApiKind::OpenaiEmbeddings
+        )
+    }
+
+    /// Whether this API is one of Ollama's native `/api/*` endpoints.
+    pub fn is_ollama_native(self) -> bool {
+        matches!(
+            self,
+            ApiKind::OllamaChat
+                | ApiKind::OllamaGenerate
+                | ApiKind::OllamaEmbed
+                | ApiKind::OllamaEmbeddings
+                | ApiKind::OllamaShow
+        )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use prost::Message;
+
+    #[test]
+    fn request_head_round_trips() {
+        let head = RequestHead {
+            protocol_version: PROTOCOL_VERSION,
+            request_id: "r-1".into(),
+            api: ApiKind::OllamaChat as i32,
+            model: "qwen2.5:7b".into(),
+            stream: true,
+            deadline_ms: 30_000,
+            hops: 1,
+            tenant: "k1".into(),
+            affinity_key: 42,
+        };
+        let bytes = head.encode_to_vec();
+        let back = RequestHead::decode(bytes.as_slice()).expect("decodes");
+        assert_eq!(back, head);
+        assert_eq!(back.api(), ApiKind::OllamaChat);
+    }
+
+    #[test]
+    fn stream_format_follows_api_family() {
+        assert!(ApiKind::OpenaiChat.streams_sse());
+        assert!(!ApiKind::OllamaGenerate.streams_sse());
+        assert!(ApiKind::OllamaShow.is_ollama_native());
+        assert!(!ApiKind::OpenaiEmbeddings.is_ollama_native());
+    }
+}
