@@ -222,7 +222,10 @@ impl Config {
             figment = figment.merge(Toml::file_exact(path));
         }
         let env = Env::prefixed("LLMESH_")
-            .filter(|key| ENV_SECTIONS.iter().any(|s| key.as_str().starts_with(s)))
+            .filter(|key| {
+                let key = key.as_str().to_ascii_lowercase();
+                ENV_SECTIONS.iter().any(|s| key.starts_with(s))
+            })
             .split("__");
         figment = figment.merge(env).merge(Serialized::defaults(overrides));
         let mut config: Config = figment.extract().map_err(Box::new)?;

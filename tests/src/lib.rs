@@ -1,1 +1,199 @@
-//! placeholder
+//! Test harness: starts real `llmesh` processes (agents, simulated
+//! backends, the demo) on loopback with OS-assigned ports, and helpers to
+//! talk to them. Processes die with their handles.
+#![forbid(unsafe_code)]
+#![warn(missing_docs)]
+
+use std::path::PathBuf;
+use std::process::Stdio;
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::process::{Child, ChildStdout, Command};
+
+/// How long to wait for conditions; `LLMESH_TEST_PATIENCE` (a factor)
+/// stretches it on slow machines.
+pub fn patience() -> Duration {
+    let factor = std::env::var("LLMESH_TEST_PATIENCE").ok().and_then(|f| f.parse::<f64>().ok()).unwrap_or(1.0);
+    Duration::from_secs_f64(15.0 * factor.max(0.1))
+}
+
+/// The `llmesh` binary: `LLMESH_BIN`, or the workspace's debug build
+/// (built on first use, so `cargo test` alone is enough).
+pub fn binary() -> PathBuf {
+    static BIN: OnceLock<PathBuf> = OnceLock::new();
+    BIN.get_or_init(|| {
+        if let Ok(path) = std::env::var("LLMESH_BIN") {
+            return PathBuf::from(path);
+        }
+        let manifest = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+        let status = std::process::Command::new(cargo)
+            .args(["build", "--quiet", "-p", "llmesh", "--bin", "llmesh"])
+            .current_dir(manifest.join(".."))
+            .status()
+            .expect("cargo runs");
+        assert!(status.success(), "building the llmesh binary failed");
+        let exe = std::env::current_exe().expect("test executable path");
+        // target/debug/deps/<test> → target/debug/llmesh
+        let dir = exe.parent().and_then(|p| p.parent()).expect("target dir");
+        dir.join("llmesh")
+    })
+    .clone()
+}
+
+/// A running `llmesh` process and its HTTP base URL.
+pub struct Proc {
+    /// `http://127.0.0.1:PORT`.
+    pub url: String,
+    /// Everything the process printed on stdout before it was ready.
+    pub banner: String,
+    child: Child,
+    _stdout: BufReader<ChildStdout>,
+    log: tempfile::NamedTempFile,
+}
+
+impl Proc {
+    /// Starts `llmesh ARGS` and waits until it prints its listening URL.
+    pub async fn start(args: &[&str]) -> Proc {
+        Proc::start_with_env(args, &[]).await
+    }
+
+    /// Like [`Proc::start`] with extra environment variables.
+    pub async fn start_with_env(args: &[&str], env: &[(&str, &str)]) -> Proc {
+        let log = tempfile::NamedTempFile::new().expect("log file");
+        let stderr = log.reopen().expect("log handle");
+        let mut child = Command::new(binary())
+            .args(args)
+            .envs(env.iter().copied())
+            .env("RUST_LOG", "info,llmesh=debug")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::from(stderr))
+            .kill_on_drop(true)
+            .spawn()
+            .expect("llmesh starts");
+        let mut stdout = BufReader::new(child.stdout.take().expect("stdout piped"));
+        let mut banner = String::new();
+        let deadline = Instant::now() + patience();
+        let url = loop {
+            let mut line = String::new();
+            let read = tokio::time::timeout_at(deadline.into(), stdout.read_line(&mut line)).await;
+            match read {
+                Ok(Ok(n)) if n > 0 => {
+                    banner.push_str(&line);
+                    if let Some(url) = line.split_whitespace().find(|w| w.starts_with("http://")) {
+                        // The demo prints its URL before the rest of its banner.
+                        if !line.contains("listening on") {
+                            while !banner.contains("Ctrl-C") {
+                                let mut more = String::new();
+                                if stdout.read_line(&mut more).await.unwrap_or(0) == 0 {
+                                    break;
+                                }
+                                banner.push_str(&more);
+                            }
+                        }
+                        break url.trim_end_matches("/v1").to_string();
+                    }
+                }
+                _ => {
+                    let logs = std::fs::read_to_string(log.path()).unwrap_or_default();
+                    panic!("llmesh {args:?} did not become ready; stdout:\n{banner}\nstderr:\n{logs}");
+                }
+            }
+        };
+        Proc { url, banner, child, _stdout: stdout, log }
+    }
+
+    /// The process's log so far.
+    pub fn logs(&self) -> String {
+        std::fs::read_to_string(self.log.path()).unwrap_or_default()
+    }
+
+    /// Kills the process (SIGKILL) and waits for it.
+    pub async fn kill(&mut self) {
+        let _ = self.child.kill().await;
+    }
+
+    /// Sends SIGTERM and waits for exit, returning whether it exited 0.
+    pub async fn terminate(&mut self) -> bool {
+        if let Some(pid) = self.child.id() {
+            let _ = std::process::Command::new("kill").args(["-TERM", &pid.to_string()]).status();
+        }
+        matches!(tokio::time::timeout(patience(), self.child.wait()).await, Ok(Ok(status)) if status.success())
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            eprintln!("---- log of llmesh at {} ----\n{}", self.url, self.logs());
+        }
+    }
+}
+
+/// Starts a simulated backend with extra flags.
+pub async fn sim(args: &[&str]) -> Proc {
+    let mut all = vec!["sim-backend", "--listen", "127.0.0.1:0"];
+    all.extend_from_slice(args);
+    Proc::start(&all).await
+}
+
+/// Starts an agent in front of `backend_url` (Ollama kind) with extra flags.
+pub async fn agent(backend_url: &str, args: &[&str]) -> Proc {
+    let mut all = vec!["agent", "--listen", "127.0.0.1:0", "--backend", backend_url, "--name", "test-node"];
+    all.extend_from_slice(args);
+    Proc::start(&all).await
+}
+
+/// A sim and an agent in front of it.
+pub async fn sim_and_agent(sim_args: &[&str], agent_args: &[&str]) -> (Proc, Proc) {
+    let backend = sim(sim_args).await;
+    let front = agent(&backend.url, agent_args).await;
+    (backend, front)
+}
+
+/// A client with no proxy and a generous timeout.
+pub fn client() -> reqwest::Client {
+    reqwest::Client::builder().no_proxy().timeout(patience()).build().expect("client")
+}
+
+/// `GET url` as JSON.
+pub async fn get_json(url: &str) -> Value {
+    client().get(url).send().await.expect("GET").json().await.expect("JSON body")
+}
+
+/// The sim's counters.
+pub async fn sim_stats(sim: &Proc) -> Value {
+    get_json(&format!("{}/sim/stats", sim.url)).await
+}
+
+/// Polls `check` until it returns true or patience runs out.
+pub async fn eventually<F, Fut>(what: &str, mut check: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = Instant::now() + patience();
+    while Instant::now() < deadline {
+        if check().await {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    panic!("timed out waiting for: {what}");
+}
+
+/// Parses an SSE body into its `data:` payloads.
+pub fn sse_events(body: &str) -> Vec<String> {
+    body.split("\n\n")
+        .filter_map(|event| event.lines().find_map(|l| l.strip_prefix("data: ")).map(str::to_string))
+        .collect()
+}
+
+/// Parses an NDJSON body into values.
+pub fn ndjson_lines(body: &str) -> Vec<Value> {
+    body.lines().filter(|l| !l.trim().is_empty()).map(|l| serde_json::from_str(l).expect("NDJSON line")).collect()
+}

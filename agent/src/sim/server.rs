@@ -243,6 +243,12 @@ fn streaming(
         .unwrap_or_else(|_| StatusCode::INTERNAL_SERVER_ERROR.into_response())
 }
 
+/// Lets the server flush the tokens already produced before the drop
+/// fault cuts the connection, so a client really receives N tokens first.
+async fn drop_pause() {
+    tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+}
+
 /// A 200 whose body breaks at once: how the drop fault looks to a client
 /// of a non-streaming request.
 fn dropped_connection() -> Response {
@@ -341,6 +347,7 @@ async fn openai_chat(State(engine): Sim, uri: Uri, body: Bytes) -> Response {
             match run.next_token().await {
                 Some(Ok(token)) => yield Ok(sse(&chunk(json!({ "content": token }), None))),
                 Some(Err(_)) => {
+                    drop_pause().await;
                     yield Err(std::io::Error::other("connection dropped (injected fault)"));
                     return;
                 }
@@ -408,6 +415,7 @@ async fn openai_completions(State(engine): Sim, uri: Uri, body: Bytes) -> Respon
             match run.next_token().await {
                 Some(Ok(token)) => yield Ok(sse(&chunk(&token, None))),
                 Some(Err(_)) => {
+                    drop_pause().await;
                     yield Err(std::io::Error::other("connection dropped (injected fault)"));
                     return;
                 }
@@ -673,6 +681,7 @@ async fn ollama_generation(
                     yield Ok(ndjson(&line));
                 }
                 Some(Err(_)) => {
+                    drop_pause().await;
                     yield Err(std::io::Error::other("connection dropped (injected fault)"));
                     return;
                 }
