@@ -45,7 +45,7 @@ impl BackendKind {
 }
 
 /// Top-level agent configuration.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct Config {
     /// When set, HTTP listens on this port (the IP of `api.listen` is
@@ -131,19 +131,6 @@ pub enum LogFormat {
     Text,
     /// One JSON object per line.
     Json,
-}
-
-impl Default for Config {
-    fn default() -> Self {
-        Config {
-            port_base: None,
-            node: NodeConfig::default(),
-            api: ApiConfig::default(),
-            backend: BackendConfig::default(),
-            sim: SimConfig::default(),
-            log: LogConfig::default(),
-        }
-    }
 }
 
 impl Default for NodeConfig {

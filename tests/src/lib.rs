@@ -16,7 +16,10 @@ use tokio::process::{Child, ChildStdout, Command};
 /// How long to wait for conditions; `LLMESH_TEST_PATIENCE` (a factor)
 /// stretches it on slow machines.
 pub fn patience() -> Duration {
-    let factor = std::env::var("LLMESH_TEST_PATIENCE").ok().and_then(|f| f.parse::<f64>().ok()).unwrap_or(1.0);
+    let factor = std::env::var("LLMESH_TEST_PATIENCE")
+        .ok()
+        .and_then(|f| f.parse::<f64>().ok())
+        .unwrap_or(1.0);
     Duration::from_secs_f64(15.0 * factor.max(0.1))
 }
 
@@ -100,11 +103,19 @@ impl Proc {
                 }
                 _ => {
                     let logs = std::fs::read_to_string(log.path()).unwrap_or_default();
-                    panic!("llmesh {args:?} did not become ready; stdout:\n{banner}\nstderr:\n{logs}");
+                    panic!(
+                        "llmesh {args:?} did not become ready; stdout:\n{banner}\nstderr:\n{logs}"
+                    );
                 }
             }
         };
-        Proc { url, banner, child, _stdout: stdout, log }
+        Proc {
+            url,
+            banner,
+            child,
+            _stdout: stdout,
+            log,
+        }
     }
 
     /// The process's log so far.
@@ -120,7 +131,9 @@ impl Proc {
     /// Sends SIGTERM and waits for exit, returning whether it exited 0.
     pub async fn terminate(&mut self) -> bool {
         if let Some(pid) = self.child.id() {
-            let _ = std::process::Command::new("kill").args(["-TERM", &pid.to_string()]).status();
+            let _ = std::process::Command::new("kill")
+                .args(["-TERM", &pid.to_string()])
+                .status();
         }
         matches!(tokio::time::timeout(patience(), self.child.wait()).await, Ok(Ok(status)) if status.success())
     }
@@ -143,7 +156,15 @@ pub async fn sim(args: &[&str]) -> Proc {
 
 /// Starts an agent in front of `backend_url` (Ollama kind) with extra flags.
 pub async fn agent(backend_url: &str, args: &[&str]) -> Proc {
-    let mut all = vec!["agent", "--listen", "127.0.0.1:0", "--backend", backend_url, "--name", "test-node"];
+    let mut all = vec![
+        "agent",
+        "--listen",
+        "127.0.0.1:0",
+        "--backend",
+        backend_url,
+        "--name",
+        "test-node",
+    ];
     all.extend_from_slice(args);
     Proc::start(&all).await
 }
@@ -157,12 +178,23 @@ pub async fn sim_and_agent(sim_args: &[&str], agent_args: &[&str]) -> (Proc, Pro
 
 /// A client with no proxy and a generous timeout.
 pub fn client() -> reqwest::Client {
-    reqwest::Client::builder().no_proxy().timeout(patience()).build().expect("client")
+    reqwest::Client::builder()
+        .no_proxy()
+        .timeout(patience())
+        .build()
+        .expect("client")
 }
 
 /// `GET url` as JSON.
 pub async fn get_json(url: &str) -> Value {
-    client().get(url).send().await.expect("GET").json().await.expect("JSON body")
+    client()
+        .get(url)
+        .send()
+        .await
+        .expect("GET")
+        .json()
+        .await
+        .expect("JSON body")
 }
 
 /// The sim's counters.
@@ -189,11 +221,19 @@ where
 /// Parses an SSE body into its `data:` payloads.
 pub fn sse_events(body: &str) -> Vec<String> {
     body.split("\n\n")
-        .filter_map(|event| event.lines().find_map(|l| l.strip_prefix("data: ")).map(str::to_string))
+        .filter_map(|event| {
+            event
+                .lines()
+                .find_map(|l| l.strip_prefix("data: "))
+                .map(str::to_string)
+        })
         .collect()
 }
 
 /// Parses an NDJSON body into values.
 pub fn ndjson_lines(body: &str) -> Vec<Value> {
-    body.lines().filter(|l| !l.trim().is_empty()).map(|l| serde_json::from_str(l).expect("NDJSON line")).collect()
+    body.lines()
+        .filter(|l| !l.trim().is_empty())
+        .map(|l| serde_json::from_str(l).expect("NDJSON line"))
+        .collect()
 }

@@ -496,10 +496,11 @@ fn remember(cache: &mut HashMap<u64, u64>, hash: u64, tick: u64, capacity: usize
     if capacity == 0 {
         return;
     }
-    if cache.len() >= capacity && !cache.contains_key(&hash) {
-        if let Some(oldest) = cache.iter().min_by_key(|(_, t)| **t).map(|(h, _)| *h) {
-            cache.remove(&oldest);
-        }
+    if cache.len() >= capacity
+        && !cache.contains_key(&hash)
+        && let Some(oldest) = cache.iter().min_by_key(|(_, t)| **t).map(|(h, _)| *h)
+    {
+        cache.remove(&oldest);
     }
     cache.insert(hash, tick);
 }

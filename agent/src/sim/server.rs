@@ -64,17 +64,34 @@ enum Family {
     Ollama,
 }
 
-fn error(family: Family, status: StatusCode, message: &str) -> Response {
-    let body = match family {
-        Family::OpenAi => {
-            json!({ "error": { "message": message, "type": "api_error", "param": null, "code": null } })
-        }
-        Family::Ollama => json!({ "error": message }),
-    };
-    (status, Json(body)).into_response()
+/// An error answer, rendered in the route's family's shape.
+struct Fail {
+    family: Family,
+    status: StatusCode,
+    message: String,
 }
 
-fn sim_error(family: Family, err: &SimError) -> Response {
+impl IntoResponse for Fail {
+    fn into_response(self) -> Response {
+        let body = match self.family {
+            Family::OpenAi => json!({
+                "error": { "message": self.message, "type": "api_error", "param": null, "code": null }
+            }),
+            Family::Ollama => json!({ "error": self.message }),
+        };
+        (self.status, Json(body)).into_response()
+    }
+}
+
+fn error(family: Family, status: StatusCode, message: &str) -> Fail {
+    Fail {
+        family,
+        status,
+        message: message.to_string(),
+    }
+}
+
+fn sim_error(family: Family, err: &SimError) -> Fail {
     let status = match err {
         SimError::ModelNotFound(_) => StatusCode::NOT_FOUND,
         SimError::Injected => StatusCode::INTERNAL_SERVER_ERROR,
@@ -82,7 +99,7 @@ fn sim_error(family: Family, err: &SimError) -> Response {
     error(family, status, &err.to_string())
 }
 
-fn parse(family: Family, uri: &Uri, engine: &SimEngine, body: &Bytes) -> Result<Value, Response> {
+fn parse(family: Family, uri: &Uri, engine: &SimEngine, body: &Bytes) -> Result<Value, Fail> {
     engine.record(uri.path(), body);
     let value: Value = serde_json::from_slice(body).map_err(|e| {
         error(
@@ -101,7 +118,7 @@ fn parse(family: Family, uri: &Uri, engine: &SimEngine, body: &Bytes) -> Result<
     Ok(value)
 }
 
-fn model_of(family: Family, body: &Value) -> Result<String, Response> {
+fn model_of(family: Family, body: &Value) -> Result<String, Fail> {
     body.get("model")
         .or_else(|| body.get("name"))
         .and_then(Value::as_str)
@@ -288,11 +305,11 @@ async fn openai_chat(State(engine): Sim, uri: Uri, body: Bytes) -> Response {
     let family = Family::OpenAi;
     let body = match parse(family, &uri, &engine, &body) {
         Ok(b) => b,
-        Err(r) => return r,
+        Err(r) => return r.into_response(),
     };
     let model = match model_of(family, &body) {
         Ok(m) => m,
-        Err(r) => return r,
+        Err(r) => return r.into_response(),
     };
     let req = GenRequest {
         prompt: chat_prompt(&body),
@@ -302,7 +319,7 @@ async fn openai_chat(State(engine): Sim, uri: Uri, body: Bytes) -> Response {
     };
     let mut run = match engine.start(req).await {
         Ok(run) => run,
-        Err(e) => return sim_error(family, &e),
+        Err(e) => return sim_error(family, &e).into_response(),
     };
     let id = next_id("chatcmpl");
     let created = unix_now();
@@ -371,11 +388,11 @@ async fn openai_completions(State(engine): Sim, uri: Uri, body: Bytes) -> Respon
     let family = Family::OpenAi;
     let body = match parse(family, &uri, &engine, &body) {
         Ok(b) => b,
-        Err(r) => return r,
+        Err(r) => return r.into_response(),
     };
     let model = match model_of(family, &body) {
         Ok(m) => m,
-        Err(r) => return r,
+        Err(r) => return r.into_response(),
     };
     let req = GenRequest {
         prompt: text_prompt(&body, "prompt"),
@@ -385,7 +402,7 @@ async fn openai_completions(State(engine): Sim, uri: Uri, body: Bytes) -> Respon
     };
     let mut run = match engine.start(req).await {
         Ok(run) => run,
-        Err(e) => return sim_error(family, &e),
+        Err(e) => return sim_error(family, &e).into_response(),
     };
     let id = next_id("cmpl");
     let created = unix_now();
@@ -455,7 +472,7 @@ fn embedding_model<'a>(
     engine: &'a SimEngine,
     family: Family,
     body: &Value,
-) -> Result<&'a SimModel, Response> {
+) -> Result<&'a SimModel, Fail> {
     let model = model_of(family, body)?;
     if engine.injected_error() {
         return Err(sim_error(family, &SimError::Injected));
@@ -469,15 +486,15 @@ async fn openai_embeddings(State(engine): Sim, uri: Uri, body: Bytes) -> Respons
     let family = Family::OpenAi;
     let body = match parse(family, &uri, &engine, &body) {
         Ok(b) => b,
-        Err(r) => return r,
+        Err(r) => return r.into_response(),
     };
     let model = match embedding_model(&engine, family, &body) {
         Ok(m) => m.name.clone(),
-        Err(r) => return r,
+        Err(r) => return r.into_response(),
     };
     let inputs = embedding_inputs(body.get("input"));
     if inputs.is_empty() {
-        return error(family, StatusCode::BAD_REQUEST, "input is required");
+        return error(family, StatusCode::BAD_REQUEST, "input is required").into_response();
     }
     let base64 = body.get("encoding_format").and_then(Value::as_str) == Some("base64");
     let dim = engine.config().embedding_dim;
@@ -557,14 +574,14 @@ async fn show(State(engine): Sim, uri: Uri, body: Bytes) -> Response {
     let family = Family::Ollama;
     let body = match parse(family, &uri, &engine, &body) {
         Ok(b) => b,
-        Err(r) => return r,
+        Err(r) => return r.into_response(),
     };
     let name = match model_of(family, &body) {
         Ok(m) => m,
-        Err(r) => return r,
+        Err(r) => return r.into_response(),
     };
     let Some(model) = engine.model(&name) else {
-        return sim_error(family, &SimError::ModelNotFound(name));
+        return sim_error(family, &SimError::ModelNotFound(name)).into_response();
     };
     let capabilities = if model.is_embedding() {
         json!(["embedding"])
@@ -615,7 +632,7 @@ async fn ollama_generation(
     let family = Family::Ollama;
     let model = match model_of(family, &body) {
         Ok(m) => m,
-        Err(r) => return r,
+        Err(r) => return r.into_response(),
     };
     // Ollama treats an empty generate prompt as "load the model" (preload).
     if field == "response"
@@ -625,7 +642,7 @@ async fn ollama_generation(
             .is_none_or(str::is_empty)
     {
         let Some(found) = engine.model(&model).map(|m| m.name.clone()) else {
-            return sim_error(family, &SimError::ModelNotFound(model));
+            return sim_error(family, &SimError::ModelNotFound(model)).into_response();
         };
         engine.ensure_loaded(&found).await;
         return Json(json!({ "model": found, "created_at": rfc3339_now(), "response": "", "done": true, "done_reason": "load" })).into_response();
@@ -638,7 +655,7 @@ async fn ollama_generation(
     };
     let mut run = match engine.start(req).await {
         Ok(run) => run,
-        Err(e) => return sim_error(family, &e),
+        Err(e) => return sim_error(family, &e).into_response(),
     };
     let tool_calls = match &run.shape {
         OutputShape::ToolCall(name) => {
@@ -700,7 +717,7 @@ async fn ollama_chat(State(engine): Sim, uri: Uri, body: Bytes) -> Response {
             let prompt = chat_prompt(&body);
             ollama_generation(engine, body, prompt, "message").await
         }
-        Err(r) => r,
+        Err(r) => r.into_response(),
     }
 }
 
@@ -710,7 +727,7 @@ async fn ollama_generate(State(engine): Sim, uri: Uri, body: Bytes) -> Response 
             let prompt = text_prompt(&body, "prompt");
             ollama_generation(engine, body, prompt, "response").await
         }
-        Err(r) => r,
+        Err(r) => r.into_response(),
     }
 }
 
@@ -718,11 +735,11 @@ async fn ollama_embed(State(engine): Sim, uri: Uri, body: Bytes) -> Response {
     let family = Family::Ollama;
     let body = match parse(family, &uri, &engine, &body) {
         Ok(b) => b,
-        Err(r) => return r,
+        Err(r) => return r.into_response(),
     };
     let model = match embedding_model(&engine, family, &body) {
         Ok(m) => m.name.clone(),
-        Err(r) => return r,
+        Err(r) => return r.into_response(),
     };
     let inputs = embedding_inputs(body.get("input"));
     let dim = engine.config().embedding_dim;
@@ -740,10 +757,10 @@ async fn ollama_embeddings(State(engine): Sim, uri: Uri, body: Bytes) -> Respons
     let family = Family::Ollama;
     let body = match parse(family, &uri, &engine, &body) {
         Ok(b) => b,
-        Err(r) => return r,
+        Err(r) => return r.into_response(),
     };
     if let Err(r) = embedding_model(&engine, family, &body) {
-        return r;
+        return r.into_response();
     }
     let prompt = body
         .get("prompt")
@@ -766,7 +783,7 @@ async fn openai_models(State(engine): Sim) -> Json<Value> {
 async fn openai_model(State(engine): Sim, Path(id): Path<String>) -> Response {
     match engine.model(&id) {
         Some(model) => Json(openai_model_json(model)).into_response(),
-        None => sim_error(Family::OpenAi, &SimError::ModelNotFound(id)),
+        None => sim_error(Family::OpenAi, &SimError::ModelNotFound(id)).into_response(),
     }
 }
 

@@ -1,0 +1,48 @@
+#!/usr/bin/env bash
+# The test command (README and CI run exactly this): installs what the tests
+# need, checks formatting and lints, then runs the Rust tests (unit,
+# property and multi-process) and the official Python clients against a
+# real agent.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+step() { printf '\n==> %s\n' "$*"; }
+
+# --- what the tests need -----------------------------------------------------
+as_root() { if [ "$(id -u)" = 0 ]; then "$@"; else sudo "$@"; fi; }
+need_apt=()
+command -v curl >/dev/null || need_apt+=(curl)
+if [ ${#need_apt[@]} -gt 0 ]; then
+  step "installing ${need_apt[*]} (apt-get)"
+  as_root apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive as_root apt-get install -y -qq "${need_apt[@]}" >/dev/null
+fi
+
+step "python clients (tests/python/requirements.txt) into .venv"
+[ -x .venv/bin/python ] || python3 -m venv .venv
+.venv/bin/python -m pip install -q --disable-pip-version-check -r tests/python/requirements.txt
+
+# --- Rust ----------------------------------------------------------------------
+step "cargo fmt --check"
+cargo fmt --all -- --check
+
+step "cargo clippy (warnings are errors)"
+cargo clippy --workspace --all-targets --locked -- -D warnings
+
+step "cargo build (the llmesh binary the multi-process tests run)"
+cargo build --locked -p llmesh --bin llmesh
+
+step "cargo test"
+if cargo nextest --version >/dev/null 2>&1; then
+  cargo nextest run --workspace --locked --no-fail-fast
+  # nextest does not run doctests.
+  cargo test --workspace --locked --doc
+else
+  cargo test --workspace --locked --no-fail-fast
+fi
+
+# --- real clients --------------------------------------------------------------
+step "official openai and ollama Python clients against a live agent"
+LLMESH_BIN="$PWD/target/debug/llmesh" .venv/bin/python -m pytest -q tests/python
+
+step "all tests passed"

@@ -1,0 +1,157 @@
+"""The official `openai` and `ollama` Python clients against a real agent
+process in front of a real sim-backend process."""
+
+import os
+import re
+import subprocess
+import time
+from pathlib import Path
+
+import ollama
+import openai
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+BIN = os.environ.get("LLMESH_BIN", str(ROOT / "target" / "debug" / "llmesh"))
+
+
+def start(*args):
+    """Starts `llmesh ARGS` and returns (process, base URL) once it listens."""
+    proc = subprocess.Popen(
+        [BIN, *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        stdin=subprocess.DEVNULL,
+        text=True,
+    )
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        line = proc.stdout.readline()
+        if not line:
+            break
+        match = re.search(r"(http://\S+)", line)
+        if match:
+            return proc, match.group(1)
+    proc.kill()
+    raise RuntimeError(f"llmesh {args} did not start")
+
+
+@pytest.fixture(scope="module")
+def agent_url():
+    sim, sim_url = start("sim-backend", "--listen", "127.0.0.1:0", "--embedding-dim", "32")
+    agent, url = start("agent", "--listen", "127.0.0.1:0", "--backend", sim_url, "--name", "py-node")
+    yield url
+    for proc in (agent, sim):
+        proc.terminate()
+        proc.wait(timeout=10)
+
+
+@pytest.fixture
+def oai(agent_url):
+    return openai.OpenAI(base_url=f"{agent_url}/v1", api_key="unused", max_retries=0)
+
+
+@pytest.fixture
+def oll(agent_url):
+    return ollama.Client(host=agent_url)
+
+
+def test_openai_lists_models(oai):
+    ids = [m.id for m in oai.models.list()]
+    assert ids == ["qwen2.5:7b", "llama3.2:3b", "nomic-embed-text"]
+    assert oai.models.retrieve("qwen2.5:7b").id == "qwen2.5:7b"
+
+
+def test_openai_chat(oai):
+    reply = oai.chat.completions.create(
+        model="qwen2.5:7b", messages=[{"role": "user", "content": "Hello there"}], max_tokens=7
+    )
+    assert len(reply.choices[0].message.content.split()) == 7
+    assert reply.usage.completion_tokens == 7
+    assert reply.usage.prompt_tokens == 2
+
+
+def test_openai_streaming_chat(oai):
+    stream = oai.chat.completions.create(
+        model="qwen2.5:7b",
+        messages=[{"role": "user", "content": "Stream please"}],
+        max_tokens=9,
+        stream=True,
+        stream_options={"include_usage": True},
+    )
+    text, usage = "", None
+    for chunk in stream:
+        if chunk.choices and chunk.choices[0].delta.content:
+            text += chunk.choices[0].delta.content
+        if chunk.usage:
+            usage = chunk.usage
+    assert len(text.split()) == 9
+    assert usage is not None and usage.completion_tokens == 9
+
+
+def test_openai_tool_calls(oai):
+    reply = oai.chat.completions.create(
+        model="qwen2.5:7b",
+        messages=[{"role": "user", "content": "weather in Paris?"}],
+        tools=[{"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}}],
+    )
+    assert reply.choices[0].message.tool_calls[0].function.name == "get_weather"
+
+
+def test_openai_embeddings(oai):
+    # The client asks for base64 by default and decodes it.
+    result = oai.embeddings.create(model="nomic-embed-text", input=["one", "two words"])
+    assert len(result.data) == 2
+    assert len(result.data[0].embedding) == 32
+    norm = sum(x * x for x in result.data[1].embedding)
+    assert abs(norm - 1.0) < 1e-3
+
+
+def test_openai_errors_are_typed(oai):
+    with pytest.raises(openai.NotFoundError) as err:
+        oai.chat.completions.create(model="missing:1b", messages=[{"role": "user", "content": "x"}])
+    assert "missing:1b" in str(err.value)
+    with pytest.raises(openai.BadRequestError):
+        oai.chat.completions.create(model="", messages=[{"role": "user", "content": "x"}])
+
+
+def test_ollama_lists_models(oll):
+    names = [m.model for m in oll.list().models]
+    assert names == ["qwen2.5:7b", "llama3.2:3b", "nomic-embed-text"]
+    running = [m.model for m in oll.ps().models]
+    assert "qwen2.5:7b" in running
+
+
+def test_ollama_chat(oll):
+    reply = oll.chat(model="qwen2.5:7b", messages=[{"role": "user", "content": "Hi"}], options={"num_predict": 5})
+    assert len(reply.message.content.split()) == 5
+    assert reply.done and reply.eval_count == 5
+
+
+def test_ollama_streaming_chat(oll):
+    parts = list(
+        oll.chat(model="qwen2.5:7b", messages=[{"role": "user", "content": "Hi"}], options={"num_predict": 6}, stream=True)
+    )
+    assert parts[-1].done
+    text = "".join(p.message.content for p in parts)
+    assert len(text.split()) == 6
+
+
+def test_ollama_generate_stream(oll):
+    parts = list(oll.generate(model="llama3.2:3b", prompt="Once upon a time", options={"num_predict": 4}, stream=True))
+    assert parts[-1].done and parts[-1].eval_count == 4
+    assert len("".join(p.response for p in parts).split()) == 4
+
+
+def test_ollama_embed_and_show(oll):
+    result = oll.embed(model="nomic-embed-text", input=["a", "b"])
+    assert len(result.embeddings) == 2 and len(result.embeddings[0]) == 32
+    shown = oll.show("qwen2.5:7b")
+    assert shown.details.family == "qwen"
+
+
+def test_ollama_errors(oll):
+    with pytest.raises(ollama.ResponseError) as err:
+        oll.chat(model="missing:1b", messages=[{"role": "user", "content": "x"}])
+    assert err.value.status_code == 404
+    assert "missing:1b" in err.value.error
