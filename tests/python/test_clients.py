@@ -155,3 +155,25 @@ def test_ollama_errors(oll):
         oll.chat(model="missing:1b", messages=[{"role": "user", "content": "x"}])
     assert err.value.status_code == 404
     assert "missing:1b" in err.value.error
+
+
+@pytest.fixture(scope="module")
+def openai_kind_url():
+    """An agent with --backend-kind openai: the sim serves only as an
+    OpenAI-compatible server, and the agent translates Ollama-native calls."""
+    sim, sim_url = start("sim-backend", "--listen", "127.0.0.1:0")
+    agent, url = start("agent", "--listen", "127.0.0.1:0", "--backend", sim_url, "--backend-kind", "openai")
+    yield url
+    for proc in (agent, sim):
+        proc.terminate()
+        proc.wait(timeout=10)
+
+
+def test_ollama_client_against_an_openai_compatible_backend(openai_kind_url):
+    client = ollama.Client(host=openai_kind_url)
+    assert "qwen2.5:7b" in [m.model for m in client.list().models]
+    reply = client.chat(model="qwen2.5:7b", messages=[{"role": "user", "content": "Hi"}], options={"num_predict": 3})
+    assert len(reply.message.content.split()) == 3
+    parts = list(client.chat(model="qwen2.5:7b", messages=[{"role": "user", "content": "Hi"}], stream=True))
+    assert parts[-1].done and parts[-1].eval_count == len("".join(p.message.content for p in parts).split())
+    assert len(client.embed(model="nomic-embed-text", input="x").embeddings) == 1

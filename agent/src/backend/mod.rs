@@ -5,6 +5,7 @@ mod http;
 mod ollama;
 mod openai;
 mod sim;
+mod translate;
 
 use std::sync::Arc;
 
@@ -85,6 +86,16 @@ impl Inventory {
             self.models.iter().find(|m| m.name == alternative)
         })
     }
+}
+
+/// A stable `modified_at` for backends that report none (OpenAI-compatible
+/// servers, the in-process sim): when this process first saw the model.
+/// Clients such as the `ollama` Python package require a timestamp there.
+pub(crate) fn first_seen() -> String {
+    static STARTED: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
+        humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string()
+    });
+    STARTED.clone()
 }
 
 /// An inference server this agent fronts.

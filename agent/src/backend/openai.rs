@@ -1,10 +1,17 @@
 //! Any OpenAI-compatible server (llama.cpp's llama-server, vLLM, LiteLLM):
-//! inventory from `/v1/models`, OpenAI requests passed through untouched.
+//! inventory from `/v1/models`, OpenAI requests passed through untouched,
+//! Ollama-native requests translated (see `translate.rs`).
 
-use llmesh_mesh::{ApiKind, InferenceRequest, InferenceResponse, ServeError};
+use std::time::Instant;
+
+use bytes::{Bytes, BytesMut};
+use futures::StreamExt;
+use llmesh_mesh::{ApiKind, BodyStream, InferenceRequest, InferenceResponse, ServeError};
 use serde::Deserialize;
+use serde_json::{Value, json};
 
 use super::http::HttpBackend;
+use super::translate::{self, TextField};
 use super::{Backend, Inventory, LoadedInfo, ModelDetails, ModelEntry};
 use crate::config::{BackendConfig, BackendKind};
 
@@ -41,7 +48,7 @@ fn to_inventory(list: ModelList) -> Inventory {
             name: m.id,
             size: 0,
             digest: String::new(),
-            modified_at: String::new(),
+            modified_at: super::first_seen(),
             details: ModelDetails::default(),
             // An OpenAI-compatible server lists what it serves now, so every
             // model it lists counts as loaded.
@@ -68,16 +75,138 @@ impl Backend for OpenAiBackend {
             ApiKind::OpenaiChat => "/v1/chat/completions",
             ApiKind::OpenaiCompletions => "/v1/completions",
             ApiKind::OpenaiEmbeddings => "/v1/embeddings",
-            other => {
-                return Err(ServeError::Unsupported(format!(
-                    "the OpenAI-compatible backend does not serve Ollama's {} API; use the /v1 endpoints",
-                    other.as_str_name()
-                )));
+            ApiKind::Unspecified => {
+                return Err(ServeError::BadRequest("request names no API".into()));
             }
+            _ => return self.serve_native(req).await,
         };
         self.http
             .post(path, req.body.clone(), &req.request_id)
             .await
+    }
+}
+
+/// Largest translated non-streaming answer; these are small JSON documents.
+const MAX_TRANSLATED_BYTES: usize = 64 * 1024 * 1024;
+
+fn json_response(status: u16, value: &Value) -> InferenceResponse {
+    let bytes = Bytes::from(value.to_string());
+    InferenceResponse {
+        status,
+        content_type: "application/json".into(),
+        body: Box::pin(futures::stream::once(async move { Ok(bytes) })),
+    }
+}
+
+async fn collect(mut body: BodyStream) -> Result<Bytes, ServeError> {
+    let mut buffer = BytesMut::new();
+    while let Some(chunk) = body.next().await {
+        let chunk = chunk.map_err(ServeError::BackendUnreachable)?;
+        if buffer.len() + chunk.len() > MAX_TRANSLATED_BYTES {
+            return Err(ServeError::BackendUnreachable(format!(
+                "backend answer exceeds {MAX_TRANSLATED_BYTES} bytes"
+            )));
+        }
+        buffer.extend_from_slice(&chunk);
+    }
+    Ok(buffer.freeze())
+}
+
+fn parse_answer(bytes: &[u8]) -> Result<Value, ServeError> {
+    serde_json::from_slice(bytes)
+        .map_err(|e| ServeError::BackendUnreachable(format!("backend sent invalid JSON: {e}")))
+}
+
+impl OpenAiBackend {
+    /// Serves an Ollama-native request by translating it to `/v1/*`.
+    async fn serve_native(&self, req: &InferenceRequest) -> Result<InferenceResponse, ServeError> {
+        let started = Instant::now();
+        let (translated, field) = match req.api {
+            ApiKind::OllamaChat => (
+                translate::chat_request(&req.body, req.stream)?,
+                Some(TextField::Message),
+            ),
+            ApiKind::OllamaGenerate => match translate::generate_request(&req.body, req.stream)? {
+                Some(t) => (t, Some(TextField::Response)),
+                // An OpenAI server has nothing to preload; the model is served as listed.
+                None => return Ok(json_response(200, &translate::load_response(&req.model))),
+            },
+            ApiKind::OllamaEmbed => (translate::embed_request(&req.body, false)?, None),
+            ApiKind::OllamaEmbeddings => (translate::embed_request(&req.body, true)?, None),
+            ApiKind::OllamaShow => return self.show(&req.model).await,
+            _ => return Err(ServeError::BadRequest("not an Ollama API".into())),
+        };
+        let body = Bytes::from(translated.body.to_string());
+        let upstream = self
+            .http
+            .post(translated.path, body, &req.request_id)
+            .await?;
+        if !(200..300).contains(&upstream.status) {
+            let bytes = collect(upstream.body).await?;
+            let message = translate::error_message(&bytes);
+            return Ok(json_response(upstream.status, &json!({ "error": message })));
+        }
+        let model = req.model.clone();
+        match field {
+            Some(field) if req.stream => {
+                let mut translator = translate::SseToNdjson::new(&model, field);
+                let mut body = upstream.body;
+                let stream = async_stream::stream! {
+                    while let Some(chunk) = body.next().await {
+                        match chunk {
+                            Ok(bytes) => {
+                                for line in translator.push(&bytes) {
+                                    yield Ok(line);
+                                }
+                            }
+                            Err(message) => {
+                                yield Err(message);
+                                return;
+                            }
+                        }
+                    }
+                    // A cleanly ended HTTP body without [DONE] is still complete.
+                    for line in translator.finish() {
+                        yield Ok(line);
+                    }
+                };
+                Ok(InferenceResponse {
+                    status: 200,
+                    content_type: "application/x-ndjson".into(),
+                    body: Box::pin(stream),
+                })
+            }
+            Some(field) => {
+                let answer = parse_answer(&collect(upstream.body).await?)?;
+                Ok(json_response(
+                    200,
+                    &translate::completion_response(&model, field, &answer, started.elapsed()),
+                ))
+            }
+            None => {
+                let answer = parse_answer(&collect(upstream.body).await?)?;
+                let legacy = req.api == ApiKind::OllamaEmbeddings;
+                Ok(json_response(
+                    200,
+                    &translate::embed_response(&model, &answer, legacy),
+                ))
+            }
+        }
+    }
+
+    /// `/api/show` from what an OpenAI server tells: the model's existence.
+    async fn show(&self, model: &str) -> Result<InferenceResponse, ServeError> {
+        let inventory = self.inventory().await?;
+        let entry = inventory
+            .resolve(model)
+            .ok_or_else(|| ServeError::ModelNotFound(model.to_string()))?;
+        Ok(json_response(
+            200,
+            &json!({
+                "modelfile": "", "parameters": "", "template": "",
+                "details": entry.details, "model_info": {}, "capabilities": ["completion"],
+            }),
+        ))
     }
 }
 

@@ -45,7 +45,7 @@ impl Backend for SimBackend {
                 name: m.name.clone(),
                 size: m.size_bytes,
                 digest: String::new(),
-                modified_at: String::new(),
+                modified_at: super::first_seen(),
                 details: ModelDetails {
                     parent_model: String::new(),
                     format: "gguf".into(),
