@@ -32,6 +32,9 @@ pub enum Command {
 }
 
 const AGENT_AFTER_HELP: &str = "\
+The backend's API key is read only from the file or the environment
+(LLMESH_BACKEND__API_KEY), never from a flag, so it stays out of ps.
+
 Configuration is layered: built-in defaults < TOML file (--config) <
 LLMESH_* environment < flags. Every file key can be set from the
 environment as LLMESH_<SECTION>__<KEY>, e.g. LLMESH_BACKEND__URL,
@@ -70,6 +73,18 @@ pub struct AgentArgs {
     /// Longest silence between streamed chunks, e.g. 120s [default: 120s].
     #[arg(long, value_parser = humantime::parse_duration)]
     pub idle_timeout: Option<Duration>,
+    /// Time to open a connection to the backend [default: 3s].
+    #[arg(long, value_parser = humantime::parse_duration)]
+    pub connect_timeout: Option<Duration>,
+    /// How often the backend's models are listed [default: 2s].
+    #[arg(long, value_parser = humantime::parse_duration)]
+    pub inventory_interval: Option<Duration>,
+    /// On SIGTERM, how long in-flight requests may finish [default: 30s].
+    #[arg(long, value_parser = humantime::parse_duration)]
+    pub drain_timeout: Option<Duration>,
+    /// Largest non-streaming backend response relayed, in bytes [default: 67108864].
+    #[arg(long)]
+    pub max_response_bytes: Option<usize>,
     /// Models of the in-process simulated backend (with --backend-kind sim).
     #[arg(long, value_delimiter = ',', value_name = "SPEC")]
     pub sim_models: Option<Vec<String>>,
@@ -104,6 +119,23 @@ impl AgentArgs {
         }
         if let Some(bytes) = self.max_body_bytes {
             set(&mut map, "api", "max_body_bytes", json!(bytes));
+        }
+        if let Some(bytes) = self.max_response_bytes {
+            set(&mut map, "api", "max_response_bytes", json!(bytes));
+        }
+        if let Some(timeout) = self.drain_timeout {
+            set(&mut map, "api", "drain_timeout", duration(timeout));
+        }
+        if let Some(timeout) = self.connect_timeout {
+            set(&mut map, "backend", "connect_timeout", duration(timeout));
+        }
+        if let Some(interval) = self.inventory_interval {
+            set(
+                &mut map,
+                "backend",
+                "inventory_interval",
+                duration(interval),
+            );
         }
         if let Some(url) = &self.backend {
             set(&mut map, "backend", "url", json!(url));

@@ -231,12 +231,15 @@ impl Config {
             self.api.listen.set_port(base);
         }
         if self.backend.kind != BackendKind::Sim {
-            reqwest::Url::parse(&self.backend.url).map_err(|e| {
-                ConfigError::Inconsistent(format!(
-                    "backend.url '{}' is not a URL: {e}",
-                    self.backend.url
-                ))
+            let url = &self.backend.url;
+            let parsed = url.parse::<http::Uri>().map_err(|e| {
+                ConfigError::Inconsistent(format!("backend.url '{url}' is not a URL: {e}"))
             })?;
+            if parsed.scheme_str() != Some("http") || parsed.host().is_none() {
+                return Err(ConfigError::Inconsistent(format!(
+                    "backend.url '{url}' must be an http:// URL with a host (the backend runs beside the agent)"
+                )));
+            }
         }
         if self.node.name.trim().is_empty() {
             return Err(ConfigError::Inconsistent(

@@ -4,6 +4,9 @@
 //! bodies are collected first (they are small) so a backend that breaks
 //! mid-body yields a clean 502 instead of half a JSON document.
 
+use std::future::Future;
+use std::pin::Pin;
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use axum::body::Body;
@@ -52,30 +55,102 @@ pub fn stream_error_event(framing: Framing, message: &str) -> Bytes {
     }
 }
 
-/// Wraps a backend stream: each chunk must come within `idle`, and a
-/// failure becomes a final error event.
-fn guarded(
+/// A backend stream on its way to the client: each chunk must come within
+/// `idle`, and a failure becomes a final error event. The idle timer is
+/// armed only while the backend is silent, so a busy stream costs no timer
+/// operations per chunk.
+struct Guarded {
     body: BodyStream,
     framing: Framing,
     idle: Duration,
-) -> impl futures::Stream<Item = Result<Bytes, std::io::Error>> + Send {
-    async_stream::stream! {
-        let mut body = body;
-        loop {
-            match tokio::time::timeout(idle, body.next()).await {
-                Ok(Some(Ok(chunk))) => yield Ok(chunk),
-                Ok(None) => break,
-                Ok(Some(Err(message))) => {
-                    tracing::warn!(error = %message, "backend stream broke; ending it with an error event");
-                    yield Ok(stream_error_event(framing, &message));
-                    break;
+    timer: Pin<Box<tokio::time::Sleep>>,
+    armed: bool,
+    finished: bool,
+    /// How the backend stream ended while chunks were being combined; it
+    /// is reported on the next poll, after the combined chunk.
+    ended: Option<Option<String>>,
+}
+
+/// Chunks already waiting are sent as one write, up to this size: a burst
+/// of tiny SSE events costs one syscall instead of hundreds, and nothing is
+/// ever held back waiting for more.
+const COALESCE_BYTES: usize = 64 * 1024;
+
+impl Guarded {
+    fn new(body: BodyStream, framing: Framing, idle: Duration) -> Guarded {
+        Guarded {
+            body,
+            framing,
+            idle,
+            timer: Box::pin(tokio::time::sleep(idle)),
+            armed: false,
+            finished: false,
+            ended: None,
+        }
+    }
+}
+
+impl futures::Stream for Guarded {
+    type Item = Result<Bytes, std::io::Error>;
+
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        let this = &mut *self;
+        if this.finished {
+            return Poll::Ready(None);
+        }
+        let next = match this.ended.take() {
+            Some(None) => Poll::Ready(None),
+            Some(Some(message)) => Poll::Ready(Some(Err(message))),
+            None => this.body.poll_next_unpin(cx),
+        };
+        match next {
+            Poll::Ready(Some(Ok(chunk))) => {
+                this.armed = false;
+                let mut combined: Option<BytesMut> = None;
+                while combined.as_ref().map_or(chunk.len(), BytesMut::len) < COALESCE_BYTES {
+                    match this.body.poll_next_unpin(cx) {
+                        Poll::Ready(Some(Ok(more))) => {
+                            combined
+                                .get_or_insert_with(|| BytesMut::from(&chunk[..]))
+                                .extend_from_slice(&more);
+                        }
+                        Poll::Ready(Some(Err(message))) => {
+                            this.ended = Some(Some(message));
+                            break;
+                        }
+                        Poll::Ready(None) => {
+                            this.ended = Some(None);
+                            break;
+                        }
+                        Poll::Pending => break,
+                    }
                 }
-                Err(_) => {
-                    let message = format!("backend sent nothing for {idle:?}; stream abandoned");
+                Poll::Ready(Some(Ok(combined.map_or(chunk, BytesMut::freeze))))
+            }
+            Poll::Ready(None) => {
+                this.finished = true;
+                Poll::Ready(None)
+            }
+            Poll::Ready(Some(Err(message))) => {
+                this.finished = true;
+                tracing::warn!(error = %message, "backend stream broke; ending it with an error event");
+                Poll::Ready(Some(Ok(stream_error_event(this.framing, &message))))
+            }
+            Poll::Pending => {
+                if !this.armed {
+                    this.armed = true;
+                    this.timer
+                        .as_mut()
+                        .reset(tokio::time::Instant::now() + this.idle);
+                }
+                if this.timer.as_mut().poll(cx).is_ready() {
+                    this.finished = true;
+                    let message =
+                        format!("backend sent nothing for {:?}; stream abandoned", this.idle);
                     tracing::warn!("{message}");
-                    yield Ok(stream_error_event(framing, &message));
-                    break;
+                    return Poll::Ready(Some(Ok(stream_error_event(this.framing, &message))));
                 }
+                Poll::Pending
             }
         }
     }
@@ -117,7 +192,9 @@ pub async fn relay(
         .unwrap_or_else(|_| HeaderValue::from_static("application/json"));
     let framing = Framing::of(&response.content_type);
     let body = match framing {
-        Framing::Sse | Framing::Ndjson => Body::from_stream(guarded(response.body, framing, idle)),
+        Framing::Sse | Framing::Ndjson => {
+            Body::from_stream(Guarded::new(response.body, framing, idle))
+        }
         Framing::Document => match collect(response.body, idle, max_response_bytes).await {
             Ok(bytes) => Body::from(bytes),
             Err(err) => {
@@ -222,6 +299,37 @@ mod tests {
                 .is_some_and(|l| l.contains("sent nothing")),
             "{out}"
         );
+    }
+
+    #[tokio::test]
+    async fn ready_chunks_are_combined_and_order_is_kept() {
+        let r = response(
+            "text/event-stream",
+            vec![Ok("data: 1\n\n"), Ok("data: 2\n\n"), Ok("data: 3\n\n")],
+        );
+        let body = relay(r, Duration::from_secs(5), 1024, ErrorFormat::OpenAi)
+            .await
+            .into_body();
+        let frames: Vec<Bytes> = body
+            .into_data_stream()
+            .map(|f| f.expect("frame"))
+            .collect()
+            .await;
+        assert_eq!(
+            frames,
+            vec![Bytes::from_static(b"data: 1\n\ndata: 2\n\ndata: 3\n\n")]
+        );
+    }
+
+    #[tokio::test]
+    async fn an_error_after_combined_chunks_still_ends_the_stream() {
+        let r = response(
+            "text/event-stream",
+            vec![Ok("data: 1\n\n"), Ok("data: 2\n\n"), Err("reset")],
+        );
+        let out = text(relay(r, Duration::from_secs(5), 1024, ErrorFormat::OpenAi).await).await;
+        assert!(out.starts_with("data: 1\n\ndata: 2\n\n"), "{out}");
+        assert!(out.contains("stream_interrupted"), "{out}");
     }
 
     #[tokio::test]

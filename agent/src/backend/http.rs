@@ -1,41 +1,59 @@
 //! The HTTP client side shared by the Ollama and OpenAI-compatible
-//! backends: pooled connections, timeouts, and error classes.
+//! backends: pooled keep-alive connections, timeouts, and error classes.
+//!
+//! This is the hot path of every request, so it uses hyper's pooled client
+//! directly rather than reqwest: the backend is plain HTTP/1.1 beside the
+//! agent, and reqwest's extra layers (redirects, cookies, proxy checks)
+//! cost measurable CPU per request (see `scripts/bench/overhead`).
 
 use std::time::Duration;
 
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 use futures::StreamExt;
+use http::header::{ACCEPT, AUTHORIZATION, CONTENT_TYPE};
+use http::{Method, Request};
+use http_body_util::{BodyExt, Full};
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::TokioExecutor;
 use llmesh_mesh::{InferenceResponse, ServeError};
-use reqwest::header::{AUTHORIZATION, CONTENT_TYPE};
 use serde::de::DeserializeOwned;
 
 use crate::config::BackendConfig;
 
+/// Largest inventory document accepted (model lists are a few KiB).
+const MAX_INVENTORY_BYTES: usize = 16 * 1024 * 1024;
+
 /// A pooled HTTP client bound to one backend base URL.
 pub struct HttpBackend {
-    client: reqwest::Client,
+    client: Client<HttpConnector, Full<Bytes>>,
     base: String,
-    api_key: Option<String>,
+    authorization: Option<String>,
     inventory_timeout: Duration,
 }
 
 impl HttpBackend {
-    /// A client for `config.url`.
+    /// A client for `config.url`; only `http://` URLs (the backend runs
+    /// beside the agent).
     pub fn new(config: &BackendConfig) -> Result<HttpBackend, ServeError> {
-        let client = reqwest::Client::builder()
-            // The backend sits beside the agent; a proxy from the
-            // environment would only add a hop or break loopback.
-            .no_proxy()
-            .connect_timeout(config.connect_timeout)
-            .tcp_nodelay(true)
+        let base = config.url.trim_end_matches('/').to_string();
+        if !base.starts_with("http://") {
+            return Err(ServeError::Internal(format!(
+                "backend URL '{}' must start with http:// (the backend runs beside the agent)",
+                config.url
+            )));
+        }
+        let mut connector = HttpConnector::new();
+        connector.set_connect_timeout(Some(config.connect_timeout));
+        // Small SSE/NDJSON chunks must not wait for Nagle.
+        connector.set_nodelay(true);
+        let client = Client::builder(TokioExecutor::new())
             .pool_idle_timeout(Duration::from_secs(90))
-            .http1_only()
-            .build()
-            .map_err(|e| ServeError::Internal(format!("building the HTTP client: {e}")))?;
+            .build(connector);
         Ok(HttpBackend {
             client,
-            base: config.url.trim_end_matches('/').to_string(),
-            api_key: config.api_key.clone(),
+            base,
+            authorization: config.api_key.as_ref().map(|key| format!("Bearer {key}")),
             inventory_timeout: config.connect_timeout + Duration::from_secs(5),
         })
     }
@@ -44,11 +62,25 @@ impl HttpBackend {
         format!("{}{path}", self.base)
     }
 
-    fn classify(&self, path: &str, err: &reqwest::Error) -> ServeError {
-        let what = format!("{}{path}", self.base);
-        if err.is_timeout() {
-            ServeError::Timeout(format!("{what}: {err}"))
-        } else if err.is_connect() {
+    fn request(
+        &self,
+        method: Method,
+        path: &str,
+        body: Bytes,
+    ) -> Result<Request<Full<Bytes>>, ServeError> {
+        let mut builder = Request::builder().method(method).uri(self.url(path));
+        if let Some(auth) = &self.authorization {
+            builder = builder.header(AUTHORIZATION, auth);
+        }
+        builder
+            .header(CONTENT_TYPE, "application/json")
+            .body(Full::new(body))
+            .map_err(|e| ServeError::Internal(format!("bad backend request for {path}: {e}")))
+    }
+
+    fn classify(&self, path: &str, err: &hyper_util::client::legacy::Error) -> ServeError {
+        let what = self.url(path);
+        if err.is_connect() {
             ServeError::BackendUnreachable(format!("cannot connect to {what}"))
         } else {
             ServeError::BackendUnreachable(format!("{what}: {err}"))
@@ -63,16 +95,15 @@ impl HttpBackend {
         body: Bytes,
         request_id: &str,
     ) -> Result<InferenceResponse, ServeError> {
-        let mut request = self
-            .client
-            .post(self.url(path))
-            .header(CONTENT_TYPE, "application/json")
-            .header("x-request-id", request_id)
-            .body(body);
-        if let Some(key) = &self.api_key {
-            request = request.header(AUTHORIZATION, format!("Bearer {key}"));
+        let mut request = self.request(Method::POST, path, body)?;
+        if let Ok(id) = http::HeaderValue::from_str(request_id) {
+            request.headers_mut().insert("x-request-id", id);
         }
-        let response = request.send().await.map_err(|e| self.classify(path, &e))?;
+        let response = self
+            .client
+            .request(request)
+            .await
+            .map_err(|e| self.classify(path, &e))?;
         let status = response.status().as_u16();
         let content_type = response
             .headers()
@@ -81,7 +112,8 @@ impl HttpBackend {
             .unwrap_or("application/json")
             .to_string();
         let body = response
-            .bytes_stream()
+            .into_body()
+            .into_data_stream()
             .map(|chunk| chunk.map_err(|e| format!("backend stream broke: {e}")));
         Ok(InferenceResponse {
             status,
@@ -92,22 +124,49 @@ impl HttpBackend {
 
     /// Fetches and decodes a JSON document (inventory endpoints).
     pub async fn get_json<T: DeserializeOwned>(&self, path: &str) -> Result<T, ServeError> {
-        let mut request = self
-            .client
-            .get(self.url(path))
-            .timeout(self.inventory_timeout);
-        if let Some(key) = &self.api_key {
-            request = request.header(AUTHORIZATION, format!("Bearer {key}"));
-        }
-        let response = request.send().await.map_err(|e| self.classify(path, &e))?;
-        let status = response.status();
-        if !status.is_success() {
-            return Err(ServeError::BackendUnavailable(format!(
-                "{} answered {status}",
-                self.url(path)
-            )));
-        }
-        response.json::<T>().await.map_err(|e| {
+        let mut request = self.request(Method::GET, path, Bytes::new())?;
+        request
+            .headers_mut()
+            .insert(ACCEPT, http::HeaderValue::from_static("application/json"));
+        let fetch = async {
+            let response = self
+                .client
+                .request(request)
+                .await
+                .map_err(|e| self.classify(path, &e))?;
+            let status = response.status();
+            if !status.is_success() {
+                return Err(ServeError::BackendUnavailable(format!(
+                    "{} answered {status}",
+                    self.url(path)
+                )));
+            }
+            let mut body = response.into_body().into_data_stream();
+            let mut buffer = BytesMut::new();
+            while let Some(chunk) = body.next().await {
+                let chunk = chunk.map_err(|e| {
+                    ServeError::BackendUnreachable(format!("{}: {e}", self.url(path)))
+                })?;
+                if buffer.len() + chunk.len() > MAX_INVENTORY_BYTES {
+                    return Err(ServeError::BackendUnavailable(format!(
+                        "{} sent an oversized body",
+                        self.url(path)
+                    )));
+                }
+                buffer.extend_from_slice(&chunk);
+            }
+            Ok(buffer.freeze())
+        };
+        let bytes = tokio::time::timeout(self.inventory_timeout, fetch)
+            .await
+            .map_err(|_| {
+                ServeError::Timeout(format!(
+                    "{} did not answer within {:?}",
+                    self.url(path),
+                    self.inventory_timeout
+                ))
+            })??;
+        serde_json::from_slice(&bytes).map_err(|e| {
             ServeError::BackendUnavailable(format!(
                 "{} sent an unexpected body: {e}",
                 self.url(path)
