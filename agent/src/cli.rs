@@ -29,6 +29,10 @@ pub enum Command {
     SimBackend(SimBackendArgs),
     /// Start a local setup on simulated backends; no GPU or Ollama needed.
     Demo(DemoArgs),
+    /// Create this node's cluster secret (if missing) and print the join token.
+    Init(InitArgs),
+    /// Show the mesh as a node sees it: nodes, liveness, models, load.
+    Status(StatusArgs),
 }
 
 const AGENT_AFTER_HELP: &str = "\
@@ -85,6 +89,27 @@ pub struct AgentArgs {
     /// Largest non-streaming backend response relayed, in bytes [default: 67108864].
     #[arg(long)]
     pub max_response_bytes: Option<usize>,
+    /// Directory for the node key and cluster secret [default: ~/.local/share/llmesh].
+    #[arg(long)]
+    pub data_dir: Option<PathBuf>,
+    /// Join the cluster of this token (from `llmesh init`).
+    #[arg(long, value_name = "TOKEN")]
+    pub join: Option<String>,
+    /// A peer to contact first: IP:PORT of its libp2p port, or a multiaddr. Repeatable.
+    #[arg(long, value_name = "ADDR")]
+    pub bootstrap: Vec<String>,
+    /// libp2p listen multiaddr [default: /ip4/0.0.0.0/tcp/<HTTP port + 1>].
+    #[arg(long, value_name = "MULTIADDR")]
+    pub mesh_listen: Option<String>,
+    /// Do not discover peers on the LAN by mDNS.
+    #[arg(long)]
+    pub no_mdns: bool,
+    /// Run as a standalone gateway without joining a mesh.
+    #[arg(long)]
+    pub no_mesh: bool,
+    /// Silence after which a peer is dead, e.g. 10s [default: 10s].
+    #[arg(long, value_parser = humantime::parse_duration)]
+    pub dead_after: Option<Duration>,
     /// Models of the in-process simulated backend (with --backend-kind sim).
     #[arg(long, value_delimiter = ',', value_name = "SPEC")]
     pub sim_models: Option<Vec<String>>,
@@ -130,12 +155,7 @@ impl AgentArgs {
             set(&mut map, "backend", "connect_timeout", duration(timeout));
         }
         if let Some(interval) = self.inventory_interval {
-            set(
-                &mut map,
-                "backend",
-                "inventory_interval",
-                duration(interval),
-            );
+            set(&mut map, "backend", "inventory_interval", duration(interval));
         }
         if let Some(url) = &self.backend {
             set(&mut map, "backend", "url", json!(url));
@@ -151,6 +171,27 @@ impl AgentArgs {
         }
         if let Some(name) = &self.name {
             set(&mut map, "node", "name", json!(name));
+        }
+        if let Some(dir) = &self.data_dir {
+            set(&mut map, "mesh", "data_dir", json!(dir));
+        }
+        if let Some(token) = &self.join {
+            set(&mut map, "mesh", "join", json!(token));
+        }
+        if !self.bootstrap.is_empty() {
+            set(&mut map, "mesh", "bootstrap", json!(self.bootstrap));
+        }
+        if let Some(listen) = &self.mesh_listen {
+            set(&mut map, "mesh", "listen", json!(listen));
+        }
+        if self.no_mdns {
+            set(&mut map, "mesh", "mdns", json!(false));
+        }
+        if self.no_mesh {
+            set(&mut map, "mesh", "enabled", json!(false));
+        }
+        if let Some(after) = self.dead_after {
+            set(&mut map, "mesh", "dead_after", duration(after));
         }
         if let Some(models) = &self.sim_models {
             set(&mut map, "sim", "models", json!(models));
@@ -187,6 +228,29 @@ pub struct DemoArgs {
     pub port_base: Option<u16>,
 }
 
+/// Flags of `llmesh init`.
+#[derive(Debug, Clone, Args)]
+pub struct InitArgs {
+    /// Data directory of this node [default: ~/.local/share/llmesh].
+    #[arg(long)]
+    pub data_dir: Option<PathBuf>,
+    /// Address (IP:PORT or multiaddr) of this node's libp2p port to put in
+    /// the token, so joining nodes know where to start. Repeatable.
+    #[arg(long, value_name = "ADDR")]
+    pub bootstrap: Vec<String>,
+}
+
+/// Flags of `llmesh status`.
+#[derive(Debug, Clone, Args)]
+pub struct StatusArgs {
+    /// Any node's HTTP API.
+    #[arg(long, default_value = "http://127.0.0.1:11440")]
+    pub node: String,
+    /// Print JSON instead of a table.
+    #[arg(long)]
+    pub json: bool,
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -199,20 +263,8 @@ mod tests {
 
     #[test]
     fn only_passed_flags_override() {
-        let cli = Cli::parse_from([
-            "llmesh",
-            "agent",
-            "--backend",
-            "http://h:1",
-            "--idle-timeout",
-            "3s",
-        ]);
-        let Command::Agent(args) = cli.command else {
-            panic!("agent subcommand")
-        };
-        assert_eq!(
-            args.overrides(),
-            json!({ "backend": { "url": "http://h:1", "idle_timeout": "3s" } })
-        );
+        let cli = Cli::parse_from(["llmesh", "agent", "--backend", "http://h:1", "--idle-timeout", "3s"]);
+        let Command::Agent(args) = cli.command else { panic!("agent subcommand") };
+        assert_eq!(args.overrides(), json!({ "backend": { "url": "http://h:1", "idle_timeout": "3s" } }));
     }
 }

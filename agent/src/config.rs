@@ -2,7 +2,7 @@
 //! environment < command-line flags. Each part of the agent owns a section.
 
 use std::net::SocketAddr;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use figment::Figment;
@@ -19,7 +19,7 @@ pub const DEFAULT_PORT_BASE: u16 = 11440;
 pub const DEFAULT_BACKEND_URL: &str = "http://127.0.0.1:11434";
 
 /// Config sections that `LLMESH_<SECTION>__<KEY>` environment variables may set.
-const ENV_SECTIONS: &[&str] = &["node", "api", "backend", "sim", "log", "port_base"];
+const ENV_SECTIONS: &[&str] = &["node", "api", "backend", "mesh", "sim", "log", "port_base"];
 
 /// What serves requests on this node.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
@@ -58,6 +58,8 @@ pub struct Config {
     pub api: ApiConfig,
     /// The inference backend beside this agent.
     pub backend: BackendConfig,
+    /// Membership in the mesh.
+    pub mesh: MeshConfig,
     /// The simulated backend, used when `backend.kind = "sim"`.
     pub sim: SimConfig,
     /// Logging.
@@ -113,6 +115,98 @@ pub struct BackendConfig {
     pub inventory_interval: Duration,
 }
 
+/// Membership in the mesh: identity, cluster secret, discovery, liveness.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct MeshConfig {
+    /// Whether this node joins a mesh at all (off: a standalone gateway).
+    pub enabled: bool,
+    /// Where the node key and cluster secret live. Default:
+    /// `$XDG_DATA_HOME/llmesh`, else `~/.local/share/llmesh`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub data_dir: Option<PathBuf>,
+    /// libp2p listen address (multiaddr). Default: all interfaces, on the
+    /// HTTP port + 1 (an OS-chosen port when HTTP's is 0).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub listen: Option<String>,
+    /// Peers to contact first: multiaddrs or `IP:PORT` of their libp2p port.
+    pub bootstrap: Vec<String>,
+    /// Join token from `llmesh init` (holds the cluster secret).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub join: Option<String>,
+    /// Discover peers on the LAN by mDNS.
+    pub mdns: bool,
+    /// How often this node publishes its state.
+    #[serde(with = "humantime_serde")]
+    pub heartbeat: Duration,
+    /// Silence after which a peer is suspect.
+    #[serde(with = "humantime_serde")]
+    pub suspect_after: Duration,
+    /// Silence after which a peer is dead and out of routing.
+    #[serde(with = "humantime_serde")]
+    pub dead_after: Duration,
+}
+
+impl Default for MeshConfig {
+    fn default() -> Self {
+        MeshConfig {
+            enabled: true,
+            data_dir: None,
+            listen: None,
+            bootstrap: Vec::new(),
+            join: None,
+            mdns: true,
+            heartbeat: Duration::from_secs(1),
+            suspect_after: Duration::from_secs(3),
+            dead_after: Duration::from_secs(10),
+        }
+    }
+}
+
+impl MeshConfig {
+    /// The data directory, resolved.
+    pub fn data_dir(&self) -> PathBuf {
+        if let Some(dir) = &self.data_dir {
+            return dir.clone();
+        }
+        let base = std::env::var_os("XDG_DATA_HOME")
+            .map(PathBuf::from)
+            .or_else(|| std::env::var_os("HOME").map(|home| PathBuf::from(home).join(".local").join("share")));
+        base.unwrap_or_else(|| PathBuf::from(".")).join("llmesh")
+    }
+
+    /// The libp2p listen address for an HTTP API on `http_port`.
+    pub fn listen_addr(&self, http_port: u16) -> Result<llmesh_mesh::Multiaddr, ConfigError> {
+        match &self.listen {
+            Some(text) => parse_peer_addr(text),
+            None => {
+                let port = if http_port == 0 { 0 } else { http_port.saturating_add(1) };
+                parse_peer_addr(&format!("/ip4/0.0.0.0/tcp/{port}"))
+            }
+        }
+    }
+
+    /// The bootstrap addresses, parsed.
+    pub fn bootstrap_addrs(&self) -> Result<Vec<llmesh_mesh::Multiaddr>, ConfigError> {
+        self.bootstrap.iter().map(|a| parse_peer_addr(a)).collect()
+    }
+}
+
+/// A peer address: a multiaddr, or `IP:PORT` meaning TCP.
+pub fn parse_peer_addr(text: &str) -> Result<llmesh_mesh::Multiaddr, ConfigError> {
+    let text = text.trim();
+    if text.starts_with('/') {
+        return text.parse().map_err(|e| ConfigError::Inconsistent(format!("'{text}' is not a multiaddr: {e}")));
+    }
+    let addr: SocketAddr =
+        text.parse().map_err(|_| ConfigError::Inconsistent(format!("'{text}' is neither a multiaddr nor IP:PORT")))?;
+    let ip = match addr.ip() {
+        std::net::IpAddr::V4(ip) => format!("/ip4/{ip}"),
+        std::net::IpAddr::V6(ip) => format!("/ip6/{ip}"),
+    };
+    format!("{ip}/tcp/{}", addr.port()).parse().map_err(|e| ConfigError::Inconsistent(format!("'{text}': {e}")))
+}
+
 /// Log output.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -138,11 +232,7 @@ impl Default for NodeConfig {
         let name = std::env::var("HOSTNAME")
             .ok()
             .filter(|h| !h.is_empty())
-            .or_else(|| {
-                std::fs::read_to_string("/etc/hostname")
-                    .ok()
-                    .map(|h| h.trim().to_string())
-            })
+            .or_else(|| std::fs::read_to_string("/etc/hostname").ok().map(|h| h.trim().to_string()))
             .filter(|h| !h.is_empty())
             .unwrap_or_else(|| "llmesh-node".to_string());
         NodeConfig { name }
@@ -176,10 +266,7 @@ impl Default for BackendConfig {
 
 impl Default for LogConfig {
     fn default() -> Self {
-        LogConfig {
-            format: LogFormat::Text,
-            filter: "info".to_string(),
-        }
+        LogConfig { format: LogFormat::Text, filter: "info".to_string() }
     }
 }
 
@@ -232,9 +319,9 @@ impl Config {
         }
         if self.backend.kind != BackendKind::Sim {
             let url = &self.backend.url;
-            let parsed = url.parse::<http::Uri>().map_err(|e| {
-                ConfigError::Inconsistent(format!("backend.url '{url}' is not a URL: {e}"))
-            })?;
+            let parsed = url
+                .parse::<http::Uri>()
+                .map_err(|e| ConfigError::Inconsistent(format!("backend.url '{url}' is not a URL: {e}")))?;
             if parsed.scheme_str() != Some("http") || parsed.host().is_none() {
                 return Err(ConfigError::Inconsistent(format!(
                     "backend.url '{url}' must be an http:// URL with a host (the backend runs beside the agent)"
@@ -242,13 +329,9 @@ impl Config {
             }
         }
         if self.node.name.trim().is_empty() {
-            return Err(ConfigError::Inconsistent(
-                "node.name must not be empty".into(),
-            ));
+            return Err(ConfigError::Inconsistent("node.name must not be empty".into()));
         }
-        self.sim
-            .parsed_models()
-            .map_err(ConfigError::Inconsistent)?;
+        self.sim.parsed_models().map_err(ConfigError::Inconsistent)?;
         Ok(())
     }
 
@@ -257,6 +340,9 @@ impl Config {
         let mut shown = self.clone();
         if shown.backend.api_key.is_some() {
             shown.backend.api_key = Some("<set>".into());
+        }
+        if shown.mesh.join.is_some() {
+            shown.mesh.join = Some("<set>".into());
         }
         toml::to_string_pretty(&shown).unwrap_or_else(|e| format!("# cannot render config: {e}\n"))
     }
@@ -284,11 +370,7 @@ mod tests {
             "[backend]\nkind = \"openai\"\nurl = \"http://10.0.0.5:8080\"\nresponse_timeout = \"5s\"\n[api]\nlisten = \"0.0.0.0:9000\"\n",
         )
         .expect("write");
-        let config = Config::load(
-            Some(&path),
-            json!({ "backend": { "url": "http://127.0.0.1:1" } }),
-        )
-        .expect("loads");
+        let config = Config::load(Some(&path), json!({ "backend": { "url": "http://127.0.0.1:1" } })).expect("loads");
         assert_eq!(config.backend.kind, BackendKind::Openai);
         assert_eq!(config.backend.url, "http://127.0.0.1:1");
         assert_eq!(config.backend.response_timeout, Duration::from_secs(5));
@@ -316,15 +398,20 @@ mod tests {
     }
 
     #[test]
+    fn peer_addresses_accept_ip_port_and_multiaddrs() {
+        assert_eq!(parse_peer_addr("10.0.0.5:11441").expect("ok").to_string(), "/ip4/10.0.0.5/tcp/11441");
+        assert_eq!(parse_peer_addr("[::1]:7").expect("ok").to_string(), "/ip6/::1/tcp/7");
+        assert!(parse_peer_addr("/ip4/1.2.3.4/tcp/5").is_ok());
+        assert!(parse_peer_addr("example.com:80").is_err());
+        let mesh = MeshConfig::default();
+        assert_eq!(mesh.listen_addr(11440).expect("ok").to_string(), "/ip4/0.0.0.0/tcp/11441");
+        assert_eq!(mesh.listen_addr(0).expect("ok").to_string(), "/ip4/0.0.0.0/tcp/0");
+    }
+
+    #[test]
     fn example_config_in_the_repo_loads() {
         let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../llmesh.example.toml");
         let config = Config::load(Some(&path), json!({})).expect("example config is valid");
-        assert_eq!(
-            config,
-            Config {
-                node: config.node.clone(),
-                ..Config::default()
-            }
-        );
+        assert_eq!(config, Config { node: config.node.clone(), ..Config::default() });
     }
 }

@@ -15,11 +15,7 @@ pub fn config(args: &DemoArgs) -> Config {
     config.backend.kind = BackendKind::Sim;
     config.backend.inventory_interval = Duration::from_secs(1);
     config.sim = SimConfig {
-        models: vec![
-            "qwen2.5:7b".into(),
-            "llama3.2:3b".into(),
-            "nomic-embed-text".into(),
-        ],
+        models: vec!["qwen2.5:7b".into(), "llama3.2:3b".into(), "nomic-embed-text".into()],
         preload: Some(vec!["qwen2.5:7b".into(), "nomic-embed-text".into()]),
         slots: 2,
         max_loaded: 2,
@@ -30,6 +26,11 @@ pub fn config(args: &DemoArgs) -> Config {
         ..SimConfig::default()
     };
     config.api.drain_timeout = Duration::from_secs(5);
+    // A throwaway identity, and no LAN discovery: the demo must not join
+    // (or be joined by) anything else on the network.
+    config.mesh.data_dir = Some(std::env::temp_dir().join(format!("llmesh-demo-{}", std::process::id())));
+    config.mesh.mdns = false;
+    config.mesh.listen = Some("/ip4/127.0.0.1/tcp/0".into());
     if let Some(base) = args.port_base {
         config.api.listen.set_port(base);
     }

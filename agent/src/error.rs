@@ -33,12 +33,7 @@ pub struct ApiError {
 impl ApiError {
     /// An error with an explicit status and code.
     pub fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> ApiError {
-        ApiError {
-            status,
-            message: message.into(),
-            code,
-            format: ErrorFormat::OpenAi,
-        }
+        ApiError { status, message: message.into(), code, format: ErrorFormat::OpenAi }
     }
 
     /// 400 for a request that cannot be understood.
@@ -57,11 +52,7 @@ impl ApiError {
 
     /// 404 for a path this server does not have.
     pub fn no_route(method: &str, path: &str) -> ApiError {
-        ApiError::new(
-            StatusCode::NOT_FOUND,
-            "unknown_route",
-            format!("no route for {method} {path}"),
-        )
+        ApiError::new(StatusCode::NOT_FOUND, "unknown_route", format!("no route for {method} {path}"))
     }
 
     /// Renders in `format`.
@@ -84,8 +75,7 @@ impl ApiError {
 
 impl From<ServeError> for ApiError {
     fn from(err: ServeError) -> ApiError {
-        let status =
-            StatusCode::from_u16(err.status()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+        let status = StatusCode::from_u16(err.status()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
         ApiError::new(status, err.code(), err.to_string())
     }
 }
@@ -101,9 +91,7 @@ impl IntoResponse for ApiError {
         let mut response = (self.status, Json(body)).into_response();
         if self.status == StatusCode::SERVICE_UNAVAILABLE {
             // Backends usually come back within seconds (restart, model load).
-            response
-                .headers_mut()
-                .insert("retry-after", HeaderValue::from_static("5"));
+            response.headers_mut().insert("retry-after", HeaderValue::from_static("5"));
         }
         response
     }
@@ -117,12 +105,7 @@ mod tests {
     async fn body_of(err: ApiError) -> (StatusCode, serde_json::Value) {
         let response = err.into_response();
         let status = response.status();
-        let bytes = response
-            .into_body()
-            .collect()
-            .await
-            .expect("body")
-            .to_bytes();
+        let bytes = response.into_body().collect().await.expect("body").to_bytes();
         (status, serde_json::from_slice(&bytes).expect("json"))
     }
 
@@ -132,17 +115,12 @@ mod tests {
         assert_eq!(status, StatusCode::NOT_FOUND);
         assert_eq!(body["error"]["code"], "model_not_found");
         assert_eq!(body["error"]["type"], "invalid_request_error");
-        assert!(
-            body["error"]["message"]
-                .as_str()
-                .is_some_and(|m| m.contains("'m'"))
-        );
+        assert!(body["error"]["message"].as_str().is_some_and(|m| m.contains("'m'")));
     }
 
     #[tokio::test]
     async fn ollama_shape() {
-        let err =
-            ApiError::from(ServeError::Timeout("slow".into())).with_format(ErrorFormat::Ollama);
+        let err = ApiError::from(ServeError::Timeout("slow".into())).with_format(ErrorFormat::Ollama);
         let (status, body) = body_of(err).await;
         assert_eq!(status, StatusCode::GATEWAY_TIMEOUT);
         assert!(body["error"].as_str().is_some_and(|m| m.contains("slow")));

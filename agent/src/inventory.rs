@@ -48,20 +48,14 @@ impl InventoryHandle {
 
     /// The latest snapshot (cheap: an `Arc` clone).
     pub fn current(&self) -> Arc<Snapshot> {
-        self.snapshot
-            .read()
-            .unwrap_or_else(PoisonError::into_inner)
-            .clone()
+        self.snapshot.read().unwrap_or_else(PoisonError::into_inner).clone()
     }
 
     /// Polls the backend now, unless another caller just did.
     pub async fn refresh(&self) -> Arc<Snapshot> {
         let _one_at_a_time = self.refreshing.lock().await;
         let previous = self.current();
-        if previous
-            .polled_at
-            .is_some_and(|t| t.elapsed() < MIN_REFRESH_INTERVAL)
-        {
+        if previous.polled_at.is_some_and(|t| t.elapsed() < MIN_REFRESH_INTERVAL) {
             return previous;
         }
         self.poll_once(&previous).await
@@ -96,10 +90,7 @@ impl InventoryHandle {
             }
         };
         let next = Arc::new(next);
-        *self
-            .snapshot
-            .write()
-            .unwrap_or_else(PoisonError::into_inner) = next.clone();
+        *self.snapshot.write().unwrap_or_else(PoisonError::into_inner) = next.clone();
         next
     }
 

@@ -7,11 +7,15 @@
 pub mod api;
 pub mod backend;
 pub mod cli;
+pub mod commands;
 pub mod config;
 pub mod demo;
 pub mod error;
+pub mod gpu;
 pub mod inventory;
+pub mod load;
 pub mod local;
+pub mod node_state;
 pub mod serve;
 pub mod sim;
 pub mod telemetry;

@@ -5,15 +5,18 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use futures::StreamExt;
 use llmesh_mesh::{InferenceRequest, InferenceResponse, RequestHandler, ServeError};
 
 use crate::backend::Backend;
 use crate::inventory::InventoryHandle;
+use crate::load::LoadTracker;
 
 /// Runs requests on the local backend.
 pub struct LocalNode {
     backend: Arc<dyn Backend>,
     inventory: InventoryHandle,
+    load: Arc<LoadTracker>,
     response_timeout: Duration,
 }
 
@@ -22,18 +25,20 @@ impl LocalNode {
     pub fn new(
         backend: Arc<dyn Backend>,
         inventory: InventoryHandle,
+        load: Arc<LoadTracker>,
         response_timeout: Duration,
     ) -> LocalNode {
-        LocalNode {
-            backend,
-            inventory,
-            response_timeout,
-        }
+        LocalNode { backend, inventory, load, response_timeout }
     }
 
     /// The inventory this node serves from.
     pub fn inventory(&self) -> &InventoryHandle {
         &self.inventory
+    }
+
+    /// This node's traffic counters.
+    pub fn load(&self) -> &Arc<LoadTracker> {
+        &self.load
     }
 
     /// Checks that the model exists, refreshing the inventory once before
@@ -48,10 +53,7 @@ impl LocalNode {
             return Ok(());
         }
         if !snapshot.healthy {
-            let reason = snapshot
-                .last_error
-                .clone()
-                .unwrap_or_else(|| "not polled yet".into());
+            let reason = snapshot.last_error.clone().unwrap_or_else(|| "not polled yet".into());
             return Err(ServeError::BackendUnavailable(format!(
                 "the {} backend cannot be reached, so model '{model}' cannot be checked ({reason})",
                 self.backend.kind().as_str()
@@ -67,17 +69,25 @@ impl RequestHandler for LocalNode {
         self.check_model(&req.model).await?;
         let budget = req
             .deadline
-            .map(|d| {
-                d.saturating_duration_since(Instant::now())
-                    .min(self.response_timeout)
-            })
+            .map(|d| d.saturating_duration_since(Instant::now()).min(self.response_timeout))
             .unwrap_or(self.response_timeout);
-        match tokio::time::timeout(budget, self.backend.serve(&req)).await {
-            Ok(result) => result,
-            Err(_) => Err(ServeError::Timeout(format!(
-                "the {} backend sent no response within {budget:?}",
-                self.backend.kind().as_str()
-            ))),
-        }
+        let in_flight = self.load.start(&req.model);
+        let started = Instant::now();
+        let mut response = match tokio::time::timeout(budget, self.backend.serve(&req)).await {
+            Ok(result) => result?,
+            Err(_) => {
+                return Err(ServeError::Timeout(format!(
+                    "the {} backend sent no response within {budget:?}",
+                    self.backend.kind().as_str()
+                )));
+            }
+        };
+        self.load.record_ttft(&req.model, started.elapsed());
+        // The request counts as in flight until its body is finished or dropped.
+        response.body = Box::pin(response.body.map(move |chunk| {
+            let _held = &in_flight;
+            chunk
+        }));
+        Ok(response)
     }
 }

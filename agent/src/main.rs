@@ -6,15 +6,12 @@ use std::process::ExitCode;
 use clap::Parser;
 use llmesh::cli::{Cli, Command};
 use llmesh::config::{Config, LogConfig};
-use llmesh::{demo, serve, telemetry};
+use llmesh::{commands, demo, serve, telemetry};
 use tokio_util::sync::CancellationToken;
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(runtime) => runtime,
         Err(err) => {
             eprintln!("llmesh: cannot start the async runtime: {err}");
@@ -54,30 +51,29 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             }
             telemetry::init(&config.log);
             tokio::spawn(cancel_on_signal(shutdown.clone()));
-            serve::run_agent(config, shutdown, |addr| {
-                print_now(&format!("llmesh agent listening on http://{addr}"))
+            serve::run_agent(config, shutdown, |ready| {
+                if let Some(p2p) = ready.p2p.first() {
+                    print_now(&format!("llmesh mesh listening on {p2p}"));
+                }
+                print_now(&format!("llmesh agent listening on http://{}", ready.http));
             })
             .await?;
         }
         Command::SimBackend(args) => {
-            telemetry::init(&LogConfig {
-                format: args.log_format,
-                ..LogConfig::default()
-            });
+            telemetry::init(&LogConfig { format: args.log_format, ..LogConfig::default() });
             tokio::spawn(cancel_on_signal(shutdown.clone()));
             serve::run_sim(args.listen, args.sim, shutdown, |addr| {
                 print_now(&format!("llmesh sim-backend listening on http://{addr}"));
             })
             .await?;
         }
+        Command::Init(args) => return Ok(commands::init(&args)),
+        Command::Status(args) => return Ok(commands::status(&args).await),
         Command::Demo(args) => {
             let config = demo::config(&args);
-            telemetry::init(&LogConfig {
-                filter: "warn".into(),
-                ..config.log.clone()
-            });
+            telemetry::init(&LogConfig { filter: "warn".into(), ..config.log.clone() });
             tokio::spawn(cancel_on_signal(shutdown.clone()));
-            serve::run_agent(config, shutdown, |addr| print_now(&demo::banner(addr))).await?;
+            serve::run_agent(config, shutdown, |ready| print_now(&demo::banner(ready.http))).await?;
         }
     }
     Ok(ExitCode::SUCCESS)

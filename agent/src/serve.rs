@@ -9,11 +9,16 @@ use axum::serve::ListenerExt;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
+use llmesh_mesh::{ClusterSecret, JoinToken, LivenessConfig, Membership, MembershipConfig, Multiaddr};
+
 use crate::api::{AppState, router};
 use crate::backend;
-use crate::config::Config;
+use crate::config::{BackendKind, Config};
+use crate::gpu::GpuProbe;
 use crate::inventory::InventoryHandle;
+use crate::load::LoadTracker;
 use crate::local::LocalNode;
+use crate::node_state::NodeStateBuilder;
 use crate::sim::{SimConfig, SimEngine};
 
 /// Why the agent could not run.
@@ -32,9 +37,74 @@ pub enum RunError {
     /// The backend could not be set up.
     #[error("backend setup failed: {0}")]
     Backend(String),
+    /// The mesh could not be joined.
+    #[error("mesh: {0}")]
+    Mesh(String),
     /// The server failed while running.
     #[error("server error: {0}")]
     Serve(#[from] std::io::Error),
+}
+
+/// What a started agent tells its caller.
+#[derive(Debug, Clone)]
+pub struct Ready {
+    /// Bound HTTP address.
+    pub http: SocketAddr,
+    /// This node's id in the mesh (empty without one).
+    pub node_id: String,
+    /// libp2p addresses peers can bootstrap from.
+    pub p2p: Vec<Multiaddr>,
+}
+
+/// Loads or creates the identity and secret, then starts membership.
+async fn start_mesh(config: &Config, http_port: u16, shutdown: &CancellationToken) -> Result<Membership, RunError> {
+    let mesh = &config.mesh;
+    let data_dir = mesh.data_dir();
+    let mut bootstrap = mesh.bootstrap_addrs().map_err(|e| RunError::Mesh(e.to_string()))?;
+    let secret = match &mesh.join {
+        Some(token) => {
+            let token = JoinToken::decode(token).map_err(|e| RunError::Mesh(e.to_string()))?;
+            token.secret.store(&data_dir).map_err(|e| RunError::Mesh(e.to_string()))?;
+            bootstrap.extend(token.bootstrap);
+            token.secret
+        }
+        None => {
+            let (secret, created) =
+                ClusterSecret::load_or_create(&data_dir).map_err(|e| RunError::Mesh(e.to_string()))?;
+            if created {
+                tracing::info!(
+                    dir = %data_dir.display(),
+                    "created a new cluster; run `llmesh init --data-dir {}` to print its join token",
+                    data_dir.display()
+                );
+            }
+            secret
+        }
+    };
+    let (keypair, created) =
+        llmesh_mesh::identity::load_or_create(&data_dir).map_err(|e| RunError::Mesh(e.to_string()))?;
+    if created {
+        tracing::info!(node_id = %keypair.public().to_peer_id(), "created a node identity");
+    }
+    let listen = mesh.listen_addr(http_port).map_err(|e| RunError::Mesh(e.to_string()))?;
+    tracing::info!(cluster = %secret.fingerprint(), %listen, "joining the mesh");
+    let membership_config = MembershipConfig {
+        keypair,
+        secret,
+        listen: vec![listen],
+        bootstrap,
+        mdns: mesh.mdns,
+        heartbeat: mesh.heartbeat,
+        liveness: LivenessConfig {
+            suspect_after: mesh.suspect_after,
+            dead_after: mesh.dead_after,
+            ..LivenessConfig::default()
+        },
+    };
+    let (membership, _task) = llmesh_mesh::membership::start(membership_config, shutdown.clone())
+        .await
+        .map_err(|e| RunError::Mesh(e.to_string()))?;
+    Ok(membership)
 }
 
 async fn bind(addr: SocketAddr) -> Result<TcpListener, RunError> {
@@ -62,8 +132,7 @@ async fn serve_until(
             tracing::debug!(error = %err, "cannot set TCP_NODELAY");
         }
     });
-    let server =
-        axum::serve(listener, app).with_graceful_shutdown(shutdown.clone().cancelled_owned());
+    let server = axum::serve(listener, app).with_graceful_shutdown(shutdown.clone().cancelled_owned());
     let deadline = async {
         shutdown.cancelled().await;
         tokio::time::sleep(drain).await;
@@ -77,48 +146,55 @@ async fn serve_until(
     }
 }
 
-/// Runs the agent until `shutdown` fires. `on_ready` receives the bound
-/// HTTP address once requests can be accepted.
+/// Runs the agent until `shutdown` fires. `on_ready` learns the bound
+/// addresses once requests can be accepted.
 pub async fn run_agent(
     config: Config,
     shutdown: CancellationToken,
-    on_ready: impl FnOnce(SocketAddr),
+    on_ready: impl FnOnce(&Ready),
 ) -> Result<(), RunError> {
-    let backend = backend::build(&config.backend, &config.sim)
-        .map_err(|e| RunError::Backend(e.to_string()))?;
+    let backend = backend::build(&config.backend, &config.sim).map_err(|e| RunError::Backend(e.to_string()))?;
     let inventory = InventoryHandle::new(backend.clone());
     let first = inventory.refresh().await;
     if first.healthy {
         tracing::info!(kind = config.backend.kind.as_str(), url = %config.backend.url, models = first.inventory.models.len(), "backend ready");
     }
-    let poller = tokio::spawn(
-        inventory
-            .clone()
-            .poll(config.backend.inventory_interval, shutdown.clone()),
-    );
-    let local = Arc::new(LocalNode::new(
-        backend,
+    let poller = tokio::spawn(inventory.clone().poll(config.backend.inventory_interval, shutdown.clone()));
+    let load = Arc::new(LoadTracker::default());
+    let local = Arc::new(LocalNode::new(backend, inventory.clone(), load.clone(), config.backend.response_timeout));
+    let listener = bind(config.api.listen).await?;
+    let addr = listener.local_addr()?;
+    let mesh = if config.mesh.enabled { Some(start_mesh(&config, addr.port(), &shutdown).await?) } else { None };
+    let node = Arc::new(NodeStateBuilder {
+        node_id: mesh.as_ref().map(|m| m.local_id().to_string()).unwrap_or_default(),
+        name: config.node.name.clone(),
+        api_addr: format!("http://{addr}"),
+        backend_kind: config.backend.kind,
+        parallel_slots: if config.backend.kind == BackendKind::Sim { config.sim.slots } else { 0 },
         inventory,
-        config.backend.response_timeout,
-    ));
+        load,
+        gpu: GpuProbe::new(),
+    });
+    if let Some(membership) = &mesh {
+        tokio::spawn(node.clone().publish(membership.clone(), config.mesh.heartbeat, shutdown.clone()));
+    }
     let state = Arc::new(AppState {
         node_name: config.node.name.clone(),
         local,
+        node: node.clone(),
+        mesh: mesh.clone(),
         idle_timeout: config.backend.idle_timeout,
         max_response_bytes: config.api.max_response_bytes,
         max_body_bytes: config.api.max_body_bytes,
     });
-    let listener = bind(config.api.listen).await?;
-    let addr = listener.local_addr()?;
-    tracing::info!(%addr, node = %config.node.name, "llmesh agent listening");
-    on_ready(addr);
-    let result = serve_until(
-        listener,
-        router(state),
-        shutdown.clone(),
-        config.api.drain_timeout,
-    )
-    .await;
+    let ready = Ready {
+        http: addr,
+        node_id: node.node_id.clone(),
+        p2p: mesh.as_ref().map(|m| m.view().listen_addrs.clone()).unwrap_or_default(),
+    };
+    tracing::info!(%addr, node = %config.node.name, node_id = %ready.node_id, "llmesh agent listening");
+    on_ready(&ready);
+    let result = serve_until(listener, router(state), shutdown.clone(), config.api.drain_timeout).await;
     shutdown.cancel();
     if let Err(err) = poller.await {
         tracing::warn!(error = %err, "inventory poller ended abnormally");
@@ -139,11 +215,5 @@ pub async fn run_sim(
     let addr = listener.local_addr()?;
     tracing::info!(%addr, models = engine.models().len(), "simulated backend listening");
     on_ready(addr);
-    serve_until(
-        listener,
-        crate::sim::router(engine),
-        shutdown,
-        Duration::from_secs(5),
-    )
-    .await
+    serve_until(listener, crate::sim::router(engine), shutdown, Duration::from_secs(5)).await
 }

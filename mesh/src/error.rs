@@ -57,12 +57,7 @@ impl ServeError {
     /// Whether another target could succeed where this one failed: only
     /// failures of the target itself, never failures of the request.
     pub fn is_retryable(&self) -> bool {
-        matches!(
-            self,
-            ServeError::BackendUnreachable(_)
-                | ServeError::BackendUnavailable(_)
-                | ServeError::Timeout(_)
-        )
+        matches!(self, ServeError::BackendUnreachable(_) | ServeError::BackendUnavailable(_) | ServeError::Timeout(_))
     }
 }
 

@@ -4,12 +4,25 @@
 //! decides *what* a request is and runs it on a backend. The seam between the
 //! two is [`handler::RequestHandler`]: the data-plane server hands every
 //! accepted request to it, so this crate never depends on the agent.
+//!
+//! Membership ([`membership`]) is a libp2p private network keyed by the
+//! cluster secret ([`secret`]); each node keeps a stable identity
+//! ([`identity`]) and a sans-IO view of its peers ([`peers`]).
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
 pub mod error;
 pub mod handler;
+pub mod identity;
+pub mod membership;
+pub mod peers;
+pub mod secret;
+mod store;
 
 pub use error::ServeError;
 pub use handler::{BodyStream, InferenceRequest, InferenceResponse, RequestHandler};
-pub use llmesh_proto::ApiKind;
+pub use libp2p::{Multiaddr, PeerId};
+pub use llmesh_proto::{ApiKind, NodeState};
+pub use membership::{Membership, MembershipConfig, MeshView, PeerSnapshot};
+pub use peers::{Change, Liveness, LivenessConfig};
+pub use secret::{ClusterSecret, JoinToken};

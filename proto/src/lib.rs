@@ -19,10 +19,7 @@ impl ApiKind {
     /// Whether a streamed response of this API uses Server-Sent Events
     /// (OpenAI) rather than newline-delimited JSON (Ollama).
     pub fn streams_sse(self) -> bool {
-        matches!(
-            self,
-            ApiKind::OpenaiChat | ApiKind::OpenaiCompletions | ApiKind::OpenaiEmbeddings
-        )
+        matches!(self, ApiKind::OpenaiChat | ApiKind::OpenaiCompletions | ApiKind::OpenaiEmbeddings)
     }
 
     /// Whether this API is one of Ollama's native `/api/*` endpoints.

@@ -39,7 +39,7 @@ def start(*args):
 @pytest.fixture(scope="module")
 def agent_url():
     sim, sim_url = start("sim-backend", "--listen", "127.0.0.1:0", "--embedding-dim", "32")
-    agent, url = start("agent", "--listen", "127.0.0.1:0", "--backend", sim_url, "--name", "py-node")
+    agent, url = start("agent", "--listen", "127.0.0.1:0", "--backend", sim_url, "--name", "py-node", "--no-mesh")
     yield url
     for proc in (agent, sim):
         proc.terminate()
@@ -162,7 +162,7 @@ def openai_kind_url():
     """An agent with --backend-kind openai: the sim serves only as an
     OpenAI-compatible server, and the agent translates Ollama-native calls."""
     sim, sim_url = start("sim-backend", "--listen", "127.0.0.1:0")
-    agent, url = start("agent", "--listen", "127.0.0.1:0", "--backend", sim_url, "--backend-kind", "openai")
+    agent, url = start("agent", "--listen", "127.0.0.1:0", "--backend", sim_url, "--backend-kind", "openai", "--no-mesh")
     yield url
     for proc in (agent, sim):
         proc.terminate()

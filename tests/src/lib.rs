@@ -16,10 +16,7 @@ use tokio::process::{Child, ChildStdout, Command};
 /// How long to wait for conditions; `LLMESH_TEST_PATIENCE` (a factor)
 /// stretches it on slow machines.
 pub fn patience() -> Duration {
-    let factor = std::env::var("LLMESH_TEST_PATIENCE")
-        .ok()
-        .and_then(|f| f.parse::<f64>().ok())
-        .unwrap_or(1.0);
+    let factor = std::env::var("LLMESH_TEST_PATIENCE").ok().and_then(|f| f.parse::<f64>().ok()).unwrap_or(1.0);
     Duration::from_secs_f64(15.0 * factor.max(0.1))
 }
 
@@ -53,6 +50,8 @@ pub struct Proc {
     pub url: String,
     /// Everything the process printed on stdout before it was ready.
     pub banner: String,
+    /// The node's data directory, when the harness made one.
+    pub data_dir: Option<PathBuf>,
     child: Child,
     _stdout: BufReader<ChildStdout>,
     log: tempfile::NamedTempFile,
@@ -103,19 +102,20 @@ impl Proc {
                 }
                 _ => {
                     let logs = std::fs::read_to_string(log.path()).unwrap_or_default();
-                    panic!(
-                        "llmesh {args:?} did not become ready; stdout:\n{banner}\nstderr:\n{logs}"
-                    );
+                    panic!("llmesh {args:?} did not become ready; stdout:\n{banner}\nstderr:\n{logs}");
                 }
             }
         };
-        Proc {
-            url,
-            banner,
-            child,
-            _stdout: stdout,
-            log,
-        }
+        Proc { url, banner, data_dir: None, child, _stdout: stdout, log }
+    }
+
+    /// The libp2p address the agent printed (`llmesh mesh listening on …`).
+    pub fn p2p_addr(&self) -> String {
+        self.banner
+            .lines()
+            .find_map(|l| l.strip_prefix("llmesh mesh listening on "))
+            .map(|a| a.trim().to_string())
+            .unwrap_or_else(|| panic!("no mesh address in:\n{}", self.banner))
     }
 
     /// The process's log so far.
@@ -131,9 +131,7 @@ impl Proc {
     /// Sends SIGTERM and waits for exit, returning whether it exited 0.
     pub async fn terminate(&mut self) -> bool {
         if let Some(pid) = self.child.id() {
-            let _ = std::process::Command::new("kill")
-                .args(["-TERM", &pid.to_string()])
-                .status();
+            let _ = std::process::Command::new("kill").args(["-TERM", &pid.to_string()]).status();
         }
         matches!(tokio::time::timeout(patience(), self.child.wait()).await, Ok(Ok(status)) if status.success())
     }
@@ -154,19 +152,43 @@ pub async fn sim(args: &[&str]) -> Proc {
     Proc::start(&all).await
 }
 
-/// Starts an agent in front of `backend_url` (Ollama kind) with extra flags.
+/// A fresh data directory that outlives the processes using it (a node
+/// restarted on it keeps its identity); removed when the test binary exits
+/// is not needed: it lives under the system temp dir.
+pub fn data_dir() -> PathBuf {
+    tempfile::Builder::new().prefix("llmesh-test-").tempdir().expect("tempdir").keep()
+}
+
+/// Starts an agent in front of `backend_url` (Ollama kind) with extra flags,
+/// with its own data directory (so its own cluster secret unless `--join`
+/// says otherwise), no mDNS, and libp2p on a loopback port of the OS's choice.
 pub async fn agent(backend_url: &str, args: &[&str]) -> Proc {
+    let dir = data_dir();
+    agent_in(&dir, backend_url, args).await
+}
+
+/// Like [`agent`] with a given data directory (to restart a node as itself).
+pub async fn agent_in(dir: &std::path::Path, backend_url: &str, args: &[&str]) -> Proc {
+    let dir_text = dir.to_str().expect("utf-8 temp path").to_string();
     let mut all = vec![
         "agent",
         "--listen",
         "127.0.0.1:0",
         "--backend",
         backend_url,
-        "--name",
-        "test-node",
+        "--data-dir",
+        &dir_text,
+        "--no-mdns",
+        "--mesh-listen",
+        "/ip4/127.0.0.1/tcp/0",
     ];
+    if !args.contains(&"--name") {
+        all.extend_from_slice(&["--name", "test-node"]);
+    }
     all.extend_from_slice(args);
-    Proc::start(&all).await
+    let mut proc = Proc::start(&all).await;
+    proc.data_dir = Some(dir.to_path_buf());
+    proc
 }
 
 /// A sim and an agent in front of it.
@@ -178,23 +200,12 @@ pub async fn sim_and_agent(sim_args: &[&str], agent_args: &[&str]) -> (Proc, Pro
 
 /// A client with no proxy and a generous timeout.
 pub fn client() -> reqwest::Client {
-    reqwest::Client::builder()
-        .no_proxy()
-        .timeout(patience())
-        .build()
-        .expect("client")
+    reqwest::Client::builder().no_proxy().timeout(patience()).build().expect("client")
 }
 
 /// `GET url` as JSON.
 pub async fn get_json(url: &str) -> Value {
-    client()
-        .get(url)
-        .send()
-        .await
-        .expect("GET")
-        .json()
-        .await
-        .expect("JSON body")
+    client().get(url).send().await.expect("GET").json().await.expect("JSON body")
 }
 
 /// The sim's counters.
@@ -221,19 +232,11 @@ where
 /// Parses an SSE body into its `data:` payloads.
 pub fn sse_events(body: &str) -> Vec<String> {
     body.split("\n\n")
-        .filter_map(|event| {
-            event
-                .lines()
-                .find_map(|l| l.strip_prefix("data: "))
-                .map(str::to_string)
-        })
+        .filter_map(|event| event.lines().find_map(|l| l.strip_prefix("data: ")).map(str::to_string))
         .collect()
 }
 
 /// Parses an NDJSON body into values.
 pub fn ndjson_lines(body: &str) -> Vec<Value> {
-    body.lines()
-        .filter(|l| !l.trim().is_empty())
-        .map(|l| serde_json::from_str(l).expect("NDJSON line"))
-        .collect()
+    body.lines().filter(|l| !l.trim().is_empty()).map(|l| serde_json::from_str(l).expect("NDJSON line")).collect()
 }

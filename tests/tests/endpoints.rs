@@ -47,27 +47,14 @@ async fn openai_chat_streams_sse_with_usage() {
     )
     .await;
     assert_eq!(response.status(), 200);
-    assert!(
-        response.headers()["content-type"]
-            .to_str()
-            .expect("ascii")
-            .starts_with("text/event-stream")
-    );
+    assert!(response.headers()["content-type"].to_str().expect("ascii").starts_with("text/event-stream"));
     let events = sse_events(&response.text().await.expect("body"));
     assert_eq!(events.last().map(String::as_str), Some("[DONE]"));
-    let chunks: Vec<Value> = events[..events.len() - 1]
-        .iter()
-        .map(|e| serde_json::from_str(e).expect("chunk"))
-        .collect();
-    let text: String = chunks
-        .iter()
-        .filter_map(|c| c["choices"][0]["delta"]["content"].as_str())
-        .collect();
+    let chunks: Vec<Value> =
+        events[..events.len() - 1].iter().map(|e| serde_json::from_str(e).expect("chunk")).collect();
+    let text: String = chunks.iter().filter_map(|c| c["choices"][0]["delta"]["content"].as_str()).collect();
     assert_eq!(text.split_whitespace().count(), 6);
-    let usage = chunks
-        .iter()
-        .find_map(|c| c.get("usage").filter(|u| !u.is_null()))
-        .expect("usage chunk");
+    let usage = chunks.iter().find_map(|c| c.get("usage").filter(|u| !u.is_null())).expect("usage chunk");
     assert_eq!(usage["completion_tokens"], 6);
 }
 
@@ -87,13 +74,9 @@ async fn tools_and_response_format_pass_through() {
     .await
     .expect("json");
     assert_eq!(body["choices"][0]["finish_reason"], "tool_calls");
-    assert_eq!(
-        body["choices"][0]["message"]["tool_calls"][0]["function"]["name"],
-        "get_weather"
-    );
+    assert_eq!(body["choices"][0]["message"]["tool_calls"][0]["function"]["name"], "get_weather");
     let seen = get_json(&format!("{}/sim/last-request", sim.url)).await;
-    let forwarded: Value =
-        serde_json::from_str(seen["body"].as_str().expect("body")).expect("json");
+    let forwarded: Value = serde_json::from_str(seen["body"].as_str().expect("body")).expect("json");
     assert_eq!(forwarded["tools"], tools);
 
     let stream = post(
@@ -105,11 +88,7 @@ async fn tools_and_response_format_pass_through() {
     .text()
     .await
     .expect("body");
-    assert!(
-        sse_events(&stream)
-            .iter()
-            .any(|e| e.contains("\"tool_calls\"") && e.contains("get_weather"))
-    );
+    assert!(sse_events(&stream).iter().any(|e| e.contains("\"tool_calls\"") && e.contains("get_weather")));
 
     let body: Value = post(
         &url,
@@ -120,9 +99,7 @@ async fn tools_and_response_format_pass_through() {
     .json()
     .await
     .expect("json");
-    let content = body["choices"][0]["message"]["content"]
-        .as_str()
-        .expect("content");
+    let content = body["choices"][0]["message"]["content"].as_str().expect("content");
     let parsed: Value = serde_json::from_str(content).expect("content is JSON");
     assert!(parsed["answer"].is_string());
 }
@@ -150,25 +127,16 @@ async fn openai_completions_and_embeddings() {
     .expect("body");
     let events = sse_events(&stream);
     assert_eq!(events.last().map(String::as_str), Some("[DONE]"));
-    assert_eq!(
-        events.len(),
-        3 + 2,
-        "three tokens, a finish chunk and [DONE]"
-    );
+    assert_eq!(events.len(), 3 + 2, "three tokens, a finish chunk and [DONE]");
 
-    let embed: Value = post(
-        &format!("{}/v1/embeddings", agent.url),
-        &json!({ "model": "nomic-embed-text", "input": ["a", "b c"] }),
-    )
-    .await
-    .json()
-    .await
-    .expect("json");
+    let embed: Value =
+        post(&format!("{}/v1/embeddings", agent.url), &json!({ "model": "nomic-embed-text", "input": ["a", "b c"] }))
+            .await
+            .json()
+            .await
+            .expect("json");
     assert_eq!(embed["data"].as_array().map(Vec::len), Some(2));
-    assert_eq!(
-        embed["data"][0]["embedding"].as_array().map(Vec::len),
-        Some(8)
-    );
+    assert_eq!(embed["data"][0]["embedding"].as_array().map(Vec::len), Some(8));
     assert_eq!(embed["usage"]["prompt_tokens"], 3);
     let b64: Value = post(
         &format!("{}/v1/embeddings", agent.url),
@@ -186,53 +154,25 @@ async fn openai_completions_and_embeddings() {
 
 #[tokio::test]
 async fn model_listing_in_both_shapes() {
-    let (_sim, agent) = sim_and_agent(
-        &[
-            "--models",
-            "qwen2.5:7b,llama3.2:3b,hf.co/org/tiny:Q8_0",
-            "--max-loaded",
-            "1",
-        ],
-        &[],
-    )
-    .await;
+    let (_sim, agent) =
+        sim_and_agent(&["--models", "qwen2.5:7b,llama3.2:3b,hf.co/org/tiny:Q8_0", "--max-loaded", "1"], &[]).await;
     let models = get_json(&format!("{}/v1/models", agent.url)).await;
-    let ids: Vec<&str> = models["data"]
-        .as_array()
-        .expect("data")
-        .iter()
-        .filter_map(|m| m["id"].as_str())
-        .collect();
-    assert_eq!(
-        ids,
-        vec!["qwen2.5:7b", "llama3.2:3b", "hf.co/org/tiny:Q8_0"]
-    );
+    let ids: Vec<&str> = models["data"].as_array().expect("data").iter().filter_map(|m| m["id"].as_str()).collect();
+    assert_eq!(ids, vec!["qwen2.5:7b", "llama3.2:3b", "hf.co/org/tiny:Q8_0"]);
     let one = get_json(&format!("{}/v1/models/hf.co/org/tiny:Q8_0", agent.url)).await;
     assert_eq!(one["id"], "hf.co/org/tiny:Q8_0");
-    let missing = client()
-        .get(format!("{}/v1/models/nope:1b", agent.url))
-        .send()
-        .await
-        .expect("GET");
+    let missing = client().get(format!("{}/v1/models/nope:1b", agent.url)).send().await.expect("GET");
     assert_eq!(missing.status(), 404);
 
     let tags = get_json(&format!("{}/api/tags", agent.url)).await;
     assert_eq!(tags["models"].as_array().map(Vec::len), Some(3));
     assert_eq!(tags["models"][0]["details"]["parameter_size"], "7B");
     let ps = get_json(&format!("{}/api/ps", agent.url)).await;
-    let loaded: Vec<&str> = ps["models"]
-        .as_array()
-        .expect("models")
-        .iter()
-        .filter_map(|m| m["name"].as_str())
-        .collect();
+    let loaded: Vec<&str> =
+        ps["models"].as_array().expect("models").iter().filter_map(|m| m["name"].as_str()).collect();
     assert_eq!(loaded, vec!["qwen2.5:7b"]);
     let version = get_json(&format!("{}/api/version", agent.url)).await;
-    assert!(
-        version["version"]
-            .as_str()
-            .is_some_and(|v| v.split('.').count() == 3)
-    );
+    assert!(version["version"].as_str().is_some_and(|v| v.split('.').count() == 3));
 }
 
 #[tokio::test]
@@ -261,23 +201,13 @@ async fn ollama_chat_and_generate_stream_ndjson_by_default() {
         assert_eq!(last["eval_count"], 4);
         let text: String = lines
             .iter()
-            .filter_map(|l| {
-                if field == "message" {
-                    l["message"]["content"].as_str()
-                } else {
-                    l["response"].as_str()
-                }
-            })
+            .filter_map(|l| if field == "message" { l["message"]["content"].as_str() } else { l["response"].as_str() })
             .collect();
         assert_eq!(text.split_whitespace().count(), 4);
 
         let mut once = body.clone();
         once["stream"] = json!(false);
-        let single: Value = post(&format!("{}{path}", agent.url), &once)
-            .await
-            .json()
-            .await
-            .expect("json");
+        let single: Value = post(&format!("{}{path}", agent.url), &once).await.json().await.expect("json");
         assert_eq!(single["done"], true, "{path}");
         assert_eq!(single["eval_count"], 4);
     }
@@ -286,72 +216,47 @@ async fn ollama_chat_and_generate_stream_ndjson_by_default() {
 #[tokio::test]
 async fn ollama_embeddings_show_and_tools() {
     let (_sim, agent) = sim_and_agent(&["--embedding-dim", "16"], &[]).await;
-    let embed: Value = post(
-        &format!("{}/api/embed", agent.url),
-        &json!({ "model": "nomic-embed-text", "input": ["x", "y"] }),
-    )
-    .await
-    .json()
-    .await
-    .expect("json");
+    let embed: Value =
+        post(&format!("{}/api/embed", agent.url), &json!({ "model": "nomic-embed-text", "input": ["x", "y"] }))
+            .await
+            .json()
+            .await
+            .expect("json");
     assert_eq!(embed["embeddings"].as_array().map(Vec::len), Some(2));
     assert_eq!(embed["embeddings"][1].as_array().map(Vec::len), Some(16));
-    let legacy: Value = post(
-        &format!("{}/api/embeddings", agent.url),
-        &json!({ "model": "nomic-embed-text", "prompt": "x" }),
-    )
-    .await
-    .json()
-    .await
-    .expect("json");
+    let legacy: Value =
+        post(&format!("{}/api/embeddings", agent.url), &json!({ "model": "nomic-embed-text", "prompt": "x" }))
+            .await
+            .json()
+            .await
+            .expect("json");
     assert_eq!(legacy["embedding"].as_array().map(Vec::len), Some(16));
-    let show: Value = post(
-        &format!("{}/api/show", agent.url),
-        &json!({ "model": "qwen2.5:7b" }),
+    let show: Value =
+        post(&format!("{}/api/show", agent.url), &json!({ "model": "qwen2.5:7b" })).await.json().await.expect("json");
+    assert_eq!(show["details"]["family"], "qwen");
+    let chat: Value = post(
+        &format!("{}/api/chat", agent.url),
+        &json!({ "model": "qwen2.5:7b", "stream": false,
+        "messages": [{ "role": "user", "content": "weather?" }],
+        "tools": [{ "type": "function", "function": { "name": "get_weather", "parameters": {} } }] }),
     )
     .await
     .json()
     .await
     .expect("json");
-    assert_eq!(show["details"]["family"], "qwen");
-    let chat: Value = post(&format!("{}/api/chat", agent.url), &json!({ "model": "qwen2.5:7b", "stream": false,
-        "messages": [{ "role": "user", "content": "weather?" }],
-        "tools": [{ "type": "function", "function": { "name": "get_weather", "parameters": {} } }] }))
-    .await
-    .json()
-    .await
-    .expect("json");
-    assert_eq!(
-        chat["message"]["tool_calls"][0]["function"]["name"],
-        "get_weather"
-    );
+    assert_eq!(chat["message"]["tool_calls"][0]["function"]["name"], "get_weather");
 }
 
 #[tokio::test]
 async fn health_and_readiness() {
     let (mut sim, agent) = sim_and_agent(&[], &[]).await;
-    assert_eq!(
-        get_json(&format!("{}/healthz", agent.url)).await["status"],
-        "ok"
-    );
-    let ready = client()
-        .get(format!("{}/readyz", agent.url))
-        .send()
-        .await
-        .expect("GET");
+    assert_eq!(get_json(&format!("{}/healthz", agent.url)).await["status"], "ok");
+    let ready = client().get(format!("{}/readyz", agent.url)).send().await.expect("GET");
     assert_eq!(ready.status(), 200);
     sim.kill().await;
     llmesh_tests::eventually("readyz turns 503 once the backend is gone", || async {
-        client()
-            .get(format!("{}/readyz", agent.url))
-            .send()
-            .await
-            .map(|r| r.status() == 503)
-            .unwrap_or(false)
+        client().get(format!("{}/readyz", agent.url)).send().await.map(|r| r.status() == 503).unwrap_or(false)
     })
     .await;
-    assert_eq!(
-        get_json(&format!("{}/healthz", agent.url)).await["status"],
-        "ok"
-    );
+    assert_eq!(get_json(&format!("{}/healthz", agent.url)).await["status"], "ok");
 }

@@ -19,12 +19,8 @@ async fn post(url: String, body: Value) -> reqwest::Response {
 async fn inventory_comes_from_v1_models() {
     let (_sim, agent) = setup().await;
     let tags = get_json(&format!("{}/api/tags", agent.url)).await;
-    let names: Vec<&str> = tags["models"]
-        .as_array()
-        .expect("models")
-        .iter()
-        .filter_map(|m| m["name"].as_str())
-        .collect();
+    let names: Vec<&str> =
+        tags["models"].as_array().expect("models").iter().filter_map(|m| m["name"].as_str()).collect();
     assert_eq!(names, vec!["qwen2.5:7b", "llama3.2:3b", "nomic-embed-text"]);
     let models = get_json(&format!("{}/v1/models", agent.url)).await;
     assert_eq!(models["data"].as_array().map(Vec::len), Some(3));
@@ -37,10 +33,7 @@ async fn ollama_chat_is_translated_streaming_and_not() {
     let response = post(format!("{}/api/chat", agent.url), body.clone()).await;
     assert_eq!(response.headers()["content-type"], "application/x-ndjson");
     let lines = ndjson_lines(&response.text().await.expect("body"));
-    let text: String = lines
-        .iter()
-        .filter_map(|l| l["message"]["content"].as_str())
-        .collect();
+    let text: String = lines.iter().filter_map(|l| l["message"]["content"].as_str()).collect();
     assert_eq!(text.split_whitespace().count(), 4);
     let last = lines.last().expect("final line");
     assert_eq!(last["done"], true);
@@ -49,24 +42,14 @@ async fn ollama_chat_is_translated_streaming_and_not() {
     // The backend saw an OpenAI request, not Ollama's.
     let seen = get_json(&format!("{}/sim/last-request", sim.url)).await;
     assert_eq!(seen["path"], "/v1/chat/completions");
-    let forwarded: Value =
-        serde_json::from_str(seen["body"].as_str().expect("body")).expect("json");
+    let forwarded: Value = serde_json::from_str(seen["body"].as_str().expect("body")).expect("json");
     assert_eq!(forwarded["max_tokens"], 4);
 
     let mut once = body;
     once["stream"] = json!(false);
-    let single: Value = post(format!("{}/api/chat", agent.url), once)
-        .await
-        .json()
-        .await
-        .expect("json");
+    let single: Value = post(format!("{}/api/chat", agent.url), once).await.json().await.expect("json");
     assert_eq!(single["done"], true);
-    assert_eq!(
-        single["message"]["content"]
-            .as_str()
-            .map(|c| c.split_whitespace().count()),
-        Some(4)
-    );
+    assert_eq!(single["message"]["content"].as_str().map(|c| c.split_whitespace().count()), Some(4));
 }
 
 #[tokio::test]
@@ -82,53 +65,30 @@ async fn ollama_generate_embed_show_and_errors_are_translated() {
         .await
         .expect("body"),
     );
-    assert_eq!(
-        lines
-            .iter()
-            .filter_map(|l| l["response"].as_str())
-            .collect::<String>()
-            .split_whitespace()
-            .count(),
-        3
-    );
-    let load: Value = post(
-        format!("{}/api/generate", agent.url),
-        json!({ "model": "llama3.2:3b" }),
-    )
-    .await
-    .json()
-    .await
-    .expect("json");
+    assert_eq!(lines.iter().filter_map(|l| l["response"].as_str()).collect::<String>().split_whitespace().count(), 3);
+    let load: Value = post(format!("{}/api/generate", agent.url), json!({ "model": "llama3.2:3b" }))
+        .await
+        .json()
+        .await
+        .expect("json");
     assert_eq!(load["done_reason"], "load");
-    let embed: Value = post(
-        format!("{}/api/embed", agent.url),
-        json!({ "model": "nomic-embed-text", "input": ["a", "b"] }),
-    )
-    .await
-    .json()
-    .await
-    .expect("json");
+    let embed: Value =
+        post(format!("{}/api/embed", agent.url), json!({ "model": "nomic-embed-text", "input": ["a", "b"] }))
+            .await
+            .json()
+            .await
+            .expect("json");
     assert_eq!(embed["embeddings"][1].as_array().map(Vec::len), Some(8));
-    let legacy: Value = post(
-        format!("{}/api/embeddings", agent.url),
-        json!({ "model": "nomic-embed-text", "prompt": "a" }),
-    )
-    .await
-    .json()
-    .await
-    .expect("json");
+    let legacy: Value =
+        post(format!("{}/api/embeddings", agent.url), json!({ "model": "nomic-embed-text", "prompt": "a" }))
+            .await
+            .json()
+            .await
+            .expect("json");
     assert_eq!(legacy["embedding"].as_array().map(Vec::len), Some(8));
-    let show = post(
-        format!("{}/api/show", agent.url),
-        json!({ "model": "qwen2.5:7b" }),
-    )
-    .await;
+    let show = post(format!("{}/api/show", agent.url), json!({ "model": "qwen2.5:7b" })).await;
     assert_eq!(show.status(), 200);
-    let missing = post(
-        format!("{}/api/chat", agent.url),
-        json!({ "model": "nope", "messages": [] }),
-    )
-    .await;
+    let missing = post(format!("{}/api/chat", agent.url), json!({ "model": "nope", "messages": [] })).await;
     assert_eq!(missing.status(), 404);
     let body: Value = missing.json().await.expect("json");
     assert!(body["error"].as_str().is_some_and(|m| m.contains("nope")));

@@ -20,18 +20,10 @@ async fn chunks_arrive_while_the_backend_is_still_generating_and_leaving_cancels
             "/v1/chat/completions",
             json!({ "model": "qwen2.5:7b", "stream": true, "max_tokens": 200, "messages": [{ "role": "user", "content": "long" }] }),
         ),
-        (
-            "/api/generate",
-            json!({ "model": "qwen2.5:7b", "prompt": "long", "options": { "num_predict": 200 } }),
-        ),
+        ("/api/generate", json!({ "model": "qwen2.5:7b", "prompt": "long", "options": { "num_predict": 200 } })),
     ] {
         let before = sim_stats(&sim).await;
-        let response = client()
-            .post(format!("{}{path}", agent.url))
-            .json(&body)
-            .send()
-            .await
-            .expect("POST");
+        let response = client().post(format!("{}{path}", agent.url)).json(&body).send().await.expect("POST");
         assert_eq!(response.status(), 200);
         let (chunk, rest) = first_chunk(response).await;
         assert!(!chunk.is_empty());
@@ -58,10 +50,7 @@ async fn non_streaming_client_that_leaves_cancels_too() {
         .json(&json!({ "model": "qwen2.5:7b", "max_tokens": 200, "messages": [{ "role": "user", "content": "long" }] }))
         .send();
     let waiting = tokio::spawn(request);
-    eventually("the request reaches the sim", || async {
-        sim_stats(&sim).await["in_flight"] == 1
-    })
-    .await;
+    eventually("the request reaches the sim", || async { sim_stats(&sim).await["in_flight"] == 1 }).await;
     waiting.abort();
     eventually("the sim sees the cancel", || async {
         let stats = sim_stats(&sim).await;
@@ -83,20 +72,11 @@ async fn a_stream_that_breaks_ends_with_an_error_event() {
         .await
         .expect("body");
     let events = sse_events(&sse);
-    assert!(
-        !events.contains(&"[DONE]".to_string()),
-        "a broken stream must not look complete"
-    );
+    assert!(!events.contains(&"[DONE]".to_string()), "a broken stream must not look complete");
     let last: Value = serde_json::from_str(events.last().expect("events")).expect("json");
     assert_eq!(last["error"]["code"], "stream_interrupted", "{sse}");
-    let contents = events
-        .iter()
-        .filter(|e| e.contains("\"content\"") && !e.contains("\"role\""))
-        .count();
-    assert_eq!(
-        contents, 3,
-        "the three tokens before the break arrive once each"
-    );
+    let contents = events.iter().filter(|e| e.contains("\"content\"") && !e.contains("\"role\"")).count();
+    assert_eq!(contents, 3, "the three tokens before the break arrive once each");
 
     let ndjson = client()
         .post(format!("{}/api/chat", agent.url))
@@ -136,10 +116,5 @@ async fn a_stalled_stream_is_ended_after_the_idle_timeout() {
         .await
         .expect("body");
     let lines = ndjson_lines(&body);
-    assert!(
-        lines.last().is_some_and(|l| l["error"]
-            .as_str()
-            .is_some_and(|m| m.contains("sent nothing"))),
-        "{body}"
-    );
+    assert!(lines.last().is_some_and(|l| l["error"].as_str().is_some_and(|m| m.contains("sent nothing"))), "{body}");
 }

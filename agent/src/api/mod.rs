@@ -3,6 +3,7 @@
 //! hand the request to a [`RequestHandler`], and relay what comes back.
 
 pub mod models;
+pub mod nodes;
 pub mod relay;
 pub mod routing;
 
@@ -16,11 +17,12 @@ use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use bytes::Bytes;
-use llmesh_mesh::{ApiKind, InferenceRequest, RequestHandler};
+use llmesh_mesh::{ApiKind, InferenceRequest, Membership, RequestHandler};
 use tracing::Instrument;
 
 use crate::error::{ApiError, ErrorFormat};
 use crate::local::LocalNode;
+use crate::node_state::NodeStateBuilder;
 
 /// Header naming the node that served a request.
 pub const NODE_HEADER: &str = "x-llmesh-node";
@@ -35,6 +37,10 @@ pub struct AppState {
     pub node_name: String,
     /// Runs requests on this node.
     pub local: Arc<LocalNode>,
+    /// Builds this node's state for `/mesh/v1/nodes`.
+    pub node: Arc<NodeStateBuilder>,
+    /// Membership, when this node is part of a mesh.
+    pub mesh: Option<Membership>,
     /// Longest silence allowed between body chunks from the backend.
     pub idle_timeout: Duration,
     /// Largest non-streaming response relayed.
@@ -54,41 +60,18 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/readyz", get(models::readyz))
         .route("/v1/models", get(models::openai_models))
         .route("/v1/models/{*id}", get(models::openai_model))
-        .route(
-            "/v1/chat/completions",
-            post(|s: AppStateRef, h: HeaderMap, b| infer(s, ApiKind::OpenaiChat, h, b)),
-        )
-        .route(
-            "/v1/completions",
-            post(|s: AppStateRef, h: HeaderMap, b| infer(s, ApiKind::OpenaiCompletions, h, b)),
-        )
-        .route(
-            "/v1/embeddings",
-            post(|s: AppStateRef, h: HeaderMap, b| infer(s, ApiKind::OpenaiEmbeddings, h, b)),
-        )
-        .route(
-            "/api/chat",
-            post(|s: AppStateRef, h: HeaderMap, b| infer(s, ApiKind::OllamaChat, h, b)),
-        )
-        .route(
-            "/api/generate",
-            post(|s: AppStateRef, h: HeaderMap, b| infer(s, ApiKind::OllamaGenerate, h, b)),
-        )
-        .route(
-            "/api/embed",
-            post(|s: AppStateRef, h: HeaderMap, b| infer(s, ApiKind::OllamaEmbed, h, b)),
-        )
-        .route(
-            "/api/embeddings",
-            post(|s: AppStateRef, h: HeaderMap, b| infer(s, ApiKind::OllamaEmbeddings, h, b)),
-        )
-        .route(
-            "/api/show",
-            post(|s: AppStateRef, h: HeaderMap, b| infer(s, ApiKind::OllamaShow, h, b)),
-        )
+        .route("/v1/chat/completions", post(|s: AppStateRef, h: HeaderMap, b| infer(s, ApiKind::OpenaiChat, h, b)))
+        .route("/v1/completions", post(|s: AppStateRef, h: HeaderMap, b| infer(s, ApiKind::OpenaiCompletions, h, b)))
+        .route("/v1/embeddings", post(|s: AppStateRef, h: HeaderMap, b| infer(s, ApiKind::OpenaiEmbeddings, h, b)))
+        .route("/api/chat", post(|s: AppStateRef, h: HeaderMap, b| infer(s, ApiKind::OllamaChat, h, b)))
+        .route("/api/generate", post(|s: AppStateRef, h: HeaderMap, b| infer(s, ApiKind::OllamaGenerate, h, b)))
+        .route("/api/embed", post(|s: AppStateRef, h: HeaderMap, b| infer(s, ApiKind::OllamaEmbed, h, b)))
+        .route("/api/embeddings", post(|s: AppStateRef, h: HeaderMap, b| infer(s, ApiKind::OllamaEmbeddings, h, b)))
+        .route("/api/show", post(|s: AppStateRef, h: HeaderMap, b| infer(s, ApiKind::OllamaShow, h, b)))
         .route("/api/tags", get(models::ollama_tags))
         .route("/api/ps", get(models::ollama_ps))
         .route("/api/version", get(models::ollama_version))
+        .route("/mesh/v1/nodes", get(nodes::mesh_nodes))
         .fallback(no_route)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(limit))
@@ -97,17 +80,11 @@ pub fn router(state: Arc<AppState>) -> Router {
 
 /// The error format a path speaks.
 pub fn format_for(path: &str) -> ErrorFormat {
-    if path.starts_with("/api/") {
-        ErrorFormat::Ollama
-    } else {
-        ErrorFormat::OpenAi
-    }
+    if path.starts_with("/api/") { ErrorFormat::Ollama } else { ErrorFormat::OpenAi }
 }
 
 async fn no_route(method: Method, uri: Uri) -> Response {
-    ApiError::no_route(method.as_str(), uri.path())
-        .with_format(format_for(uri.path()))
-        .into_response()
+    ApiError::no_route(method.as_str(), uri.path()).with_format(format_for(uri.path())).into_response()
 }
 
 async fn method_not_allowed(method: Method, uri: Uri) -> Response {
@@ -133,8 +110,7 @@ fn request_id(headers: &HeaderMap) -> String {
 /// A fresh request id: a random per-process prefix and a counter, unique
 /// across the mesh without a system call per request.
 fn new_request_id() -> String {
-    static PREFIX: std::sync::LazyLock<u64> =
-        std::sync::LazyLock::new(|| uuid::Uuid::new_v4().as_u64_pair().0);
+    static PREFIX: std::sync::LazyLock<u64> = std::sync::LazyLock::new(|| uuid::Uuid::new_v4().as_u64_pair().0);
     static COUNTER: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
     let n = COUNTER.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     format!("{:016x}{n:016x}", *PREFIX)
@@ -160,11 +136,7 @@ async fn infer(
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Response {
-    let format = if api.is_ollama_native() {
-        ErrorFormat::Ollama
-    } else {
-        ErrorFormat::OpenAi
-    };
+    let format = if api.is_ollama_native() { ErrorFormat::Ollama } else { ErrorFormat::OpenAi };
     let request_id = request_id(&headers);
     let started = Instant::now();
     let result = async {

@@ -10,9 +10,12 @@ use axum::response::{IntoResponse, Response};
 use llmesh_mesh::ServeError;
 use serde_json::{Value, json};
 
-use super::AppStateRef;
-use crate::backend::ModelEntry;
+use llmesh_mesh::Liveness;
+
+use super::{AppState, AppStateRef};
+use crate::backend::{Inventory, ModelEntry};
 use crate::error::ApiError;
+use crate::node_state::model_entry;
 use crate::sim::OLLAMA_COMPAT_VERSION;
 
 fn created(entry: &ModelEntry) -> u64 {
@@ -33,26 +36,46 @@ fn ollama_entry(entry: &ModelEntry) -> Value {
     })
 }
 
-/// `GET /v1/models`
-pub async fn openai_models(State(state): AppStateRef) -> Json<Value> {
+/// Every model the mesh can serve: this node's first, then those of live
+/// peers, each name once. A model loaded anywhere counts as loaded.
+fn mesh_models(state: &AppState) -> Inventory {
     let snapshot = state.local.inventory().current();
-    let data: Vec<Value> = snapshot.inventory.models.iter().map(openai_entry).collect();
+    let mut models = snapshot.inventory.models.clone();
+    if let Some(mesh) = &state.mesh {
+        let view = mesh.view();
+        for peer in view.peers.iter().filter(|p| p.liveness != Liveness::Dead) {
+            for info in &peer.state.models {
+                match models.iter_mut().find(|m| m.name == info.name) {
+                    Some(existing) => {
+                        if existing.loaded.is_none() && info.loaded {
+                            existing.loaded = model_entry(info).loaded;
+                        }
+                    }
+                    None => models.push(model_entry(info)),
+                }
+            }
+        }
+    }
+    Inventory { models }
+}
+
+/// `GET /v1/models`: the union across the mesh.
+pub async fn openai_models(State(state): AppStateRef) -> Json<Value> {
+    let data: Vec<Value> = mesh_models(&state).models.iter().map(openai_entry).collect();
     Json(json!({ "object": "list", "data": data }))
 }
 
 /// `GET /v1/models/{id}` (ids may contain `/`, as in `hf.co/org/model`).
 pub async fn openai_model(State(state): AppStateRef, Path(id): Path<String>) -> Response {
-    let snapshot = state.local.inventory().current();
-    match snapshot.inventory.resolve(&id) {
+    match mesh_models(&state).resolve(&id) {
         Some(entry) => Json(openai_entry(entry)).into_response(),
         None => ApiError::from(ServeError::ModelNotFound(id)).into_response(),
     }
 }
 
-/// `GET /api/tags`
+/// `GET /api/tags`: the union across the mesh.
 pub async fn ollama_tags(State(state): AppStateRef) -> Json<Value> {
-    let snapshot = state.local.inventory().current();
-    let models: Vec<Value> = snapshot.inventory.models.iter().map(ollama_entry).collect();
+    let models: Vec<Value> = mesh_models(&state).models.iter().map(ollama_entry).collect();
     Json(json!({ "models": models }))
 }
 
@@ -90,17 +113,9 @@ pub async fn healthz() -> Json<Value> {
 pub async fn readyz(State(state): AppStateRef) -> Response {
     let snapshot = state.local.inventory().current();
     if snapshot.healthy {
-        Json(json!({ "status": "ready", "models": snapshot.inventory.models.len() }))
-            .into_response()
+        Json(json!({ "status": "ready", "models": snapshot.inventory.models.len() })).into_response()
     } else {
-        let reason = snapshot
-            .last_error
-            .clone()
-            .unwrap_or_else(|| "backend not polled yet".into());
-        (
-            StatusCode::SERVICE_UNAVAILABLE,
-            Json(json!({ "status": "not ready", "reason": reason })),
-        )
-            .into_response()
+        let reason = snapshot.last_error.clone().unwrap_or_else(|| "backend not polled yet".into());
+        (StatusCode::SERVICE_UNAVAILABLE, Json(json!({ "status": "not ready", "reason": reason }))).into_response()
     }
 }

@@ -110,9 +110,7 @@ impl futures::Stream for Guarded {
                 while combined.as_ref().map_or(chunk.len(), BytesMut::len) < COALESCE_BYTES {
                     match this.body.poll_next_unpin(cx) {
                         Poll::Ready(Some(Ok(more))) => {
-                            combined
-                                .get_or_insert_with(|| BytesMut::from(&chunk[..]))
-                                .extend_from_slice(&more);
+                            combined.get_or_insert_with(|| BytesMut::from(&chunk[..])).extend_from_slice(&more);
                         }
                         Poll::Ready(Some(Err(message))) => {
                             this.ended = Some(Some(message));
@@ -139,14 +137,11 @@ impl futures::Stream for Guarded {
             Poll::Pending => {
                 if !this.armed {
                     this.armed = true;
-                    this.timer
-                        .as_mut()
-                        .reset(tokio::time::Instant::now() + this.idle);
+                    this.timer.as_mut().reset(tokio::time::Instant::now() + this.idle);
                 }
                 if this.timer.as_mut().poll(cx).is_ready() {
                     this.finished = true;
-                    let message =
-                        format!("backend sent nothing for {:?}; stream abandoned", this.idle);
+                    let message = format!("backend sent nothing for {:?}; stream abandoned", this.idle);
                     tracing::warn!("{message}");
                     return Poll::Ready(Some(Ok(stream_error_event(this.framing, &message))));
                 }
@@ -172,9 +167,7 @@ async fn collect(mut body: BodyStream, idle: Duration, limit: usize) -> Result<B
             Ok(None) => return Ok(buffer.freeze()),
             Ok(Some(Err(message))) => return Err(ServeError::BackendUnreachable(message)),
             Err(_) => {
-                return Err(ServeError::Timeout(format!(
-                    "backend sent nothing for {idle:?} mid-response"
-                )));
+                return Err(ServeError::Timeout(format!("backend sent nothing for {idle:?} mid-response")));
             }
         }
     }
@@ -188,19 +181,15 @@ pub async fn relay(
     error_format: ErrorFormat,
 ) -> Response {
     let status = StatusCode::from_u16(response.status).unwrap_or(StatusCode::BAD_GATEWAY);
-    let content_type = HeaderValue::from_str(&response.content_type)
-        .unwrap_or_else(|_| HeaderValue::from_static("application/json"));
+    let content_type =
+        HeaderValue::from_str(&response.content_type).unwrap_or_else(|_| HeaderValue::from_static("application/json"));
     let framing = Framing::of(&response.content_type);
     let body = match framing {
-        Framing::Sse | Framing::Ndjson => {
-            Body::from_stream(Guarded::new(response.body, framing, idle))
-        }
+        Framing::Sse | Framing::Ndjson => Body::from_stream(Guarded::new(response.body, framing, idle)),
         Framing::Document => match collect(response.body, idle, max_response_bytes).await {
             Ok(bytes) => Body::from(bytes),
             Err(err) => {
-                return ApiError::from(err)
-                    .with_format(error_format)
-                    .into_response();
+                return ApiError::from(err).with_format(error_format).into_response();
             }
         },
     };
@@ -208,11 +197,9 @@ pub async fn relay(
     *out.status_mut() = status;
     out.headers_mut().insert(header::CONTENT_TYPE, content_type);
     if framing != Framing::Document {
-        out.headers_mut()
-            .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
+        out.headers_mut().insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
         // Tell buffering proxies in front of us (nginx) to pass chunks on.
-        out.headers_mut()
-            .insert("x-accel-buffering", HeaderValue::from_static("no"));
+        out.headers_mut().insert("x-accel-buffering", HeaderValue::from_static("no"));
     }
     out
 }
@@ -222,111 +209,63 @@ mod tests {
     use super::*;
     use http_body_util::BodyExt;
 
-    fn response(
-        content_type: &str,
-        chunks: Vec<Result<&'static str, &'static str>>,
-    ) -> InferenceResponse {
-        let stream = futures::stream::iter(chunks.into_iter().map(|c| {
-            c.map(|s| Bytes::from_static(s.as_bytes()))
-                .map_err(str::to_string)
-        }));
-        InferenceResponse {
-            status: 200,
-            content_type: content_type.into(),
-            body: Box::pin(stream),
-        }
+    fn response(content_type: &str, chunks: Vec<Result<&'static str, &'static str>>) -> InferenceResponse {
+        let stream = futures::stream::iter(
+            chunks.into_iter().map(|c| c.map(|s| Bytes::from_static(s.as_bytes())).map_err(str::to_string)),
+        );
+        InferenceResponse { status: 200, content_type: content_type.into(), body: Box::pin(stream) }
     }
 
     async fn text(response: Response) -> String {
-        let bytes = response
-            .into_body()
-            .collect()
-            .await
-            .expect("body")
-            .to_bytes();
+        let bytes = response.into_body().collect().await.expect("body").to_bytes();
         String::from_utf8(bytes.to_vec()).expect("utf8")
     }
 
     #[test]
     fn framing_from_content_type() {
-        assert_eq!(
-            Framing::of("text/event-stream; charset=utf-8"),
-            Framing::Sse
-        );
+        assert_eq!(Framing::of("text/event-stream; charset=utf-8"), Framing::Sse);
         assert_eq!(Framing::of("application/x-ndjson"), Framing::Ndjson);
         assert_eq!(Framing::of("application/json"), Framing::Document);
     }
 
     #[tokio::test]
     async fn broken_sse_stream_ends_with_an_error_event() {
-        let r = response(
-            "text/event-stream",
-            vec![Ok("data: {\"a\":1}\n\n"), Err("reset")],
-        );
+        let r = response("text/event-stream", vec![Ok("data: {\"a\":1}\n\n"), Err("reset")]);
         let out = text(relay(r, Duration::from_secs(5), 1024, ErrorFormat::OpenAi).await).await;
         assert!(out.starts_with("data: {\"a\":1}\n\n"));
         let last: serde_json::Value =
-            serde_json::from_str(out.trim_end().rsplit("data: ").next().expect("event"))
-                .expect("json");
+            serde_json::from_str(out.trim_end().rsplit("data: ").next().expect("event")).expect("json");
         assert_eq!(last["error"]["code"], "stream_interrupted");
     }
 
     #[tokio::test]
     async fn broken_ndjson_stream_ends_with_an_error_line() {
-        let r = response(
-            "application/x-ndjson",
-            vec![Ok("{\"done\":false}\n"), Err("reset")],
-        );
+        let r = response("application/x-ndjson", vec![Ok("{\"done\":false}\n"), Err("reset")]);
         let out = text(relay(r, Duration::from_secs(5), 1024, ErrorFormat::Ollama).await).await;
-        let last: serde_json::Value =
-            serde_json::from_str(out.lines().last().expect("line")).expect("json");
+        let last: serde_json::Value = serde_json::from_str(out.lines().last().expect("line")).expect("json");
         assert!(last["error"].as_str().is_some_and(|m| m.contains("reset")));
     }
 
     #[tokio::test(start_paused = true)]
     async fn stalled_stream_is_abandoned_after_the_idle_timeout() {
-        let stalled = futures::stream::iter(vec![Ok(Bytes::from_static(b"{\"x\":1}\n"))])
-            .chain(futures::stream::pending());
-        let r = InferenceResponse {
-            status: 200,
-            content_type: "application/x-ndjson".into(),
-            body: Box::pin(stalled),
-        };
+        let stalled =
+            futures::stream::iter(vec![Ok(Bytes::from_static(b"{\"x\":1}\n"))]).chain(futures::stream::pending());
+        let r = InferenceResponse { status: 200, content_type: "application/x-ndjson".into(), body: Box::pin(stalled) };
         let out = text(relay(r, Duration::from_secs(3), 1024, ErrorFormat::Ollama).await).await;
-        assert!(
-            out.lines()
-                .last()
-                .is_some_and(|l| l.contains("sent nothing")),
-            "{out}"
-        );
+        assert!(out.lines().last().is_some_and(|l| l.contains("sent nothing")), "{out}");
     }
 
     #[tokio::test]
     async fn ready_chunks_are_combined_and_order_is_kept() {
-        let r = response(
-            "text/event-stream",
-            vec![Ok("data: 1\n\n"), Ok("data: 2\n\n"), Ok("data: 3\n\n")],
-        );
-        let body = relay(r, Duration::from_secs(5), 1024, ErrorFormat::OpenAi)
-            .await
-            .into_body();
-        let frames: Vec<Bytes> = body
-            .into_data_stream()
-            .map(|f| f.expect("frame"))
-            .collect()
-            .await;
-        assert_eq!(
-            frames,
-            vec![Bytes::from_static(b"data: 1\n\ndata: 2\n\ndata: 3\n\n")]
-        );
+        let r = response("text/event-stream", vec![Ok("data: 1\n\n"), Ok("data: 2\n\n"), Ok("data: 3\n\n")]);
+        let body = relay(r, Duration::from_secs(5), 1024, ErrorFormat::OpenAi).await.into_body();
+        let frames: Vec<Bytes> = body.into_data_stream().map(|f| f.expect("frame")).collect().await;
+        assert_eq!(frames, vec![Bytes::from_static(b"data: 1\n\ndata: 2\n\ndata: 3\n\n")]);
     }
 
     #[tokio::test]
     async fn an_error_after_combined_chunks_still_ends_the_stream() {
-        let r = response(
-            "text/event-stream",
-            vec![Ok("data: 1\n\n"), Ok("data: 2\n\n"), Err("reset")],
-        );
+        let r = response("text/event-stream", vec![Ok("data: 1\n\n"), Ok("data: 2\n\n"), Err("reset")]);
         let out = text(relay(r, Duration::from_secs(5), 1024, ErrorFormat::OpenAi).await).await;
         assert!(out.starts_with("data: 1\n\ndata: 2\n\n"), "{out}");
         assert!(out.contains("stream_interrupted"), "{out}");

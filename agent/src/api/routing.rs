@@ -36,9 +36,7 @@ fn streams_by_default(api: ApiKind) -> bool {
 /// Parses the routing fields, rejecting what no backend could serve.
 pub fn parse(api: ApiKind, body: &Bytes) -> Result<RoutingFields, ApiError> {
     if body.is_empty() {
-        return Err(ApiError::bad_request(
-            "request body is empty; expected a JSON object",
-        ));
+        return Err(ApiError::bad_request("request body is empty; expected a JSON object"));
     }
     let peek: Peek = serde_json::from_slice(body).map_err(|e| {
         if e.is_data() {
@@ -50,27 +48,17 @@ pub fn parse(api: ApiKind, body: &Bytes) -> Result<RoutingFields, ApiError> {
     let model = peek
         .model
         .filter(|m| !m.is_empty())
-        .or(if api == ApiKind::OllamaShow {
-            peek.name
-        } else {
-            None
-        })
+        .or(if api == ApiKind::OllamaShow { peek.name } else { None })
         .filter(|m| !m.is_empty())
         .ok_or_else(|| ApiError::bad_request("missing required field 'model'"))?;
     if model.len() > 512 {
         return Err(ApiError::bad_request("model name is longer than 512 bytes"));
     }
     let stream = match api {
-        ApiKind::OpenaiEmbeddings
-        | ApiKind::OllamaEmbed
-        | ApiKind::OllamaEmbeddings
-        | ApiKind::OllamaShow => false,
+        ApiKind::OpenaiEmbeddings | ApiKind::OllamaEmbed | ApiKind::OllamaEmbeddings | ApiKind::OllamaShow => false,
         _ => peek.stream.unwrap_or(streams_by_default(api)),
     };
-    Ok(RoutingFields {
-        model: model.into_owned(),
-        stream,
-    })
+    Ok(RoutingFields { model: model.into_owned(), stream })
 }
 
 #[cfg(test)]
@@ -113,23 +101,13 @@ mod tests {
 
     #[test]
     fn show_accepts_the_legacy_name_field() {
-        assert_eq!(
-            fields(ApiKind::OllamaShow, r#"{"name":"llama3"}"#)
-                .expect("ok")
-                .model,
-            "llama3"
-        );
+        assert_eq!(fields(ApiKind::OllamaShow, r#"{"name":"llama3"}"#).expect("ok").model, "llama3");
         assert!(fields(ApiKind::OllamaChat, r#"{"name":"llama3"}"#).is_err());
     }
 
     #[test]
     fn escaped_model_names_are_decoded() {
-        assert_eq!(
-            fields(ApiKind::OpenaiChat, r#"{"model":"a\u003ab"}"#)
-                .expect("ok")
-                .model,
-            "a:b"
-        );
+        assert_eq!(fields(ApiKind::OpenaiChat, r#"{"model":"a\u003ab"}"#).expect("ok").model, "a:b");
     }
 
     proptest! {

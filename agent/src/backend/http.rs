@@ -47,9 +47,7 @@ impl HttpBackend {
         connector.set_connect_timeout(Some(config.connect_timeout));
         // Small SSE/NDJSON chunks must not wait for Nagle.
         connector.set_nodelay(true);
-        let client = Client::builder(TokioExecutor::new())
-            .pool_idle_timeout(Duration::from_secs(90))
-            .build(connector);
+        let client = Client::builder(TokioExecutor::new()).pool_idle_timeout(Duration::from_secs(90)).build(connector);
         Ok(HttpBackend {
             client,
             base,
@@ -62,12 +60,7 @@ impl HttpBackend {
         format!("{}{path}", self.base)
     }
 
-    fn request(
-        &self,
-        method: Method,
-        path: &str,
-        body: Bytes,
-    ) -> Result<Request<Full<Bytes>>, ServeError> {
+    fn request(&self, method: Method, path: &str, body: Bytes) -> Result<Request<Full<Bytes>>, ServeError> {
         let mut builder = Request::builder().method(method).uri(self.url(path));
         if let Some(auth) = &self.authorization {
             builder = builder.header(AUTHORIZATION, auth);
@@ -89,21 +82,12 @@ impl HttpBackend {
 
     /// Sends `body` to `path` and returns once the response head arrives;
     /// the caller bounds how long that may take.
-    pub async fn post(
-        &self,
-        path: &str,
-        body: Bytes,
-        request_id: &str,
-    ) -> Result<InferenceResponse, ServeError> {
+    pub async fn post(&self, path: &str, body: Bytes, request_id: &str) -> Result<InferenceResponse, ServeError> {
         let mut request = self.request(Method::POST, path, body)?;
         if let Ok(id) = http::HeaderValue::from_str(request_id) {
             request.headers_mut().insert("x-request-id", id);
         }
-        let response = self
-            .client
-            .request(request)
-            .await
-            .map_err(|e| self.classify(path, &e))?;
+        let response = self.client.request(request).await.map_err(|e| self.classify(path, &e))?;
         let status = response.status().as_u16();
         let content_type = response
             .headers()
@@ -115,62 +99,34 @@ impl HttpBackend {
             .into_body()
             .into_data_stream()
             .map(|chunk| chunk.map_err(|e| format!("backend stream broke: {e}")));
-        Ok(InferenceResponse {
-            status,
-            content_type,
-            body: Box::pin(body),
-        })
+        Ok(InferenceResponse { status, content_type, body: Box::pin(body) })
     }
 
     /// Fetches and decodes a JSON document (inventory endpoints).
     pub async fn get_json<T: DeserializeOwned>(&self, path: &str) -> Result<T, ServeError> {
         let mut request = self.request(Method::GET, path, Bytes::new())?;
-        request
-            .headers_mut()
-            .insert(ACCEPT, http::HeaderValue::from_static("application/json"));
+        request.headers_mut().insert(ACCEPT, http::HeaderValue::from_static("application/json"));
         let fetch = async {
-            let response = self
-                .client
-                .request(request)
-                .await
-                .map_err(|e| self.classify(path, &e))?;
+            let response = self.client.request(request).await.map_err(|e| self.classify(path, &e))?;
             let status = response.status();
             if !status.is_success() {
-                return Err(ServeError::BackendUnavailable(format!(
-                    "{} answered {status}",
-                    self.url(path)
-                )));
+                return Err(ServeError::BackendUnavailable(format!("{} answered {status}", self.url(path))));
             }
             let mut body = response.into_body().into_data_stream();
             let mut buffer = BytesMut::new();
             while let Some(chunk) = body.next().await {
-                let chunk = chunk.map_err(|e| {
-                    ServeError::BackendUnreachable(format!("{}: {e}", self.url(path)))
-                })?;
+                let chunk = chunk.map_err(|e| ServeError::BackendUnreachable(format!("{}: {e}", self.url(path))))?;
                 if buffer.len() + chunk.len() > MAX_INVENTORY_BYTES {
-                    return Err(ServeError::BackendUnavailable(format!(
-                        "{} sent an oversized body",
-                        self.url(path)
-                    )));
+                    return Err(ServeError::BackendUnavailable(format!("{} sent an oversized body", self.url(path))));
                 }
                 buffer.extend_from_slice(&chunk);
             }
             Ok(buffer.freeze())
         };
-        let bytes = tokio::time::timeout(self.inventory_timeout, fetch)
-            .await
-            .map_err(|_| {
-                ServeError::Timeout(format!(
-                    "{} did not answer within {:?}",
-                    self.url(path),
-                    self.inventory_timeout
-                ))
-            })??;
-        serde_json::from_slice(&bytes).map_err(|e| {
-            ServeError::BackendUnavailable(format!(
-                "{} sent an unexpected body: {e}",
-                self.url(path)
-            ))
-        })
+        let bytes = tokio::time::timeout(self.inventory_timeout, fetch).await.map_err(|_| {
+            ServeError::Timeout(format!("{} did not answer within {:?}", self.url(path), self.inventory_timeout))
+        })??;
+        serde_json::from_slice(&bytes)
+            .map_err(|e| ServeError::BackendUnavailable(format!("{} sent an unexpected body: {e}", self.url(path))))
     }
 }

@@ -92,9 +92,8 @@ impl Inventory {
 /// servers, the in-process sim): when this process first saw the model.
 /// Clients such as the `ollama` Python package require a timestamp there.
 pub(crate) fn first_seen() -> String {
-    static STARTED: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
-        humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string()
-    });
+    static STARTED: std::sync::LazyLock<String> =
+        std::sync::LazyLock::new(|| humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string());
     STARTED.clone()
 }
 
@@ -137,21 +136,10 @@ mod tests {
 
     #[test]
     fn resolves_the_implicit_latest_tag() {
-        let inventory = Inventory {
-            models: vec![entry("llama3:latest"), entry("qwen2.5:7b"), entry("phi")],
-        };
-        assert_eq!(
-            inventory.resolve("llama3").map(|m| m.name.as_str()),
-            Some("llama3:latest")
-        );
-        assert_eq!(
-            inventory.resolve("phi:latest").map(|m| m.name.as_str()),
-            Some("phi")
-        );
-        assert_eq!(
-            inventory.resolve("qwen2.5:7b").map(|m| m.name.as_str()),
-            Some("qwen2.5:7b")
-        );
+        let inventory = Inventory { models: vec![entry("llama3:latest"), entry("qwen2.5:7b"), entry("phi")] };
+        assert_eq!(inventory.resolve("llama3").map(|m| m.name.as_str()), Some("llama3:latest"));
+        assert_eq!(inventory.resolve("phi:latest").map(|m| m.name.as_str()), Some("phi"));
+        assert_eq!(inventory.resolve("qwen2.5:7b").map(|m| m.name.as_str()), Some("qwen2.5:7b"));
         assert!(inventory.resolve("qwen2.5").is_none());
     }
 }

@@ -52,9 +52,7 @@ struct Running {
 impl OllamaBackend {
     /// An Ollama backend at `config.url`.
     pub fn new(config: &BackendConfig) -> Result<OllamaBackend, ServeError> {
-        Ok(OllamaBackend {
-            http: HttpBackend::new(config)?,
-        })
+        Ok(OllamaBackend { http: HttpBackend::new(config)? })
     }
 }
 
@@ -78,15 +76,11 @@ fn merge(tags: TagList, ps: PsList) -> Inventory {
         .models
         .into_iter()
         .map(|tag| {
-            let loaded = ps
-                .models
-                .iter()
-                .find(|r| r.name == tag.name)
-                .map(|r| LoadedInfo {
-                    size_vram: r.size_vram,
-                    expires_at: r.expires_at.clone(),
-                    context_length: r.context_length,
-                });
+            let loaded = ps.models.iter().find(|r| r.name == tag.name).map(|r| LoadedInfo {
+                size_vram: r.size_vram,
+                expires_at: r.expires_at.clone(),
+                context_length: r.context_length,
+            });
             ModelEntry {
                 name: tag.name,
                 size: tag.size,
@@ -107,17 +101,13 @@ impl Backend for OllamaBackend {
     }
 
     async fn inventory(&self) -> Result<Inventory, ServeError> {
-        let (tags, ps) = tokio::try_join!(
-            self.http.get_json::<TagList>("/api/tags"),
-            self.http.get_json::<PsList>("/api/ps")
-        )?;
+        let (tags, ps) =
+            tokio::try_join!(self.http.get_json::<TagList>("/api/tags"), self.http.get_json::<PsList>("/api/ps"))?;
         Ok(merge(tags, ps))
     }
 
     async fn serve(&self, req: &InferenceRequest) -> Result<InferenceResponse, ServeError> {
-        self.http
-            .post(path_for(req.api)?, req.body.clone(), &req.request_id)
-            .await
+        self.http.post(path_for(req.api)?, req.body.clone(), &req.request_id).await
     }
 }
 
@@ -145,23 +135,13 @@ mod tests {
         let llama = inventory.resolve("llama3").expect("resolves");
         assert_eq!(llama.details.quantization_level, "Q4_0");
         assert_eq!(llama.loaded.as_ref().map(|l| l.context_length), Some(8192));
-        assert!(
-            inventory
-                .resolve("nomic-embed-text")
-                .is_some_and(|m| m.loaded.is_none())
-        );
+        assert!(inventory.resolve("nomic-embed-text").is_some_and(|m| m.loaded.is_none()));
     }
 
     #[test]
     fn every_api_has_a_path() {
-        assert_eq!(
-            path_for(ApiKind::OllamaEmbeddings).ok(),
-            Some("/api/embeddings")
-        );
-        assert_eq!(
-            path_for(ApiKind::OpenaiChat).ok(),
-            Some("/v1/chat/completions")
-        );
+        assert_eq!(path_for(ApiKind::OllamaEmbeddings).ok(), Some("/api/embeddings"));
+        assert_eq!(path_for(ApiKind::OpenaiChat).ok(), Some("/v1/chat/completions"));
         assert!(path_for(ApiKind::Unspecified).is_err());
     }
 }

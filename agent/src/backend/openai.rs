@@ -34,9 +34,7 @@ struct ModelObject {
 impl OpenAiBackend {
     /// A backend at `config.url` (the base, without `/v1`).
     pub fn new(config: &BackendConfig) -> Result<OpenAiBackend, ServeError> {
-        Ok(OpenAiBackend {
-            http: HttpBackend::new(config)?,
-        })
+        Ok(OpenAiBackend { http: HttpBackend::new(config)? })
     }
 }
 
@@ -65,9 +63,7 @@ impl Backend for OpenAiBackend {
     }
 
     async fn inventory(&self) -> Result<Inventory, ServeError> {
-        Ok(to_inventory(
-            self.http.get_json::<ModelList>("/v1/models").await?,
-        ))
+        Ok(to_inventory(self.http.get_json::<ModelList>("/v1/models").await?))
     }
 
     async fn serve(&self, req: &InferenceRequest) -> Result<InferenceResponse, ServeError> {
@@ -80,9 +76,7 @@ impl Backend for OpenAiBackend {
             }
             _ => return self.serve_native(req).await,
         };
-        self.http
-            .post(path, req.body.clone(), &req.request_id)
-            .await
+        self.http.post(path, req.body.clone(), &req.request_id).await
     }
 }
 
@@ -103,9 +97,7 @@ async fn collect(mut body: BodyStream) -> Result<Bytes, ServeError> {
     while let Some(chunk) = body.next().await {
         let chunk = chunk.map_err(ServeError::BackendUnreachable)?;
         if buffer.len() + chunk.len() > MAX_TRANSLATED_BYTES {
-            return Err(ServeError::BackendUnreachable(format!(
-                "backend answer exceeds {MAX_TRANSLATED_BYTES} bytes"
-            )));
+            return Err(ServeError::BackendUnreachable(format!("backend answer exceeds {MAX_TRANSLATED_BYTES} bytes")));
         }
         buffer.extend_from_slice(&chunk);
     }
@@ -113,8 +105,7 @@ async fn collect(mut body: BodyStream) -> Result<Bytes, ServeError> {
 }
 
 fn parse_answer(bytes: &[u8]) -> Result<Value, ServeError> {
-    serde_json::from_slice(bytes)
-        .map_err(|e| ServeError::BackendUnreachable(format!("backend sent invalid JSON: {e}")))
+    serde_json::from_slice(bytes).map_err(|e| ServeError::BackendUnreachable(format!("backend sent invalid JSON: {e}")))
 }
 
 impl OpenAiBackend {
@@ -122,10 +113,7 @@ impl OpenAiBackend {
     async fn serve_native(&self, req: &InferenceRequest) -> Result<InferenceResponse, ServeError> {
         let started = Instant::now();
         let (translated, field) = match req.api {
-            ApiKind::OllamaChat => (
-                translate::chat_request(&req.body, req.stream)?,
-                Some(TextField::Message),
-            ),
+            ApiKind::OllamaChat => (translate::chat_request(&req.body, req.stream)?, Some(TextField::Message)),
             ApiKind::OllamaGenerate => match translate::generate_request(&req.body, req.stream)? {
                 Some(t) => (t, Some(TextField::Response)),
                 // An OpenAI server has nothing to preload; the model is served as listed.
@@ -137,10 +125,7 @@ impl OpenAiBackend {
             _ => return Err(ServeError::BadRequest("not an Ollama API".into())),
         };
         let body = Bytes::from(translated.body.to_string());
-        let upstream = self
-            .http
-            .post(translated.path, body, &req.request_id)
-            .await?;
+        let upstream = self.http.post(translated.path, body, &req.request_id).await?;
         if !(200..300).contains(&upstream.status) {
             let bytes = collect(upstream.body).await?;
             let message = translate::error_message(&bytes);
@@ -178,18 +163,12 @@ impl OpenAiBackend {
             }
             Some(field) => {
                 let answer = parse_answer(&collect(upstream.body).await?)?;
-                Ok(json_response(
-                    200,
-                    &translate::completion_response(&model, field, &answer, started.elapsed()),
-                ))
+                Ok(json_response(200, &translate::completion_response(&model, field, &answer, started.elapsed())))
             }
             None => {
                 let answer = parse_answer(&collect(upstream.body).await?)?;
                 let legacy = req.api == ApiKind::OllamaEmbeddings;
-                Ok(json_response(
-                    200,
-                    &translate::embed_response(&model, &answer, legacy),
-                ))
+                Ok(json_response(200, &translate::embed_response(&model, &answer, legacy)))
             }
         }
     }
@@ -197,9 +176,7 @@ impl OpenAiBackend {
     /// `/api/show` from what an OpenAI server tells: the model's existence.
     async fn show(&self, model: &str) -> Result<InferenceResponse, ServeError> {
         let inventory = self.inventory().await?;
-        let entry = inventory
-            .resolve(model)
-            .ok_or_else(|| ServeError::ModelNotFound(model.to_string()))?;
+        let entry = inventory.resolve(model).ok_or_else(|| ServeError::ModelNotFound(model.to_string()))?;
         Ok(json_response(
             200,
             &json!({
@@ -221,10 +198,6 @@ mod tests {
         )
         .expect("parses");
         let inventory = to_inventory(list);
-        assert!(
-            inventory
-                .resolve("SmolLM2-135M-Instruct")
-                .is_some_and(|m| m.loaded.is_some())
-        );
+        assert!(inventory.resolve("SmolLM2-135M-Instruct").is_some_and(|m| m.loaded.is_some()));
     }
 }

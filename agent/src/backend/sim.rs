@@ -22,10 +22,7 @@ impl SimBackend {
     /// A sim built from `config`; fails on a bad model spec.
     pub fn new(config: SimConfig) -> Result<SimBackend, String> {
         let engine = Arc::new(SimEngine::new(config)?);
-        Ok(SimBackend {
-            router: router(engine.clone()),
-            engine,
-        })
+        Ok(SimBackend { router: router(engine.clone()), engine })
     }
 }
 
@@ -82,12 +79,7 @@ impl Backend for SimBackend {
             .header(http::header::CONTENT_TYPE, "application/json")
             .body(Body::from(req.body.clone()))
             .map_err(|e| ServeError::Internal(e.to_string()))?;
-        let response = self
-            .router
-            .clone()
-            .oneshot(request)
-            .await
-            .map_err(|e| ServeError::Internal(e.to_string()))?;
+        let response = self.router.clone().oneshot(request).await.map_err(|e| ServeError::Internal(e.to_string()))?;
         let status = response.status().as_u16();
         let content_type = response
             .headers()
@@ -95,14 +87,7 @@ impl Backend for SimBackend {
             .and_then(|v| v.to_str().ok())
             .unwrap_or("application/json")
             .to_string();
-        let body = response
-            .into_body()
-            .into_data_stream()
-            .map(|chunk| chunk.map_err(|e| e.to_string()));
-        Ok(InferenceResponse {
-            status,
-            content_type,
-            body: Box::pin(body),
-        })
+        let body = response.into_body().into_data_stream().map(|chunk| chunk.map_err(|e| e.to_string()));
+        Ok(InferenceResponse { status, content_type, body: Box::pin(body) })
     }
 }

@@ -25,12 +25,8 @@ fn now_rfc3339() -> String {
 fn object(body: &[u8]) -> Result<Map<String, Value>, ServeError> {
     match serde_json::from_slice::<Value>(body) {
         Ok(Value::Object(map)) => Ok(map),
-        Ok(_) => Err(ServeError::BadRequest(
-            "request body must be a JSON object".into(),
-        )),
-        Err(e) => Err(ServeError::BadRequest(format!(
-            "malformed JSON in request body: {e}"
-        ))),
+        Ok(_) => Err(ServeError::BadRequest("request body must be a JSON object".into())),
+        Err(e) => Err(ServeError::BadRequest(format!("malformed JSON in request body: {e}"))),
     }
 }
 
@@ -75,16 +71,12 @@ fn message(m: &Value) -> Value {
     let content = m.get("content").cloned().unwrap_or(json!(""));
     let mut out = Map::new();
     out.insert("role".into(), role);
-    match m
-        .get("images")
-        .and_then(Value::as_array)
-        .filter(|i| !i.is_empty())
-    {
+    match m.get("images").and_then(Value::as_array).filter(|i| !i.is_empty()) {
         Some(images) => {
             let mut parts = vec![json!({ "type": "text", "text": content })];
-            parts.extend(images.iter().filter_map(Value::as_str).map(|b64| {
-                json!({ "type": "image_url", "image_url": { "url": format!("data:image/png;base64,{b64}") } })
-            }));
+            parts.extend(images.iter().filter_map(Value::as_str).map(
+                |b64| json!({ "type": "image_url", "image_url": { "url": format!("data:image/png;base64,{b64}") } }),
+            ));
             out.insert("content".into(), Value::Array(parts));
         }
         None => {
@@ -119,10 +111,7 @@ pub struct Translated {
 }
 
 fn finish_request(src: &Map<String, Value>, mut out: Map<String, Value>, stream: bool) -> Value {
-    out.insert(
-        "model".into(),
-        src.get("model").cloned().unwrap_or(json!("")),
-    );
+    out.insert("model".into(), src.get("model").cloned().unwrap_or(json!("")));
     out.insert("stream".into(), json!(stream));
     if stream {
         // Ollama's last line carries token counts; ask for them.
@@ -135,25 +124,14 @@ fn finish_request(src: &Map<String, Value>, mut out: Map<String, Value>, stream:
 /// `/api/chat` → `/v1/chat/completions`.
 pub fn chat_request(body: &[u8], stream: bool) -> Result<Translated, ServeError> {
     let src = object(body)?;
-    let messages: Vec<Value> = src
-        .get("messages")
-        .and_then(Value::as_array)
-        .into_iter()
-        .flatten()
-        .map(message)
-        .collect();
+    let messages: Vec<Value> =
+        src.get("messages").and_then(Value::as_array).into_iter().flatten().map(message).collect();
     let mut out = Map::new();
     out.insert("messages".into(), Value::Array(messages));
-    if let Some(tools) = src
-        .get("tools")
-        .filter(|t| t.as_array().is_some_and(|a| !a.is_empty()))
-    {
+    if let Some(tools) = src.get("tools").filter(|t| t.as_array().is_some_and(|a| !a.is_empty())) {
         out.insert("tools".into(), tools.clone());
     }
-    Ok(Translated {
-        path: "/v1/chat/completions",
-        body: finish_request(&src, out, stream),
-    })
+    Ok(Translated { path: "/v1/chat/completions", body: finish_request(&src, out, stream) })
 }
 
 /// `/api/generate` → `/v1/chat/completions` (or `/v1/completions` when
@@ -161,50 +139,29 @@ pub fn chat_request(body: &[u8], stream: bool) -> Result<Translated, ServeError>
 /// Ollama treats as "load the model".
 pub fn generate_request(body: &[u8], stream: bool) -> Result<Option<Translated>, ServeError> {
     let src = object(body)?;
-    let prompt = src
-        .get("prompt")
-        .and_then(Value::as_str)
-        .unwrap_or_default();
+    let prompt = src.get("prompt").and_then(Value::as_str).unwrap_or_default();
     if prompt.is_empty() {
         return Ok(None);
     }
     let mut out = Map::new();
     if src.get("raw").and_then(Value::as_bool) == Some(true) {
         out.insert("prompt".into(), json!(prompt));
-        return Ok(Some(Translated {
-            path: "/v1/completions",
-            body: finish_request(&src, out, stream),
-        }));
+        return Ok(Some(Translated { path: "/v1/completions", body: finish_request(&src, out, stream) }));
     }
     let mut messages = Vec::new();
-    if let Some(system) = src
-        .get("system")
-        .and_then(Value::as_str)
-        .filter(|s| !s.is_empty())
-    {
+    if let Some(system) = src.get("system").and_then(Value::as_str).filter(|s| !s.is_empty()) {
         messages.push(json!({ "role": "system", "content": system }));
     }
     let images = src.get("images").cloned().unwrap_or(Value::Null);
-    messages.push(message(
-        &json!({ "role": "user", "content": prompt, "images": images }),
-    ));
+    messages.push(message(&json!({ "role": "user", "content": prompt, "images": images })));
     out.insert("messages".into(), Value::Array(messages));
-    Ok(Some(Translated {
-        path: "/v1/chat/completions",
-        body: finish_request(&src, out, stream),
-    }))
+    Ok(Some(Translated { path: "/v1/chat/completions", body: finish_request(&src, out, stream) }))
 }
 
 /// `/api/embed` and `/api/embeddings` → `/v1/embeddings`.
 pub fn embed_request(body: &[u8], legacy: bool) -> Result<Translated, ServeError> {
     let src = object(body)?;
-    let input = if legacy {
-        src.get("prompt")
-    } else {
-        src.get("input")
-    }
-    .cloned()
-    .unwrap_or(json!(""));
+    let input = if legacy { src.get("prompt") } else { src.get("input") }.cloned().unwrap_or(json!(""));
     Ok(Translated {
         path: "/v1/embeddings",
         body: json!({ "model": src.get("model").cloned().unwrap_or(json!("")), "input": input, "encoding_format": "float" }),
@@ -241,12 +198,7 @@ fn text_line(model: &str, field: TextField, text: &str, done: bool) -> Value {
 }
 
 fn final_fields(line: &mut Value, finish: Option<&str>, usage: Option<&Value>, elapsed: Duration) {
-    let count = |key: &str| {
-        usage
-            .and_then(|u| u.get(key))
-            .and_then(Value::as_u64)
-            .unwrap_or(0)
-    };
+    let count = |key: &str| usage.and_then(|u| u.get(key)).and_then(Value::as_u64).unwrap_or(0);
     line["done_reason"] = json!(match finish {
         Some("length") => "length",
         _ => "stop",
@@ -260,31 +212,15 @@ fn final_fields(line: &mut Value, finish: Option<&str>, usage: Option<&Value>, e
 }
 
 /// A non-streaming OpenAI chat/completions answer in Ollama's shape.
-pub fn completion_response(
-    model: &str,
-    field: TextField,
-    answer: &Value,
-    elapsed: Duration,
-) -> Value {
+pub fn completion_response(model: &str, field: TextField, answer: &Value, elapsed: Duration) -> Value {
     let choice = answer.pointer("/choices/0").cloned().unwrap_or(Value::Null);
-    let text = choice
-        .pointer("/message/content")
-        .or_else(|| choice.get("text"))
-        .and_then(Value::as_str)
-        .unwrap_or_default();
+    let text =
+        choice.pointer("/message/content").or_else(|| choice.get("text")).and_then(Value::as_str).unwrap_or_default();
     let mut line = text_line(model, field, text, true);
-    if let Some(calls) = choice
-        .pointer("/message/tool_calls")
-        .and_then(Value::as_array)
-    {
+    if let Some(calls) = choice.pointer("/message/tool_calls").and_then(Value::as_array) {
         line["message"]["tool_calls"] = json!(tool_calls(calls));
     }
-    final_fields(
-        &mut line,
-        choice.get("finish_reason").and_then(Value::as_str),
-        answer.get("usage"),
-        elapsed,
-    );
+    final_fields(&mut line, choice.get("finish_reason").and_then(Value::as_str), answer.get("usage"), elapsed);
     line
 }
 
@@ -300,10 +236,7 @@ pub fn embed_response(model: &str, answer: &Value, legacy: bool) -> Value {
     if legacy {
         return json!({ "embedding": vectors.into_iter().next().unwrap_or(json!([])) });
     }
-    let tokens = answer
-        .pointer("/usage/prompt_tokens")
-        .and_then(Value::as_u64)
-        .unwrap_or(0);
+    let tokens = answer.pointer("/usage/prompt_tokens").and_then(Value::as_u64).unwrap_or(0);
     json!({ "model": model, "embeddings": vectors, "prompt_eval_count": tokens })
 }
 
@@ -312,10 +245,7 @@ pub fn error_message(body: &[u8]) -> String {
     serde_json::from_slice::<Value>(body)
         .ok()
         .and_then(|v| {
-            v.pointer("/error/message")
-                .or_else(|| v.get("error"))
-                .and_then(Value::as_str)
-                .map(str::to_string)
+            v.pointer("/error/message").or_else(|| v.get("error")).and_then(Value::as_str).map(str::to_string)
         })
         .unwrap_or_else(|| String::from_utf8_lossy(body).into_owned())
 }
@@ -381,10 +311,8 @@ impl SseToNdjson {
         };
         if let Some(error) = value.get("error") {
             self.done = true;
-            let message = error
-                .get("message")
-                .and_then(Value::as_str)
-                .map_or_else(|| error.to_string(), str::to_string);
+            let message =
+                error.get("message").and_then(Value::as_str).map_or_else(|| error.to_string(), str::to_string);
             return vec![Self::line(&json!({ "error": message }))];
         }
         if let Some(usage) = value.get("usage").filter(|u| !u.is_null()) {
@@ -396,37 +324,22 @@ impl SseToNdjson {
         if let Some(reason) = choice.get("finish_reason").and_then(Value::as_str) {
             self.finish = Some(reason.to_string());
         }
-        for fragment in choice
-            .pointer("/delta/tool_calls")
-            .and_then(Value::as_array)
-            .into_iter()
-            .flatten()
-        {
+        for fragment in choice.pointer("/delta/tool_calls").and_then(Value::as_array).into_iter().flatten() {
             let index = fragment.get("index").and_then(Value::as_u64).unwrap_or(0) as usize;
             while self.calls.len() <= index {
-                self.calls
-                    .push(json!({ "function": { "name": "", "arguments": "" } }));
+                self.calls.push(json!({ "function": { "name": "", "arguments": "" } }));
             }
             let call = &mut self.calls[index];
             if let Some(name) = fragment.pointer("/function/name").and_then(Value::as_str) {
                 call["function"]["name"] = json!(name);
             }
-            if let Some(arguments) = fragment
-                .pointer("/function/arguments")
-                .and_then(Value::as_str)
-            {
-                let joined = format!(
-                    "{}{arguments}",
-                    call["function"]["arguments"].as_str().unwrap_or_default()
-                );
+            if let Some(arguments) = fragment.pointer("/function/arguments").and_then(Value::as_str) {
+                let joined = format!("{}{arguments}", call["function"]["arguments"].as_str().unwrap_or_default());
                 call["function"]["arguments"] = json!(joined);
             }
         }
-        let text = choice
-            .pointer("/delta/content")
-            .or_else(|| choice.get("text"))
-            .and_then(Value::as_str)
-            .unwrap_or_default();
+        let text =
+            choice.pointer("/delta/content").or_else(|| choice.get("text")).and_then(Value::as_str).unwrap_or_default();
         if text.is_empty() {
             return Vec::new();
         }
@@ -446,12 +359,7 @@ impl SseToNdjson {
             out.push(Self::line(&line));
         }
         let mut last = text_line(&self.model, self.field, "", true);
-        final_fields(
-            &mut last,
-            self.finish.as_deref(),
-            self.usage.as_ref(),
-            self.started.elapsed(),
-        );
+        final_fields(&mut last, self.finish.as_deref(), self.usage.as_ref(), self.started.elapsed());
         out.push(Self::line(&last));
         out
     }
@@ -462,9 +370,7 @@ mod tests {
     use super::*;
 
     fn lines(out: &[Bytes]) -> Vec<Value> {
-        out.iter()
-            .map(|b| serde_json::from_slice(b).expect("json line"))
-            .collect()
+        out.iter().map(|b| serde_json::from_slice(b).expect("json line")).collect()
     }
 
     #[test]
@@ -482,30 +388,20 @@ mod tests {
         assert!(t.body.get("num_ctx").is_none());
         assert_eq!(t.body["response_format"]["type"], "json_object");
         assert_eq!(t.body["stream_options"]["include_usage"], true);
-        assert_eq!(
-            t.body["messages"][0]["content"][1]["image_url"]["url"],
-            "data:image/png;base64,AAAA"
-        );
+        assert_eq!(t.body["messages"][0]["content"][1]["image_url"]["url"], "data:image/png;base64,AAAA");
         assert_eq!(t.body["tools"][0]["function"]["name"], "f");
     }
 
     #[test]
     fn generate_request_uses_chat_unless_raw_and_empty_means_load() {
-        let t = generate_request(br#"{"model":"m","prompt":"hi","system":"be brief"}"#, false)
-            .expect("ok")
-            .expect("some");
+        let t =
+            generate_request(br#"{"model":"m","prompt":"hi","system":"be brief"}"#, false).expect("ok").expect("some");
         assert_eq!(t.path, "/v1/chat/completions");
         assert_eq!(t.body["messages"][0]["role"], "system");
         assert_eq!(t.body["messages"][1]["content"], "hi");
-        let raw = generate_request(br#"{"model":"m","prompt":"hi","raw":true}"#, false)
-            .expect("ok")
-            .expect("some");
+        let raw = generate_request(br#"{"model":"m","prompt":"hi","raw":true}"#, false).expect("ok").expect("some");
         assert_eq!(raw.path, "/v1/completions");
-        assert!(
-            generate_request(br#"{"model":"m"}"#, true)
-                .expect("ok")
-                .is_none()
-        );
+        assert!(generate_request(br#"{"model":"m"}"#, true).expect("ok").is_none());
         assert!(generate_request(b"[]", true).is_err());
     }
 
@@ -514,10 +410,10 @@ mod tests {
         let mut t = SseToNdjson::new("m", TextField::Message);
         let mut out = t.push(b"data: {\"choices\":[{\"delta\":{\"role\":\"assistant\",\"content\":\"\"}}]}\n\ndata: {\"choices\":[{\"delta\":{\"content\":\"Hel");
         assert!(out.is_empty(), "a partial event yields nothing yet");
+        out.extend(t.push(b"lo\"}}]}\n\ndata: {\"choices\":[{\"delta\":{},\"finish_reason\":\"length\"}]}\n\n"));
         out.extend(t.push(
-            b"lo\"}}]}\n\ndata: {\"choices\":[{\"delta\":{},\"finish_reason\":\"length\"}]}\n\n",
+            b"data: {\"choices\":[],\"usage\":{\"prompt_tokens\":3,\"completion_tokens\":1}}\n\ndata: [DONE]\n\n",
         ));
-        out.extend(t.push(b"data: {\"choices\":[],\"usage\":{\"prompt_tokens\":3,\"completion_tokens\":1}}\n\ndata: [DONE]\n\n"));
         let out = lines(&out);
         assert_eq!(out.len(), 2);
         assert_eq!(out[0]["message"]["content"], "Hello");
@@ -535,10 +431,7 @@ mod tests {
         t.push(b"data: {\"choices\":[{\"delta\":{\"tool_calls\":[{\"index\":0,\"function\":{\"name\":\"f\",\"arguments\":\"{\\\"a\\\"\"}}]}}]}\n");
         t.push(b"data: {\"choices\":[{\"delta\":{\"tool_calls\":[{\"index\":0,\"function\":{\"arguments\":\":1}\"}}]},\"finish_reason\":\"tool_calls\"}]}\n");
         let out = lines(&t.push(b"data: [DONE]\n"));
-        assert_eq!(
-            out[0]["message"]["tool_calls"][0]["function"]["arguments"]["a"],
-            1
-        );
+        assert_eq!(out[0]["message"]["tool_calls"][0]["function"]["arguments"]["a"], 1);
         assert_eq!(out[1]["done"], true);
     }
 
@@ -561,8 +454,7 @@ mod tests {
         let generated = completion_response("m", TextField::Response, &gen_answer, Duration::ZERO);
         assert_eq!(generated["response"], "once");
         assert_eq!(generated["done_reason"], "length");
-        let embed =
-            json!({ "data": [{ "embedding": [0.5, 0.5] }], "usage": { "prompt_tokens": 1 } });
+        let embed = json!({ "data": [{ "embedding": [0.5, 0.5] }], "usage": { "prompt_tokens": 1 } });
         assert_eq!(embed_response("m", &embed, false)["embeddings"][0][1], 0.5);
         assert_eq!(embed_response("m", &embed, true)["embedding"][0], 0.5);
         assert_eq!(error_message(br#"{"error":{"message":"nope"}}"#), "nope");

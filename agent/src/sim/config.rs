@@ -28,11 +28,8 @@ impl SimModel {
         if name.is_empty() {
             return Err(format!("empty model name in spec '{spec}'"));
         }
-        let billions = name
-            .rsplit(':')
-            .next()
-            .and_then(|tag| tag.strip_suffix(['b', 'B']))
-            .and_then(|n| n.parse::<f64>().ok());
+        let billions =
+            name.rsplit(':').next().and_then(|tag| tag.strip_suffix(['b', 'B'])).and_then(|n| n.parse::<f64>().ok());
         let family = name
             .split(':')
             .next()
@@ -42,18 +39,13 @@ impl SimModel {
         let mut model = SimModel {
             size_bytes: billions.map_or(300_000_000, |b| (b * 0.6e9) as u64),
             parameter_size: billions.map_or_else(|| "137M".to_string(), |b| format!("{b}B")),
-            family: if family.is_empty() {
-                "sim".into()
-            } else {
-                family
-            },
+            family: if family.is_empty() { "sim".into() } else { family },
             quantization: "Q4_K_M".into(),
             name,
         };
         for part in parts {
-            let (key, value) = part
-                .split_once('=')
-                .ok_or_else(|| format!("expected key=value in model spec, got '{part}'"))?;
+            let (key, value) =
+                part.split_once('=').ok_or_else(|| format!("expected key=value in model spec, got '{part}'"))?;
             match key.trim() {
                 "size" => model.size_bytes = parse_size(value.trim())?,
                 "family" => model.family = value.trim().to_string(),
@@ -81,10 +73,7 @@ fn parse_size(text: &str) -> Result<u64, String> {
     } else {
         (upper.as_str(), 1.0)
     };
-    number
-        .parse::<f64>()
-        .map(|n| (n * scale) as u64)
-        .map_err(|_| format!("bad size '{text}' (use e.g. 4.7G or 300M)"))
+    number.parse::<f64>().map(|n| (n * scale) as u64).map_err(|_| format!("bad size '{text}' (use e.g. 4.7G or 300M)"))
 }
 
 /// Faults the sim injects; changeable at run time through `POST /sim/faults`.
@@ -107,11 +96,7 @@ pub struct Faults {
 #[serde(default)]
 pub struct SimConfig {
     /// Models on disk, comma-separated; each `name[+size=4.7G][+family=F][+quant=Q]`.
-    #[arg(
-        long = "models",
-        value_delimiter = ',',
-        default_value = "qwen2.5:7b,llama3.2:3b,nomic-embed-text"
-    )]
+    #[arg(long = "models", value_delimiter = ',', default_value = "qwen2.5:7b,llama3.2:3b,nomic-embed-text")]
     pub models: Vec<String>,
     /// Models loaded at start (default: the first `max-loaded` models).
     #[arg(long = "preload", value_delimiter = ',')]
@@ -154,11 +139,7 @@ pub struct SimConfig {
 impl Default for SimConfig {
     fn default() -> Self {
         SimConfig {
-            models: vec![
-                "qwen2.5:7b".into(),
-                "llama3.2:3b".into(),
-                "nomic-embed-text".into(),
-            ],
+            models: vec!["qwen2.5:7b".into(), "llama3.2:3b".into(), "nomic-embed-text".into()],
             preload: None,
             slots: 4,
             max_loaded: 3,
@@ -177,10 +158,7 @@ impl Default for SimConfig {
 impl SimConfig {
     /// The parsed model list, or a message naming the bad item.
     pub fn parsed_models(&self) -> Result<Vec<SimModel>, String> {
-        self.models
-            .iter()
-            .map(|spec| SimModel::parse(spec))
-            .collect()
+        self.models.iter().map(|spec| SimModel::parse(spec)).collect()
     }
 }
 

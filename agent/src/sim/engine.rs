@@ -38,8 +38,7 @@ impl Prompt {
     pub fn push(&mut self, role: &str, content: &str) {
         let (prev_hash, prev_tokens) = self.segments.last().copied().unwrap_or((0, 0));
         let hash = text::fnv1a(text::fnv1a(prev_hash, role.as_bytes()), content.as_bytes());
-        self.segments
-            .push((hash, prev_tokens + text::count_tokens(content)));
+        self.segments.push((hash, prev_tokens + text::count_tokens(content)));
     }
 
     /// Total prompt tokens.
@@ -170,11 +169,7 @@ impl SimEngine {
         }
         let preload: Vec<String> = match &config.preload {
             Some(names) => names.clone(),
-            None => models
-                .iter()
-                .take(config.max_loaded)
-                .map(|m| m.name.clone())
-                .collect(),
+            None => models.iter().take(config.max_loaded).map(|m| m.name.clone()).collect(),
         };
         let mut state = State::default();
         for name in preload.iter().filter(|n| !n.is_empty()) {
@@ -214,13 +209,10 @@ impl SimEngine {
 
     /// Finds a model by name, accepting Ollama's implicit `:latest`.
     pub fn model(&self, name: &str) -> Option<&SimModel> {
-        self.models
-            .iter()
-            .find(|m| m.name == name || m.name.strip_suffix(":latest") == Some(name))
-            .or_else(|| {
-                let bare = name.strip_suffix(":latest")?;
-                self.models.iter().find(|m| m.name == bare)
-            })
+        self.models.iter().find(|m| m.name == name || m.name.strip_suffix(":latest") == Some(name)).or_else(|| {
+            let bare = name.strip_suffix(":latest")?;
+            self.models.iter().find(|m| m.name == bare)
+        })
     }
 
     /// Names of the models loaded now.
@@ -243,26 +235,17 @@ impl SimEngine {
 
     /// The active faults.
     pub fn faults(&self) -> Faults {
-        self.faults
-            .read()
-            .unwrap_or_else(PoisonError::into_inner)
-            .clone()
+        self.faults.read().unwrap_or_else(PoisonError::into_inner).clone()
     }
 
     /// Remembers the raw body of an inference request.
     pub fn record(&self, path: &str, body: &Bytes) {
-        *self
-            .last_request
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner) = Some((path.to_string(), body.clone()));
+        *self.last_request.lock().unwrap_or_else(PoisonError::into_inner) = Some((path.to_string(), body.clone()));
     }
 
     /// The last recorded request.
     pub fn last_request(&self) -> Option<RecordedRequest> {
-        let last = self
-            .last_request
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner);
+        let last = self.last_request.lock().unwrap_or_else(PoisonError::into_inner);
         last.as_ref().map(|(path, body)| RecordedRequest {
             path: path.clone(),
             body: String::from_utf8_lossy(body).into_owned(),
@@ -314,13 +297,7 @@ impl SimEngine {
         let slots = Arc::new(Semaphore::new(self.config.slots.max(1) as usize));
         let mut state = self.state.lock().unwrap_or_else(PoisonError::into_inner);
         while state.loaded.len() >= self.config.max_loaded.max(1) {
-            let Some(lru) = state
-                .loaded
-                .iter()
-                .enumerate()
-                .min_by_key(|(_, l)| l.last_used)
-                .map(|(i, _)| i)
-            else {
+            let Some(lru) = state.loaded.iter().enumerate().min_by_key(|(_, l)| l.last_used).map(|(i, _)| i) else {
                 break;
             };
             let evicted = state.loaded.swap_remove(lru);
@@ -329,11 +306,7 @@ impl SimEngine {
         }
         state.tick += 1;
         let tick = state.tick;
-        state.loaded.push(Loaded {
-            name: model.to_string(),
-            slots: slots.clone(),
-            last_used: tick,
-        });
+        state.loaded.push(Loaded { name: model.to_string(), slots: slots.clone(), last_used: tick });
         (slots, began.elapsed())
     }
 
@@ -354,12 +327,8 @@ impl SimEngine {
         let tick = state.tick;
         let capacity = self.config.prefix_cache_entries;
         let cache = state.prefixes.entry(model.to_string()).or_default();
-        let cached = prompt
-            .segments
-            .iter()
-            .rev()
-            .find(|(hash, _)| cache.contains_key(hash))
-            .map_or(0, |(_, tokens)| *tokens);
+        let cached =
+            prompt.segments.iter().rev().find(|(hash, _)| cache.contains_key(hash)).map_or(0, |(_, tokens)| *tokens);
         for (hash, _) in &prompt.segments {
             remember(cache, *hash, tick, capacity);
         }
@@ -380,11 +349,7 @@ impl SimEngine {
     /// and evaluates the prompt. The returned [`Run`] yields the tokens.
     pub async fn start(&self, req: GenRequest) -> Result<Run, SimError> {
         let began = Instant::now();
-        let model = self
-            .model(&req.model)
-            .ok_or_else(|| SimError::ModelNotFound(req.model.clone()))?
-            .name
-            .clone();
+        let model = self.model(&req.model).ok_or_else(|| SimError::ModelNotFound(req.model.clone()))?.name.clone();
         self.stats.requests.fetch_add(1, Ordering::Relaxed);
         let mut guard = RunGuard::new(self.stats.clone());
         let faults = self.faults();
@@ -430,12 +395,8 @@ impl SimEngine {
             OutputShape::ToolCall(_) => 1,
             _ => tokens.len() as u32,
         };
-        self.stats
-            .prompt_tokens
-            .fetch_add(u64::from(prompt_tokens), Ordering::Relaxed);
-        self.stats
-            .cached_prompt_tokens
-            .fetch_add(u64::from(cached), Ordering::Relaxed);
+        self.stats.prompt_tokens.fetch_add(u64::from(prompt_tokens), Ordering::Relaxed);
+        self.stats.cached_prompt_tokens.fetch_add(u64::from(cached), Ordering::Relaxed);
         Ok(Run {
             model,
             truncated: req.max_tokens.is_some_and(|m| m == completion_tokens),
@@ -461,9 +422,7 @@ impl SimEngine {
     pub fn finish(&self, mut run: Run) {
         run.guard.finished = true;
         self.stats.completed.fetch_add(1, Ordering::Relaxed);
-        self.stats
-            .completion_tokens
-            .fetch_add(u64::from(run.completion_tokens), Ordering::Relaxed);
+        self.stats.completion_tokens.fetch_add(u64::from(run.completion_tokens), Ordering::Relaxed);
         if run.shape != OutputShape::Text {
             return;
         }
@@ -475,9 +434,7 @@ impl SimEngine {
     pub fn count_embedding(&self, tokens: u32) {
         self.stats.requests.fetch_add(1, Ordering::Relaxed);
         self.stats.completed.fetch_add(1, Ordering::Relaxed);
-        self.stats
-            .prompt_tokens
-            .fetch_add(u64::from(tokens), Ordering::Relaxed);
+        self.stats.prompt_tokens.fetch_add(u64::from(tokens), Ordering::Relaxed);
     }
 
     /// Draws the error fault for requests that do not go through [`Self::start`].
@@ -515,10 +472,7 @@ struct RunGuard {
 impl RunGuard {
     fn new(stats: Arc<Stats>) -> RunGuard {
         stats.in_flight.fetch_add(1, Ordering::Relaxed);
-        RunGuard {
-            stats,
-            finished: false,
-        }
+        RunGuard { stats, finished: false }
     }
 }
 
@@ -574,8 +528,7 @@ impl Run {
             return Some(Err(Dropped));
         }
         if self.decode_tps > 0.0 {
-            let due = self.decode_began
-                + Duration::from_secs_f64((self.next + 1) as f64 / self.decode_tps);
+            let due = self.decode_began + Duration::from_secs_f64((self.next + 1) as f64 / self.decode_tps);
             tokio::time::sleep_until(due.into()).await;
         }
         self.next += 1;
@@ -615,21 +568,13 @@ mod tests {
         for t in turns {
             prompt.push("user", t);
         }
-        GenRequest {
-            model: model.into(),
-            prompt,
-            max_tokens: Some(4),
-            shape: OutputShape::Text,
-        }
+        GenRequest { model: model.into(), prompt, max_tokens: Some(4), shape: OutputShape::Text }
     }
 
     #[tokio::test]
     async fn usage_matches_generated_tokens() {
         let sim = engine(SimConfig::default());
-        let mut run = sim
-            .start(chat("qwen2.5:7b", &["hello there world"]))
-            .await
-            .expect("starts");
+        let mut run = sim.start(chat("qwen2.5:7b", &["hello there world"])).await.expect("starts");
         let text = run.collect().await.expect("no drop");
         assert_eq!(text::count_tokens(&text), 4);
         assert_eq!(run.prompt_tokens, 3);
@@ -637,19 +582,13 @@ mod tests {
         assert!(run.truncated);
         sim.finish(run);
         let stats = sim.stats();
-        assert_eq!(
-            (stats.completed, stats.cancelled, stats.in_flight),
-            (1, 0, 0)
-        );
+        assert_eq!((stats.completed, stats.cancelled, stats.in_flight), (1, 0, 0));
     }
 
     #[tokio::test]
     async fn dropping_a_run_counts_a_cancel() {
         let sim = engine(SimConfig::default());
-        let run = sim
-            .start(chat("qwen2.5:7b", &["hi"]))
-            .await
-            .expect("starts");
+        let run = sim.start(chat("qwen2.5:7b", &["hi"])).await.expect("starts");
         drop(run);
         assert_eq!(sim.stats().cancelled, 1);
     }
@@ -657,10 +596,7 @@ mod tests {
     #[tokio::test]
     async fn second_turn_hits_the_prefix_cache() {
         let sim = engine(SimConfig::default());
-        let mut first = sim
-            .start(chat("qwen2.5:7b", &["one two three"]))
-            .await
-            .expect("starts");
+        let mut first = sim.start(chat("qwen2.5:7b", &["one two three"])).await.expect("starts");
         let reply = first.collect().await.expect("no drop");
         assert_eq!(first.cached_tokens, 0);
         sim.finish(first);
@@ -668,12 +604,7 @@ mod tests {
         prompt.push("user", "one two three");
         prompt.push("assistant", &reply);
         prompt.push("user", "four");
-        let req = GenRequest {
-            model: "qwen2.5:7b".into(),
-            prompt,
-            max_tokens: None,
-            shape: OutputShape::Text,
-        };
+        let req = GenRequest { model: "qwen2.5:7b".into(), prompt, max_tokens: None, shape: OutputShape::Text };
         let second = sim.start(req).await.expect("starts");
         assert_eq!(second.cached_tokens, 3 + 4);
     }
@@ -694,10 +625,7 @@ mod tests {
 
     #[tokio::test]
     async fn slots_bound_concurrency() {
-        let sim = Arc::new(engine(SimConfig {
-            slots: 1,
-            ..SimConfig::default()
-        }));
+        let sim = Arc::new(engine(SimConfig { slots: 1, ..SimConfig::default() }));
         let first = sim.start(chat("qwen2.5:7b", &["a"])).await.expect("starts");
         let waiting = tokio::spawn({
             let sim = sim.clone();
@@ -712,27 +640,15 @@ mod tests {
         }
         assert_eq!(sim.stats().queued, 1);
         drop(first);
-        waiting
-            .await
-            .expect("joins")
-            .expect("starts once the slot frees");
+        waiting.await.expect("joins").expect("starts once the slot frees");
     }
 
     #[tokio::test]
     async fn faults_fail_and_drop() {
         let sim = engine(SimConfig::default());
-        sim.set_faults(Faults {
-            error_rate: 1.0,
-            ..Faults::default()
-        });
-        assert!(matches!(
-            sim.start(chat("qwen2.5:7b", &["x"])).await,
-            Err(SimError::Injected)
-        ));
-        sim.set_faults(Faults {
-            drop_after_tokens: Some(2),
-            ..Faults::default()
-        });
+        sim.set_faults(Faults { error_rate: 1.0, ..Faults::default() });
+        assert!(matches!(sim.start(chat("qwen2.5:7b", &["x"])).await, Err(SimError::Injected)));
+        sim.set_faults(Faults { drop_after_tokens: Some(2), ..Faults::default() });
         let mut run = sim.start(chat("qwen2.5:7b", &["x"])).await.expect("starts");
         assert!(run.next_token().await.is_some_and(|t| t.is_ok()));
         assert!(run.next_token().await.is_some_and(|t| t.is_ok()));
@@ -741,10 +657,7 @@ mod tests {
 
     #[test]
     fn implicit_latest_tag_resolves() {
-        let sim = engine(SimConfig {
-            models: vec!["phi3:latest".into(), "qwen:7b".into()],
-            ..SimConfig::default()
-        });
+        let sim = engine(SimConfig { models: vec!["phi3:latest".into(), "qwen:7b".into()], ..SimConfig::default() });
         assert!(sim.model("phi3").is_some());
         assert!(sim.model("qwen:7b").is_some());
         assert!(sim.model("missing").is_none());

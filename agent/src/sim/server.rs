@@ -32,10 +32,7 @@ static IDS: AtomicU64 = AtomicU64::new(1);
 pub fn router(engine: Arc<SimEngine>) -> Router {
     Router::new()
         .route("/", get(|| async { "Ollama is running" }))
-        .route(
-            "/api/version",
-            get(|| async { Json(json!({ "version": OLLAMA_COMPAT_VERSION })) }),
-        )
+        .route("/api/version", get(|| async { Json(json!({ "version": OLLAMA_COMPAT_VERSION })) }))
         .route("/api/tags", get(tags))
         .route("/api/ps", get(ps))
         .route("/api/show", post(show))
@@ -84,11 +81,7 @@ impl IntoResponse for Fail {
 }
 
 fn error(family: Family, status: StatusCode, message: &str) -> Fail {
-    Fail {
-        family,
-        status,
-        message: message.to_string(),
-    }
+    Fail { family, status, message: message.to_string() }
 }
 
 fn sim_error(family: Family, err: &SimError) -> Fail {
@@ -101,19 +94,10 @@ fn sim_error(family: Family, err: &SimError) -> Fail {
 
 fn parse(family: Family, uri: &Uri, engine: &SimEngine, body: &Bytes) -> Result<Value, Fail> {
     engine.record(uri.path(), body);
-    let value: Value = serde_json::from_slice(body).map_err(|e| {
-        error(
-            family,
-            StatusCode::BAD_REQUEST,
-            &format!("invalid JSON: {e}"),
-        )
-    })?;
+    let value: Value = serde_json::from_slice(body)
+        .map_err(|e| error(family, StatusCode::BAD_REQUEST, &format!("invalid JSON: {e}")))?;
     if !value.is_object() {
-        return Err(error(
-            family,
-            StatusCode::BAD_REQUEST,
-            "request body must be a JSON object",
-        ));
+        return Err(error(family, StatusCode::BAD_REQUEST, "request body must be a JSON object"));
     }
     Ok(value)
 }
@@ -131,27 +115,17 @@ fn model_of(family: Family, body: &Value) -> Result<String, Fail> {
 fn content_text(content: Option<&Value>) -> String {
     match content {
         Some(Value::String(s)) => s.clone(),
-        Some(Value::Array(parts)) => parts
-            .iter()
-            .filter_map(|p| p.get("text").and_then(Value::as_str))
-            .collect::<Vec<_>>()
-            .join(" "),
+        Some(Value::Array(parts)) => {
+            parts.iter().filter_map(|p| p.get("text").and_then(Value::as_str)).collect::<Vec<_>>().join(" ")
+        }
         _ => String::new(),
     }
 }
 
 fn chat_prompt(body: &Value) -> Prompt {
     let mut prompt = Prompt::default();
-    for message in body
-        .get("messages")
-        .and_then(Value::as_array)
-        .into_iter()
-        .flatten()
-    {
-        let role = message
-            .get("role")
-            .and_then(Value::as_str)
-            .unwrap_or("user");
+    for message in body.get("messages").and_then(Value::as_array).into_iter().flatten() {
+        let role = message.get("role").and_then(Value::as_str).unwrap_or("user");
         prompt.push(role, &content_text(message.get("content")));
     }
     prompt
@@ -163,11 +137,7 @@ fn text_prompt(body: &Value, field: &str) -> Prompt {
         prompt.push("system", system);
     }
     let text = match body.get(field) {
-        Some(Value::Array(items)) => items
-            .iter()
-            .filter_map(Value::as_str)
-            .collect::<Vec<_>>()
-            .join(" "),
+        Some(Value::Array(items)) => items.iter().filter_map(Value::as_str).collect::<Vec<_>>().join(" "),
         other => content_text(other),
     };
     prompt.push("user", &text);
@@ -179,9 +149,7 @@ fn tool_name(body: &Value) -> Option<String> {
         return None;
     }
     let tool = body.get("tools")?.as_array()?.first()?;
-    tool.pointer("/function/name")
-        .and_then(Value::as_str)
-        .map(str::to_string)
+    tool.pointer("/function/name").and_then(Value::as_str).map(str::to_string)
 }
 
 fn shape(body: &Value, family: Family) -> OutputShape {
@@ -189,46 +157,30 @@ fn shape(body: &Value, family: Family) -> OutputShape {
         return OutputShape::ToolCall(name);
     }
     let json_mode = match family {
-        Family::OpenAi => matches!(
-            body.pointer("/response_format/type")
-                .and_then(Value::as_str),
-            Some("json_object" | "json_schema")
-        ),
+        Family::OpenAi => {
+            matches!(body.pointer("/response_format/type").and_then(Value::as_str), Some("json_object" | "json_schema"))
+        }
         Family::Ollama => {
-            !matches!(body.get("format"), None | Some(Value::Null))
-                && body.get("format") != Some(&json!(""))
+            !matches!(body.get("format"), None | Some(Value::Null)) && body.get("format") != Some(&json!(""))
         }
     };
-    if json_mode {
-        OutputShape::Json
-    } else {
-        OutputShape::Text
-    }
+    if json_mode { OutputShape::Json } else { OutputShape::Text }
 }
 
 fn max_tokens(body: &Value, family: Family) -> Option<u32> {
     let value = match family {
-        Family::OpenAi => body
-            .get("max_completion_tokens")
-            .or_else(|| body.get("max_tokens")),
+        Family::OpenAi => body.get("max_completion_tokens").or_else(|| body.get("max_tokens")),
         Family::Ollama => body.pointer("/options/num_predict"),
     };
-    value
-        .and_then(Value::as_i64)
-        .filter(|n| *n > 0)
-        .map(|n| u32::try_from(n).unwrap_or(u32::MAX))
+    value.and_then(Value::as_i64).filter(|n| *n > 0).map(|n| u32::try_from(n).unwrap_or(u32::MAX))
 }
 
 fn stream_flag(body: &Value, default: bool) -> bool {
-    body.get("stream")
-        .and_then(Value::as_bool)
-        .unwrap_or(default)
+    body.get("stream").and_then(Value::as_bool).unwrap_or(default)
 }
 
 fn unix_now() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs())
+    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs())
 }
 
 fn rfc3339_now() -> String {
@@ -271,9 +223,7 @@ async fn drop_pause() {
 fn dropped_connection() -> Response {
     streaming(
         "application/json",
-        futures::stream::once(async {
-            Err(std::io::Error::other("connection dropped (injected fault)"))
-        }),
+        futures::stream::once(async { Err(std::io::Error::other("connection dropped (injected fault)")) }),
     )
 }
 
@@ -295,10 +245,7 @@ fn finish_reason(run: &Run) -> &'static str {
 }
 
 fn tool_call_id(run: &Run) -> String {
-    format!(
-        "call_{:x}",
-        text::fnv1a(run.prompt_tokens.into(), run.model.as_bytes())
-    )
+    format!("call_{:x}", text::fnv1a(run.prompt_tokens.into(), run.model.as_bytes()))
 }
 
 async fn openai_chat(State(engine): Sim, uri: Uri, body: Bytes) -> Response {
@@ -343,10 +290,7 @@ async fn openai_chat(State(engine): Sim, uri: Uri, body: Bytes) -> Response {
         engine.finish(run);
         return Json(response).into_response();
     }
-    let include_usage = body
-        .pointer("/stream_options/include_usage")
-        .and_then(Value::as_bool)
-        == Some(true);
+    let include_usage = body.pointer("/stream_options/include_usage").and_then(Value::as_bool) == Some(true);
     let model = run.model.clone();
     let stream = async_stream::stream! {
         let chunk = |delta: Value, finish: Option<&str>| json!({
@@ -418,10 +362,7 @@ async fn openai_completions(State(engine): Sim, uri: Uri, body: Bytes) -> Respon
         engine.finish(run);
         return Json(response).into_response();
     }
-    let include_usage = body
-        .pointer("/stream_options/include_usage")
-        .and_then(Value::as_bool)
-        == Some(true);
+    let include_usage = body.pointer("/stream_options/include_usage").and_then(Value::as_bool) == Some(true);
     let model = run.model.clone();
     let stream = async_stream::stream! {
         let chunk = |text: &str, finish: Option<&str>| json!({
@@ -460,26 +401,19 @@ fn embedding_inputs(value: Option<&Value>) -> Vec<String> {
         Some(Value::Array(items)) if items.iter().all(Value::is_number) => {
             vec![Value::Array(items.clone()).to_string()]
         }
-        Some(Value::Array(items)) => items
-            .iter()
-            .map(|i| i.as_str().map_or_else(|| i.to_string(), str::to_string))
-            .collect(),
+        Some(Value::Array(items)) => {
+            items.iter().map(|i| i.as_str().map_or_else(|| i.to_string(), str::to_string)).collect()
+        }
         _ => Vec::new(),
     }
 }
 
-fn embedding_model<'a>(
-    engine: &'a SimEngine,
-    family: Family,
-    body: &Value,
-) -> Result<&'a SimModel, Fail> {
+fn embedding_model<'a>(engine: &'a SimEngine, family: Family, body: &Value) -> Result<&'a SimModel, Fail> {
     let model = model_of(family, body)?;
     if engine.injected_error() {
         return Err(sim_error(family, &SimError::Injected));
     }
-    engine
-        .model(&model)
-        .ok_or_else(|| sim_error(family, &SimError::ModelNotFound(model)))
+    engine.model(&model).ok_or_else(|| sim_error(family, &SimError::ModelNotFound(model)))
 }
 
 async fn openai_embeddings(State(engine): Sim, uri: Uri, body: Bytes) -> Response {
@@ -529,11 +463,7 @@ fn ollama_details(model: &SimModel) -> Value {
 }
 
 fn digest(model: &SimModel) -> String {
-    format!(
-        "{:016x}{:016x}",
-        text::fnv1a(1, model.name.as_bytes()),
-        text::fnv1a(2, model.name.as_bytes())
-    )
+    format!("{:016x}{:016x}", text::fnv1a(1, model.name.as_bytes()), text::fnv1a(2, model.name.as_bytes()))
 }
 
 async fn tags(State(engine): Sim) -> Json<Value> {
@@ -553,8 +483,7 @@ async fn tags(State(engine): Sim) -> Json<Value> {
 
 async fn ps(State(engine): Sim) -> Json<Value> {
     let expires =
-        humantime::format_rfc3339_seconds(SystemTime::now() + std::time::Duration::from_secs(300))
-            .to_string();
+        humantime::format_rfc3339_seconds(SystemTime::now() + std::time::Duration::from_secs(300)).to_string();
     let models: Vec<Value> = engine
         .loaded()
         .iter()
@@ -583,11 +512,7 @@ async fn show(State(engine): Sim, uri: Uri, body: Bytes) -> Response {
     let Some(model) = engine.model(&name) else {
         return sim_error(family, &SimError::ModelNotFound(name)).into_response();
     };
-    let capabilities = if model.is_embedding() {
-        json!(["embedding"])
-    } else {
-        json!(["completion", "tools"])
-    };
+    let capabilities = if model.is_embedding() { json!(["embedding"]) } else { json!(["completion", "tools"]) };
     Json(json!({
         "modelfile": format!("FROM {}\n", model.name),
         "parameters": "num_ctx 4096",
@@ -623,44 +548,30 @@ fn ollama_final(run: &Run, body_field: &str) -> Value {
     done
 }
 
-async fn ollama_generation(
-    engine: Arc<SimEngine>,
-    body: Value,
-    prompt: Prompt,
-    field: &'static str,
-) -> Response {
+async fn ollama_generation(engine: Arc<SimEngine>, body: Value, prompt: Prompt, field: &'static str) -> Response {
     let family = Family::Ollama;
     let model = match model_of(family, &body) {
         Ok(m) => m,
         Err(r) => return r.into_response(),
     };
     // Ollama treats an empty generate prompt as "load the model" (preload).
-    if field == "response"
-        && body
-            .get("prompt")
-            .and_then(Value::as_str)
-            .is_none_or(str::is_empty)
-    {
+    if field == "response" && body.get("prompt").and_then(Value::as_str).is_none_or(str::is_empty) {
         let Some(found) = engine.model(&model).map(|m| m.name.clone()) else {
             return sim_error(family, &SimError::ModelNotFound(model)).into_response();
         };
         engine.ensure_loaded(&found).await;
-        return Json(json!({ "model": found, "created_at": rfc3339_now(), "response": "", "done": true, "done_reason": "load" })).into_response();
+        return Json(
+            json!({ "model": found, "created_at": rfc3339_now(), "response": "", "done": true, "done_reason": "load" }),
+        )
+        .into_response();
     }
-    let req = GenRequest {
-        prompt,
-        max_tokens: max_tokens(&body, family),
-        shape: shape(&body, family),
-        model,
-    };
+    let req = GenRequest { prompt, max_tokens: max_tokens(&body, family), shape: shape(&body, family), model };
     let mut run = match engine.start(req).await {
         Ok(run) => run,
         Err(e) => return sim_error(family, &e).into_response(),
     };
     let tool_calls = match &run.shape {
-        OutputShape::ToolCall(name) => {
-            Some(json!([{ "function": { "name": name, "arguments": {} } }]))
-        }
+        OutputShape::ToolCall(name) => Some(json!([{ "function": { "name": name, "arguments": {} } }])),
         _ => None,
     };
     if !stream_flag(&body, true) {
@@ -762,13 +673,9 @@ async fn ollama_embeddings(State(engine): Sim, uri: Uri, body: Bytes) -> Respons
     if let Err(r) = embedding_model(&engine, family, &body) {
         return r.into_response();
     }
-    let prompt = body
-        .get("prompt")
-        .and_then(Value::as_str)
-        .unwrap_or_default();
+    let prompt = body.get("prompt").and_then(Value::as_str).unwrap_or_default();
     engine.count_embedding(text::count_tokens(prompt));
-    Json(json!({ "embedding": text::embedding(prompt, engine.config().embedding_dim) }))
-        .into_response()
+    Json(json!({ "embedding": text::embedding(prompt, engine.config().embedding_dim) })).into_response()
 }
 
 fn openai_model_json(model: &SimModel) -> Value {
@@ -795,10 +702,7 @@ async fn get_faults(State(engine): Sim) -> Json<Faults> {
     Json(engine.faults())
 }
 
-async fn set_faults(
-    State(engine): Sim,
-    Json(faults): Json<Faults>,
-) -> Result<Json<Faults>, Infallible> {
+async fn set_faults(State(engine): Sim, Json(faults): Json<Faults>) -> Result<Json<Faults>, Infallible> {
     engine.set_faults(faults);
     Ok(Json(engine.faults()))
 }

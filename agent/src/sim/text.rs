@@ -88,11 +88,7 @@ pub fn generate_tokens(seed: u64, n: u32) -> Vec<String> {
     (0..n)
         .map(|i| {
             let word = VOCABULARY[(mix(seed ^ u64::from(i)) % VOCABULARY.len() as u64) as usize];
-            if i == 0 {
-                word.to_string()
-            } else {
-                format!(" {word}")
-            }
+            if i == 0 { word.to_string() } else { format!(" {word}") }
         })
         .collect()
 }
@@ -100,9 +96,8 @@ pub fn generate_tokens(seed: u64, n: u32) -> Vec<String> {
 /// A unit-length embedding of `text` with `dim` dimensions.
 pub fn embedding(text: &str, dim: usize) -> Vec<f32> {
     let base = fnv1a(0, text.as_bytes());
-    let mut v: Vec<f32> = (0..dim as u64)
-        .map(|i| (mix(base ^ i) as f64 / u64::MAX as f64 * 2.0 - 1.0) as f32)
-        .collect();
+    let mut v: Vec<f32> =
+        (0..dim as u64).map(|i| (mix(base ^ i) as f64 / u64::MAX as f64 * 2.0 - 1.0) as f32).collect();
     let norm = v.iter().map(|x| x * x).sum::<f32>().sqrt();
     if norm > 0.0 {
         v.iter_mut().for_each(|x| *x /= norm);

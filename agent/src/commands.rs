@@ -1,0 +1,176 @@
+//! One-shot commands: `llmesh init` and `llmesh status`.
+
+use std::process::ExitCode;
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Empty};
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::TokioExecutor;
+use llmesh_mesh::{ClusterSecret, JoinToken};
+use serde_json::Value;
+
+use crate::cli::{InitArgs, StatusArgs};
+use crate::config::{MeshConfig, parse_peer_addr};
+
+/// `llmesh init`: creates the cluster secret and node key in the data
+/// directory (keeping existing ones) and prints the join token.
+pub fn init(args: &InitArgs) -> ExitCode {
+    let mesh = MeshConfig { data_dir: args.data_dir.clone(), ..MeshConfig::default() };
+    let dir = mesh.data_dir();
+    let bootstrap = match args.bootstrap.iter().map(|a| parse_peer_addr(a)).collect::<Result<Vec<_>, _>>() {
+        Ok(addrs) => addrs,
+        Err(err) => {
+            eprintln!("llmesh init: {err}");
+            return ExitCode::from(2);
+        }
+    };
+    let (secret, created) = match ClusterSecret::load_or_create(&dir) {
+        Ok(found) => found,
+        Err(err) => {
+            eprintln!("llmesh init: {err}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let node_id = match llmesh_mesh::identity::load_or_create(&dir) {
+        Ok((key, _)) => key.public().to_peer_id(),
+        Err(err) => {
+            eprintln!("llmesh init: {err}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let token = JoinToken { secret: secret.clone(), bootstrap }.encode();
+    let what = if created { "created a new cluster" } else { "this node's cluster" };
+    println!("{what} (fingerprint {}), secret stored in {}", secret.fingerprint(), dir.display());
+    println!("this node's id: {node_id}");
+    println!();
+    println!("join token (keep it secret: it admits machines to the cluster):");
+    println!("{token}");
+    println!();
+    println!("on every other box:  llmesh agent --join {token}");
+    if args.bootstrap.is_empty() {
+        println!(
+            "(add --bootstrap THIS_HOST:11441 there when mDNS cannot reach this box, or run init with --bootstrap)"
+        );
+    }
+    ExitCode::SUCCESS
+}
+
+async fn fetch(url: &str) -> Result<Value, String> {
+    let client: Client<_, Empty<Bytes>> = Client::builder(TokioExecutor::new()).build_http();
+    let uri: http::Uri = url.parse().map_err(|e| format!("bad URL {url}: {e}"))?;
+    let response = tokio::time::timeout(std::time::Duration::from_secs(10), client.get(uri))
+        .await
+        .map_err(|_| format!("{url} did not answer within 10s"))?
+        .map_err(|e| format!("cannot reach {url}: {e}"))?;
+    let status = response.status();
+    let body = response.into_body().collect().await.map_err(|e| format!("{url}: {e}"))?.to_bytes();
+    if !status.is_success() {
+        return Err(format!("{url} answered {status}: {}", String::from_utf8_lossy(&body)));
+    }
+    serde_json::from_slice(&body).map_err(|e| format!("{url} sent invalid JSON: {e}"))
+}
+
+fn short_id(id: &str) -> String {
+    if id.len() > 12 { format!("…{}", &id[id.len() - 10..]) } else { id.to_string() }
+}
+
+/// Renders `/mesh/v1/nodes` as a table.
+pub fn render_table(nodes: &Value) -> String {
+    let mut rows = vec![[
+        "NODE".to_string(),
+        "ID".into(),
+        "STATE".into(),
+        "API".into(),
+        "BACKEND".into(),
+        "IN-FLIGHT".into(),
+        "GPUS".into(),
+        "MODELS (* = loaded)".into(),
+    ]];
+    for node in nodes["nodes"].as_array().into_iter().flatten() {
+        let loaded: Vec<&str> =
+            node["models"]["loaded"].as_array().into_iter().flatten().filter_map(|m| m["name"].as_str()).collect();
+        let models: Vec<String> = node["models"]["available"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(Value::as_str)
+            .map(|m| if loaded.contains(&m) { format!("{m}*") } else { m.to_string() })
+            .collect();
+        let gpus = node["gpus"].as_array().map_or(0, Vec::len);
+        let name =
+            format!("{}{}", node["name"].as_str().unwrap_or("?"), if node["self"] == true { " (this)" } else { "" });
+        let backend = format!(
+            "{} {}",
+            node["backend"]["kind"].as_str().unwrap_or("?"),
+            if node["backend"]["healthy"] == true { "ok" } else { "down" }
+        );
+        rows.push([
+            name,
+            short_id(node["id"].as_str().unwrap_or("")),
+            node["liveness"].as_str().unwrap_or("?").to_string(),
+            node["addresses"]["api"].as_str().unwrap_or("").to_string(),
+            backend,
+            node["load"]["in_flight"].to_string(),
+            if gpus == 0 { "none".into() } else { gpus.to_string() },
+            models.join(", "),
+        ]);
+    }
+    let widths: Vec<usize> = (0..8).map(|c| rows.iter().map(|r| r[c].chars().count()).max().unwrap_or(0)).collect();
+    rows.iter()
+        .map(|row| {
+            row.iter()
+                .enumerate()
+                .map(|(c, cell)| if c == 7 { cell.clone() } else { format!("{cell:<width$}", width = widths[c]) })
+                .collect::<Vec<_>>()
+                .join("  ")
+                .trim_end()
+                .to_string()
+        })
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+/// `llmesh status`: the mesh as one node sees it.
+pub async fn status(args: &StatusArgs) -> ExitCode {
+    let url = format!("{}/mesh/v1/nodes", args.node.trim_end_matches('/'));
+    match fetch(&url).await {
+        Ok(nodes) => {
+            if args.json {
+                println!("{}", serde_json::to_string_pretty(&nodes).unwrap_or_default());
+            } else {
+                println!("{}", render_table(&nodes));
+            }
+            ExitCode::SUCCESS
+        }
+        Err(err) => {
+            eprintln!("llmesh status: {err}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn table_marks_loaded_models_and_this_node() {
+        let nodes = json!({ "nodes": [
+            { "name": "a", "self": true, "id": "12D3KooWabcdefghijklmnop", "liveness": "alive",
+              "addresses": { "api": "http://127.0.0.1:1" }, "backend": { "kind": "sim", "healthy": true },
+              "load": { "in_flight": 2 }, "gpus": [],
+              "models": { "loaded": [{ "name": "m1" }], "available": ["m1", "m2"] } },
+            { "name": "b", "self": false, "id": "short", "liveness": "dead",
+              "addresses": { "api": "http://127.0.0.1:2" }, "backend": { "kind": "ollama", "healthy": false },
+              "load": { "in_flight": 0 }, "gpus": [{}], "models": { "loaded": [], "available": [] } },
+        ]});
+        let table = render_table(&nodes);
+        let lines: Vec<&str> = table.lines().collect();
+        assert_eq!(lines.len(), 3);
+        assert!(lines[1].starts_with("a (this)"));
+        assert!(lines[1].contains("m1*, m2"));
+        assert!(lines[1].contains("…ghijklmnop"));
+        assert!(lines[2].contains("dead") && lines[2].contains("ollama down"));
+    }
+}

@@ -1,0 +1,108 @@
+//! This node's own traffic: requests in flight per model and a moving
+//! average of time to first byte, gossiped so others can route around busy
+//! or slow nodes.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Duration;
+
+use llmesh_proto::ModelLoad;
+
+/// Weight of a new sample in the moving averages: recent enough to follow a
+/// model warming up, smooth enough to ignore one slow request.
+const EWMA_ALPHA: f64 = 0.2;
+
+#[derive(Debug, Default, Clone)]
+struct ModelStats {
+    in_flight: u32,
+    ttft_ewma_ms: f64,
+    samples: u64,
+}
+
+/// Counts requests in flight and their time to first byte.
+#[derive(Debug, Default)]
+pub struct LoadTracker {
+    in_flight: AtomicU32,
+    models: Mutex<HashMap<String, ModelStats>>,
+}
+
+/// Held while a request runs; dropping it (response finished or client
+/// gone) takes the request off the counts.
+pub struct InFlight {
+    tracker: Arc<LoadTracker>,
+    model: String,
+}
+
+impl LoadTracker {
+    /// Counts a request for `model` until the returned guard drops.
+    pub fn start(self: &Arc<Self>, model: &str) -> InFlight {
+        self.in_flight.fetch_add(1, Ordering::Relaxed);
+        let mut models = self.models.lock().unwrap_or_else(PoisonError::into_inner);
+        models.entry(model.to_string()).or_default().in_flight += 1;
+        InFlight { tracker: self.clone(), model: model.to_string() }
+    }
+
+    /// Records the time from dispatch to the backend's response head.
+    pub fn record_ttft(&self, model: &str, ttft: Duration) {
+        let ms = ttft.as_secs_f64() * 1000.0;
+        let mut models = self.models.lock().unwrap_or_else(PoisonError::into_inner);
+        let stats = models.entry(model.to_string()).or_default();
+        stats.ttft_ewma_ms =
+            if stats.samples == 0 { ms } else { EWMA_ALPHA * ms + (1.0 - EWMA_ALPHA) * stats.ttft_ewma_ms };
+        stats.samples += 1;
+    }
+
+    /// Requests in flight on this node.
+    pub fn in_flight(&self) -> u32 {
+        self.in_flight.load(Ordering::Relaxed)
+    }
+
+    /// Per-model figures for gossip, in model-name order.
+    pub fn snapshot(&self) -> Vec<ModelLoad> {
+        let models = self.models.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut out: Vec<ModelLoad> = models
+            .iter()
+            .map(|(model, s)| ModelLoad {
+                model: model.clone(),
+                ttft_ewma_ms: s.ttft_ewma_ms,
+                decode_tokens_per_s_ewma: 0.0,
+                in_flight: s.in_flight,
+                queued: 0,
+            })
+            .collect();
+        out.sort_by(|a, b| a.model.cmp(&b.model));
+        out
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.tracker.in_flight.fetch_sub(1, Ordering::Relaxed);
+        let mut models = self.tracker.models.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some(stats) = models.get_mut(&self.model) {
+            stats.in_flight = stats.in_flight.saturating_sub(1);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn counts_follow_guards_and_ttft_averages() {
+        let tracker = Arc::new(LoadTracker::default());
+        let a = tracker.start("m");
+        let b = tracker.start("m");
+        assert_eq!(tracker.in_flight(), 2);
+        drop(a);
+        assert_eq!(tracker.snapshot()[0].in_flight, 1);
+        drop(b);
+        assert_eq!(tracker.in_flight(), 0);
+        tracker.record_ttft("m", Duration::from_millis(100));
+        tracker.record_ttft("m", Duration::from_millis(200));
+        let ewma = tracker.snapshot()[0].ttft_ewma_ms;
+        assert!((ewma - 120.0).abs() < 1e-6, "{ewma}");
+    }
+}

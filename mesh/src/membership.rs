@@ -1,0 +1,460 @@
+//! Membership over libp2p: a private network keyed by the cluster secret
+//! (pnet over TCP, then noise and yamux), identify, mDNS on the LAN,
+//! bootstrap peers and Kademlia beyond it, and a gossipsub topic on which
+//! every node publishes its [`NodeState`] each heartbeat and on change.
+//!
+//! One task owns the swarm; the rest of the node talks to it through a
+//! cloneable [`Membership`] handle: it sets the local state and reads the
+//! peers view.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use futures::StreamExt;
+use libp2p::core::muxing::StreamMuxerBox;
+use libp2p::core::transport::upgrade::Version;
+use libp2p::multiaddr::Protocol;
+use libp2p::pnet::{PnetConfig, PreSharedKey};
+use libp2p::swarm::behaviour::toggle::Toggle;
+use libp2p::swarm::dial_opts::{DialOpts, PeerCondition};
+use libp2p::swarm::{NetworkBehaviour, SwarmEvent};
+use libp2p::{
+    Multiaddr, PeerId, StreamProtocol, Swarm, Transport, gossipsub, identify, identity, kad, mdns, noise, tcp, yamux,
+};
+use llmesh_proto::NodeState;
+use prost::Message;
+use tokio::sync::{broadcast, watch};
+use tokio_util::sync::CancellationToken;
+
+use crate::peers::{Change, Liveness, LivenessConfig, PeerTable};
+use crate::secret::ClusterSecret;
+
+/// Gossipsub topic carrying [`NodeState`].
+const STATE_TOPIC: &str = "llmesh/state/1";
+/// Largest gossip message accepted; a NodeState is a few KiB.
+const MAX_GOSSIP_BYTES: usize = 256 * 1024;
+/// How often unreachable bootstrap peers are dialled again.
+const REDIAL_INTERVAL: Duration = Duration::from_secs(5);
+/// How often Kademlia refreshes its routing table.
+const KAD_BOOTSTRAP_INTERVAL: Duration = Duration::from_secs(30);
+
+/// A failure to start membership.
+#[derive(Debug, thiserror::Error)]
+pub enum MeshError {
+    /// The transport or a behaviour could not be built.
+    #[error("cannot build the libp2p swarm: {0}")]
+    Build(String),
+    /// The listen address could not be bound.
+    #[error("cannot listen for peers on {addr}: {reason}")]
+    Listen {
+        /// Address asked for.
+        addr: Multiaddr,
+        /// Why.
+        reason: String,
+    },
+}
+
+/// How this node takes part in the mesh.
+#[derive(Debug, Clone)]
+pub struct MembershipConfig {
+    /// The node's identity key (its node id is the derived peer id).
+    pub keypair: identity::Keypair,
+    /// The cluster secret (pnet key).
+    pub secret: ClusterSecret,
+    /// Addresses to listen on for peers.
+    pub listen: Vec<Multiaddr>,
+    /// Peers to contact first.
+    pub bootstrap: Vec<Multiaddr>,
+    /// Whether to discover peers on the LAN by mDNS.
+    pub mdns: bool,
+    /// How often the local state is published.
+    pub heartbeat: Duration,
+    /// When silent peers become suspect and dead.
+    pub liveness: LivenessConfig,
+}
+
+/// One peer in the view handed to readers.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PeerSnapshot {
+    /// What it last said about itself.
+    pub state: NodeState,
+    /// Whether it is alive.
+    pub liveness: Liveness,
+    /// Time since it was last heard.
+    pub last_seen_ago: Duration,
+}
+
+/// The mesh as this node sees it.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct MeshView {
+    /// This node's id.
+    pub local_id: String,
+    /// Where this node listens for peers (with its `/p2p/` id).
+    pub listen_addrs: Vec<Multiaddr>,
+    /// Peers with an open connection now.
+    pub connected: usize,
+    /// Every known peer, in node-id order.
+    pub peers: Vec<PeerSnapshot>,
+}
+
+/// Handle to the membership task.
+#[derive(Clone)]
+pub struct Membership {
+    local_id: PeerId,
+    local_state: watch::Sender<Option<NodeState>>,
+    view: watch::Receiver<Arc<MeshView>>,
+    changes: broadcast::Sender<Change>,
+}
+
+impl Membership {
+    /// This node's id.
+    pub fn local_id(&self) -> PeerId {
+        self.local_id
+    }
+
+    /// Replaces the state this node publishes (sequence number and
+    /// timestamp are set by the membership task).
+    pub fn set_local_state(&self, state: NodeState) {
+        self.local_state.send_replace(Some(state));
+    }
+
+    /// The current view.
+    pub fn view(&self) -> Arc<MeshView> {
+        self.view.borrow().clone()
+    }
+
+    /// A receiver that wakes whenever the view changes.
+    pub fn watch(&self) -> watch::Receiver<Arc<MeshView>> {
+        self.view.clone()
+    }
+
+    /// Joins, leaves and liveness changes, for the scheduler.
+    pub fn changes(&self) -> broadcast::Receiver<Change> {
+        self.changes.subscribe()
+    }
+}
+
+#[derive(NetworkBehaviour)]
+struct Behaviour {
+    gossipsub: gossipsub::Behaviour,
+    identify: identify::Behaviour,
+    kad: kad::Behaviour<kad::store::MemoryStore>,
+    mdns: Toggle<mdns::tokio::Behaviour>,
+}
+
+fn build_swarm(config: &MembershipConfig) -> Result<Swarm<Behaviour>, MeshError> {
+    let psk = PreSharedKey::new(config.secret.bytes());
+    let mdns_enabled = config.mdns;
+    let swarm = libp2p::SwarmBuilder::with_existing_identity(config.keypair.clone())
+        .with_tokio()
+        .with_other_transport(|key| -> Result<_, Box<dyn std::error::Error + Send + Sync>> {
+            let noise = noise::Config::new(key)?;
+            // pnet first: without the cluster secret the handshake fails
+            // before a single libp2p byte is exchanged.
+            Ok(tcp::tokio::Transport::new(tcp::Config::default().nodelay(true))
+                .and_then(move |socket, _| PnetConfig::new(psk).handshake(socket))
+                .upgrade(Version::V1Lazy)
+                .authenticate(noise)
+                .multiplex(yamux::Config::default())
+                .map(|(peer, muxer), _| (peer, StreamMuxerBox::new(muxer))))
+        })
+        .map_err(|e| MeshError::Build(e.to_string()))?
+        .with_behaviour(|key| -> Result<_, Box<dyn std::error::Error + Send + Sync>> {
+            let peer_id = key.public().to_peer_id();
+            let gossip_config = gossipsub::ConfigBuilder::default()
+                .heartbeat_interval(Duration::from_secs(1))
+                .max_transmit_size(MAX_GOSSIP_BYTES)
+                .validation_mode(gossipsub::ValidationMode::Strict)
+                // Small clusters: keep a mesh even with one or two peers.
+                .mesh_n_low(1)
+                .mesh_n(4)
+                .mesh_n_high(8)
+                .mesh_outbound_min(0)
+                .build()?;
+            let gossipsub = gossipsub::Behaviour::<gossipsub::IdentityTransform>::new(
+                gossipsub::MessageAuthenticity::Signed(key.clone()),
+                gossip_config,
+            )?;
+            let identify = identify::Behaviour::new(identify::Config::new("/llmesh/id/1.0.0".into(), key.public()));
+            let mut kad = kad::Behaviour::with_config(
+                peer_id,
+                kad::store::MemoryStore::new(peer_id),
+                kad::Config::new(StreamProtocol::new("/llmesh/kad/1.0.0")),
+            );
+            kad.set_mode(Some(kad::Mode::Server));
+            let mdns =
+                if mdns_enabled { Some(mdns::tokio::Behaviour::new(mdns::Config::default(), peer_id)?) } else { None };
+            Ok(Behaviour { gossipsub, identify, kad, mdns: Toggle::from(mdns) })
+        })
+        .map_err(|e| MeshError::Build(e.to_string()))?
+        .with_swarm_config(|c| c.with_idle_connection_timeout(Duration::from_secs(120)))
+        .build();
+    Ok(swarm)
+}
+
+fn unix_ms() -> i64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64)
+}
+
+/// The peer id at the end of an address, if it names one.
+fn peer_of(addr: &Multiaddr) -> Option<PeerId> {
+    addr.iter().find_map(|p| match p {
+        Protocol::P2p(peer) => Some(peer),
+        _ => None,
+    })
+}
+
+/// Starts membership; returns once every listen address is bound.
+pub async fn start(
+    config: MembershipConfig,
+    shutdown: CancellationToken,
+) -> Result<(Membership, tokio::task::JoinHandle<()>), MeshError> {
+    let mut swarm = build_swarm(&config)?;
+    let topic = gossipsub::IdentTopic::new(STATE_TOPIC);
+    swarm.behaviour_mut().gossipsub.subscribe(&topic).map_err(|e| MeshError::Build(e.to_string()))?;
+    let mut listen_addrs = Vec::new();
+    for addr in &config.listen {
+        let id = swarm
+            .listen_on(addr.clone())
+            .map_err(|e| MeshError::Listen { addr: addr.clone(), reason: e.to_string() })?;
+        // Wait for the bind to succeed or fail, so callers learn the real port.
+        loop {
+            match swarm.select_next_some().await {
+                SwarmEvent::NewListenAddr { listener_id, address } if listener_id == id => {
+                    listen_addrs.push(address.with(Protocol::P2p(*swarm.local_peer_id())));
+                    break;
+                }
+                SwarmEvent::ListenerClosed { listener_id, reason, .. } if listener_id == id => {
+                    let reason = reason.err().map_or_else(|| "closed".to_string(), |e| e.to_string());
+                    return Err(MeshError::Listen { addr: addr.clone(), reason });
+                }
+                SwarmEvent::ListenerError { listener_id, error } if listener_id == id => {
+                    return Err(MeshError::Listen { addr: addr.clone(), reason: error.to_string() });
+                }
+                _ => {}
+            }
+        }
+    }
+    let local_id = *swarm.local_peer_id();
+    let (local_state, local_rx) = watch::channel(None);
+    let initial =
+        MeshView { local_id: local_id.to_string(), listen_addrs: listen_addrs.clone(), ..MeshView::default() };
+    let (view_tx, view) = watch::channel(Arc::new(initial));
+    let (changes, _) = broadcast::channel(256);
+    let event_loop = EventLoop {
+        swarm,
+        topic,
+        table: PeerTable::new(config.liveness),
+        bootstrap: config.bootstrap.clone(),
+        dialled: HashMap::new(),
+        listen_addrs,
+        local_rx,
+        published: None,
+        seq: 0,
+        view: view_tx,
+        changes: changes.clone(),
+        heartbeat: config.heartbeat,
+    };
+    let task = tokio::spawn(event_loop.run(shutdown));
+    Ok((Membership { local_id, local_state, view, changes }, task))
+}
+
+struct EventLoop {
+    swarm: Swarm<Behaviour>,
+    topic: gossipsub::IdentTopic,
+    table: PeerTable,
+    bootstrap: Vec<Multiaddr>,
+    /// Which peer answered at each bootstrap address.
+    dialled: HashMap<Multiaddr, PeerId>,
+    listen_addrs: Vec<Multiaddr>,
+    local_rx: watch::Receiver<Option<NodeState>>,
+    /// The last state published, without seq and timestamp, to detect change.
+    published: Option<NodeState>,
+    seq: u64,
+    view: watch::Sender<Arc<MeshView>>,
+    changes: broadcast::Sender<Change>,
+    heartbeat: Duration,
+}
+
+impl EventLoop {
+    async fn run(mut self, shutdown: CancellationToken) {
+        let mut heartbeat = tokio::time::interval(self.heartbeat);
+        heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut redial = tokio::time::interval(REDIAL_INTERVAL);
+        let mut kad_refresh = tokio::time::interval(KAD_BOOTSTRAP_INTERVAL);
+        loop {
+            tokio::select! {
+                () = shutdown.cancelled() => break,
+                event = self.swarm.select_next_some() => self.on_event(event),
+                changed = self.local_rx.changed() => {
+                    if changed.is_err() {
+                        break;
+                    }
+                    self.publish(false);
+                }
+                _ = heartbeat.tick() => {
+                    self.publish(true);
+                    let changes = self.table.tick(Instant::now());
+                    self.report(changes);
+                    self.refresh_view();
+                }
+                _ = redial.tick() => self.dial_bootstrap(),
+                _ = kad_refresh.tick() => {
+                    // Fails harmlessly while the routing table is empty.
+                    let _ = self.swarm.behaviour_mut().kad.bootstrap();
+                }
+            }
+        }
+        tracing::debug!("membership stopped");
+    }
+
+    /// Publishes the local state on every heartbeat, or at once when it
+    /// changed in substance.
+    fn publish(&mut self, heartbeat: bool) {
+        let Some(mut state) = self.local_rx.borrow_and_update().clone() else { return };
+        state.node_id = self.swarm.local_peer_id().to_string();
+        if !heartbeat && self.published.as_ref() == Some(&state) {
+            return;
+        }
+        self.published = Some(state.clone());
+        self.seq += 1;
+        state.seq = self.seq;
+        state.timestamp_ms = unix_ms();
+        let topic = self.topic.clone();
+        if let Err(err) = self.swarm.behaviour_mut().gossipsub.publish(topic, state.encode_to_vec()) {
+            // Expected while alone; anything else is worth a look.
+            match err {
+                gossipsub::PublishError::NoPeersSubscribedToTopic | gossipsub::PublishError::Duplicate => {}
+                other => tracing::debug!(error = %other, "cannot publish node state"),
+            }
+        }
+    }
+
+    fn report(&mut self, changes: Vec<Change>) {
+        for change in changes {
+            match &change {
+                Change::Joined(id) => tracing::info!(node = %id, "peer joined"),
+                Change::Liveness(id, liveness) => {
+                    tracing::info!(node = %id, liveness = liveness.as_str(), "peer liveness changed")
+                }
+                Change::Forgotten(id) => tracing::info!(node = %id, "peer forgotten"),
+            }
+            // Nobody listening is fine.
+            let _ = self.changes.send(change);
+        }
+    }
+
+    fn refresh_view(&mut self) {
+        let now = Instant::now();
+        let view = MeshView {
+            local_id: self.swarm.local_peer_id().to_string(),
+            listen_addrs: self.listen_addrs.clone(),
+            connected: self.swarm.connected_peers().count(),
+            peers: self
+                .table
+                .entries()
+                .map(|e| PeerSnapshot {
+                    state: e.state.clone(),
+                    liveness: e.liveness,
+                    last_seen_ago: now.saturating_duration_since(e.last_seen),
+                })
+                .collect(),
+        };
+        self.view.send_if_modified(|current| {
+            if **current == view {
+                return false;
+            }
+            *current = Arc::new(view);
+            true
+        });
+    }
+
+    fn dial_bootstrap(&mut self) {
+        for addr in self.bootstrap.clone() {
+            let known = peer_of(&addr).or_else(|| self.dialled.get(&addr).copied());
+            if known.is_some_and(|peer| self.swarm.is_connected(&peer)) {
+                continue;
+            }
+            if let Err(err) = self.swarm.dial(addr.clone()) {
+                tracing::debug!(%addr, error = %err, "cannot dial bootstrap peer");
+            }
+        }
+    }
+
+    fn on_event(&mut self, event: SwarmEvent<BehaviourEvent>) {
+        match event {
+            SwarmEvent::Behaviour(BehaviourEvent::Gossipsub(gossipsub::Event::Message { message, .. })) => {
+                self.on_state(message.source, &message.data);
+            }
+            SwarmEvent::Behaviour(BehaviourEvent::Identify(identify::Event::Received { peer_id, info, .. })) => {
+                for addr in info.listen_addrs {
+                    self.swarm.behaviour_mut().kad.add_address(&peer_id, addr);
+                }
+            }
+            SwarmEvent::Behaviour(BehaviourEvent::Mdns(mdns::Event::Discovered(found))) => {
+                for (peer, addr) in found {
+                    let opts = DialOpts::peer_id(peer)
+                        .addresses(vec![addr])
+                        .condition(PeerCondition::DisconnectedAndNotDialing)
+                        .build();
+                    if let Err(err) = self.swarm.dial(opts) {
+                        tracing::debug!(%peer, error = %err, "cannot dial mDNS peer");
+                    }
+                }
+            }
+            SwarmEvent::ConnectionEstablished { peer_id, endpoint, .. } => {
+                tracing::debug!(peer = %peer_id, addr = %endpoint.get_remote_address(), "connected");
+                if endpoint.is_dialer() {
+                    let addr = endpoint.get_remote_address().clone();
+                    if let Some(bootstrap) = self.bootstrap.iter().find(|b| strip_p2p(b) == strip_p2p(&addr)) {
+                        self.dialled.insert(bootstrap.clone(), peer_id);
+                    }
+                }
+                self.refresh_view();
+            }
+            SwarmEvent::ConnectionClosed { peer_id, num_established: 0, .. } => {
+                let changes = self.table.suspect(&peer_id.to_string());
+                self.report(changes);
+                self.refresh_view();
+            }
+            SwarmEvent::NewListenAddr { address, .. } => {
+                let address = address.with(Protocol::P2p(*self.swarm.local_peer_id()));
+                if !self.listen_addrs.contains(&address) {
+                    self.listen_addrs.push(address);
+                }
+            }
+            SwarmEvent::OutgoingConnectionError { peer_id, error, .. } => {
+                tracing::debug!(peer = ?peer_id, error = %error, "dial failed");
+            }
+            SwarmEvent::IncomingConnectionError { send_back_addr, error, .. } => {
+                // Outsiders without the cluster secret end here.
+                tracing::debug!(from = %send_back_addr, error = %error, "refused an incoming connection");
+            }
+            _ => {}
+        }
+    }
+
+    fn on_state(&mut self, source: Option<PeerId>, data: &[u8]) {
+        let state = match NodeState::decode(data) {
+            Ok(state) => state,
+            Err(err) => {
+                tracing::debug!(error = %err, "dropping undecodable node state");
+                return;
+            }
+        };
+        // Gossipsub signs each message with its author's key; a state must
+        // be about its author, so no node can speak for another.
+        if source.map(|p| p.to_string()).as_deref() != Some(state.node_id.as_str()) {
+            tracing::warn!(claimed = %state.node_id, source = ?source, "dropping node state published by another node");
+            return;
+        }
+        let changes = self.table.observe(state, Instant::now());
+        self.report(changes);
+        self.refresh_view();
+    }
+}
+
+fn strip_p2p(addr: &Multiaddr) -> Multiaddr {
+    addr.iter().filter(|p| !matches!(p, Protocol::P2p(_))).collect()
+}
