@@ -62,7 +62,7 @@ pub struct AgentArgs {
     /// Backend kind [default: ollama].
     #[arg(long, value_enum)]
     pub backend_kind: Option<BackendKind>,
-    /// Put HTTP on N (later: libp2p N+1, QUIC N+2, gRPC N+3), so many agents can share a host.
+    /// Put HTTP on N and libp2p on N+1 (QUIC N+2 and gRPC N+3 to come), so many agents can share a host.
     #[arg(long, value_name = "N")]
     pub port_base: Option<u16>,
     /// Node name shown in headers and logs [default: the host name].

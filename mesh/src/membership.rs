@@ -255,6 +255,7 @@ pub async fn start(
         view: view_tx,
         changes: changes.clone(),
         heartbeat: config.heartbeat,
+        kad_bootstrapped: false,
     };
     let task = tokio::spawn(event_loop.run(shutdown));
     Ok((Membership { local_id, local_state, view, changes }, task))
@@ -275,6 +276,7 @@ struct EventLoop {
     view: watch::Sender<Arc<MeshView>>,
     changes: broadcast::Sender<Change>,
     heartbeat: Duration,
+    kad_bootstrapped: bool,
 }
 
 impl EventLoop {
@@ -390,6 +392,11 @@ impl EventLoop {
             SwarmEvent::Behaviour(BehaviourEvent::Identify(identify::Event::Received { peer_id, info, .. })) => {
                 for addr in info.listen_addrs {
                     self.swarm.behaviour_mut().kad.add_address(&peer_id, addr);
+                }
+                if !self.kad_bootstrapped {
+                    // The first peer known: ask it for the rest of the mesh
+                    // now rather than at the next periodic refresh.
+                    self.kad_bootstrapped = self.swarm.behaviour_mut().kad.bootstrap().is_ok();
                 }
             }
             SwarmEvent::Behaviour(BehaviourEvent::Mdns(mdns::Event::Discovered(found))) => {

@@ -65,9 +65,27 @@ impl Proc {
 
     /// Like [`Proc::start`] with extra environment variables.
     pub async fn start_with_env(args: &[&str], env: &[(&str, &str)]) -> Proc {
+        Proc::start_in(None, args, env).await
+    }
+
+    /// Starts `llmesh ARGS` inside network namespace `netns` (via `ip netns
+    /// exec`, which execs llmesh in place, so killing the child kills it).
+    pub async fn start_in_netns(netns: &str, args: &[&str]) -> Proc {
+        Proc::start_in(Some(netns), args, &[]).await
+    }
+
+    async fn start_in(netns: Option<&str>, args: &[&str], env: &[(&str, &str)]) -> Proc {
         let log = tempfile::NamedTempFile::new().expect("log file");
         let stderr = log.reopen().expect("log handle");
-        let mut child = Command::new(binary())
+        let mut command = match netns {
+            Some(ns) => {
+                let mut c = Command::new("ip");
+                c.args(["netns", "exec", ns]).arg(binary());
+                c
+            }
+            None => Command::new(binary()),
+        };
+        let mut child = command
             .args(args)
             .envs(env.iter().copied())
             .env("RUST_LOG", "info,llmesh=debug")
@@ -144,6 +162,8 @@ impl Drop for Proc {
         }
     }
 }
+
+pub mod netns;
 
 /// Starts a simulated backend with extra flags.
 pub async fn sim(args: &[&str]) -> Proc {

@@ -199,3 +199,20 @@ async fn status_prints_the_mesh() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("cannot reach"));
 }
+
+#[tokio::test]
+async fn kademlia_connects_nodes_that_only_know_a_middle_node() {
+    let sims = [sim(&[]).await, sim(&[]).await, sim(&[]).await];
+    let a = agent(&sims[0].url, &["--name", "chain-a"]).await;
+    let token = join_token(a.data_dir.as_deref().expect("data dir"));
+    let b = join(&sims[1].url, &token, &a.p2p_addr(), "chain-b").await;
+    // C knows only B; gossip alone would relay A's state through B, but C
+    // should also find A itself and connect to it directly.
+    let c = join(&sims[2].url, &token, &b.p2p_addr(), "chain-c").await;
+    let a_id = node_id(&a);
+    eventually("C sees A", || async { find(&nodes(&c).await, &a_id).is_some_and(|n| n["liveness"] == "alive") }).await;
+    eventually("C is connected to both A and B", || async {
+        get_json(&format!("{}/mesh/v1/nodes", c.url)).await["connected_peers"] == 2
+    })
+    .await;
+}

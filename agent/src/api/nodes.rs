@@ -64,5 +64,6 @@ pub async fn mesh_nodes(State(state): AppStateRef) -> Json<Value> {
             view.peers.iter().map(|p| node_json(&p.state, p.liveness, p.last_seen_ago.as_millis() as u64, false, &[])),
         );
     }
-    Json(json!({ "node_id": local.node_id, "nodes": nodes }))
+    let connected = view.as_ref().map_or(0, |v| v.connected);
+    Json(json!({ "node_id": local.node_id, "connected_peers": connected, "nodes": nodes }))
 }

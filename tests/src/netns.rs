@@ -1,0 +1,104 @@
+//! Hosts in network namespaces for tests that need a real LAN (mDNS,
+//! partitions): each host is a namespace with one veth into a switch
+//! namespace holding a bridge. Nothing touches the host's own network, and
+//! everything is removed when the [`Lan`] drops, even after a panic.
+
+use std::process::Command;
+
+/// A set of namespaced hosts on one bridge.
+pub struct Lan {
+    prefix: String,
+    switch: String,
+    hosts: Vec<String>,
+}
+
+fn ip(args: &[&str]) -> Result<(), String> {
+    let out = Command::new("ip").args(args).output().map_err(|e| format!("cannot run ip: {e}"))?;
+    if out.status.success() {
+        Ok(())
+    } else {
+        Err(format!("ip {}: {}", args.join(" "), String::from_utf8_lossy(&out.stderr).trim()))
+    }
+}
+
+impl Lan {
+    /// Creates `n` hosts named `<prefix>h<i>` with addresses `10.77.0.<i+1>/24`.
+    /// Panics with the reason when namespaces cannot be made (they need
+    /// root or CAP_NET_ADMIN and iproute2).
+    pub fn new(n: usize) -> Lan {
+        // Short and unique per test process: interface names max 15 bytes.
+        let prefix = format!("lm{}", std::process::id() % 100_000);
+        let mut lan = Lan { switch: format!("{prefix}sw"), prefix, hosts: Vec::new() };
+        if let Err(err) = lan.build(n) {
+            panic!("cannot create network namespaces for this test (needs root and iproute2): {err}");
+        }
+        lan
+    }
+
+    fn build(&mut self, n: usize) -> Result<(), String> {
+        ip(&["netns", "add", &self.switch])?;
+        ip(&["-n", &self.switch, "link", "add", "br0", "type", "bridge"])?;
+        ip(&["-n", &self.switch, "link", "set", "br0", "up"])?;
+        for i in 0..n {
+            let host = format!("{}h{i}", self.prefix);
+            ip(&["netns", "add", &host])?;
+            self.hosts.push(host.clone());
+            let inner = format!("{}e{i}", self.prefix);
+            let outer = format!("{}b{i}", self.prefix);
+            ip(&[
+                "link",
+                "add",
+                &inner,
+                "netns",
+                &host,
+                "type",
+                "veth",
+                "peer",
+                "name",
+                &outer,
+                "netns",
+                &self.switch,
+            ])?;
+            ip(&["-n", &self.switch, "link", "set", &outer, "master", "br0"])?;
+            ip(&["-n", &self.switch, "link", "set", &outer, "up"])?;
+            ip(&["-n", &host, "addr", "add", &format!("10.77.0.{}/24", i + 1), "dev", &inner])?;
+            ip(&["-n", &host, "link", "set", &inner, "up"])?;
+            ip(&["-n", &host, "link", "set", "lo", "up"])?;
+        }
+        Ok(())
+    }
+
+    /// Namespace name of host `i`.
+    pub fn host(&self, i: usize) -> &str {
+        &self.hosts[i]
+    }
+
+    /// IPv4 address of host `i`.
+    pub fn addr(&self, i: usize) -> String {
+        format!("10.77.0.{}", i + 1)
+    }
+
+    /// Runs a command inside host `i`'s namespace and returns its stdout.
+    pub fn exec(&self, i: usize, program: &std::path::Path, args: &[&str]) -> Result<String, String> {
+        let out = Command::new("ip")
+            .args(["netns", "exec", self.host(i)])
+            .arg(program)
+            .args(args)
+            .output()
+            .map_err(|e| e.to_string())?;
+        if out.status.success() {
+            Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+        } else {
+            Err(String::from_utf8_lossy(&out.stderr).into_owned())
+        }
+    }
+}
+
+impl Drop for Lan {
+    fn drop(&mut self) {
+        for ns in self.hosts.iter().chain(std::iter::once(&self.switch)) {
+            // Deleting a namespace also deletes the veth ends inside it.
+            let _ = ip(&["netns", "del", ns]);
+        }
+    }
+}

@@ -1,0 +1,77 @@
+//! mDNS discovery on a real (namespaced) LAN: nodes with the same cluster
+//! token find each other with no bootstrap address; a node with another
+//! secret is discovered by mDNS but refused by the private network.
+
+use std::process::Command;
+use std::time::Duration;
+
+use llmesh_tests::netns::Lan;
+use llmesh_tests::{Proc, binary, data_dir, eventually};
+use serde_json::Value;
+
+fn token_for(dir: &std::path::Path) -> String {
+    let out = Command::new(binary()).args(["init", "--data-dir"]).arg(dir).output().expect("init runs");
+    String::from_utf8_lossy(&out.stdout).lines().find(|l| l.starts_with("lmj1.")).expect("token").to_string()
+}
+
+async fn start(lan: &Lan, i: usize, name: &str, token: &str) -> Proc {
+    let dir = data_dir();
+    let listen = format!("{}:11440", lan.addr(i));
+    let dir_text = dir.to_str().expect("utf-8").to_string();
+    Proc::start_in_netns(
+        lan.host(i),
+        &[
+            "agent",
+            "--backend-kind",
+            "sim",
+            "--listen",
+            &listen,
+            "--data-dir",
+            &dir_text,
+            "--name",
+            name,
+            "--join",
+            token,
+            "--dead-after",
+            "4s",
+        ],
+    )
+    .await
+}
+
+fn names_seen(lan: &Lan, i: usize) -> Vec<String> {
+    let node = format!("http://{}:11440", lan.addr(i));
+    let Ok(out) = lan.exec(i, &binary(), &["status", "--json", "--node", &node]) else { return Vec::new() };
+    let parsed: Value = serde_json::from_str(&out).unwrap_or(Value::Null);
+    parsed["nodes"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|n| n["liveness"] == "alive")
+        .filter_map(|n| n["name"].as_str().map(str::to_string))
+        .collect()
+}
+
+#[tokio::test]
+async fn nodes_on_a_lan_find_each_other_by_mdns() {
+    let lan = Lan::new(3);
+    let token = token_for(&data_dir());
+    let _a = start(&lan, 0, "lan-a", &token).await;
+    let _b = start(&lan, 1, "lan-b", &token).await;
+    let other = token_for(&data_dir());
+    let _c = start(&lan, 2, "lan-outsider", &other).await;
+    eventually("A and B discover each other by mDNS", || async {
+        let mut a = names_seen(&lan, 0);
+        let mut b = names_seen(&lan, 1);
+        a.sort();
+        b.sort();
+        a == ["lan-a", "lan-b"] && b == ["lan-a", "lan-b"]
+    })
+    .await;
+    // The outsider is on the same LAN and answers mDNS, but cannot join.
+    for _ in 0..8 {
+        assert!(!names_seen(&lan, 0).contains(&"lan-outsider".to_string()));
+        assert_eq!(names_seen(&lan, 2), ["lan-outsider"]);
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+}
