@@ -18,6 +18,12 @@ struct ModelStats {
     in_flight: u32,
     ttft_ewma_ms: f64,
     samples: u64,
+    decode_ewma: f64,
+    decode_samples: u64,
+}
+
+fn ewma(current: f64, samples: u64, sample: f64) -> f64 {
+    if samples == 0 { sample } else { EWMA_ALPHA * sample + (1.0 - EWMA_ALPHA) * current }
 }
 
 /// Counts requests in flight and their time to first byte.
@@ -48,9 +54,16 @@ impl LoadTracker {
         let ms = ttft.as_secs_f64() * 1000.0;
         let mut models = self.models.lock().unwrap_or_else(PoisonError::into_inner);
         let stats = models.entry(model.to_string()).or_default();
-        stats.ttft_ewma_ms =
-            if stats.samples == 0 { ms } else { EWMA_ALPHA * ms + (1.0 - EWMA_ALPHA) * stats.ttft_ewma_ms };
+        stats.ttft_ewma_ms = ewma(stats.ttft_ewma_ms, stats.samples, ms);
         stats.samples += 1;
+    }
+
+    /// Records a decode speed measured on a streamed response (tokens/s).
+    pub fn record_decode(&self, model: &str, tokens_per_s: f64) {
+        let mut models = self.models.lock().unwrap_or_else(PoisonError::into_inner);
+        let stats = models.entry(model.to_string()).or_default();
+        stats.decode_ewma = ewma(stats.decode_ewma, stats.decode_samples, tokens_per_s);
+        stats.decode_samples += 1;
     }
 
     /// Requests in flight on this node.
@@ -66,7 +79,7 @@ impl LoadTracker {
             .map(|(model, s)| ModelLoad {
                 model: model.clone(),
                 ttft_ewma_ms: s.ttft_ewma_ms,
-                decode_tokens_per_s_ewma: 0.0,
+                decode_tokens_per_s_ewma: s.decode_ewma,
                 in_flight: s.in_flight,
                 queued: 0,
             })
@@ -102,7 +115,9 @@ mod tests {
         assert_eq!(tracker.in_flight(), 0);
         tracker.record_ttft("m", Duration::from_millis(100));
         tracker.record_ttft("m", Duration::from_millis(200));
-        let ewma = tracker.snapshot()[0].ttft_ewma_ms;
-        assert!((ewma - 120.0).abs() < 1e-6, "{ewma}");
+        let ttft = tracker.snapshot()[0].ttft_ewma_ms;
+        assert!((ttft - 120.0).abs() < 1e-6, "{ttft}");
+        tracker.record_decode("m", 50.0);
+        assert_eq!(tracker.snapshot()[0].decode_tokens_per_s_ewma, 50.0);
     }
 }

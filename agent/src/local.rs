@@ -83,11 +83,64 @@ impl RequestHandler for LocalNode {
             }
         };
         self.load.record_ttft(&req.model, started.elapsed());
-        // The request counts as in flight until its body is finished or dropped.
+        // The request counts as in flight until its body is finished or
+        // dropped; a streamed body also yields a decode-speed sample.
+        let mut meter = DecodeMeter::new(self.load.clone(), &req.model, &response.content_type);
         response.body = Box::pin(response.body.map(move |chunk| {
             let _held = &in_flight;
+            if let Ok(bytes) = &chunk {
+                meter.observe(bytes);
+            }
             chunk
         }));
         Ok(response)
+    }
+}
+
+/// Estimates decode speed from a streamed body: one SSE event or NDJSON
+/// line per token, timed from the first to the last.
+struct DecodeMeter {
+    load: Arc<LoadTracker>,
+    model: String,
+    /// Newlines per token: 2 for SSE (an event ends in a blank line), 1
+    /// for NDJSON, 0 for a single document (nothing to measure).
+    newlines_per_token: u64,
+    newlines: u64,
+    first: Option<Instant>,
+    last: Option<Instant>,
+}
+
+impl DecodeMeter {
+    fn new(load: Arc<LoadTracker>, model: &str, content_type: &str) -> DecodeMeter {
+        let newlines_per_token = if content_type.starts_with("text/event-stream") {
+            2
+        } else if content_type.starts_with("application/x-ndjson") {
+            1
+        } else {
+            0
+        };
+        DecodeMeter { load, model: model.to_string(), newlines_per_token, newlines: 0, first: None, last: None }
+    }
+
+    fn observe(&mut self, bytes: &[u8]) {
+        if self.newlines_per_token == 0 {
+            return;
+        }
+        let now = Instant::now();
+        self.first.get_or_insert(now);
+        self.last = Some(now);
+        self.newlines += bytes.iter().filter(|b| **b == b'\n').count() as u64;
+    }
+}
+
+impl Drop for DecodeMeter {
+    fn drop(&mut self) {
+        let (Some(first), Some(last)) = (self.first, self.last) else { return };
+        let Some(tokens) = self.newlines.checked_div(self.newlines_per_token) else { return };
+        let span = last.saturating_duration_since(first).as_secs_f64();
+        // Too short a stream says nothing about speed.
+        if tokens >= 4 && span > 0.0 {
+            self.load.record_decode(&self.model, tokens.saturating_sub(1) as f64 / span);
+        }
     }
 }

@@ -216,3 +216,33 @@ async fn kademlia_connects_nodes_that_only_know_a_middle_node() {
     })
     .await;
 }
+
+#[tokio::test]
+async fn load_figures_come_from_the_nodes_own_traffic() {
+    // 50 tokens/s: a 20-token stream takes about 0.4 s.
+    let backend = sim(&["--decode-tps", "50"]).await;
+    let a = agent(&backend.url, &[]).await;
+    for path in ["/v1/chat/completions", "/api/chat"] {
+        let body = json!({ "model": "qwen2.5:7b", "stream": true, "max_tokens": 20, "options": { "num_predict": 20 },
+                           "messages": [{ "role": "user", "content": "x" }] });
+        let text = client()
+            .post(format!("{}{path}", a.url))
+            .json(&body)
+            .send()
+            .await
+            .expect("POST")
+            .text()
+            .await
+            .expect("body");
+        assert!(!text.is_empty());
+    }
+    let listed = nodes(&a).await;
+    let me = listed.iter().find(|n| n["self"] == true).expect("self");
+    let model =
+        me["load"]["models"].as_array().expect("models").iter().find(|m| m["model"] == "qwen2.5:7b").expect("model");
+    assert!(model["ttft_ewma_ms"].as_f64().is_some_and(|t| t >= 0.0), "{model}");
+    // Measured, not configured: loose bounds, since the machine may be busy.
+    let decode = model["decode_tokens_per_s_ewma"].as_f64().unwrap_or(0.0);
+    assert!((5.0..=150.0).contains(&decode), "decode speed {decode} from a 50 tokens/s backend");
+    assert_eq!(me["load"]["in_flight"], 0);
+}

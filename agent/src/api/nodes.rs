@@ -34,7 +34,12 @@ fn node_json(state: &NodeState, liveness: Liveness, last_seen_ms: u64, is_self: 
     let per_model: Vec<Value> = state
         .model_load
         .iter()
-        .map(|m| json!({ "model": m.model, "in_flight": m.in_flight, "queued": m.queued, "ttft_ewma_ms": m.ttft_ewma_ms }))
+        .map(|m| {
+            json!({
+                "model": m.model, "in_flight": m.in_flight, "queued": m.queued,
+                "ttft_ewma_ms": m.ttft_ewma_ms, "decode_tokens_per_s_ewma": m.decode_tokens_per_s_ewma,
+            })
+        })
         .collect();
     json!({
         "id": state.node_id,
