@@ -24,7 +24,7 @@ pub struct Cli {
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Run the agent beside an Ollama (or OpenAI-compatible) backend.
-    Agent(AgentArgs),
+    Agent(Box<AgentArgs>),
     /// Run a simulated Ollama (for tests, benchmarks and demos).
     SimBackend(SimBackendArgs),
     /// Start a local setup on simulated backends; no GPU or Ollama needed.
@@ -62,7 +62,7 @@ pub struct AgentArgs {
     /// Backend kind [default: ollama].
     #[arg(long, value_enum)]
     pub backend_kind: Option<BackendKind>,
-    /// Put HTTP on N and libp2p on N+1 (QUIC N+2 and gRPC N+3 to come), so many agents can share a host.
+    /// Put HTTP on N, libp2p on N+1 and QUIC on N+2 (gRPC N+3 to come), so many agents can share a host.
     #[arg(long, value_name = "N")]
     pub port_base: Option<u16>,
     /// Node name shown in headers and logs [default: the host name].
@@ -101,6 +101,9 @@ pub struct AgentArgs {
     /// libp2p listen multiaddr [default: /ip4/0.0.0.0/tcp/<HTTP port + 1>].
     #[arg(long, value_name = "MULTIADDR")]
     pub mesh_listen: Option<String>,
+    /// Data-plane (QUIC) UDP address [default: 0.0.0.0:<HTTP port + 2>].
+    #[arg(long, value_name = "ADDR")]
+    pub data_listen: Option<SocketAddr>,
     /// Do not discover peers on the LAN by mDNS.
     #[arg(long)]
     pub no_mdns: bool,
@@ -184,6 +187,9 @@ impl AgentArgs {
         if let Some(listen) = &self.mesh_listen {
             set(&mut map, "mesh", "listen", json!(listen));
         }
+        if let Some(addr) = self.data_listen {
+            set(&mut map, "mesh", "data_listen", json!(addr.to_string()));
+        }
         if self.no_mdns {
             set(&mut map, "mesh", "mdns", json!(false));
         }
@@ -265,6 +271,7 @@ mod tests {
     fn only_passed_flags_override() {
         let cli = Cli::parse_from(["llmesh", "agent", "--backend", "http://h:1", "--idle-timeout", "3s"]);
         let Command::Agent(args) = cli.command else { panic!("agent subcommand") };
+        let args = *args;
         assert_eq!(args.overrides(), json!({ "backend": { "url": "http://h:1", "idle_timeout": "3s" } }));
     }
 }

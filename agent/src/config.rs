@@ -129,6 +129,10 @@ pub struct MeshConfig {
     /// HTTP port + 1 (an OS-chosen port when HTTP's is 0).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub listen: Option<String>,
+    /// Data-plane (QUIC) UDP address. Default: all interfaces, on the HTTP
+    /// port + 2 (an OS-chosen port when HTTP's is 0).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub data_listen: Option<SocketAddr>,
     /// Peers to contact first: multiaddrs or `IP:PORT` of their libp2p port.
     pub bootstrap: Vec<String>,
     /// Join token from `llmesh init` (holds the cluster secret).
@@ -145,6 +149,11 @@ pub struct MeshConfig {
     /// Silence after which a peer is dead and out of routing.
     #[serde(with = "humantime_serde")]
     pub dead_after: Duration,
+    /// Time allowed for a QUIC handshake with a peer.
+    #[serde(with = "humantime_serde")]
+    pub connect_timeout: Duration,
+    /// Nodes a request may be tried on before the client gets an error.
+    pub max_attempts: usize,
 }
 
 impl Default for MeshConfig {
@@ -153,12 +162,15 @@ impl Default for MeshConfig {
             enabled: true,
             data_dir: None,
             listen: None,
+            data_listen: None,
             bootstrap: Vec::new(),
             join: None,
             mdns: true,
             heartbeat: Duration::from_secs(1),
             suspect_after: Duration::from_secs(3),
             dead_after: Duration::from_secs(10),
+            connect_timeout: Duration::from_secs(2),
+            max_attempts: 3,
         }
     }
 }
@@ -184,6 +196,14 @@ impl MeshConfig {
                 parse_peer_addr(&format!("/ip4/0.0.0.0/tcp/{port}"))
             }
         }
+    }
+
+    /// The data-plane UDP address for an HTTP API on `http_port`.
+    pub fn data_listen_addr(&self, http_port: u16) -> SocketAddr {
+        self.data_listen.unwrap_or_else(|| {
+            let port = if http_port == 0 { 0 } else { http_port.saturating_add(2) };
+            SocketAddr::from(([0, 0, 0, 0], port))
+        })
     }
 
     /// The bootstrap addresses, parsed.

@@ -10,6 +10,7 @@ pub mod cli;
 pub mod commands;
 pub mod config;
 pub mod demo;
+pub mod dispatch;
 pub mod error;
 pub mod gpu;
 pub mod inventory;

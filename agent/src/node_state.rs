@@ -31,6 +31,12 @@ pub struct NodeStateBuilder {
     pub load: Arc<LoadTracker>,
     /// GPU telemetry.
     pub gpu: GpuProbe,
+    /// `IP:PORT` of this node's data plane, empty without one.
+    pub data_addr: String,
+    /// SHA-256 of the data plane's certificate.
+    pub data_cert_sha256: Vec<u8>,
+    /// Set once the node starts draining.
+    pub draining: std::sync::atomic::AtomicBool,
 }
 
 fn rfc3339_to_ms(text: &str) -> i64 {
@@ -100,7 +106,7 @@ impl NodeStateBuilder {
             name: self.name.clone(),
             version: env!("CARGO_PKG_VERSION").to_string(),
             api_addr: self.api_addr.clone(),
-            data_addr: String::new(),
+            data_addr: self.data_addr.clone(),
             control_addr: String::new(),
             backend_kind: self.backend_kind.as_str().to_string(),
             backend_healthy: snapshot.healthy,
@@ -111,9 +117,10 @@ impl NodeStateBuilder {
             queued: 0,
             model_load: self.load.snapshot(),
             recent_prefixes: Vec::new(),
-            draining: false,
+            draining: self.draining.load(std::sync::atomic::Ordering::SeqCst),
             seq: 0,
             timestamp_ms: SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64),
+            data_cert_sha256: self.data_cert_sha256.clone(),
         }
     }
 

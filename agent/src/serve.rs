@@ -9,11 +9,17 @@ use axum::serve::ListenerExt;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
-use llmesh_mesh::{ClusterSecret, JoinToken, LivenessConfig, Membership, MembershipConfig, Multiaddr};
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use llmesh_mesh::{
+    ClusterSecret, DataPlane, DataPlaneConfig, JoinToken, LivenessConfig, Membership, MembershipConfig, Multiaddr,
+    RequestHandler,
+};
 
 use crate::api::{AppState, router};
 use crate::backend;
 use crate::config::{BackendKind, Config};
+use crate::dispatch::Dispatcher;
 use crate::gpu::GpuProbe;
 use crate::inventory::InventoryHandle;
 use crate::load::LoadTracker;
@@ -153,18 +159,40 @@ pub async fn run_agent(
     shutdown: CancellationToken,
     on_ready: impl FnOnce(&Ready),
 ) -> Result<(), RunError> {
+    // Membership, the data plane and the inventory outlive the HTTP server:
+    // they stop only after the drain, so peers hear that this node drains
+    // and its in-flight forwarded requests can finish.
+    let stop_mesh = CancellationToken::new();
     let backend = backend::build(&config.backend, &config.sim).map_err(|e| RunError::Backend(e.to_string()))?;
     let inventory = InventoryHandle::new(backend.clone());
     let first = inventory.refresh().await;
     if first.healthy {
         tracing::info!(kind = config.backend.kind.as_str(), url = %config.backend.url, models = first.inventory.models.len(), "backend ready");
     }
-    let poller = tokio::spawn(inventory.clone().poll(config.backend.inventory_interval, shutdown.clone()));
+    let poller = tokio::spawn(inventory.clone().poll(config.backend.inventory_interval, stop_mesh.clone()));
     let load = Arc::new(LoadTracker::default());
     let local = Arc::new(LocalNode::new(backend, inventory.clone(), load.clone(), config.backend.response_timeout));
     let listener = bind(config.api.listen).await?;
     let addr = listener.local_addr()?;
-    let mesh = if config.mesh.enabled { Some(start_mesh(&config, addr.port(), &shutdown).await?) } else { None };
+    let mesh = if config.mesh.enabled { Some(start_mesh(&config, addr.port(), &stop_mesh).await?) } else { None };
+    let dataplane = match &mesh {
+        Some(_) => {
+            let dp_config = DataPlaneConfig {
+                listen: config.mesh.data_listen_addr(addr.port()),
+                node_name: config.node.name.clone(),
+                connect_timeout: config.mesh.connect_timeout,
+                head_timeout: config.backend.response_timeout,
+                max_body_bytes: config.api.max_body_bytes,
+            };
+            let handler: Arc<dyn RequestHandler> = local.clone();
+            Some(DataPlane::bind(dp_config, handler, stop_mesh.clone()).map_err(|e| RunError::Mesh(e.to_string()))?)
+        }
+        None => None,
+    };
+    let data_addr = match (&dataplane, &mesh) {
+        (Some(dp), Some(m)) => advertised(dp.local_addr()?, &m.view().listen_addrs).to_string(),
+        _ => String::new(),
+    };
     let node = Arc::new(NodeStateBuilder {
         node_id: mesh.as_ref().map(|m| m.local_id().to_string()).unwrap_or_default(),
         name: config.node.name.clone(),
@@ -174,13 +202,26 @@ pub async fn run_agent(
         inventory,
         load,
         gpu: GpuProbe::new(),
+        data_addr,
+        data_cert_sha256: dataplane.as_ref().map(|d| d.fingerprint().to_vec()).unwrap_or_default(),
+        draining: AtomicBool::new(false),
     });
-    if let Some(membership) = &mesh {
-        tokio::spawn(node.clone().publish(membership.clone(), config.mesh.heartbeat, shutdown.clone()));
+    if let (Some(membership), Some(dp)) = (&mesh, &dataplane) {
+        membership.set_local_state(node.build());
+        tokio::spawn(node.clone().publish(membership.clone(), config.mesh.heartbeat, stop_mesh.clone()));
+        tokio::spawn(follow_peers(membership.clone(), dp.clone(), stop_mesh.clone()));
     }
+    let dispatcher = Dispatcher::new(
+        local.clone(),
+        config.node.name.clone(),
+        mesh.clone(),
+        dataplane.clone(),
+        config.mesh.max_attempts,
+    );
     let state = Arc::new(AppState {
         node_name: config.node.name.clone(),
         local,
+        dispatcher,
         node: node.clone(),
         mesh: mesh.clone(),
         idle_timeout: config.backend.idle_timeout,
@@ -192,15 +233,87 @@ pub async fn run_agent(
         node_id: node.node_id.clone(),
         p2p: mesh.as_ref().map(|m| m.view().listen_addrs.clone()).unwrap_or_default(),
     };
-    tracing::info!(%addr, node = %config.node.name, node_id = %ready.node_id, "llmesh agent listening");
+    tracing::info!(%addr, node = %config.node.name, node_id = %ready.node_id, data = %node.data_addr, "llmesh agent listening");
     on_ready(&ready);
+
+    let drain = {
+        let shutdown = shutdown.clone();
+        let node = node.clone();
+        let mesh = mesh.clone();
+        let dataplane = dataplane.clone();
+        async move {
+            shutdown.cancelled().await;
+            // Announce at once so peers route around this node, and refuse
+            // new forwarded work (it fails over to other nodes).
+            node.draining.store(true, Ordering::SeqCst);
+            if let Some(membership) = &mesh {
+                membership.set_local_state(node.build());
+            }
+            if let Some(dp) = &dataplane {
+                dp.start_drain();
+            }
+            tracing::info!("draining: finishing in-flight requests");
+        }
+    };
+    tokio::spawn(drain);
     let result = serve_until(listener, router(state), shutdown.clone(), config.api.drain_timeout).await;
     shutdown.cancel();
+    if let Some(dp) = &dataplane {
+        if !dp.drained(config.api.drain_timeout).await {
+            tracing::warn!(timeout = ?config.api.drain_timeout, "forwarded requests still running at the drain timeout");
+        }
+        dp.close().await;
+    }
+    stop_mesh.cancel();
     if let Err(err) = poller.await {
         tracing::warn!(error = %err, "inventory poller ended abnormally");
     }
     tracing::info!("llmesh agent stopped");
     result
+}
+
+/// The data-plane address peers should dial: the bound one, or where the
+/// socket is bound to every interface, the first non-loopback IPv4 that
+/// libp2p listens on (loopback when there is none).
+fn advertised(bound: SocketAddr, p2p: &[Multiaddr]) -> SocketAddr {
+    if !bound.ip().is_unspecified() {
+        return bound;
+    }
+    let ips: Vec<std::net::IpAddr> = p2p
+        .iter()
+        .flat_map(|a| a.iter())
+        .filter_map(|p| match p {
+            llmesh_mesh::multiaddr::Protocol::Ip4(ip) => Some(std::net::IpAddr::V4(ip)),
+            _ => None,
+        })
+        .collect();
+    let ip = ips
+        .iter()
+        .find(|ip| !ip.is_loopback() && !ip.is_unspecified())
+        .copied()
+        .unwrap_or(std::net::IpAddr::from([127, 0, 0, 1]));
+    SocketAddr::new(ip, bound.port())
+}
+
+/// Keeps the data plane's peer table in step with membership.
+async fn follow_peers(membership: Membership, dataplane: Arc<DataPlane>, shutdown: CancellationToken) {
+    let mut view = membership.watch();
+    let mut warmed = std::collections::HashSet::new();
+    loop {
+        dataplane.update_peers(&view.borrow_and_update());
+        // Connect to new peers ahead of traffic: the hot path then opens a
+        // stream on a warm connection.
+        for peer in dataplane.known_peers() {
+            if warmed.insert(peer.clone()) {
+                let dataplane = dataplane.clone();
+                tokio::spawn(async move { dataplane.warm(&peer).await });
+            }
+        }
+        tokio::select! {
+            () = shutdown.cancelled() => return,
+            changed = view.changed() => if changed.is_err() { return },
+        }
+    }
 }
 
 /// Runs the simulated backend as its own HTTP server until `shutdown`.

@@ -54,6 +54,32 @@ impl ServeError {
         }
     }
 
+    /// Rebuilds an error a peer reported with [`ServeError::code`].
+    pub fn from_code(code: &str, message: String) -> ServeError {
+        match code {
+            "invalid_request" => ServeError::BadRequest(message),
+            "model_not_found" => ServeError::ModelNotFound(message),
+            "unsupported" => ServeError::Unsupported(message),
+            "backend_unreachable" => ServeError::BackendUnreachable(message),
+            "backend_unavailable" => ServeError::BackendUnavailable(message),
+            "backend_timeout" => ServeError::Timeout(message),
+            _ => ServeError::Internal(message),
+        }
+    }
+
+    /// The message without the class prefix that `Display` adds.
+    pub fn message(&self) -> &str {
+        match self {
+            ServeError::BadRequest(m)
+            | ServeError::ModelNotFound(m)
+            | ServeError::BackendUnreachable(m)
+            | ServeError::BackendUnavailable(m)
+            | ServeError::Timeout(m)
+            | ServeError::Unsupported(m)
+            | ServeError::Internal(m) => m,
+        }
+    }
+
     /// Whether another target could succeed where this one failed: only
     /// failures of the target itself, never failures of the request.
     pub fn is_retryable(&self) -> bool {
@@ -72,6 +98,21 @@ mod tests {
         assert_eq!(ServeError::BackendUnreachable("x".into()).status(), 502);
         assert_eq!(ServeError::BackendUnavailable("x".into()).status(), 503);
         assert_eq!(ServeError::Timeout("x".into()).status(), 504);
+    }
+
+    #[test]
+    fn codes_round_trip() {
+        for err in [
+            ServeError::BadRequest("a".into()),
+            ServeError::ModelNotFound("b".into()),
+            ServeError::BackendUnreachable("c".into()),
+            ServeError::BackendUnavailable("d".into()),
+            ServeError::Timeout("e".into()),
+            ServeError::Unsupported("f".into()),
+            ServeError::Internal("g".into()),
+        ] {
+            assert_eq!(ServeError::from_code(err.code(), err.message().to_string()), err);
+        }
     }
 
     #[test]

@@ -11,6 +11,7 @@
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
+pub mod dataplane;
 pub mod error;
 pub mod handler;
 pub mod identity;
@@ -19,9 +20,10 @@ pub mod peers;
 pub mod secret;
 mod store;
 
+pub use dataplane::{DataPlane, DataPlaneConfig, Forwarded};
 pub use error::ServeError;
 pub use handler::{BodyStream, InferenceRequest, InferenceResponse, RequestHandler};
-pub use libp2p::{Multiaddr, PeerId};
+pub use libp2p::{Multiaddr, PeerId, multiaddr};
 pub use llmesh_proto::{ApiKind, NodeState};
 pub use membership::{Membership, MembershipConfig, MeshView, PeerSnapshot};
 pub use peers::{Change, Liveness, LivenessConfig};

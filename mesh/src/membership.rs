@@ -183,8 +183,14 @@ fn build_swarm(config: &MembershipConfig) -> Result<Swarm<Behaviour>, MeshError>
                 kad::Config::new(StreamProtocol::new("/llmesh/kad/1.0.0")),
             );
             kad.set_mode(Some(kad::Mode::Server));
-            let mdns =
-                if mdns_enabled { Some(mdns::tokio::Behaviour::new(mdns::Config::default(), peer_id)?) } else { None };
+            let mdns = if mdns_enabled {
+                // Query every few seconds rather than the default five minutes, so a
+                // node that missed the first answers still finds its LAN soon.
+                let config = mdns::Config { query_interval: Duration::from_secs(5), ..mdns::Config::default() };
+                Some(mdns::tokio::Behaviour::new(config, peer_id)?)
+            } else {
+                None
+            };
             Ok(Behaviour { gossipsub, identify, kad, mdns: Toggle::from(mdns) })
         })
         .map_err(|e| MeshError::Build(e.to_string()))?

@@ -4,6 +4,8 @@
 //! [`RequestHead`], [`ResponseHead`] and [`Trailer`] around raw body bytes.
 #![forbid(unsafe_code)]
 
+pub mod frame;
+
 #[allow(missing_docs, clippy::all)]
 mod generated {
     include!(concat!(env!("OUT_DIR"), "/llmesh.v1.rs"));

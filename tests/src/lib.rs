@@ -201,6 +201,8 @@ pub async fn agent_in(dir: &std::path::Path, backend_url: &str, args: &[&str]) -
         "--no-mdns",
         "--mesh-listen",
         "/ip4/127.0.0.1/tcp/0",
+        "--data-listen",
+        "127.0.0.1:0",
     ];
     if !args.contains(&"--name") {
         all.extend_from_slice(&["--name", "test-node"]);

@@ -17,9 +17,10 @@ use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use bytes::Bytes;
-use llmesh_mesh::{ApiKind, InferenceRequest, Membership, RequestHandler};
+use llmesh_mesh::{ApiKind, InferenceRequest, Membership};
 use tracing::Instrument;
 
+use crate::dispatch::Dispatcher;
 use crate::error::{ApiError, ErrorFormat};
 use crate::local::LocalNode;
 use crate::node_state::NodeStateBuilder;
@@ -37,6 +38,8 @@ pub struct AppState {
     pub node_name: String,
     /// Runs requests on this node.
     pub local: Arc<LocalNode>,
+    /// Chooses this node or a peer for each request.
+    pub dispatcher: Dispatcher,
     /// Builds this node's state for `/mesh/v1/nodes`.
     pub node: Arc<NodeStateBuilder>,
     /// Membership, when this node is part of a mesh.
@@ -157,22 +160,23 @@ async fn infer(
             body,
             deadline: None,
         };
-        let response = state.local.serve(request).instrument(span).await.map_err(ApiError::from)?;
-        Ok::<_, ApiError>(relay::relay(response, state.idle_timeout, state.max_response_bytes, format).await)
+        let dispatched = state.dispatcher.dispatch(request).instrument(span).await.map_err(ApiError::from)?;
+        let response = relay::relay(dispatched.response, state.idle_timeout, state.max_response_bytes, format).await;
+        Ok::<_, ApiError>((response, dispatched.node, dispatched.route))
     }
     .await;
-    let (mut response, route) = match result {
-        Ok(response) => (response, Some("local")),
+    let (mut response, node, route) = match result {
+        Ok((response, node, route)) => (response, node, Some(route)),
         Err(err) => {
             if err.status.is_server_error() {
                 tracing::warn!(id = %request_id, status = err.status.as_u16(), error = %err.message, "request failed");
             } else {
                 tracing::debug!(id = %request_id, status = err.status.as_u16(), error = %err.message, "request rejected");
             }
-            (err.with_format(format).into_response(), None)
+            (err.with_format(format).into_response(), state.node_name.clone(), None)
         }
     };
     tracing::debug!(id = %request_id, status = response.status().as_u16(), head_ms = started.elapsed().as_millis() as u64, "response head sent");
-    stamp(&mut response, &state.node_name, &request_id, route);
+    stamp(&mut response, &node, &request_id, route.as_deref());
     response
 }

@@ -131,6 +131,10 @@ pub struct SimConfig {
     /// Seed for output text and fault decisions.
     #[arg(long = "seed", default_value_t = 0)]
     pub seed: u64,
+    /// Fixed ids, timestamps and durations: the same request always gets
+    /// byte-identical responses (for relay tests).
+    #[arg(long = "deterministic")]
+    pub deterministic: bool,
     /// Faults to inject.
     #[command(flatten)]
     pub faults: Faults,
@@ -150,6 +154,7 @@ impl Default for SimConfig {
             prefix_cache_entries: 1024,
             embedding_dim: 384,
             seed: 0,
+            deterministic: false,
             faults: Faults::default(),
         }
     }

@@ -4,7 +4,7 @@
 
 use std::convert::Infallible;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use axum::Json;
@@ -30,6 +30,9 @@ static IDS: AtomicU64 = AtomicU64::new(1);
 
 /// Builds the sim's router around `engine`.
 pub fn router(engine: Arc<SimEngine>) -> Router {
+    if engine.config().deterministic {
+        DETERMINISTIC.store(true, Ordering::Relaxed);
+    }
     Router::new()
         .route("/", get(|| async { "Ollama is running" }))
         .route("/api/version", get(|| async { Json(json!({ "version": OLLAMA_COMPAT_VERSION })) }))
@@ -179,16 +182,38 @@ fn stream_flag(body: &Value, default: bool) -> bool {
     body.get("stream").and_then(Value::as_bool).unwrap_or(default)
 }
 
+/// Set by `--deterministic`: ids, timestamps and durations stop varying, so
+/// the same request gives byte-identical responses (for relay tests).
+static DETERMINISTIC: AtomicBool = AtomicBool::new(false);
+
+fn deterministic() -> bool {
+    DETERMINISTIC.load(Ordering::Relaxed)
+}
+
 fn unix_now() -> u64 {
+    if deterministic() {
+        return 1_700_000_000;
+    }
     SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs())
 }
 
 fn rfc3339_now() -> String {
+    if deterministic() {
+        return "2026-01-01T00:00:00Z".to_string();
+    }
     humantime::format_rfc3339_nanos(SystemTime::now()).to_string()
 }
 
-fn next_id(prefix: &str) -> String {
+/// A response id: a counter, or in deterministic mode a hash of the body.
+fn next_id(prefix: &str, body: &[u8]) -> String {
+    if deterministic() {
+        return format!("{prefix}-sim{:x}", text::fnv1a(0, body));
+    }
     format!("{prefix}-sim{}", IDS.fetch_add(1, Ordering::Relaxed))
+}
+
+fn nanos(d: std::time::Duration) -> u64 {
+    if deterministic() { 0 } else { d.as_nanos() as u64 }
 }
 
 fn sse(value: &Value) -> Bytes {
@@ -248,9 +273,9 @@ fn tool_call_id(run: &Run) -> String {
     format!("call_{:x}", text::fnv1a(run.prompt_tokens.into(), run.model.as_bytes()))
 }
 
-async fn openai_chat(State(engine): Sim, uri: Uri, body: Bytes) -> Response {
+async fn openai_chat(State(engine): Sim, uri: Uri, raw: Bytes) -> Response {
     let family = Family::OpenAi;
-    let body = match parse(family, &uri, &engine, &body) {
+    let body = match parse(family, &uri, &engine, &raw) {
         Ok(b) => b,
         Err(r) => return r.into_response(),
     };
@@ -268,7 +293,7 @@ async fn openai_chat(State(engine): Sim, uri: Uri, body: Bytes) -> Response {
         Ok(run) => run,
         Err(e) => return sim_error(family, &e).into_response(),
     };
-    let id = next_id("chatcmpl");
+    let id = next_id("chatcmpl", &raw);
     let created = unix_now();
     if !stream_flag(&body, false) {
         let Ok(text) = run.collect().await else {
@@ -328,9 +353,9 @@ async fn openai_chat(State(engine): Sim, uri: Uri, body: Bytes) -> Response {
     streaming("text/event-stream", stream)
 }
 
-async fn openai_completions(State(engine): Sim, uri: Uri, body: Bytes) -> Response {
+async fn openai_completions(State(engine): Sim, uri: Uri, raw: Bytes) -> Response {
     let family = Family::OpenAi;
-    let body = match parse(family, &uri, &engine, &body) {
+    let body = match parse(family, &uri, &engine, &raw) {
         Ok(b) => b,
         Err(r) => return r.into_response(),
     };
@@ -348,7 +373,7 @@ async fn openai_completions(State(engine): Sim, uri: Uri, body: Bytes) -> Respon
         Ok(run) => run,
         Err(e) => return sim_error(family, &e).into_response(),
     };
-    let id = next_id("cmpl");
+    let id = next_id("cmpl", &raw);
     let created = unix_now();
     if !stream_flag(&body, false) {
         let Ok(text) = run.collect().await else {
@@ -533,12 +558,12 @@ fn ollama_final(run: &Run, body_field: &str) -> Value {
     let mut done = json!({
         "model": run.model, "created_at": rfc3339_now(), "done": true,
         "done_reason": if run.truncated { "length" } else { "stop" },
-        "total_duration": run.total().as_nanos() as u64,
-        "load_duration": run.load.as_nanos() as u64,
+        "total_duration": nanos(run.total()),
+        "load_duration": nanos(run.load),
         "prompt_eval_count": run.prompt_tokens,
-        "prompt_eval_duration": run.prompt_eval.as_nanos() as u64,
+        "prompt_eval_duration": nanos(run.prompt_eval),
         "eval_count": run.completion_tokens,
-        "eval_duration": run.decode_time().as_nanos() as u64,
+        "eval_duration": nanos(run.decode_time()),
     });
     if body_field == "message" {
         done["message"] = json!({ "role": "assistant", "content": "" });

@@ -1,0 +1,511 @@
+//! The data plane: requests carried between nodes over QUIC.
+//!
+//! One endpoint per node serves and dials. Each forwarded request is one
+//! bidirectional stream: a `RequestHead` and the client's body go out, a
+//! `ResponseHead`, body frames as the backend produces them and a
+//! `Trailer` come back. Connections are pooled per peer and kept alive, so
+//! the hot path opens a stream, never a handshake. Closing a stream cancels
+//! the work on the far side.
+
+pub mod tls;
+
+use std::collections::{HashMap, HashSet};
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{Duration, Instant};
+
+use bytes::{Bytes, BytesMut};
+use futures::{SinkExt, StreamExt};
+use llmesh_proto::frame::{Frame, FrameCodec, body_frames};
+use llmesh_proto::{ApiKind, PROTOCOL_VERSION, RequestHead, ResponseHead, Trailer};
+use tokio_util::codec::{FramedRead, FramedWrite};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::membership::MeshView;
+use crate::peers::Liveness;
+use crate::{InferenceRequest, InferenceResponse, RequestHandler, ServeError};
+use tls::{AllowedPeers, Fingerprint, NodeCert};
+
+/// How long a peer may take to send a request's head and body.
+const REQUEST_READ_TIMEOUT: Duration = Duration::from_secs(30);
+/// Keep-alives make an idle pooled connection survive NATs and let a dead
+/// peer be noticed within the idle timeout.
+const KEEP_ALIVE: Duration = Duration::from_millis(500);
+const IDLE_TIMEOUT: Duration = Duration::from_secs(3);
+
+/// A failure to start the data plane.
+#[derive(Debug, thiserror::Error)]
+pub enum DataPlaneError {
+    /// TLS setup failed.
+    #[error(transparent)]
+    Tls(#[from] tls::TlsError),
+    /// The UDP port could not be bound.
+    #[error("cannot bind the data plane on {addr}: {source}")]
+    Bind {
+        /// Address asked for.
+        addr: SocketAddr,
+        /// What the OS said.
+        source: std::io::Error,
+    },
+}
+
+/// How this node's data plane behaves.
+#[derive(Debug, Clone)]
+pub struct DataPlaneConfig {
+    /// UDP address to listen on.
+    pub listen: SocketAddr,
+    /// This node's name, returned in every response head.
+    pub node_name: String,
+    /// Time allowed to establish a connection to a peer.
+    pub connect_timeout: Duration,
+    /// Time allowed until a peer's response head.
+    pub head_timeout: Duration,
+    /// Largest request body accepted from a peer.
+    pub max_body_bytes: usize,
+}
+
+/// Where a peer's data plane is and which certificate it announced.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct PeerAddr {
+    addr: SocketAddr,
+    fingerprint: Fingerprint,
+}
+
+/// A response from a peer, and which node produced it.
+#[derive(Debug)]
+pub struct Forwarded {
+    /// The response, body still streaming.
+    pub response: InferenceResponse,
+    /// Name of the node that served it.
+    pub node: String,
+}
+
+/// This node's QUIC endpoint.
+pub struct DataPlane {
+    endpoint: quinn::Endpoint,
+    cert: NodeCert,
+    allowed: AllowedPeers,
+    peers: Mutex<HashMap<String, PeerAddr>>,
+    /// One slot per peer; its async lock makes concurrent requests to a
+    /// peer wait for one handshake instead of each starting their own.
+    pool: Mutex<HashMap<String, Arc<tokio::sync::Mutex<Option<quinn::Connection>>>>>,
+    draining: Arc<AtomicBool>,
+    tracker: TaskTracker,
+    config: DataPlaneConfig,
+}
+
+fn transport() -> Arc<quinn::TransportConfig> {
+    let mut transport = quinn::TransportConfig::default();
+    transport.keep_alive_interval(Some(KEEP_ALIVE));
+    // Within the bounds quinn accepts; 3 s always fits.
+    if let Ok(idle) = quinn::IdleTimeout::try_from(IDLE_TIMEOUT) {
+        transport.max_idle_timeout(Some(idle));
+    }
+    transport.max_concurrent_bidi_streams(4096u32.into());
+    transport.max_concurrent_uni_streams(0u32.into());
+    Arc::new(transport)
+}
+
+impl DataPlane {
+    /// Binds the endpoint and starts serving streams with `handler` until
+    /// `shutdown`.
+    pub fn bind(
+        config: DataPlaneConfig,
+        handler: Arc<dyn RequestHandler>,
+        shutdown: CancellationToken,
+    ) -> Result<Arc<DataPlane>, DataPlaneError> {
+        let cert = NodeCert::generate()?;
+        let allowed = AllowedPeers::default();
+        let crypto = tls::server_crypto(&cert, allowed.clone())?;
+        let quic =
+            quinn::crypto::rustls::QuicServerConfig::try_from(crypto).map_err(|e| tls::TlsError(e.to_string()))?;
+        let mut server = quinn::ServerConfig::with_crypto(Arc::new(quic));
+        server.transport_config(transport());
+        let endpoint = quinn::Endpoint::server(server, config.listen)
+            .map_err(|source| DataPlaneError::Bind { addr: config.listen, source })?;
+        let plane = Arc::new(DataPlane {
+            endpoint,
+            cert,
+            allowed,
+            peers: Mutex::new(HashMap::new()),
+            pool: Mutex::new(HashMap::new()),
+            draining: Arc::new(AtomicBool::new(false)),
+            tracker: TaskTracker::new(),
+            config,
+        });
+        tokio::spawn(accept_loop(plane.clone(), handler, shutdown));
+        Ok(plane)
+    }
+
+    /// The bound UDP address.
+    pub fn local_addr(&self) -> std::io::Result<SocketAddr> {
+        self.endpoint.local_addr()
+    }
+
+    /// The certificate fingerprint to announce in gossip.
+    pub fn fingerprint(&self) -> Fingerprint {
+        self.cert.fingerprint()
+    }
+
+    /// Takes in the latest membership view: who may call us, where peers
+    /// are, and which pooled connections belong to dead peers.
+    pub fn update_peers(&self, view: &MeshView) {
+        let mut peers = HashMap::new();
+        let mut allowed = HashSet::new();
+        for peer in view.peers.iter().filter(|p| p.liveness != Liveness::Dead) {
+            let Ok(fingerprint) = Fingerprint::try_from(peer.state.data_cert_sha256.as_slice()) else { continue };
+            let Ok(addr) = peer.state.data_addr.parse::<SocketAddr>() else { continue };
+            allowed.insert(fingerprint);
+            peers.insert(peer.state.node_id.clone(), PeerAddr { addr, fingerprint });
+        }
+        self.allowed.replace(allowed);
+        let mut pool = self.pool.lock().unwrap_or_else(PoisonError::into_inner);
+        pool.retain(|id, slot| {
+            // A peer that is gone or came back with a new certificate or
+            // address gets a fresh connection.
+            let Some(peer) = peers.get(id) else {
+                if let Ok(mut conn) = slot.try_lock()
+                    && let Some(conn) = conn.take()
+                {
+                    conn.close(0u32.into(), b"peer left");
+                }
+                return false;
+            };
+            if let Ok(mut conn) = slot.try_lock()
+                && conn.as_ref().is_some_and(|c| c.remote_address() != peer.addr)
+                && let Some(stale) = conn.take()
+            {
+                stale.close(0u32.into(), b"peer moved");
+            }
+            true
+        });
+        *self.peers.lock().unwrap_or_else(PoisonError::into_inner) = peers;
+    }
+
+    /// Ids of the peers with a data plane, to connect to ahead of traffic.
+    pub fn known_peers(&self) -> Vec<String> {
+        self.peers.lock().unwrap_or_else(PoisonError::into_inner).keys().cloned().collect()
+    }
+
+    /// Opens the pooled connection to `node_id` now, so the first request
+    /// does not pay for the handshake.
+    pub async fn warm(&self, node_id: &str) {
+        if let Err(err) = self.connection(node_id).await {
+            tracing::debug!(peer = %node_id, error = %err, "cannot pre-connect (will retry on demand)");
+        }
+    }
+
+    /// Refuses new requests from now on (they fail over to other nodes);
+    /// requests already running continue.
+    pub fn start_drain(&self) {
+        self.draining.store(true, Ordering::SeqCst);
+    }
+
+    /// Waits until every request being served has finished, at most `limit`;
+    /// returns whether they all did.
+    pub async fn drained(&self, limit: Duration) -> bool {
+        tracing::debug!(running = self.tracker.len(), "waiting for forwarded requests");
+        self.tracker.close();
+        tokio::time::timeout(limit, self.tracker.wait()).await.is_ok()
+    }
+
+    /// Closes the endpoint.
+    pub async fn close(&self) {
+        self.endpoint.close(0u32.into(), b"shutting down");
+        let _ = tokio::time::timeout(Duration::from_secs(1), self.endpoint.wait_idle()).await;
+    }
+
+    async fn connection(&self, node_id: &str) -> Result<quinn::Connection, ServeError> {
+        let slot =
+            self.pool.lock().unwrap_or_else(PoisonError::into_inner).entry(node_id.to_string()).or_default().clone();
+        let mut slot = slot.lock().await;
+        if let Some(conn) = slot.as_ref()
+            && conn.close_reason().is_none()
+        {
+            return Ok(conn.clone());
+        }
+        let peer =
+            self.peers.lock().unwrap_or_else(PoisonError::into_inner).get(node_id).cloned().ok_or_else(|| {
+                ServeError::BackendUnreachable(format!("no data-plane address known for node {node_id}"))
+            })?;
+        let crypto =
+            tls::client_crypto(&self.cert, peer.fingerprint).map_err(|e| ServeError::Internal(e.to_string()))?;
+        let quic = quinn::crypto::rustls::QuicClientConfig::try_from(crypto)
+            .map_err(|e| ServeError::Internal(e.to_string()))?;
+        let mut client = quinn::ClientConfig::new(Arc::new(quic));
+        client.transport_config(transport());
+        let connecting = self
+            .endpoint
+            .connect_with(client, peer.addr, tls::SERVER_NAME)
+            .map_err(|e| ServeError::BackendUnreachable(format!("cannot dial {}: {e}", peer.addr)))?;
+        let conn = tokio::time::timeout(self.config.connect_timeout, connecting)
+            .await
+            .map_err(|_| ServeError::BackendUnreachable(format!("no QUIC handshake with {} in time", peer.addr)))?
+            .map_err(|e| ServeError::BackendUnreachable(format!("QUIC handshake with {} failed: {e}", peer.addr)))?;
+        *slot = Some(conn.clone());
+        Ok(conn)
+    }
+
+    /// Sends `req` to `node_id` and returns once its response head arrives.
+    pub async fn forward(&self, node_id: &str, req: &InferenceRequest) -> Result<Forwarded, ServeError> {
+        let conn = self.connection(node_id).await?;
+        let (send, recv) =
+            conn.open_bi().await.map_err(|e| ServeError::BackendUnreachable(format!("cannot open a stream: {e}")))?;
+        let mut writer = FramedWrite::new(send, FrameCodec::default());
+        let deadline_ms = req.deadline.map_or(0, |d| d.saturating_duration_since(Instant::now()).as_millis() as u64);
+        let head = RequestHead {
+            protocol_version: PROTOCOL_VERSION,
+            request_id: req.request_id.clone(),
+            api: req.api as i32,
+            model: req.model.clone(),
+            stream: req.stream,
+            deadline_ms,
+            hops: 1,
+            tenant: String::new(),
+            affinity_key: 0,
+        };
+        let sent = async {
+            writer.feed(Frame::RequestHead(head)).await?;
+            for frame in body_frames(req.body.clone()) {
+                writer.feed(frame).await?;
+            }
+            writer.flush().await
+        };
+        sent.await.map_err(|e| ServeError::BackendUnreachable(format!("sending the request failed: {e}")))?;
+        // Tell the peer the request is complete; a finished stream stays
+        // readable in the other direction.
+        writer.get_mut().finish().map_err(|e| ServeError::BackendUnreachable(format!("closing the request: {e}")))?;
+        let mut reader = FramedRead::new(recv, FrameCodec::default());
+        let budget = req.deadline.map_or(self.config.head_timeout, |d| {
+            d.saturating_duration_since(Instant::now()).min(self.config.head_timeout)
+        });
+        let head = match tokio::time::timeout(budget, reader.next()).await {
+            Err(_) => return Err(ServeError::Timeout(format!("node {node_id} sent no response within {budget:?}"))),
+            Ok(None) => return Err(ServeError::BackendUnreachable("peer closed the stream before answering".into())),
+            Ok(Some(Err(e))) => return Err(ServeError::BackendUnreachable(format!("peer stream failed: {e}"))),
+            Ok(Some(Ok(Frame::ResponseHead(head)))) => head,
+            Ok(Some(Ok(other))) => {
+                return Err(ServeError::BackendUnreachable(format!(
+                    "protocol error: expected a response head, got {other:?}"
+                )));
+            }
+        };
+        if !head.error_code.is_empty() {
+            return Err(ServeError::from_code(&head.error_code, head.error_message));
+        }
+        let body = async_stream::stream! {
+            // Keep the send half until the response ends: dropping it early
+            // is harmless after finish(), but this documents the pairing.
+            let _writer = writer;
+            loop {
+                match reader.next().await {
+                    Some(Ok(Frame::Body(bytes))) => yield Ok(bytes),
+                    Some(Ok(Frame::Trailer(trailer))) => {
+                        if !trailer.error.is_empty() {
+                            yield Err(trailer.error);
+                        }
+                        return;
+                    }
+                    Some(Ok(other)) => {
+                        yield Err(format!("protocol error: unexpected {other:?} in a response body"));
+                        return;
+                    }
+                    Some(Err(e)) => {
+                        yield Err(format!("peer stream broke: {e}"));
+                        return;
+                    }
+                    None => {
+                        yield Err("peer closed the stream before the response ended".to_string());
+                        return;
+                    }
+                }
+            }
+        };
+        let response =
+            InferenceResponse { status: head.status as u16, content_type: head.content_type, body: Box::pin(body) };
+        Ok(Forwarded { response, node: head.node })
+    }
+}
+
+async fn accept_loop(plane: Arc<DataPlane>, handler: Arc<dyn RequestHandler>, shutdown: CancellationToken) {
+    loop {
+        let incoming = tokio::select! {
+            () = shutdown.cancelled() => break,
+            incoming = plane.endpoint.accept() => match incoming {
+                Some(incoming) => incoming,
+                None => break,
+            },
+        };
+        let plane = plane.clone();
+        let handler = handler.clone();
+        tokio::spawn(async move {
+            let conn = match incoming.await {
+                Ok(conn) => conn,
+                Err(err) => {
+                    // Outsiders and stale certificates end here.
+                    tracing::debug!(error = %err, "refused a data-plane connection");
+                    return;
+                }
+            };
+            loop {
+                let (send, recv) = match conn.accept_bi().await {
+                    Ok(streams) => streams,
+                    Err(_) => return,
+                };
+                let handler = handler.clone();
+                let plane = plane.clone();
+                plane.tracker.clone().spawn(async move { serve_stream(&plane, handler, send, recv).await });
+            }
+        });
+    }
+    tracing::debug!("data plane stopped accepting");
+}
+
+/// How long a finished response waits for the peer to acknowledge it.
+const FINISH_ACK_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Ends the response stream and waits until the peer has received all of
+/// it, so that closing the endpoint right after (at the end of a drain)
+/// cannot discard the last frames.
+async fn finish(writer: &mut FramedWrite<quinn::SendStream, FrameCodec>) {
+    if writer.get_mut().finish().is_ok() {
+        let _ = tokio::time::timeout(FINISH_ACK_TIMEOUT, writer.get_mut().stopped()).await;
+    }
+}
+
+fn refusal(node: &str, err: &ServeError) -> ResponseHead {
+    ResponseHead {
+        status: u32::from(err.status()),
+        content_type: "application/json".into(),
+        node: node.to_string(),
+        error_code: err.code().to_string(),
+        error_message: err.message().to_string(),
+    }
+}
+
+async fn read_request(
+    reader: &mut FramedRead<quinn::RecvStream, FrameCodec>,
+    max_body: usize,
+) -> Result<(RequestHead, Bytes), ServeError> {
+    let head = match reader.next().await {
+        Some(Ok(Frame::RequestHead(head))) => head,
+        Some(Ok(_)) => return Err(ServeError::BadRequest("protocol error: a request starts with its head".into())),
+        Some(Err(e)) => return Err(ServeError::BadRequest(format!("protocol error: {e}"))),
+        None => return Err(ServeError::BadRequest("empty stream".into())),
+    };
+    let mut body = BytesMut::new();
+    while let Some(frame) = reader.next().await {
+        match frame {
+            Ok(Frame::Body(bytes)) => {
+                if body.len() + bytes.len() > max_body {
+                    return Err(ServeError::BadRequest(format!("request body exceeds {max_body} bytes")));
+                }
+                body.extend_from_slice(&bytes);
+            }
+            Ok(_) => return Err(ServeError::BadRequest("protocol error: only body frames follow the head".into())),
+            Err(e) => return Err(ServeError::BadRequest(format!("protocol error: {e}"))),
+        }
+    }
+    Ok((head, body.freeze()))
+}
+
+async fn serve_stream(
+    plane: &DataPlane,
+    handler: Arc<dyn RequestHandler>,
+    send: quinn::SendStream,
+    recv: quinn::RecvStream,
+) {
+    let node = plane.config.node_name.as_str();
+    let mut reader = FramedRead::new(recv, FrameCodec::default());
+    let mut writer = FramedWrite::new(send, FrameCodec::default());
+    let read = tokio::time::timeout(REQUEST_READ_TIMEOUT, read_request(&mut reader, plane.config.max_body_bytes)).await;
+    let (head, body) = match read {
+        Ok(Ok(request)) => request,
+        Ok(Err(err)) => {
+            let _ = writer.send(Frame::ResponseHead(refusal(node, &err))).await;
+            finish(&mut writer).await;
+            return;
+        }
+        Err(_) => return,
+    };
+    let refuse = |err: ServeError| refusal(node, &err);
+    let early = if head.protocol_version != PROTOCOL_VERSION {
+        Some(refuse(ServeError::Unsupported(format!(
+            "incompatible llmesh protocol version {} (this node speaks {PROTOCOL_VERSION}); upgrade the older node",
+            head.protocol_version
+        ))))
+    } else if head.hops > 1 {
+        Some(refuse(ServeError::BadRequest("a forwarded request is never forwarded again".into())))
+    } else if plane.draining.load(Ordering::SeqCst) {
+        Some(refuse(ServeError::BackendUnavailable(format!("node {node} is draining"))))
+    } else {
+        None
+    };
+    if let Some(refusal) = early {
+        let _ = writer.send(Frame::ResponseHead(refusal)).await;
+        finish(&mut writer).await;
+        return;
+    }
+    let api = ApiKind::try_from(head.api).unwrap_or(ApiKind::Unspecified);
+    tracing::debug!(id = %head.request_id, model = %head.model, api = api.as_str_name(), "serving a forwarded request");
+    let request_id = head.request_id.clone();
+    let request = InferenceRequest {
+        request_id: head.request_id.clone(),
+        api,
+        model: head.model,
+        stream: head.stream,
+        body,
+        deadline: (head.deadline_ms > 0).then(|| Instant::now() + Duration::from_millis(head.deadline_ms)),
+    };
+    let mut response = match handler.serve(request).await {
+        Ok(response) => response,
+        Err(err) => {
+            let _ = writer.send(Frame::ResponseHead(refuse(err))).await;
+            finish(&mut writer).await;
+            return;
+        }
+    };
+    let head = ResponseHead {
+        status: u32::from(response.status),
+        content_type: response.content_type.clone(),
+        node: node.to_string(),
+        ..ResponseHead::default()
+    };
+    if writer.send(Frame::ResponseHead(head)).await.is_err() {
+        return;
+    }
+    loop {
+        let next = tokio::select! {
+            next = response.body.next() => next,
+            // The entry node went away (client cancelled): drop the body,
+            // which cancels the backend request.
+            _ = writer.get_mut().stopped() => {
+                tracing::debug!("forwarded request cancelled by the entry node");
+                return;
+            }
+        };
+        let trailer = match next {
+            Some(Ok(bytes)) => {
+                let mut failed = false;
+                for frame in body_frames(bytes) {
+                    if writer.feed(frame).await.is_err() {
+                        failed = true;
+                        break;
+                    }
+                }
+                if failed || writer.flush().await.is_err() {
+                    return;
+                }
+                continue;
+            }
+            Some(Err(message)) => Trailer { usage: None, error: message },
+            None => Trailer::default(),
+        };
+        let _ = writer.send(Frame::Trailer(trailer)).await;
+        finish(&mut writer).await;
+        tracing::debug!(id = %request_id, "forwarded request finished");
+        return;
+    }
+}

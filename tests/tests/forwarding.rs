@@ -1,0 +1,253 @@
+//! Requests forwarded between nodes over the QUIC data plane: every API,
+//! failover before the first byte, clean errors after it, cancellation
+//! across the hop, byte-identical relaying under concurrency, and drain.
+
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use futures::StreamExt;
+use llmesh_tests::{
+    Proc, agent, binary, client, eventually, get_json, ndjson_lines, patience, sim, sim_stats, sse_events,
+};
+use serde_json::{Value, json};
+
+const M: &str = "only-c:1b";
+
+/// A sim and the agent in front of it.
+struct Node {
+    sim: Proc,
+    agent: Proc,
+}
+
+/// Starts nodes named `names[i]` whose sims take `sim_args[i]`; the first
+/// creates the cluster and the others join it. Returns once every node sees
+/// every other alive with a data plane.
+async fn cluster(specs: &[(&str, &[&str])]) -> Vec<Node> {
+    let mut nodes: Vec<Node> = Vec::new();
+    let mut token = String::new();
+    let mut boot = String::new();
+    for (i, (name, sim_args)) in specs.iter().enumerate() {
+        let sim = sim(sim_args).await;
+        let agent = if i == 0 {
+            agent(&sim.url, &["--name", name]).await
+        } else {
+            agent(&sim.url, &["--name", name, "--join", &token, "--bootstrap", &boot]).await
+        };
+        if i == 0 {
+            let out = Command::new(binary())
+                .args(["init", "--data-dir"])
+                .arg(agent.data_dir.as_deref().expect("data dir"))
+                .output()
+                .expect("init");
+            token = String::from_utf8_lossy(&out.stdout)
+                .lines()
+                .find(|l| l.starts_with("lmj1."))
+                .expect("token")
+                .to_string();
+            boot = agent.p2p_addr();
+        }
+        nodes.push(Node { sim, agent });
+    }
+    let n = nodes.len();
+    for node in &nodes {
+        eventually("every node sees every other", || async {
+            let listed = get_json(&format!("{}/mesh/v1/nodes", node.agent.url)).await;
+            let ready = listed["nodes"]
+                .as_array()
+                .map(|a| a.iter().filter(|n| n["liveness"] == "alive" && n["addresses"]["data"] != "").count());
+            ready == Some(n)
+        })
+        .await;
+    }
+    nodes
+}
+
+fn only_c() -> [&'static str; 2] {
+    ["--models", "qwen2.5:7b,only-c:1b"]
+}
+
+async fn post(url: String, body: &Value, request_id: &str) -> reqwest::Response {
+    client().post(url).header("x-request-id", request_id).json(body).send().await.expect("POST")
+}
+
+#[tokio::test]
+async fn every_api_is_served_by_the_node_that_has_the_model() {
+    let nodes = cluster(&[("node-a", &[]), ("node-b", &[]), ("node-c", &only_c())]).await;
+    let chat = json!({ "model": M, "max_tokens": 4, "messages": [{ "role": "user", "content": "hi" }] });
+    let mut chat_stream = chat.clone();
+    chat_stream["stream"] = json!(true);
+    let completion = json!({ "model": M, "prompt": "once", "max_tokens": 3 });
+    let mut completion_stream = completion.clone();
+    completion_stream["stream"] = json!(true);
+    let ollama_chat =
+        json!({ "model": M, "messages": [{ "role": "user", "content": "hi" }], "options": { "num_predict": 4 } });
+    let mut ollama_chat_once = ollama_chat.clone();
+    ollama_chat_once["stream"] = json!(false);
+    let generate = json!({ "model": M, "prompt": "once", "options": { "num_predict": 3 } });
+    let mut generate_once = generate.clone();
+    generate_once["stream"] = json!(false);
+    let cases: Vec<(&str, Value, &str)> = vec![
+        ("/v1/chat/completions", chat, "json"),
+        ("/v1/chat/completions", chat_stream, "sse"),
+        ("/v1/completions", completion, "json"),
+        ("/v1/completions", completion_stream, "sse"),
+        ("/v1/embeddings", json!({ "model": M, "input": ["a", "b"] }), "json"),
+        ("/api/chat", ollama_chat, "ndjson"),
+        ("/api/chat", ollama_chat_once, "json"),
+        ("/api/generate", generate, "ndjson"),
+        ("/api/generate", generate_once, "json"),
+        ("/api/embed", json!({ "model": M, "input": "a" }), "json"),
+        ("/api/embeddings", json!({ "model": M, "prompt": "a" }), "json"),
+        ("/api/show", json!({ "model": M }), "json"),
+    ];
+    let mut sent = 0;
+    for entry in [&nodes[0], &nodes[1]] {
+        for (i, (path, body, kind)) in cases.iter().enumerate() {
+            let id = format!("fwd-{}-{i}", entry.agent.url.rsplit(':').next().unwrap_or("x"));
+            let response = post(format!("{}{path}", entry.agent.url), body, &id).await;
+            assert_eq!(response.status(), 200, "{path} {body}");
+            assert_eq!(response.headers()["x-llmesh-route"], "peer:node-c", "{path}");
+            assert_eq!(response.headers()["x-llmesh-node"], "node-c", "{path}");
+            assert_eq!(response.headers()["x-request-id"], id.as_str());
+            let text = response.text().await.expect("body");
+            match *kind {
+                "sse" => assert_eq!(sse_events(&text).last().map(String::as_str), Some("[DONE]"), "{path}: {text}"),
+                "ndjson" => {
+                    assert_eq!(ndjson_lines(&text).last().map(|l| l["done"].clone()), Some(json!(true)), "{path}")
+                }
+                _ => {
+                    let parsed: Value = serde_json::from_str(&text).expect("JSON");
+                    assert!(parsed.get("error").is_none(), "{path}: {parsed}");
+                }
+            }
+            if *path != "/api/show" {
+                sent += 1;
+            }
+        }
+    }
+    let stats = sim_stats(&nodes[2].sim).await;
+    assert_eq!(stats["requests"], sent, "every request ran on C's backend: {stats}");
+    // One request id appears in the logs of both the entry and the serving node.
+    let id = format!("fwd-{}-0", nodes[0].agent.url.rsplit(':').next().unwrap_or("x"));
+    assert!(nodes[0].agent.logs().contains(&id), "entry node log lacks {id}");
+    assert!(nodes[2].agent.logs().contains(&id), "serving node log lacks {id}");
+    // No other backend saw any of it.
+    assert_eq!(sim_stats(&nodes[0].sim).await["requests"], 0);
+    assert_eq!(sim_stats(&nodes[1].sim).await["requests"], 0);
+}
+
+#[tokio::test]
+async fn a_dead_node_is_skipped_without_a_client_visible_error() {
+    let mut nodes = cluster(&[("node-a", &[]), ("node-c", &only_c()), ("node-d", &only_c())]).await;
+    nodes[1].agent.kill().await;
+    let body = json!({ "model": M, "max_tokens": 2, "messages": [{ "role": "user", "content": "x" }] });
+    for i in 0..6 {
+        let response =
+            post(format!("{}/v1/chat/completions", nodes[0].agent.url), &body, &format!("after-kill-{i}")).await;
+        assert_eq!(response.status(), 200);
+        assert_eq!(response.headers()["x-llmesh-node"], "node-d");
+    }
+}
+
+#[tokio::test]
+async fn a_node_killed_mid_stream_ends_the_stream_with_an_error() {
+    let mut nodes = cluster(&[("node-a", &[]), ("node-c", &["--models", "only-c:1b", "--decode-tps", "20"])]).await;
+    let body =
+        json!({ "model": M, "stream": true, "max_tokens": 400, "messages": [{ "role": "user", "content": "x" }] });
+    let response = post(format!("{}/v1/chat/completions", nodes[0].agent.url), &body, "mid-stream").await;
+    let mut stream = response.bytes_stream();
+    let mut text = String::new();
+    text.push_str(&String::from_utf8_lossy(&stream.next().await.expect("first").expect("readable")));
+    nodes[1].agent.kill().await;
+    let rest = tokio::time::timeout(patience(), async {
+        while let Some(chunk) = stream.next().await {
+            match chunk {
+                Ok(bytes) => text.push_str(&String::from_utf8_lossy(&bytes)),
+                Err(_) => break,
+            }
+        }
+    })
+    .await;
+    assert!(rest.is_ok(), "the stream hung after its node died");
+    let events = sse_events(&text);
+    assert!(!events.contains(&"[DONE]".to_string()));
+    let last: Value = serde_json::from_str(events.last().expect("events")).expect("json");
+    assert_eq!(last["error"]["code"], "stream_interrupted", "{text}");
+}
+
+#[tokio::test]
+async fn a_client_cancel_at_the_entry_reaches_the_serving_backend() {
+    let nodes = cluster(&[("node-a", &[]), ("node-c", &["--models", "only-c:1b", "--decode-tps", "10"])]).await;
+    let body =
+        json!({ "model": M, "stream": true, "max_tokens": 300, "messages": [{ "role": "user", "content": "x" }] });
+    let response = post(format!("{}/v1/chat/completions", nodes[0].agent.url), &body, "cancel-me").await;
+    let mut stream = response.bytes_stream();
+    stream.next().await.expect("first").expect("readable");
+    assert_eq!(sim_stats(&nodes[1].sim).await["in_flight"], 1);
+    let dropped = Instant::now();
+    drop(stream);
+    eventually("C's backend sees the cancel", || async { sim_stats(&nodes[1].sim).await["cancelled"] == 1 }).await;
+    let took = dropped.elapsed();
+    let limit = Duration::from_secs(1).mul_f64((patience().as_secs_f64() / 15.0).max(1.0));
+    assert!(took < limit, "cancel took {took:?}");
+}
+
+#[tokio::test]
+async fn two_hundred_concurrent_streams_are_relayed_byte_for_byte() {
+    let nodes =
+        cluster(&[("node-a", &[]), ("node-c", &["--models", "only-c:1b", "--deterministic", "--slots", "16"])]).await;
+    let bodies: Vec<Value> = (0..200)
+        .map(|i| json!({ "model": M, "stream": true, "max_tokens": 24, "messages": [{ "role": "user", "content": format!("request {i}") }] }))
+        .collect();
+    let fetch = |url: String, body: Value| async move {
+        let response = client().post(url).json(&body).send().await.expect("POST");
+        assert_eq!(response.status(), 200);
+        response.bytes().await.expect("body")
+    };
+    let direct = futures::future::join_all(
+        bodies.iter().map(|b| fetch(format!("{}/v1/chat/completions", nodes[1].sim.url), b.clone())),
+    )
+    .await;
+    let forwarded = futures::future::join_all(
+        bodies.iter().map(|b| fetch(format!("{}/v1/chat/completions", nodes[0].agent.url), b.clone())),
+    )
+    .await;
+    for (i, (d, f)) in direct.iter().zip(&forwarded).enumerate() {
+        assert_eq!(d, f, "request {i} differs");
+        assert!(f.ends_with(b"data: [DONE]\n\n"));
+    }
+}
+
+#[tokio::test]
+async fn sigterm_under_load_fails_no_request() {
+    let mut nodes = cluster(&[
+        ("node-a", &[]),
+        ("node-c", &["--models", "only-c:1b", "--decode-tps", "50", "--slots", "8"]),
+        ("node-d", &["--models", "only-c:1b", "--decode-tps", "50", "--slots", "8"]),
+    ])
+    .await;
+    let url = format!("{}/v1/chat/completions", nodes[0].agent.url);
+    let requests = (0..60).map(|i| {
+        let url = url.clone();
+        async move {
+            // Spread the starts over about 1.5 s.
+            tokio::time::sleep(Duration::from_millis(25 * i)).await;
+            let body = json!({ "model": M, "stream": true, "max_tokens": 20, "messages": [{ "role": "user", "content": format!("load {i}") }] });
+            let response = client().post(url).json(&body).send().await.expect("POST");
+            let status = response.status();
+            let text = response.text().await.expect("body");
+            (status, text)
+        }
+    });
+    let load = tokio::spawn(futures::future::join_all(requests));
+    eventually("C is serving", || async { sim_stats(&nodes[1].sim).await["in_flight"].as_u64().unwrap_or(0) > 0 })
+        .await;
+    let exited_cleanly = nodes[1].agent.terminate().await;
+    let results = load.await.expect("joins");
+    for (i, (status, text)) in results.iter().enumerate() {
+        assert_eq!(*status, 200, "request {i}: {text}");
+        assert!(text.ends_with("data: [DONE]\n\n"), "request {i} did not complete: {text}");
+    }
+    assert!(exited_cleanly, "C exits 0 after draining");
+    assert!(sim_stats(&nodes[2].sim).await["completed"].as_u64().unwrap_or(0) > 0, "D took over");
+}
