@@ -55,7 +55,8 @@ pub fn init(args: &InitArgs) -> ExitCode {
     ExitCode::SUCCESS
 }
 
-async fn fetch(url: &str) -> Result<Value, String> {
+/// GETs `url` and parses its JSON body.
+pub async fn fetch(url: &str) -> Result<Value, String> {
     let client: Client<_, Empty<Bytes>> = Client::builder(TokioExecutor::new()).build_http();
     let uri: http::Uri = url.parse().map_err(|e| format!("bad URL {url}: {e}"))?;
     let response = tokio::time::timeout(std::time::Duration::from_secs(10), client.get(uri))

@@ -1,22 +1,45 @@
-//! `llmesh demo`: an agent over an in-process simulated backend with
-//! realistic speeds, so the API can be tried without a GPU or Ollama.
+//! `llmesh demo`: a three-node mesh on simulated backends in one process,
+//! so the API, the mesh and forwarding can be tried without a GPU or
+//! Ollama. Each node's sim has different models; asking the first node for
+//! a model only the third holds shows a request crossing the data plane.
 
 use std::net::SocketAddr;
+use std::path::Path;
 use std::time::Duration;
 
+use llmesh_mesh::ClusterSecret;
+use tokio_util::sync::CancellationToken;
+
 use crate::cli::DemoArgs;
-use crate::config::{BackendKind, Config};
+use crate::config::{BackendKind, Config, DEFAULT_PORT_BASE};
+use crate::serve::{self, Ready, RunError};
 use crate::sim::SimConfig;
 
-/// The demo's configuration: a sim that feels like a small GPU box.
-pub fn config(args: &DemoArgs) -> Config {
+/// Ports between the demo's nodes.
+const NODE_PORT_STRIDE: u16 = 10;
+
+/// Models of each demo node, and which start warm.
+const NODES: [(&str, &[&str], &[&str]); 3] = [
+    ("demo-1", &["qwen2.5:7b", "nomic-embed-text"], &["qwen2.5:7b", "nomic-embed-text"]),
+    ("demo-2", &["qwen2.5:7b", "llama3.2:3b"], &["qwen2.5:7b"]),
+    ("demo-3", &["mistral:7b"], &["mistral:7b"]),
+];
+
+fn strings(items: &[&str]) -> Vec<String> {
+    items.iter().map(|s| s.to_string()).collect()
+}
+
+/// The configuration of demo node `index`: a sim that feels like a small
+/// GPU box (40 tokens/s, 2 slots, 1.5 s cold loads).
+pub fn node_config(args: &DemoArgs, index: usize, data_dir: &Path) -> Config {
+    let (name, models, warm) = NODES[index];
     let mut config = Config::default();
-    config.node.name = "demo-1".into();
+    config.node.name = name.into();
     config.backend.kind = BackendKind::Sim;
     config.backend.inventory_interval = Duration::from_secs(1);
     config.sim = SimConfig {
-        models: vec!["qwen2.5:7b".into(), "llama3.2:3b".into(), "nomic-embed-text".into()],
-        preload: Some(vec!["qwen2.5:7b".into(), "nomic-embed-text".into()]),
+        models: strings(models),
+        preload: Some(strings(warm)),
         slots: 2,
         max_loaded: 2,
         prompt_tps: 2000.0,
@@ -26,29 +49,106 @@ pub fn config(args: &DemoArgs) -> Config {
         ..SimConfig::default()
     };
     config.api.drain_timeout = Duration::from_secs(5);
-    // A throwaway identity, and no LAN discovery: the demo must not join
-    // (or be joined by) anything else on the network.
-    config.mesh.data_dir = Some(std::env::temp_dir().join(format!("llmesh-demo-{}", std::process::id())));
+    let mut listen = args.listen.unwrap_or(config.api.listen);
+    if args.listen.is_none() {
+        listen.set_port(args.port_base.unwrap_or(DEFAULT_PORT_BASE));
+    }
+    let offset = if listen.port() == 0 { 0 } else { NODE_PORT_STRIDE * index as u16 };
+    listen.set_port(listen.port() + offset);
+    config.api.listen = listen;
+    let port = |delta: u16| if listen.port() == 0 { 0 } else { listen.port() + delta };
+    // A throwaway identity on loopback, no LAN discovery: the demo must not
+    // join (or be joined by) anything else on the network.
+    config.mesh.data_dir = Some(data_dir.join(name));
     config.mesh.mdns = false;
-    config.mesh.listen = Some("/ip4/127.0.0.1/tcp/0".into());
-    if let Some(base) = args.port_base {
-        config.api.listen.set_port(base);
-    }
-    if let Some(listen) = args.listen {
-        config.api.listen = listen;
-    }
+    config.mesh.listen = Some(format!("/ip4/127.0.0.1/tcp/{}", port(1)));
+    config.mesh.data_listen = Some(SocketAddr::new(listen.ip(), port(2)));
+    config.log.filter = "warn".into();
     config
 }
 
-/// What the demo prints once it listens.
+/// What the demo prints once its mesh is up.
 pub fn banner(addr: SocketAddr) -> String {
     let base = format!("http://{addr}");
     format!(
-        "llmesh demo is running: one agent over a simulated Ollama (no GPU or Ollama needed)\n\
+        "llmesh demo is running: three nodes on simulated backends (no GPU or Ollama needed)\n\
          \n  OpenAI API:  {base}/v1      Ollama API: OLLAMA_HOST={addr}\n\
-         \n  models:      qwen2.5:7b (warm), llama3.2:3b (cold: first request loads it), nomic-embed-text\n\
+         \n  demo-1 (this URL): qwen2.5:7b, nomic-embed-text\
+         \n  demo-2:            qwen2.5:7b, llama3.2:3b (cold: the first request loads it)\
+         \n  demo-3:            mistral:7b\n\
          \nTry it:\n\
          \n  curl -s {base}/v1/chat/completions -H 'content-type: application/json' -d '{{\"model\":\"qwen2.5:7b\",\"messages\":[{{\"role\":\"user\",\"content\":\"Hello!\"}}]}}'\n\
+         \n  # mistral:7b lives on demo-3: the response header x-llmesh-route says peer:demo-3\
+         \n  curl -si {base}/v1/chat/completions -H 'content-type: application/json' -d '{{\"model\":\"mistral:7b\",\"stream\":true,\"messages\":[{{\"role\":\"user\",\"content\":\"Hi\"}}]}}'\n\
+         \n  llmesh status --node {base}\n\
          \nPress Ctrl-C to stop.\n"
     )
+}
+
+async fn start_node(
+    config: Config,
+    shutdown: CancellationToken,
+) -> Result<(Ready, tokio::task::JoinHandle<Result<(), RunError>>), RunError> {
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    let task = tokio::spawn(async move {
+        serve::run_agent(config, shutdown, move |ready| {
+            let _ = tx.send(ready.clone());
+        })
+        .await
+    });
+    match rx.await {
+        Ok(ready) => Ok((ready, task)),
+        // The node failed before it was ready: report its error.
+        Err(_) => Err(task
+            .await
+            .map_err(|e| RunError::Backend(e.to_string()))?
+            .err()
+            .unwrap_or_else(|| RunError::Backend("a demo node stopped before it was ready".into()))),
+    }
+}
+
+/// Runs the demo until `shutdown`; `print` receives the banner.
+pub async fn run(args: &DemoArgs, shutdown: CancellationToken, print: impl FnOnce(&str)) -> Result<(), RunError> {
+    let data_dir = std::env::temp_dir().join(format!("llmesh-demo-{}", std::process::id()));
+    let secret = ClusterSecret::generate();
+    let mut configs: Vec<Config> = (0..NODES.len()).map(|i| node_config(args, i, &data_dir)).collect();
+    for config in &configs {
+        secret.store(&config.mesh.data_dir()).map_err(|e| RunError::Mesh(e.to_string()))?;
+    }
+    let mut tasks = Vec::new();
+    let (first, task) = start_node(configs.remove(0), shutdown.clone()).await?;
+    tasks.push(task);
+    let bootstrap: Vec<String> = first.p2p.iter().map(ToString::to_string).collect();
+    for mut config in configs {
+        config.mesh.bootstrap = bootstrap.clone();
+        let (_, task) = start_node(config, shutdown.clone()).await?;
+        tasks.push(task);
+    }
+    wait_for_mesh(first.http, NODES.len()).await;
+    print(&banner(first.http));
+    let mut result = Ok(());
+    for task in tasks {
+        match task.await {
+            Ok(Err(err)) => result = Err(err),
+            Err(err) => result = Err(RunError::Backend(err.to_string())),
+            Ok(Ok(())) => {}
+        }
+    }
+    let _ = std::fs::remove_dir_all(&data_dir);
+    result
+}
+
+/// Waits (up to 10 s) until the first node sees every demo node alive.
+async fn wait_for_mesh(addr: SocketAddr, nodes: usize) {
+    let url = format!("http://{addr}/mesh/v1/nodes");
+    for _ in 0..100 {
+        if let Ok(view) = crate::commands::fetch(&url).await {
+            let alive = view["nodes"].as_array().map_or(0, |n| n.iter().filter(|n| n["liveness"] == "alive").count());
+            if alive >= nodes {
+                return;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    tracing::warn!("the demo mesh is not complete yet; it may take a few more seconds");
 }

@@ -70,10 +70,9 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Init(args) => return Ok(commands::init(&args)),
         Command::Status(args) => return Ok(commands::status(&args).await),
         Command::Demo(args) => {
-            let config = demo::config(&args);
-            telemetry::init(&LogConfig { filter: "warn".into(), ..config.log.clone() });
+            telemetry::init(&LogConfig { filter: "warn".into(), ..LogConfig::default() });
             tokio::spawn(cancel_on_signal(shutdown.clone()));
-            serve::run_agent(config, shutdown, |ready| print_now(&demo::banner(ready.http))).await?;
+            demo::run(&args, shutdown, |banner| print_now(banner)).await?;
         }
     }
     Ok(ExitCode::SUCCESS)

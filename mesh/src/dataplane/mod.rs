@@ -509,3 +509,155 @@ async fn serve_stream(
         return;
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::membership::PeerSnapshot;
+    use llmesh_proto::NodeState;
+
+    /// Streams back the request body in three chunks, or refuses unknown models.
+    struct Echo;
+
+    #[async_trait::async_trait]
+    impl RequestHandler for Echo {
+        async fn serve(&self, req: InferenceRequest) -> Result<InferenceResponse, ServeError> {
+            if req.model != "m" {
+                return Err(ServeError::ModelNotFound(req.model));
+            }
+            let chunks = vec![Ok(Bytes::from_static(b"one ")), Ok(req.body.clone()), Ok(Bytes::from_static(b" three"))];
+            Ok(InferenceResponse {
+                status: 200,
+                content_type: "text/event-stream".into(),
+                body: Box::pin(futures::stream::iter(chunks)),
+            })
+        }
+    }
+
+    fn plane(name: &str) -> Arc<DataPlane> {
+        let config = DataPlaneConfig {
+            listen: "127.0.0.1:0".parse().expect("addr"),
+            node_name: name.into(),
+            connect_timeout: Duration::from_secs(2),
+            head_timeout: Duration::from_secs(5),
+            max_body_bytes: 1024 * 1024,
+        };
+        DataPlane::bind(config, Arc::new(Echo), CancellationToken::new()).expect("binds")
+    }
+
+    fn view_of(peers: &[(&str, &DataPlane)]) -> MeshView {
+        MeshView {
+            peers: peers
+                .iter()
+                .map(|(id, p)| PeerSnapshot {
+                    state: NodeState {
+                        node_id: id.to_string(),
+                        data_addr: p.local_addr().expect("addr").to_string(),
+                        data_cert_sha256: p.fingerprint().to_vec(),
+                        ..NodeState::default()
+                    },
+                    liveness: Liveness::Alive,
+                    last_seen_ago: Duration::ZERO,
+                })
+                .collect(),
+            ..MeshView::default()
+        }
+    }
+
+    fn request(model: &str, body: &'static [u8]) -> InferenceRequest {
+        InferenceRequest {
+            request_id: "r1".into(),
+            api: ApiKind::OpenaiChat,
+            model: model.into(),
+            stream: true,
+            body: Bytes::from_static(body),
+            deadline: None,
+        }
+    }
+
+    async fn body_of(response: InferenceResponse) -> Result<Vec<u8>, String> {
+        let mut out = Vec::new();
+        let mut body = response.body;
+        while let Some(chunk) = body.next().await {
+            out.extend_from_slice(&chunk?);
+        }
+        Ok(out)
+    }
+
+    /// Two members that know each other.
+    fn pair() -> (Arc<DataPlane>, Arc<DataPlane>) {
+        let (a, b) = (plane("node-a"), plane("node-b"));
+        a.update_peers(&view_of(&[("b", &b)]));
+        b.update_peers(&view_of(&[("a", &a)]));
+        (a, b)
+    }
+
+    #[tokio::test]
+    async fn a_request_and_its_streamed_answer_cross_the_hop() {
+        let (a, _b) = pair();
+        let forwarded = a.forward("b", &request("m", b"two")).await.expect("forwards");
+        assert_eq!(forwarded.node, "node-b");
+        assert_eq!(forwarded.response.status, 200);
+        assert_eq!(body_of(forwarded.response).await.expect("complete"), b"one two three");
+        // The second request reuses the pooled connection.
+        let again = a.forward("b", &request("m", b"2")).await.expect("forwards");
+        assert_eq!(body_of(again.response).await.expect("complete"), b"one 2 three");
+    }
+
+    #[tokio::test]
+    async fn errors_before_the_first_byte_keep_their_class() {
+        let (a, b) = pair();
+        let err = a.forward("b", &request("other", b"")).await.expect_err("refused");
+        assert_eq!(err, ServeError::ModelNotFound("other".into()));
+        b.start_drain();
+        let err = a.forward("b", &request("m", b"")).await.expect_err("draining");
+        assert!(matches!(err, ServeError::BackendUnavailable(_)) && err.is_retryable(), "{err}");
+    }
+
+    #[tokio::test]
+    async fn a_node_that_is_not_a_member_cannot_connect() {
+        let (a, b) = (plane("node-a"), plane("node-b"));
+        // A knows B, but B has never heard of A's certificate.
+        a.update_peers(&view_of(&[("b", &b)]));
+        let err = a.forward("b", &request("m", b"x")).await.expect_err("refused");
+        assert!(err.is_retryable(), "{err}");
+        // And a certificate other than the one announced is refused by the client.
+        let impostor = plane("impostor");
+        let mut view = view_of(&[("b", &b)]);
+        view.peers[0].state.data_cert_sha256 = impostor.fingerprint().to_vec();
+        let c = plane("node-c");
+        c.update_peers(&view);
+        b.update_peers(&view_of(&[("c", &c)]));
+        assert!(c.forward("b", &request("m", b"x")).await.is_err());
+    }
+
+    #[tokio::test]
+    async fn an_incompatible_peer_gets_a_clear_refusal() {
+        let (a, _b) = pair();
+        let conn = a.connection("b").await.expect("connects");
+        let (send, recv) = conn.open_bi().await.expect("stream");
+        let mut writer = FramedWrite::new(send, FrameCodec::default());
+        let head = RequestHead { protocol_version: 99, request_id: "old".into(), ..RequestHead::default() };
+        writer.send(Frame::RequestHead(head)).await.expect("sent");
+        writer.get_mut().finish().expect("finished");
+        let mut reader = FramedRead::new(recv, FrameCodec::default());
+        let Some(Ok(Frame::ResponseHead(answer))) = reader.next().await else { panic!("expected a response head") };
+        assert_eq!(answer.error_code, "unsupported");
+        assert!(answer.error_message.contains("incompatible llmesh protocol version 99"), "{}", answer.error_message);
+    }
+
+    #[tokio::test]
+    async fn a_forwarded_request_is_never_forwarded_again() {
+        let (a, _b) = pair();
+        let conn = a.connection("b").await.expect("connects");
+        let (send, recv) = conn.open_bi().await.expect("stream");
+        let mut writer = FramedWrite::new(send, FrameCodec::default());
+        let head =
+            RequestHead { protocol_version: PROTOCOL_VERSION, hops: 2, model: "m".into(), ..RequestHead::default() };
+        writer.send(Frame::RequestHead(head)).await.expect("sent");
+        writer.get_mut().finish().expect("finished");
+        let mut reader = FramedRead::new(recv, FrameCodec::default());
+        let Some(Ok(Frame::ResponseHead(answer))) = reader.next().await else { panic!("expected a response head") };
+        assert_eq!(answer.error_code, "invalid_request");
+    }
+}
