@@ -72,7 +72,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Demo(args) => {
             telemetry::init(&LogConfig { filter: "warn".into(), ..LogConfig::default() });
             tokio::spawn(cancel_on_signal(shutdown.clone()));
-            demo::run(&args, shutdown, |banner| print_now(banner)).await?;
+            demo::run(&args, shutdown, print_now).await?;
         }
     }
     Ok(ExitCode::SUCCESS)
