@@ -251,3 +251,34 @@ async fn sigterm_under_load_fails_no_request() {
     assert!(exited_cleanly, "C exits 0 after draining");
     assert!(sim_stats(&nodes[2].sim).await["completed"].as_u64().unwrap_or(0) > 0, "D took over");
 }
+
+#[tokio::test]
+async fn a_client_deadline_bounds_a_forwarded_request_on_both_nodes() {
+    let nodes = cluster(&[("node-a", &[]), ("node-c", &["--models", "only-c:1b", "--fault-hang-rate", "1"])]).await;
+    let body = json!({ "model": M, "messages": [{ "role": "user", "content": "x" }] });
+    let started = Instant::now();
+    let response = client()
+        .post(format!("{}/v1/chat/completions", nodes[0].agent.url))
+        .header("x-llmesh-timeout-ms", "700")
+        .json(&body)
+        .send()
+        .await
+        .expect("POST");
+    assert_eq!(response.status(), 504);
+    // Without the deadline the request would wait the default five minutes.
+    assert!(started.elapsed() < patience(), "took {:?}", started.elapsed());
+    let bad = client()
+        .post(format!("{}/v1/chat/completions", nodes[0].agent.url))
+        .header("x-llmesh-timeout-ms", "soon")
+        .json(&body)
+        .send()
+        .await
+        .expect("POST");
+    assert_eq!(bad.status(), 400);
+    // The hung request does not linger on C either.
+    eventually("C abandons the expired request", || async {
+        let stats = sim_stats(&nodes[1].sim).await;
+        stats["cancelled"] == 1 && stats["in_flight"] == 0
+    })
+    .await;
+}

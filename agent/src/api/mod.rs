@@ -31,6 +31,9 @@ pub const NODE_HEADER: &str = "x-llmesh-node";
 pub const ROUTE_HEADER: &str = "x-llmesh-route";
 /// Header carrying the request id (taken from the client when it sends one).
 pub const REQUEST_ID_HEADER: &str = "x-request-id";
+/// Header with which a client shortens the time allowed until the response
+/// starts, in milliseconds; the deadline travels with forwarded requests.
+pub const TIMEOUT_HEADER: &str = "x-llmesh-timeout-ms";
 
 /// Everything the handlers share.
 pub struct AppState {
@@ -151,6 +154,16 @@ async fn infer(
             }
         })?;
         let fields = routing::parse(api, &body)?;
+        let deadline = match headers.get(TIMEOUT_HEADER) {
+            None => None,
+            Some(value) => {
+                let ms =
+                    value.to_str().ok().and_then(|v| v.trim().parse::<u64>().ok()).filter(|ms| *ms > 0).ok_or_else(
+                        || ApiError::bad_request(format!("{TIMEOUT_HEADER} must be a positive number of milliseconds")),
+                    )?;
+                Some(Instant::now() + Duration::from_millis(ms))
+            }
+        };
         let span = tracing::info_span!("request", id = %request_id, api = api.as_str_name(), model = %fields.model);
         let request = InferenceRequest {
             request_id: request_id.clone(),
@@ -158,7 +171,7 @@ async fn infer(
             model: fields.model,
             stream: fields.stream,
             body,
-            deadline: None,
+            deadline,
         };
         let dispatched = state.dispatcher.dispatch(request).instrument(span).await.map_err(ApiError::from)?;
         let response = relay::relay(dispatched.response, state.idle_timeout, state.max_response_bytes, format).await;
