@@ -77,6 +77,9 @@ pub struct AgentArgs {
     /// Longest silence between streamed chunks, e.g. 120s [default: 120s].
     #[arg(long, value_parser = humantime::parse_duration)]
     pub idle_timeout: Option<Duration>,
+    /// Requests the backend runs at once (OLLAMA_NUM_PARALLEL) [default: unknown, assume 4].
+    #[arg(long, value_name = "N")]
+    pub parallel_slots: Option<u32>,
     /// Time to open a connection to the backend [default: 3s].
     #[arg(long, value_parser = humantime::parse_duration)]
     pub connect_timeout: Option<Duration>,
@@ -153,6 +156,9 @@ impl AgentArgs {
         }
         if let Some(timeout) = self.drain_timeout {
             set(&mut map, "api", "drain_timeout", duration(timeout));
+        }
+        if let Some(slots) = self.parallel_slots {
+            set(&mut map, "backend", "parallel_slots", json!(slots));
         }
         if let Some(timeout) = self.connect_timeout {
             set(&mut map, "backend", "connect_timeout", duration(timeout));

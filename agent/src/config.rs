@@ -113,6 +113,10 @@ pub struct BackendConfig {
     /// How often the model inventory is polled.
     #[serde(with = "humantime_serde")]
     pub inventory_interval: Duration,
+    /// Requests the backend runs at once (Ollama's OLLAMA_NUM_PARALLEL);
+    /// more wait in the mesh queue instead of the backend's. 0: unknown,
+    /// assume 4 (the simulated backend reports its own).
+    pub parallel_slots: u32,
 }
 
 /// Membership in the mesh: identity, cluster secret, discovery, liveness.
@@ -154,6 +158,16 @@ pub struct MeshConfig {
     pub connect_timeout: Duration,
     /// Nodes a request may be tried on before the client gets an error.
     pub max_attempts: usize,
+    /// Requests that may wait at this entry node while every node that
+    /// could serve them is busy; more get 429.
+    pub queue_capacity: usize,
+    /// Longest a request waits in that queue before it gets 504.
+    #[serde(with = "humantime_serde")]
+    pub queue_timeout: Duration,
+    /// A request whose expected wait exceeds this is refused at once with
+    /// 503 (later: sent to the cloud where policy allows).
+    #[serde(with = "humantime_serde")]
+    pub max_expected_wait: Duration,
 }
 
 impl Default for MeshConfig {
@@ -171,6 +185,9 @@ impl Default for MeshConfig {
             dead_after: Duration::from_secs(10),
             connect_timeout: Duration::from_secs(2),
             max_attempts: 3,
+            queue_capacity: 1024,
+            queue_timeout: Duration::from_secs(60),
+            max_expected_wait: Duration::from_secs(300),
         }
     }
 }
@@ -280,6 +297,7 @@ impl Default for BackendConfig {
             response_timeout: Duration::from_secs(300),
             idle_timeout: Duration::from_secs(120),
             inventory_interval: Duration::from_secs(2),
+            parallel_slots: 0,
         }
     }
 }

@@ -1,21 +1,32 @@
-//! Where a request runs: this node's backend or a peer over the data plane,
-//! with failover to the next candidate while nothing has been sent to the
-//! client yet.
+//! Where a request runs: this node's backend or a peer over the data plane.
 //!
-//! Until the scheduler lands, candidates are ranked simply: live before
-//! suspect, model loaded before on disk, fewest requests in flight (gossiped
-//! plus what this node itself has sent there since), this node on a tie.
+//! The sans-IO [`Scheduler`] ranks the candidates by estimated start time
+//! (with KV-cache affinity and power of two choices); this module builds the
+//! candidates from gossip and its own counters, holds requests in a fair
+//! queue while every candidate is busy, and fails over to the next candidate
+//! while nothing has been sent to the client yet.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{Duration, Instant};
 
 use futures::StreamExt;
-use llmesh_mesh::{DataPlane, InferenceRequest, InferenceResponse, Liveness, Membership, RequestHandler, ServeError};
+use llmesh_mesh::scheduler::{Candidate, FairQueue, QueueError, Scheduler, SchedulerConfig};
+use llmesh_mesh::{
+    ApiKind, DataPlane, InferenceRequest, InferenceResponse, Liveness, Membership, RequestHandler, ServeError,
+};
+use tokio::sync::oneshot;
 
 use crate::local::LocalNode;
+use crate::sim::text::fnv1a;
 
 /// How many nodes a request may be tried on before the client gets an error.
 pub const DEFAULT_MAX_ATTEMPTS: usize = 3;
+/// The id of this node in the scheduler when it has no mesh identity.
+const LOCAL: &str = "local";
+/// How often a queued request looks again even if no slot-free signal came
+/// (slots also free on other entry nodes, seen only through gossip).
+const QUEUE_RECHECK: Duration = Duration::from_millis(200);
 
 /// A response and where it came from.
 pub struct Dispatched {
@@ -27,28 +38,33 @@ pub struct Dispatched {
     pub route: String,
 }
 
-#[derive(Debug, Clone, PartialEq)]
-enum Target {
-    Local,
-    Peer { id: String, name: String },
-}
-
-#[derive(Debug, Clone)]
-struct Candidate {
-    target: Target,
-    rank: (u8, u8, u32, u8),
+/// Limits of the entry node's queue.
+#[derive(Debug, Clone, Copy)]
+pub struct QueueLimits {
+    /// Requests that may wait.
+    pub capacity: usize,
+    /// Longest wait.
+    pub timeout: Duration,
+    /// Refuse at once when the expected wait is longer.
+    pub max_expected_wait: Duration,
 }
 
 /// Chooses a node for each request and carries it there.
 pub struct Dispatcher {
     local: Arc<LocalNode>,
+    local_id: String,
+    local_slots: u32,
     node_name: String,
     mesh: Option<Membership>,
     dataplane: Option<Arc<DataPlane>>,
     max_attempts: usize,
-    /// Requests this node has sent to each peer and that are still open:
-    /// corrects gossip, which is up to a heartbeat old.
+    limits: QueueLimits,
+    scheduler: Mutex<Scheduler>,
+    queue: Mutex<FairQueue<oneshot::Sender<()>>>,
+    /// Requests this node has dispatched to each node and not seen finish.
     outstanding: Arc<Mutex<HashMap<String, u32>>>,
+    /// Wakes a queued request when a dispatched one finishes.
+    freed: Arc<tokio::sync::Notify>,
 }
 
 /// Whether `name` (as a client wrote it) names `model`, with Ollama's
@@ -57,36 +73,111 @@ fn same_model(model: &str, name: &str) -> bool {
     model == name || model.strip_suffix(":latest") == Some(name) || name.strip_suffix(":latest") == Some(model)
 }
 
+/// A key for the conversation a request continues: the model and every
+/// message up to and including the first user message (or the system
+/// prompt and the start of a completion prompt). Later turns of the same
+/// conversation share it, so they can go where its KV cache is.
+pub fn prefix_key(api: ApiKind, model: &str, body: &[u8]) -> Option<u64> {
+    let value: serde_json::Value = serde_json::from_slice(body).ok()?;
+    let mut seed = fnv1a(0, model.as_bytes());
+    match api {
+        ApiKind::OpenaiChat | ApiKind::OllamaChat => {
+            let messages = value.get("messages")?.as_array()?;
+            let end = messages.iter().position(|m| m.get("role").and_then(|r| r.as_str()) == Some("user"))?;
+            for message in &messages[..=end] {
+                seed = fnv1a(seed, message.to_string().as_bytes());
+            }
+            Some(seed)
+        }
+        ApiKind::OpenaiCompletions | ApiKind::OllamaGenerate => {
+            if let Some(system) = value.get("system").and_then(|s| s.as_str()) {
+                seed = fnv1a(seed, system.as_bytes());
+            }
+            let prompt = value.get("prompt")?.as_str()?;
+            let head: String = prompt.chars().take(512).collect();
+            Some(fnv1a(seed, head.as_bytes()))
+        }
+        _ => None,
+    }
+}
+
+/// The output length a request asks for, when it says.
+fn output_tokens(body: &[u8]) -> Option<u32> {
+    let value: serde_json::Value = serde_json::from_slice(body).ok()?;
+    let n = value
+        .get("max_completion_tokens")
+        .or_else(|| value.get("max_tokens"))
+        .or_else(|| value.pointer("/options/num_predict"))?
+        .as_u64()?;
+    u32::try_from(n).ok()
+}
+
+enum Target {
+    Local,
+    Peer { id: String, name: String },
+}
+
 impl Dispatcher {
     /// A dispatcher over this node and, when there is a mesh, its peers.
+    /// `local_slots` is the local backend's parallel slots (0 when unknown).
     pub fn new(
         local: Arc<LocalNode>,
         node_name: String,
+        local_slots: u32,
         mesh: Option<Membership>,
         dataplane: Option<Arc<DataPlane>>,
         max_attempts: usize,
+        limits: QueueLimits,
     ) -> Dispatcher {
+        let local_id = mesh.as_ref().map_or_else(|| LOCAL.to_string(), |m| m.local_id().to_string());
+        let seed = fnv1a(0, local_id.as_bytes());
         Dispatcher {
             local,
+            local_id,
+            local_slots,
             node_name,
             mesh,
             dataplane,
             max_attempts: max_attempts.max(1),
+            limits,
+            scheduler: Mutex::new(Scheduler::new(SchedulerConfig::default(), seed)),
+            queue: Mutex::new(FairQueue::new(limits.capacity)),
             outstanding: Arc::new(Mutex::new(HashMap::new())),
+            freed: Arc::new(tokio::sync::Notify::new()),
         }
     }
 
-    fn candidates(&self, model: &str) -> Vec<Candidate> {
-        let mut out = Vec::new();
+    /// Requests waiting in this node's queue.
+    pub fn queued(&self) -> usize {
+        self.queue.lock().unwrap_or_else(PoisonError::into_inner).len()
+    }
+
+    fn candidates(&self, model: &str) -> (Vec<Candidate>, HashMap<String, Target>) {
+        let mut candidates = Vec::new();
+        let mut targets = HashMap::new();
+        let outstanding = self.outstanding.lock().unwrap_or_else(PoisonError::into_inner).clone();
         let snapshot = self.local.inventory().current();
         if snapshot.healthy
             && let Some(entry) = snapshot.inventory.resolve(model)
         {
-            let in_flight = self.local.load().in_flight();
-            out.push(Candidate { target: Target::Local, rank: (0, u8::from(entry.loaded.is_none()), in_flight, 0) });
+            let stats = self.local.load().snapshot().into_iter().find(|m| same_model(&m.model, model));
+            candidates.push(Candidate {
+                id: self.local_id.clone(),
+                is_local: true,
+                liveness: Liveness::Alive,
+                draining: false,
+                slots: self.local_slots,
+                in_flight: self.local.load().in_flight(),
+                dispatched: outstanding.get(&self.local_id).copied().unwrap_or(0),
+                loaded: entry.loaded.is_some(),
+                ttft_ms: stats.as_ref().map(|s| s.ttft_ewma_ms).filter(|t| *t > 0.0),
+                decode_tps: stats.as_ref().map(|s| s.decode_tokens_per_s_ewma).filter(|t| *t > 0.0),
+                rtt_ms: 0.0,
+                holds_prefix: false,
+            });
+            targets.insert(self.local_id.clone(), Target::Local);
         }
-        let (Some(mesh), Some(_)) = (&self.mesh, &self.dataplane) else { return out };
-        let outstanding = self.outstanding.lock().unwrap_or_else(PoisonError::into_inner).clone();
+        let (Some(mesh), Some(_)) = (&self.mesh, &self.dataplane) else { return (candidates, targets) };
         for peer in mesh.view().peers.iter() {
             let state = &peer.state;
             if peer.liveness == Liveness::Dead || state.draining || !state.backend_healthy || state.data_addr.is_empty()
@@ -94,28 +185,113 @@ impl Dispatcher {
                 continue;
             }
             let Some(info) = state.models.iter().find(|m| same_model(&m.name, model)) else { continue };
-            let in_flight = state.in_flight + outstanding.get(&state.node_id).copied().unwrap_or(0);
-            out.push(Candidate {
-                target: Target::Peer { id: state.node_id.clone(), name: state.name.clone() },
-                rank: (u8::from(peer.liveness != Liveness::Alive), u8::from(!info.loaded), in_flight, 1),
+            let stats = state.model_load.iter().find(|m| same_model(&m.model, model));
+            candidates.push(Candidate {
+                id: state.node_id.clone(),
+                is_local: false,
+                liveness: peer.liveness,
+                draining: false,
+                slots: state.parallel_slots,
+                in_flight: state.in_flight,
+                dispatched: outstanding.get(&state.node_id).copied().unwrap_or(0),
+                loaded: info.loaded,
+                ttft_ms: stats.map(|s| s.ttft_ewma_ms).filter(|t| *t > 0.0),
+                decode_tps: stats.map(|s| s.decode_tokens_per_s_ewma).filter(|t| *t > 0.0),
+                // Loopback or LAN: a fraction of a millisecond.
+                rtt_ms: 0.5,
+                holds_prefix: false,
             });
+            targets.insert(state.node_id.clone(), Target::Peer { id: state.node_id.clone(), name: state.name.clone() });
         }
-        out.sort_by_key(|c| c.rank);
-        out
+        (candidates, targets)
     }
 
-    /// Runs `req` on the best node, failing over before the first byte.
-    pub async fn dispatch(&self, req: InferenceRequest) -> Result<Dispatched, ServeError> {
-        let candidates = self.candidates(&req.model);
-        if candidates.is_empty() {
-            // Nobody has it: let the local node say why (unknown model, or
-            // its backend is down and cannot be asked).
-            let response = self.local.serve(req).await?;
-            return Ok(Dispatched { response, node: self.node_name.clone(), route: "local".into() });
+    /// Waits for a slot in the fair queue: until woken by a finished
+    /// request, or until the next recheck. `ticket` keeps this request's
+    /// place across rechecks.
+    async fn wait_for_slot(
+        &self,
+        ticket: &mut Option<oneshot::Receiver<()>>,
+        deadline: Instant,
+    ) -> Result<(), ServeError> {
+        let mut rx = match ticket.take() {
+            Some(rx) => rx,
+            None => {
+                let (tx, rx) = oneshot::channel();
+                let mut queue = self.queue.lock().unwrap_or_else(PoisonError::into_inner);
+                // Requests that gave up (client gone) free their places.
+                queue.retain(|waiter| !waiter.is_closed());
+                queue.push("default", tx, deadline).map_err(|QueueError::Full| {
+                    ServeError::Overloaded(format!(
+                        "every node that serves this model is busy and {} requests already wait here; retry shortly",
+                        self.limits.capacity
+                    ))
+                })?;
+                rx
+            }
+        };
+        let wait = deadline.saturating_duration_since(Instant::now()).min(QUEUE_RECHECK);
+        match tokio::time::timeout(wait, &mut rx).await {
+            // Woken: the place is used up; a new one is taken if still busy.
+            Ok(_) => {}
+            Err(_) => *ticket = Some(rx),
         }
+        Ok(())
+    }
+
+    /// Hands freed slots to the requests waiting longest.
+    fn wake_waiters(&self) {
+        let mut expired = Vec::new();
+        let mut queue = self.queue.lock().unwrap_or_else(PoisonError::into_inner);
+        while let Some(waiter) = queue.pop(Instant::now(), &mut expired) {
+            // A waiter that gave up has dropped its receiver; try the next.
+            if waiter.send(()).is_ok() {
+                break;
+            }
+        }
+    }
+
+    /// Runs `req` on the best node: waits while every node is busy, and
+    /// fails over before the first byte.
+    pub async fn dispatch(&self, req: InferenceRequest) -> Result<Dispatched, ServeError> {
+        let prefix = prefix_key(req.api, &req.model, &req.body);
+        let tokens = output_tokens(&req.body);
+        let queue_deadline = req.deadline.unwrap_or_else(|| Instant::now() + self.limits.timeout);
+        let mut ticket = None;
+        let choice = loop {
+            let (candidates, targets) = self.candidates(&req.model);
+            let choice =
+                self.scheduler.lock().unwrap_or_else(PoisonError::into_inner).choose(&candidates, prefix, tokens);
+            let Some(choice) = choice else {
+                // Nobody has it: let the local node say why (unknown model,
+                // or its backend is down and cannot be asked).
+                let response = self.local.serve(req).await?;
+                return Ok(Dispatched { response, node: self.node_name.clone(), route: "local".into() });
+            };
+            if !choice.saturated {
+                break (choice, targets);
+            }
+            if choice.estimate > self.limits.max_expected_wait {
+                return Err(ServeError::Saturated(format!(
+                    "every node that serves '{}' is busy; the expected wait of {:.0} s exceeds mesh.max_expected_wait ({:.0} s)",
+                    req.model,
+                    choice.estimate.as_secs_f64(),
+                    self.limits.max_expected_wait.as_secs_f64()
+                )));
+            }
+            if Instant::now() >= queue_deadline {
+                return Err(ServeError::Timeout("no slot freed before the queue timeout".into()));
+            }
+            self.wait_for_slot(&mut ticket, queue_deadline).await?;
+        };
+        let (choice, targets) = choice;
+        // Leaving the queue (if still in it) frees the place for others.
+        drop(ticket);
         let mut last_error = None;
-        for candidate in candidates.into_iter().take(self.max_attempts) {
-            let result = match &candidate.target {
+        for id in choice.order.iter().take(self.max_attempts) {
+            let Some(target) = targets.get(id) else { continue };
+            let guard = Outstanding::new(self.outstanding.clone(), self.freed.clone(), id);
+            let result = match target {
                 Target::Local => self.local.serve(req.clone()).await.map(|response| Dispatched {
                     response,
                     node: self.node_name.clone(),
@@ -124,20 +300,28 @@ impl Dispatcher {
                 Target::Peer { id, name } => self.forward(id, name, &req).await,
             };
             match result {
-                Ok(dispatched) => return Ok(dispatched),
+                Ok(mut dispatched) => {
+                    let body = std::mem::replace(&mut dispatched.response.body, Box::pin(futures::stream::empty()));
+                    dispatched.response.body = Box::pin(body.map(move |chunk| {
+                        let _held = &guard;
+                        chunk
+                    }));
+                    return Ok(dispatched);
+                }
                 Err(err) => {
+                    drop(guard);
                     // A peer that lost the model since its last gossip is a
                     // target failure too; a bad request is not.
                     let peer_lost_model =
-                        matches!(err, ServeError::ModelNotFound(_)) && candidate.target != Target::Local;
+                        matches!(err, ServeError::ModelNotFound(_)) && matches!(target, Target::Peer { .. });
                     if !(err.is_retryable() || peer_lost_model) {
                         return Err(err);
                     }
-                    let target = match &candidate.target {
-                        Target::Local => "local".to_string(),
-                        Target::Peer { name, .. } => name.clone(),
+                    let name = match target {
+                        Target::Local => "local",
+                        Target::Peer { name, .. } => name.as_str(),
                     };
-                    tracing::warn!(id = %req.request_id, %target, error = %err, "attempt failed before the first byte; trying the next node");
+                    tracing::warn!(id = %req.request_id, target = %name, error = %err, "attempt failed before the first byte; trying the next node");
                     last_error = Some(err);
                 }
             }
@@ -150,36 +334,46 @@ impl Dispatcher {
             return Err(ServeError::Internal("no data plane".into()));
         };
         tracing::debug!(id = %req.request_id, peer = %name, "forwarding a request");
-        let guard = Outstanding::new(self.outstanding.clone(), id);
         let forwarded = dataplane.forward(id, req).await?;
-        let mut response = forwarded.response;
-        response.body = Box::pin(response.body.map(move |chunk| {
-            let _held = &guard;
-            chunk
-        }));
-        Ok(Dispatched { response, route: format!("peer:{}", forwarded.node), node: forwarded.node })
+        Ok(Dispatched { response: forwarded.response, route: format!("peer:{}", forwarded.node), node: forwarded.node })
+    }
+
+    /// Starts the task that hands freed slots to queued requests.
+    pub fn spawn_waker(self: &Arc<Self>, shutdown: tokio_util::sync::CancellationToken) {
+        let this = self.clone();
+        tokio::spawn(async move {
+            loop {
+                tokio::select! {
+                    () = shutdown.cancelled() => return,
+                    () = this.freed.notified() => this.wake_waiters(),
+                }
+            }
+        });
     }
 }
 
-/// Counts a request sent to a peer until its response ends.
+/// Counts a dispatched request until its response ends, then signals that a
+/// slot freed.
 struct Outstanding {
     counts: Arc<Mutex<HashMap<String, u32>>>,
-    peer: String,
+    freed: Arc<tokio::sync::Notify>,
+    node: String,
 }
 
 impl Outstanding {
-    fn new(counts: Arc<Mutex<HashMap<String, u32>>>, peer: &str) -> Outstanding {
-        *counts.lock().unwrap_or_else(PoisonError::into_inner).entry(peer.to_string()).or_default() += 1;
-        Outstanding { counts, peer: peer.to_string() }
+    fn new(counts: Arc<Mutex<HashMap<String, u32>>>, freed: Arc<tokio::sync::Notify>, node: &str) -> Outstanding {
+        *counts.lock().unwrap_or_else(PoisonError::into_inner).entry(node.to_string()).or_default() += 1;
+        Outstanding { counts, freed, node: node.to_string() }
     }
 }
 
 impl Drop for Outstanding {
     fn drop(&mut self) {
         let mut counts = self.counts.lock().unwrap_or_else(PoisonError::into_inner);
-        if let Some(n) = counts.get_mut(&self.peer) {
+        if let Some(n) = counts.get_mut(&self.node) {
             *n = n.saturating_sub(1);
         }
+        self.freed.notify_one();
     }
 }
 
@@ -191,7 +385,21 @@ mod tests {
     fn latest_tag_is_implicit_both_ways() {
         assert!(same_model("llama3:latest", "llama3"));
         assert!(same_model("llama3", "llama3:latest"));
-        assert!(same_model("qwen2.5:7b", "qwen2.5:7b"));
         assert!(!same_model("qwen2.5:7b", "qwen2.5"));
+    }
+
+    #[test]
+    fn turns_of_one_conversation_share_a_prefix_key() {
+        let first = br#"{"messages":[{"role":"system","content":"s"},{"role":"user","content":"hi"}]}"#;
+        let later = br#"{"messages":[{"role":"system","content":"s"},{"role":"user","content":"hi"},{"role":"assistant","content":"yo"},{"role":"user","content":"more"}]}"#;
+        let other = br#"{"messages":[{"role":"user","content":"different"}]}"#;
+        let key = |b: &[u8]| prefix_key(ApiKind::OpenaiChat, "m", b);
+        assert!(key(first).is_some());
+        assert_eq!(key(first), key(later));
+        assert_ne!(key(first), key(other));
+        assert_ne!(key(first), prefix_key(ApiKind::OpenaiChat, "other-model", first));
+        assert_eq!(prefix_key(ApiKind::OpenaiEmbeddings, "m", first), None);
+        assert_eq!(output_tokens(br#"{"max_tokens":7}"#), Some(7));
+        assert_eq!(output_tokens(br#"{"options":{"num_predict":9}}"#), Some(9));
     }
 }

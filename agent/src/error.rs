@@ -92,6 +92,9 @@ impl IntoResponse for ApiError {
         if self.status == StatusCode::SERVICE_UNAVAILABLE {
             // Backends usually come back within seconds (restart, model load).
             response.headers_mut().insert("retry-after", HeaderValue::from_static("5"));
+        } else if self.status == StatusCode::TOO_MANY_REQUESTS {
+            // A full mesh queue drains at the speed of generation.
+            response.headers_mut().insert("retry-after", HeaderValue::from_static("2"));
         }
         response
     }

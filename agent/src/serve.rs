@@ -19,7 +19,7 @@ use llmesh_mesh::{
 use crate::api::{AppState, router};
 use crate::backend;
 use crate::config::{BackendKind, Config};
-use crate::dispatch::Dispatcher;
+use crate::dispatch::{Dispatcher, QueueLimits};
 use crate::gpu::GpuProbe;
 use crate::inventory::InventoryHandle;
 use crate::load::LoadTracker;
@@ -198,7 +198,11 @@ pub async fn run_agent(
         name: config.node.name.clone(),
         api_addr: format!("http://{addr}"),
         backend_kind: config.backend.kind,
-        parallel_slots: if config.backend.kind == BackendKind::Sim { config.sim.slots } else { 0 },
+        parallel_slots: if config.backend.kind == BackendKind::Sim {
+            config.sim.slots
+        } else {
+            config.backend.parallel_slots
+        },
         inventory,
         load,
         gpu: GpuProbe::new(),
@@ -211,13 +215,21 @@ pub async fn run_agent(
         tokio::spawn(node.clone().publish(membership.clone(), config.mesh.heartbeat, stop_mesh.clone()));
         tokio::spawn(follow_peers(membership.clone(), dp.clone(), stop_mesh.clone()));
     }
-    let dispatcher = Dispatcher::new(
+    let limits = QueueLimits {
+        capacity: config.mesh.queue_capacity,
+        timeout: config.mesh.queue_timeout,
+        max_expected_wait: config.mesh.max_expected_wait,
+    };
+    let dispatcher = Arc::new(Dispatcher::new(
         local.clone(),
         config.node.name.clone(),
+        node.parallel_slots,
         mesh.clone(),
         dataplane.clone(),
         config.mesh.max_attempts,
-    );
+        limits,
+    ));
+    dispatcher.spawn_waker(stop_mesh.clone());
     let state = Arc::new(AppState {
         node_name: config.node.name.clone(),
         local,

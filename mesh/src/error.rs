@@ -22,6 +22,13 @@ pub enum ServeError {
     /// This backend kind cannot serve this API.
     #[error("{0}")]
     Unsupported(String),
+    /// Every node that could serve the model is busy and the entry node's
+    /// queue is full.
+    #[error("{0}")]
+    Overloaded(String),
+    /// Every node is busy and the expected wait exceeds the overflow limit.
+    #[error("{0}")]
+    Saturated(String),
     /// Anything else; a bug or an unexpected state.
     #[error("internal error: {0}")]
     Internal(String),
@@ -37,6 +44,8 @@ impl ServeError {
             ServeError::BackendUnreachable(_) => 502,
             ServeError::BackendUnavailable(_) => 503,
             ServeError::Timeout(_) => 504,
+            ServeError::Overloaded(_) => 429,
+            ServeError::Saturated(_) => 503,
             ServeError::Internal(_) => 500,
         }
     }
@@ -50,6 +59,8 @@ impl ServeError {
             ServeError::BackendUnreachable(_) => "backend_unreachable",
             ServeError::BackendUnavailable(_) => "backend_unavailable",
             ServeError::Timeout(_) => "backend_timeout",
+            ServeError::Overloaded(_) => "mesh_overloaded",
+            ServeError::Saturated(_) => "mesh_saturated",
             ServeError::Internal(_) => "internal_error",
         }
     }
@@ -63,6 +74,8 @@ impl ServeError {
             "backend_unreachable" => ServeError::BackendUnreachable(message),
             "backend_unavailable" => ServeError::BackendUnavailable(message),
             "backend_timeout" => ServeError::Timeout(message),
+            "mesh_overloaded" => ServeError::Overloaded(message),
+            "mesh_saturated" => ServeError::Saturated(message),
             _ => ServeError::Internal(message),
         }
     }
@@ -76,6 +89,8 @@ impl ServeError {
             | ServeError::BackendUnavailable(m)
             | ServeError::Timeout(m)
             | ServeError::Unsupported(m)
+            | ServeError::Overloaded(m)
+            | ServeError::Saturated(m)
             | ServeError::Internal(m) => m,
         }
     }
@@ -109,6 +124,8 @@ mod tests {
             ServeError::BackendUnavailable("d".into()),
             ServeError::Timeout("e".into()),
             ServeError::Unsupported("f".into()),
+            ServeError::Overloaded("h".into()),
+            ServeError::Saturated("i".into()),
             ServeError::Internal("g".into()),
         ] {
             assert_eq!(ServeError::from_code(err.code(), err.message().to_string()), err);

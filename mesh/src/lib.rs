@@ -17,6 +17,7 @@ pub mod handler;
 pub mod identity;
 pub mod membership;
 pub mod peers;
+pub mod scheduler;
 pub mod secret;
 mod store;
 

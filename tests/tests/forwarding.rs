@@ -28,10 +28,13 @@ async fn cluster(specs: &[(&str, &[&str])]) -> Vec<Node> {
     let mut boot = String::new();
     for (i, (name, sim_args)) in specs.iter().enumerate() {
         let sim = sim(sim_args).await;
+        // The agents know their sims' parallel slots, as an operator would
+        // set OLLAMA_NUM_PARALLEL's value.
+        let slots = sim_args.iter().position(|a| *a == "--slots").map_or("4", |i| sim_args[i + 1]);
         let agent = if i == 0 {
-            agent(&sim.url, &["--name", name]).await
+            agent(&sim.url, &["--name", name, "--parallel-slots", slots]).await
         } else {
-            agent(&sim.url, &["--name", name, "--join", &token, "--bootstrap", &boot]).await
+            agent(&sim.url, &["--name", name, "--join", &token, "--bootstrap", &boot, "--parallel-slots", slots]).await
         };
         if i == 0 {
             let out = Command::new(binary())

@@ -42,7 +42,7 @@ pub struct AppState {
     /// Runs requests on this node.
     pub local: Arc<LocalNode>,
     /// Chooses this node or a peer for each request.
-    pub dispatcher: Dispatcher,
+    pub dispatcher: Arc<Dispatcher>,
     /// Builds this node's state for `/mesh/v1/nodes`.
     pub node: Arc<NodeStateBuilder>,
     /// Membership, when this node is part of a mesh.

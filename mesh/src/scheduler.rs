@@ -1,0 +1,502 @@
+//! Scheduling: run each request where it will *start* soonest.
+//!
+//! Sans-IO: candidates, time and randomness come in as arguments, the
+//! decision comes out; no sockets, no clocks, no sleeps. The agent builds
+//! the candidates from gossip and its own counters and acts on the choice.
+//!
+//! For each candidate the start time is estimated as the queue ahead of the
+//! request divided by the node's parallel slots, times the service time of
+//! one request (from the node's moving averages), plus a cold-load time
+//! when the model is not loaded, plus the network round trip. The holder of
+//! the conversation's prefix (its KV cache) is preferred while it is not
+//! much slower than the best; among near-equal candidates two are drawn at
+//! random and the better kept (power of two choices), so entry nodes that
+//! share a stale view do not all pile onto the same box.
+
+use std::collections::{HashMap, VecDeque};
+use std::time::{Duration, Instant};
+
+use crate::peers::Liveness;
+
+/// Tuning of the estimates. The defaults are what an unknown Ollama box
+/// looks like before its averages exist.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct SchedulerConfig {
+    /// Time to load a model that is on disk but not in memory.
+    pub cold_load_ms: f64,
+    /// Time to first token when a node has no average yet.
+    pub default_ttft_ms: f64,
+    /// Decode speed when a node has no average yet.
+    pub default_decode_tps: f64,
+    /// Output length assumed for a request that does not say.
+    pub default_output_tokens: f64,
+    /// Parallel slots of a backend that does not report them.
+    pub default_slots: u32,
+    /// Added to a suspect node's estimate: used only when nothing better is left.
+    pub suspect_penalty_ms: f64,
+    /// Estimates closer than this are treated as equal.
+    pub near_equal_ms: f64,
+    /// The prefix holder is kept while its estimate is within this factor
+    /// of the best plus `affinity_extra_ms` (bounded load): a warm KV cache
+    /// saves the prompt evaluation of the whole conversation so far.
+    pub affinity_slack: f64,
+    /// Extra wait accepted to reuse a conversation's cache.
+    pub affinity_extra_ms: f64,
+    /// Conversations remembered for affinity.
+    pub affinity_entries: usize,
+}
+
+impl Default for SchedulerConfig {
+    fn default() -> Self {
+        SchedulerConfig {
+            cold_load_ms: 10_000.0,
+            default_ttft_ms: 300.0,
+            default_decode_tps: 30.0,
+            default_output_tokens: 256.0,
+            default_slots: 4,
+            suspect_penalty_ms: 5_000.0,
+            near_equal_ms: 50.0,
+            affinity_slack: 1.5,
+            affinity_extra_ms: 1_000.0,
+            affinity_entries: 100_000,
+        }
+    }
+}
+
+/// One node that could serve the request, as the entry node sees it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Candidate {
+    /// Node id.
+    pub id: String,
+    /// Whether it is the entry node itself.
+    pub is_local: bool,
+    /// Liveness (dead nodes must not be passed in; they are ignored).
+    pub liveness: Liveness,
+    /// Draining nodes are ignored.
+    pub draining: bool,
+    /// Requests it serves at once; 0 when unknown.
+    pub slots: u32,
+    /// Requests in flight there, from its gossip.
+    pub in_flight: u32,
+    /// Requests this entry node has sent there and not seen finish.
+    pub dispatched: u32,
+    /// Whether the model is loaded (else it is on disk and must load).
+    pub loaded: bool,
+    /// Its average time to first token for the model, when known.
+    pub ttft_ms: Option<f64>,
+    /// Its average decode speed for the model, when known.
+    pub decode_tps: Option<f64>,
+    /// Round trip to it; 0 for the entry node.
+    pub rtt_ms: f64,
+    /// Whether it says it holds this conversation's prefix.
+    pub holds_prefix: bool,
+}
+
+/// Why the first node was chosen.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Reason {
+    /// It holds the conversation's prefix and is not overloaded.
+    Affinity,
+    /// The best estimate by a clear margin.
+    Soonest,
+    /// Picked by power of two choices among near-equals.
+    TwoChoices,
+}
+
+/// The scheduler's answer.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Choice {
+    /// Node ids in the order to try them.
+    pub order: Vec<String>,
+    /// Estimated wait before the first node starts the request.
+    pub estimate: Duration,
+    /// Every candidate is busy in every slot: the request should wait at
+    /// the entry node until one frees.
+    pub saturated: bool,
+    /// Why the first node won.
+    pub reason: Reason,
+}
+
+/// Chooses nodes and remembers where conversations went.
+#[derive(Debug)]
+pub struct Scheduler {
+    config: SchedulerConfig,
+    rng: u64,
+    affinity: HashMap<u64, (String, u64)>,
+    tick: u64,
+}
+
+impl Scheduler {
+    /// A scheduler; `seed` makes its random draws reproducible.
+    pub fn new(config: SchedulerConfig, seed: u64) -> Scheduler {
+        Scheduler { config, rng: seed | 1, affinity: HashMap::new(), tick: 0 }
+    }
+
+    fn next_random(&mut self) -> u64 {
+        // xorshift64*: fast, and enough for choosing between two nodes.
+        self.rng ^= self.rng >> 12;
+        self.rng ^= self.rng << 25;
+        self.rng ^= self.rng >> 27;
+        self.rng.wrapping_mul(0x2545_f491_4f6c_dd1d)
+    }
+
+    fn slots(&self, c: &Candidate) -> u32 {
+        if c.slots == 0 { self.config.default_slots } else { c.slots }
+    }
+
+    /// Requests that would be ahead of or beside this one on `c`: its own
+    /// count, corrected upwards by what this entry node has just sent (the
+    /// gossiped count is up to a heartbeat old).
+    fn busy(&self, c: &Candidate) -> u32 {
+        c.in_flight.max(c.dispatched)
+    }
+
+    /// Estimated wait before `c` would start the request.
+    pub fn estimate_ms(&self, c: &Candidate, output_tokens: Option<u32>) -> f64 {
+        let slots = self.slots(c);
+        let tokens = output_tokens.map_or(self.config.default_output_tokens, f64::from);
+        let ttft = c.ttft_ms.unwrap_or(self.config.default_ttft_ms);
+        let tps = c.decode_tps.filter(|t| *t > 0.0).unwrap_or(self.config.default_decode_tps);
+        let service = ttft + tokens / tps * 1000.0;
+        let busy = self.busy(c);
+        let queue = if busy < slots { 0.0 } else { f64::from(busy - slots + 1) / f64::from(slots) * service };
+        let cold = if c.loaded { 0.0 } else { self.config.cold_load_ms };
+        let suspect = if c.liveness == Liveness::Alive { 0.0 } else { self.config.suspect_penalty_ms };
+        queue + cold + suspect + c.rtt_ms
+    }
+
+    /// Chooses where to run a request for which `candidates` could serve the
+    /// model. `prefix` identifies the conversation so far (for KV-cache
+    /// affinity). `None` when there is no usable candidate.
+    pub fn choose(
+        &mut self,
+        candidates: &[Candidate],
+        prefix: Option<u64>,
+        output_tokens: Option<u32>,
+    ) -> Option<Choice> {
+        let usable: Vec<&Candidate> =
+            candidates.iter().filter(|c| c.liveness != Liveness::Dead && !c.draining).collect();
+        if usable.is_empty() {
+            return None;
+        }
+        let mut scored: Vec<(f64, &Candidate)> =
+            usable.iter().map(|c| (self.estimate_ms(c, output_tokens), *c)).collect();
+        // Soonest first; the entry node wins ties (no hop), then node id for
+        // a stable order.
+        scored.sort_by(|a, b| a.0.total_cmp(&b.0).then(b.1.is_local.cmp(&a.1.is_local)).then(a.1.id.cmp(&b.1.id)));
+        let best = scored[0].0;
+        let saturated = usable.iter().all(|c| c.loaded && self.busy(c) >= self.slots(c));
+        let near = self.config.near_equal_ms;
+        let mut first = 0;
+        let mut reason = Reason::Soonest;
+        let holder = prefix.and_then(|key| {
+            let remembered = self.affinity.get(&key).map(|(id, _)| id.clone());
+            scored
+                .iter()
+                .position(|(_, c)| remembered.as_deref() == Some(c.id.as_str()))
+                .or_else(|| scored.iter().position(|(_, c)| c.holds_prefix))
+        });
+        let allowance = best * self.config.affinity_slack + self.config.affinity_extra_ms;
+        if let Some(i) = holder.filter(|i| scored[*i].0 <= allowance) {
+            first = i;
+            reason = Reason::Affinity;
+        } else {
+            let equals = scored.iter().take_while(|(e, _)| *e <= best + near).count();
+            if equals >= 2 && !scored[0].1.is_local {
+                let a = (self.next_random() % equals as u64) as usize;
+                let mut b = (self.next_random() % (equals as u64 - 1)) as usize;
+                if b >= a {
+                    b += 1;
+                }
+                let pick = |i: usize| (scored[i].0, !scored[i].1.is_local);
+                first = if pick(a) <= pick(b) { a } else { b };
+                reason = Reason::TwoChoices;
+            }
+        }
+        let chosen = scored.remove(first);
+        let estimate = Duration::from_secs_f64(chosen.0.max(0.0) / 1000.0);
+        let mut order = vec![chosen.1.id.clone()];
+        order.extend(scored.iter().map(|(_, c)| c.id.clone()));
+        if let Some(key) = prefix {
+            self.remember(key, &order[0]);
+        }
+        Some(Choice { order, estimate, saturated, reason })
+    }
+
+    fn remember(&mut self, key: u64, node: &str) {
+        self.tick += 1;
+        if self.affinity.len() >= self.config.affinity_entries && !self.affinity.contains_key(&key) {
+            // Evict the least recently used conversation.
+            if let Some(oldest) = self.affinity.iter().min_by_key(|(_, (_, t))| *t).map(|(k, _)| *k) {
+                self.affinity.remove(&oldest);
+            }
+        }
+        self.affinity.insert(key, (node.to_string(), self.tick));
+    }
+
+    /// Where a conversation was last sent.
+    pub fn affinity_of(&self, key: u64) -> Option<&str> {
+        self.affinity.get(&key).map(|(id, _)| id.as_str())
+    }
+}
+
+/// Why a request could not be queued.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum QueueError {
+    /// The queue holds as many requests as it may.
+    #[error("the mesh queue is full")]
+    Full,
+}
+
+/// A bounded queue, fair between tenants (round-robin across tenants, a
+/// form of deficit round-robin with equal costs), that drops requests whose
+/// deadline has passed.
+#[derive(Debug)]
+pub struct FairQueue<T> {
+    capacity: usize,
+    len: usize,
+    tenants: VecDeque<(String, VecDeque<(Instant, T)>)>,
+}
+
+impl<T> FairQueue<T> {
+    /// A queue holding at most `capacity` requests.
+    pub fn new(capacity: usize) -> FairQueue<T> {
+        FairQueue { capacity, len: 0, tenants: VecDeque::new() }
+    }
+
+    /// Requests waiting.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// Whether nothing waits.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Drops the requests for which `keep` is false (they gave up waiting).
+    pub fn retain(&mut self, mut keep: impl FnMut(&T) -> bool) {
+        for (_, items) in self.tenants.iter_mut() {
+            items.retain(|(_, item)| keep(item));
+        }
+        self.tenants.retain(|(_, items)| !items.is_empty());
+        self.len = self.tenants.iter().map(|(_, items)| items.len()).sum();
+    }
+
+    /// Queues `item` for `tenant` until `deadline`.
+    pub fn push(&mut self, tenant: &str, item: T, deadline: Instant) -> Result<(), QueueError> {
+        if self.len >= self.capacity {
+            return Err(QueueError::Full);
+        }
+        match self.tenants.iter_mut().find(|(t, _)| t == tenant) {
+            Some((_, items)) => items.push_back((deadline, item)),
+            None => self.tenants.push_back((tenant.to_string(), VecDeque::from([(deadline, item)]))),
+        }
+        self.len += 1;
+        Ok(())
+    }
+
+    /// The next request to dispatch: one per tenant in turn. Requests whose
+    /// deadline passed by `now` come back in `expired` instead.
+    pub fn pop(&mut self, now: Instant, expired: &mut Vec<T>) -> Option<T> {
+        while let Some((tenant, mut items)) = self.tenants.pop_front() {
+            while let Some((deadline, item)) = items.pop_front() {
+                self.len -= 1;
+                if deadline <= now {
+                    expired.push(item);
+                    continue;
+                }
+                if !items.is_empty() {
+                    // This tenant goes to the back of the line.
+                    self.tenants.push_back((tenant, items));
+                }
+                return Some(item);
+            }
+        }
+        None
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn node(id: &str) -> Candidate {
+        Candidate {
+            id: id.into(),
+            is_local: false,
+            liveness: Liveness::Alive,
+            draining: false,
+            slots: 2,
+            in_flight: 0,
+            dispatched: 0,
+            loaded: true,
+            ttft_ms: Some(100.0),
+            decode_tps: Some(50.0),
+            rtt_ms: 1.0,
+            holds_prefix: false,
+        }
+    }
+
+    fn scheduler() -> Scheduler {
+        Scheduler::new(SchedulerConfig::default(), 7)
+    }
+
+    #[test]
+    fn a_warm_idle_node_beats_a_busy_or_cold_one() {
+        let busy = Candidate { in_flight: 6, ..node("busy") };
+        let cold = Candidate { loaded: false, ..node("cold") };
+        let idle = node("idle");
+        let choice = scheduler().choose(&[busy, cold, idle], None, Some(100)).expect("a choice");
+        assert_eq!(choice.order[0], "idle");
+        assert_eq!(choice.order.len(), 3);
+        assert!(!choice.saturated);
+    }
+
+    #[test]
+    fn the_local_node_wins_a_tie() {
+        let local = Candidate { is_local: true, rtt_ms: 0.0, ..node("me") };
+        let peer = Candidate { rtt_ms: 0.0, ..node("peer") };
+        for _ in 0..20 {
+            let choice = scheduler().choose(&[peer.clone(), local.clone()], None, None).expect("a choice");
+            assert_eq!(choice.order[0], "me");
+        }
+    }
+
+    #[test]
+    fn own_dispatches_correct_stale_gossip() {
+        let s = scheduler();
+        let stale = Candidate { in_flight: 0, dispatched: 5, ..node("a") };
+        assert!(s.estimate_ms(&stale, Some(10)) > s.estimate_ms(&node("b"), Some(10)));
+    }
+
+    #[test]
+    fn saturation_is_every_warm_slot_busy() {
+        let full = |id: &str| Candidate { in_flight: 2, ..node(id) };
+        let mut s = scheduler();
+        assert!(s.choose(&[full("a"), full("b")], None, None).expect("choice").saturated);
+        assert!(!s.choose(&[full("a"), node("b")], None, None).expect("choice").saturated);
+    }
+
+    #[test]
+    fn a_conversation_stays_on_its_node_until_it_is_overloaded() {
+        let mut s = scheduler();
+        let first = s.choose(&[node("a"), node("b")], Some(42), Some(50)).expect("choice").order[0].clone();
+        let other = if first == "a" { "b" } else { "a" };
+        // Its node is a little busier now; the conversation stays.
+        let mut nodes = vec![Candidate { in_flight: 2, ..node(&first) }, node(other)];
+        assert_eq!(s.choose(&nodes, Some(42), Some(50)).expect("choice").order[0], first);
+        // Far busier: it moves.
+        nodes[0].in_flight = 12;
+        assert_eq!(s.choose(&nodes, Some(42), Some(50)).expect("choice").order[0], other);
+    }
+
+    #[test]
+    fn near_equals_are_spread_by_two_choices() {
+        let mut s = scheduler();
+        let nodes: Vec<Candidate> = ["a", "b", "c", "d"].iter().map(|id| node(id)).collect();
+        let mut seen = std::collections::HashSet::new();
+        for _ in 0..50 {
+            let choice = s.choose(&nodes, None, None).expect("choice");
+            assert_eq!(choice.reason, Reason::TwoChoices);
+            seen.insert(choice.order[0].clone());
+        }
+        assert!(seen.len() >= 3, "{seen:?}");
+    }
+
+    #[test]
+    fn queue_is_fair_between_tenants_and_drops_expired_requests() {
+        let now = Instant::now();
+        let later = now + Duration::from_secs(10);
+        let mut q = FairQueue::new(10);
+        for i in 0..4 {
+            q.push("heavy", format!("h{i}"), later).expect("room");
+        }
+        q.push("light", "l0".to_string(), later).expect("room");
+        q.push("late", "x".to_string(), now).expect("room");
+        let mut expired = Vec::new();
+        let order: Vec<String> = std::iter::from_fn(|| q.pop(now, &mut expired)).collect();
+        assert_eq!(order, ["h0", "l0", "h1", "h2", "h3"]);
+        assert_eq!(expired, ["x"]);
+        assert!(q.is_empty());
+        let mut q = FairQueue::new(3);
+        for i in 0..3 {
+            q.push("t", i, later).expect("room");
+        }
+        q.retain(|i| *i != 1);
+        assert_eq!(q.len(), 2);
+        q.push("u", 9, later).expect("room again");
+        let mut small = FairQueue::new(1);
+        small.push("t", 1, later).expect("room");
+        assert_eq!(small.push("t", 2, later), Err(QueueError::Full));
+    }
+
+    fn arb_candidates() -> impl Strategy<Value = Vec<Candidate>> {
+        proptest::collection::vec((0u8..3, any::<bool>(), 0u32..5, 0u32..12, 0u32..12, any::<bool>()), 0..8).prop_map(
+            |v| {
+                v.into_iter()
+                    .enumerate()
+                    .map(|(i, (liveness, draining, slots, in_flight, dispatched, loaded))| Candidate {
+                        id: format!("n{i}"),
+                        draining,
+                        slots,
+                        in_flight,
+                        dispatched,
+                        loaded,
+                        liveness: [Liveness::Alive, Liveness::Suspect, Liveness::Dead][liveness as usize],
+                        ..node("x")
+                    })
+                    .collect()
+            },
+        )
+    }
+
+    proptest! {
+        #[test]
+        fn never_a_dead_or_draining_node(nodes in arb_candidates(), prefix in proptest::option::of(0u64..4)) {
+            let mut s = scheduler();
+            match s.choose(&nodes, prefix, None) {
+                None => prop_assert!(nodes.iter().all(|c| c.liveness == Liveness::Dead || c.draining)),
+                Some(choice) => {
+                    for id in &choice.order {
+                        let c = nodes.iter().find(|c| &c.id == id).expect("a candidate");
+                        prop_assert!(c.liveness != Liveness::Dead && !c.draining);
+                    }
+                }
+            }
+        }
+
+        #[test]
+        fn affinity_moves_only_for_keys_whose_node_left(keys in proptest::collection::vec(0u64..1000, 1..60), leaving in 0usize..4) {
+            let names = ["a", "b", "c", "d"];
+            let all: Vec<Candidate> = names.iter().map(|id| node(id)).collect();
+            let mut s = scheduler();
+            let before: Vec<String> = keys.iter().map(|k| s.choose(&all, Some(*k), None).expect("choice").order[0].clone()).collect();
+            let remaining: Vec<Candidate> = all.iter().filter(|c| c.id != names[leaving]).cloned().collect();
+            for (k, was) in keys.iter().zip(&before) {
+                let now = s.choose(&remaining, Some(*k), None).expect("choice").order[0].clone();
+                if was != names[leaving] {
+                    prop_assert_eq!(&now, was);
+                } else {
+                    prop_assert_ne!(now.as_str(), names[leaving]);
+                }
+            }
+        }
+
+        #[test]
+        fn the_queue_never_exceeds_its_capacity(ops in proptest::collection::vec((any::<bool>(), 0u8..3), 0..100), capacity in 1usize..10) {
+            let now = Instant::now();
+            let mut q = FairQueue::new(capacity);
+            let mut expired = Vec::new();
+            for (push, tenant) in ops {
+                if push {
+                    let _ = q.push(&tenant.to_string(), (), now + Duration::from_secs(5));
+                } else {
+                    q.pop(now, &mut expired);
+                }
+                prop_assert!(q.len() <= capacity);
+            }
+        }
+    }
+}
