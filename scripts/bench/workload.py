@@ -98,8 +98,11 @@ async def main():
     parser.add_argument("--seed", type=int, default=1)
     args = parser.parse_args()
     urls = [u.rstrip("/") + "/v1/chat/completions" for u in args.targets.split(",")]
-    rng = random.Random(args.seed)
-    sessions = Sessions(rng)
+    # Arrival times come from their own generator, so every system gets the
+    # same arrivals; which session a request continues depends on which
+    # finished, which depends on the system under test.
+    arrivals = random.Random(args.seed)
+    sessions = Sessions(random.Random(args.seed + 1))
     results, tasks = [], []
     limits = httpx.Limits(max_connections=2000, max_keepalive_connections=2000)
     async with httpx.AsyncClient(timeout=httpx.Timeout(180.0), limits=limits, trust_env=False) as client:
@@ -107,7 +110,7 @@ async def main():
         at = 0.0
         n = 0
         while True:
-            at += rng.expovariate(args.rate)
+            at += arrivals.expovariate(args.rate)
             if at > args.duration:
                 break
             delay = started + at - time.monotonic()
