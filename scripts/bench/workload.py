@@ -6,7 +6,7 @@ they share a prefix a backend can cache). Every request streams, so time to
 first token is measured; usage (with cached prompt tokens) comes in the last
 chunk. Prints one JSON summary line on stdout.
 
-usage: workload.py --targets URL[,URL...] --rate R --duration S --seed N
+usage: workload.py --targets URL[,URL...] --rate R --duration S --seed N [--api-key K]
 """
 
 import argparse
@@ -96,6 +96,7 @@ async def main():
     parser.add_argument("--rate", type=float, required=True)
     parser.add_argument("--duration", type=float, required=True)
     parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument("--api-key", default=None, help="sent as a Bearer token (LiteLLM's proxy wants one)")
     args = parser.parse_args()
     urls = [u.rstrip("/") + "/v1/chat/completions" for u in args.targets.split(",")]
     # Arrival times come from their own generator, so every system gets the
@@ -105,7 +106,8 @@ async def main():
     sessions = Sessions(random.Random(args.seed + 1))
     results, tasks = [], []
     limits = httpx.Limits(max_connections=2000, max_keepalive_connections=2000)
-    async with httpx.AsyncClient(timeout=httpx.Timeout(180.0), limits=limits, trust_env=False) as client:
+    headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
+    async with httpx.AsyncClient(timeout=httpx.Timeout(180.0), limits=limits, trust_env=False, headers=headers) as client:
         started = time.monotonic()
         at = 0.0
         n = 0
