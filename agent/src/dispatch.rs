@@ -211,6 +211,7 @@ impl Dispatcher {
     /// place across rechecks.
     async fn wait_for_slot(
         &self,
+        tenant: &str,
         ticket: &mut Option<oneshot::Receiver<()>>,
         deadline: Instant,
     ) -> Result<(), ServeError> {
@@ -221,7 +222,7 @@ impl Dispatcher {
                 let mut queue = self.queue.lock().unwrap_or_else(PoisonError::into_inner);
                 // Requests that gave up (client gone) free their places.
                 queue.retain(|waiter| !waiter.is_closed());
-                queue.push("default", tx, deadline).map_err(|QueueError::Full| {
+                queue.push(tenant, tx, deadline).map_err(|QueueError::Full| {
                     ServeError::Overloaded(format!(
                         "every node that serves this model is busy and {} requests already wait here; retry shortly",
                         self.limits.capacity
@@ -251,9 +252,9 @@ impl Dispatcher {
         }
     }
 
-    /// Runs `req` on the best node: waits while every node is busy, and
-    /// fails over before the first byte.
-    pub async fn dispatch(&self, req: InferenceRequest) -> Result<Dispatched, ServeError> {
+    /// Runs `req` on the best node: waits while every node is busy (in turn
+    /// with other `tenant`s' requests), and fails over before the first byte.
+    pub async fn dispatch(&self, req: InferenceRequest, tenant: &str) -> Result<Dispatched, ServeError> {
         let prefix = prefix_key(req.api, &req.model, &req.body);
         let tokens = output_tokens(&req.body);
         let queue_deadline = req.deadline.unwrap_or_else(|| Instant::now() + self.limits.timeout);
@@ -282,7 +283,7 @@ impl Dispatcher {
             if Instant::now() >= queue_deadline {
                 return Err(ServeError::Timeout("no slot freed before the queue timeout".into()));
             }
-            self.wait_for_slot(&mut ticket, queue_deadline).await?;
+            self.wait_for_slot(tenant, &mut ticket, queue_deadline).await?;
         };
         let (choice, targets) = choice;
         // Leaving the queue (if still in it) frees the place for others.

@@ -184,40 +184,55 @@ impl Scheduler {
         // Soonest first; the entry node wins ties (no hop), then node id for
         // a stable order.
         scored.sort_by(|a, b| a.0.total_cmp(&b.0).then(b.1.is_local.cmp(&a.1.is_local)).then(a.1.id.cmp(&b.1.id)));
-        let best = scored[0].0;
-        let saturated = usable.iter().all(|c| c.loaded && self.busy(c) >= self.slots(c));
+        // A node with every slot busy would queue the request in its own
+        // backend, where no other node can take it; only nodes with a free
+        // slot are sent work. When none has one, or waiting for a busy warm
+        // node beats every free one (which would have to load the model),
+        // the request waits at the entry node instead.
+        let free: Vec<usize> =
+            (0..scored.len()).filter(|i| self.busy(scored[*i].1) < self.slots(scored[*i].1)).collect();
         let near = self.config.near_equal_ms;
-        let mut first = 0;
+        let soonest = scored[0].0;
+        let saturated = free.first().is_none_or(|i| scored[*i].0 > soonest + near);
+        let mut first = free.first().copied().unwrap_or(0);
         let mut reason = Reason::Soonest;
-        let holder = prefix.and_then(|key| {
-            let remembered = self.affinity.get(&key).map(|(id, _)| id.clone());
-            scored
-                .iter()
-                .position(|(_, c)| remembered.as_deref() == Some(c.id.as_str()))
-                .or_else(|| scored.iter().position(|(_, c)| c.holds_prefix))
-        });
-        let allowance = best * self.config.affinity_slack + self.config.affinity_extra_ms;
-        if let Some(i) = holder.filter(|i| scored[*i].0 <= allowance) {
-            first = i;
-            reason = Reason::Affinity;
-        } else {
-            let equals = scored.iter().take_while(|(e, _)| *e <= best + near).count();
-            if equals >= 2 && !scored[0].1.is_local {
-                let a = (self.next_random() % equals as u64) as usize;
-                let mut b = (self.next_random() % (equals as u64 - 1)) as usize;
-                if b >= a {
-                    b += 1;
+        if !saturated {
+            let best = scored[first].0;
+            let holder = prefix.and_then(|key| {
+                let remembered = self.affinity.get(&key).map(|(id, _)| id.clone());
+                free.iter()
+                    .copied()
+                    .find(|i| remembered.as_deref() == Some(scored[*i].1.id.as_str()))
+                    .or_else(|| free.iter().copied().find(|i| scored[*i].1.holds_prefix))
+            });
+            let allowance = best * self.config.affinity_slack + self.config.affinity_extra_ms;
+            if let Some(i) = holder.filter(|i| scored[*i].0 <= allowance) {
+                first = i;
+                reason = Reason::Affinity;
+            } else {
+                let equals: Vec<usize> = free.iter().copied().filter(|i| scored[*i].0 <= best + near).collect();
+                if equals.len() >= 2 && !scored[first].1.is_local {
+                    // Two distinct draws among the near-equals.
+                    let n = equals.len() as u64;
+                    let ia = (self.next_random() % n) as usize;
+                    let mut ib = (self.next_random() % (n - 1)) as usize;
+                    if ib >= ia {
+                        ib += 1;
+                    }
+                    let (a, b) = (equals[ia], equals[ib]);
+                    let pick = |i: usize| (scored[i].0, !scored[i].1.is_local);
+                    first = if pick(a) <= pick(b) { a } else { b };
+                    reason = Reason::TwoChoices;
                 }
-                let pick = |i: usize| (scored[i].0, !scored[i].1.is_local);
-                first = if pick(a) <= pick(b) { a } else { b };
-                reason = Reason::TwoChoices;
             }
         }
         let chosen = scored.remove(first);
         let estimate = Duration::from_secs_f64(chosen.0.max(0.0) / 1000.0);
         let mut order = vec![chosen.1.id.clone()];
         order.extend(scored.iter().map(|(_, c)| c.id.clone()));
-        if let Some(key) = prefix {
+        if let Some(key) = prefix
+            && !saturated
+        {
             self.remember(key, &order[0]);
         }
         Some(Choice { order, estimate, saturated, reason })
@@ -384,11 +399,14 @@ mod tests {
         let mut s = scheduler();
         let first = s.choose(&[node("a"), node("b")], Some(42), Some(50)).expect("choice").order[0].clone();
         let other = if first == "a" { "b" } else { "a" };
-        // Its node is a little busier now; the conversation stays.
-        let mut nodes = vec![Candidate { in_flight: 2, ..node(&first) }, node(other)];
-        assert_eq!(s.choose(&nodes, Some(42), Some(50)).expect("choice").order[0], first);
-        // Far busier: it moves.
-        nodes[0].in_flight = 12;
+        // Its node is busier than the other now but has a free slot: the
+        // conversation stays, every time (no random spreading).
+        let mut nodes = vec![Candidate { in_flight: 1, ..node(&first) }, node(other)];
+        for _ in 0..10 {
+            assert_eq!(s.choose(&nodes, Some(42), Some(50)).expect("choice").order[0], first);
+        }
+        // Every slot busy: it moves rather than queue in that backend.
+        nodes[0].in_flight = 2;
         assert_eq!(s.choose(&nodes, Some(42), Some(50)).expect("choice").order[0], other);
     }
 
@@ -464,6 +482,18 @@ mod tests {
                         prop_assert!(c.liveness != Liveness::Dead && !c.draining);
                     }
                 }
+            }
+        }
+
+        #[test]
+        fn work_goes_only_to_nodes_with_a_free_slot(nodes in arb_candidates(), prefix in proptest::option::of(0u64..4)) {
+            let mut s = scheduler();
+            if let Some(choice) = s.choose(&nodes, prefix, None)
+                && !choice.saturated
+            {
+                let c = nodes.iter().find(|c| c.id == choice.order[0]).expect("a candidate");
+                let slots = if c.slots == 0 { SchedulerConfig::default().default_slots } else { c.slots };
+                prop_assert!(c.in_flight.max(c.dispatched) < slots, "{:?} got work with every slot busy", c);
             }
         }
 

@@ -113,6 +113,15 @@ fn request_id(headers: &HeaderMap) -> String {
         .unwrap_or_else(new_request_id)
 }
 
+/// Who a request is from, for fairness in the mesh queue: its bearer key
+/// (hashed; the key itself is never kept), or `anonymous`.
+fn tenant(headers: &HeaderMap) -> String {
+    match headers.get(http::header::AUTHORIZATION).and_then(|v| v.to_str().ok()) {
+        Some(value) => format!("key:{:016x}", crate::sim::text::fnv1a(0, value.as_bytes())),
+        None => "anonymous".to_string(),
+    }
+}
+
 /// A fresh request id: a random per-process prefix and a counter, unique
 /// across the mesh without a system call per request.
 fn new_request_id() -> String {
@@ -173,7 +182,8 @@ async fn infer(
             body,
             deadline,
         };
-        let dispatched = state.dispatcher.dispatch(request).instrument(span).await.map_err(ApiError::from)?;
+        let tenant = tenant(&headers);
+        let dispatched = state.dispatcher.dispatch(request, &tenant).instrument(span).await.map_err(ApiError::from)?;
         let response = relay::relay(dispatched.response, state.idle_timeout, state.max_response_bytes, format).await;
         Ok::<_, ApiError>((response, dispatched.node, dispatched.route))
     }
