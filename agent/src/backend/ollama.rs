@@ -56,8 +56,9 @@ impl OllamaBackend {
     }
 }
 
-/// The Ollama path serving each API, bodies passed through as they are.
-fn path_for(api: ApiKind) -> Result<&'static str, ServeError> {
+/// The Ollama path serving each API, bodies passed through as they are
+/// (the simulated backend serves the same paths).
+pub(crate) fn path_for(api: ApiKind) -> Result<&'static str, ServeError> {
     Ok(match api {
         ApiKind::OpenaiChat => "/v1/chat/completions",
         ApiKind::OpenaiCompletions => "/v1/completions",

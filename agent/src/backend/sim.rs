@@ -5,7 +5,7 @@ use std::sync::Arc;
 
 use axum::body::Body;
 use futures::StreamExt;
-use llmesh_mesh::{ApiKind, InferenceRequest, InferenceResponse, ServeError};
+use llmesh_mesh::{InferenceRequest, InferenceResponse, ServeError};
 use tower::ServiceExt;
 
 use super::{Backend, Inventory, LoadedInfo, ModelDetails, ModelEntry};
@@ -62,19 +62,7 @@ impl Backend for SimBackend {
     }
 
     async fn serve(&self, req: &InferenceRequest) -> Result<InferenceResponse, ServeError> {
-        let path = match req.api {
-            ApiKind::OpenaiChat => "/v1/chat/completions",
-            ApiKind::OpenaiCompletions => "/v1/completions",
-            ApiKind::OpenaiEmbeddings => "/v1/embeddings",
-            ApiKind::OllamaChat => "/api/chat",
-            ApiKind::OllamaGenerate => "/api/generate",
-            ApiKind::OllamaEmbed => "/api/embed",
-            ApiKind::OllamaEmbeddings => "/api/embeddings",
-            ApiKind::OllamaShow => "/api/show",
-            ApiKind::Unspecified => {
-                return Err(ServeError::BadRequest("request names no API".into()));
-            }
-        };
+        let path = super::ollama::path_for(req.api)?;
         let request = http::Request::post(path)
             .header(http::header::CONTENT_TYPE, "application/json")
             .body(Body::from(req.body.clone()))
