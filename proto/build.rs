@@ -1,5 +1,5 @@
-//! Generates Rust types from `proto/*.proto` with a vendored `protoc`, so a
-//! fresh machine needs no system protobuf compiler.
+//! Generates Rust types and gRPC stubs from `proto/*.proto` with a vendored
+//! `protoc`, so a fresh machine needs no system protobuf compiler.
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let protoc = protoc_bin_vendored::protoc_bin_path()?;
@@ -7,7 +7,11 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     // Set per-config instead of exporting PROTOC: other crates' build scripts
     // (raft-proto) only accept protoc 3.x and must not see this one.
     config.protoc_executable(protoc);
-    config.compile_protos(&["proto/llmesh.proto"], &["proto"])?;
-    println!("cargo:rerun-if-changed=proto/llmesh.proto");
+    tonic_prost_build::configure().compile_with_config(
+        config,
+        &["proto/llmesh.proto", "proto/control.proto"],
+        &["proto"],
+    )?;
+    println!("cargo:rerun-if-changed=proto");
     Ok(())
 }

@@ -11,6 +11,7 @@
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
+pub mod coordinator;
 pub mod dataplane;
 pub mod error;
 pub mod handler;
@@ -21,6 +22,7 @@ pub mod scheduler;
 pub mod secret;
 mod store;
 
+pub use coordinator::{ClusterState, Coordinator, CoordinatorConfig};
 pub use dataplane::{DataPlane, DataPlaneConfig, Forwarded};
 pub use error::ServeError;
 pub use handler::{BodyStream, InferenceRequest, InferenceResponse, RequestHandler};

@@ -119,6 +119,11 @@ impl Membership {
         self.local_state.send_replace(Some(state));
     }
 
+    /// What this node last published about itself.
+    pub fn local_state(&self) -> Option<NodeState> {
+        self.local_state.borrow().clone()
+    }
+
     /// The current view.
     pub fn view(&self) -> Arc<MeshView> {
         self.view.borrow().clone()

@@ -1,7 +1,8 @@
 //! Wire types shared between llmesh nodes, generated from `proto/llmesh.proto`.
 //!
 //! The gossip plane carries [`NodeState`]; the data plane carries
-//! [`RequestHead`], [`ResponseHead`] and [`Trailer`] around raw body bytes.
+//! [`RequestHead`], [`ResponseHead`] and [`Trailer`] around raw body bytes;
+//! the control plane carries Raft batches, [`Command`]s and the Admin service.
 #![forbid(unsafe_code)]
 
 pub mod frame;

@@ -1,0 +1,172 @@
+//! Raft messages between nodes over tonic gRPC: one sender task per peer
+//! batches whatever is queued into one `Send` call; the server side checks
+//! the caller's cluster tag and hands messages to the local Raft driver.
+//!
+//! Raft tolerates lost messages, so nothing here retries or blocks the
+//! driver: a full queue or a failed call drops the batch and reports the
+//! peer unreachable.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use llmesh_proto::raft_client::RaftClient;
+use llmesh_proto::{RaftAck, RaftBatch};
+use protobuf::Message as _;
+use raft::eraftpb::{Message, MessageType};
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+use tonic::metadata::MetadataValue;
+use tonic::transport::{Channel, Endpoint};
+
+use super::Input;
+
+/// Metadata header that carries the cluster tag on Raft calls.
+pub const CLUSTER_HEADER: &str = "x-llmesh-cluster";
+
+const QUEUE: usize = 4096;
+const BATCH: usize = 256;
+
+/// Outgoing links, one per peer address.
+pub struct Transport {
+    links: HashMap<u64, Link>,
+    local_id: u64,
+    tag: MetadataValue<tonic::metadata::Ascii>,
+    inbox: mpsc::Sender<Input>,
+    shutdown: CancellationToken,
+}
+
+struct Link {
+    addr: SocketAddr,
+    queue: mpsc::Sender<Message>,
+    stop: CancellationToken,
+}
+
+impl Transport {
+    /// A transport that reports failures to `inbox`.
+    pub fn new(local_id: u64, tag: &str, inbox: mpsc::Sender<Input>, shutdown: CancellationToken) -> Transport {
+        let tag = tag.parse().unwrap_or_else(|_| MetadataValue::from_static("invalid"));
+        Transport { links: HashMap::new(), local_id, tag, inbox, shutdown }
+    }
+
+    /// Queues `message` for its peer at `addr`; false when it was dropped.
+    pub fn send(&mut self, message: Message, addr: SocketAddr) -> bool {
+        let to = message.to;
+        let stale = self.links.get(&to).is_some_and(|l| l.addr != addr || l.queue.is_closed());
+        if stale {
+            if let Some(old) = self.links.remove(&to) {
+                old.stop.cancel();
+            }
+        }
+        let link = self.links.entry(to).or_insert_with(|| {
+            spawn_link(to, addr, self.local_id, self.tag.clone(), self.inbox.clone(), self.shutdown.child_token())
+        });
+        link.queue.try_send(message).is_ok()
+    }
+
+    /// Stops links to peers that are no longer members.
+    pub fn retain(&mut self, keep: impl Fn(u64) -> bool) {
+        self.links.retain(|id, link| {
+            let kept = keep(*id);
+            if !kept {
+                link.stop.cancel();
+            }
+            kept
+        });
+    }
+}
+
+fn spawn_link(
+    to: u64,
+    addr: SocketAddr,
+    from: u64,
+    tag: MetadataValue<tonic::metadata::Ascii>,
+    inbox: mpsc::Sender<Input>,
+    stop: CancellationToken,
+) -> Link {
+    let (queue, mut rx) = mpsc::channel::<Message>(QUEUE);
+    let channel = Endpoint::from_shared(format!("http://{addr}")).map(|e| {
+        e.connect_timeout(Duration::from_millis(500))
+            .timeout(Duration::from_secs(3))
+            .tcp_nodelay(true)
+            .http2_keep_alive_interval(Duration::from_secs(5))
+            .connect_lazy()
+    });
+    let task_stop = stop.clone();
+    tokio::spawn(async move {
+        let channel: Channel = match channel {
+            Ok(channel) => channel,
+            Err(err) => {
+                tracing::warn!(peer = to, %addr, error = %err, "bad control address");
+                return;
+            }
+        };
+        let mut client = RaftClient::new(channel);
+        loop {
+            let first = tokio::select! {
+                () = task_stop.cancelled() => return,
+                next = rx.recv() => match next { Some(m) => m, None => return },
+            };
+            let mut batch = vec![first];
+            while batch.len() < BATCH {
+                match rx.try_recv() {
+                    Ok(m) => batch.push(m),
+                    Err(_) => break,
+                }
+            }
+            let snapshots = batch.iter().filter(|m| m.get_msg_type() == MessageType::MsgSnapshot).count();
+            let messages: Vec<Vec<u8>> = batch.iter().filter_map(|m| m.write_to_bytes().ok()).collect();
+            let mut request = tonic::Request::new(RaftBatch { from, messages });
+            request.metadata_mut().insert(CLUSTER_HEADER, tag.clone());
+            let result = tokio::select! {
+                () = task_stop.cancelled() => return,
+                r = client.send(request) => r,
+            };
+            let ok = match result {
+                Ok(_) => true,
+                Err(status) => {
+                    tracing::debug!(peer = to, %addr, error = %status.message(), "raft send failed");
+                    false
+                }
+            };
+            if !ok && inbox.try_send(Input::Unreachable(to)).is_err() {
+                tracing::debug!("raft inbox full; unreachable report dropped");
+            }
+            for _ in 0..snapshots {
+                let _ = inbox.send(Input::SnapshotSent { to, ok }).await;
+            }
+        }
+    });
+    Link { addr, queue, stop }
+}
+
+/// The server half: accepts batches from peers that know the cluster tag.
+pub struct RaftService {
+    /// Where accepted messages go.
+    pub inbox: mpsc::Sender<Input>,
+    /// Expected value of [`CLUSTER_HEADER`].
+    pub tag: String,
+}
+
+#[tonic::async_trait]
+impl llmesh_proto::raft_server::Raft for RaftService {
+    async fn send(&self, request: tonic::Request<RaftBatch>) -> Result<tonic::Response<RaftAck>, tonic::Status> {
+        let presented = request.metadata().get(CLUSTER_HEADER).and_then(|v| v.to_str().ok()).unwrap_or("");
+        if !super::state::constant_time_eq(presented.as_bytes(), self.tag.as_bytes()) {
+            return Err(tonic::Status::permission_denied("not a member of this cluster"));
+        }
+        let batch = request.into_inner();
+        for bytes in batch.messages {
+            let message = Message::parse_from_bytes(&bytes)
+                .map_err(|e| tonic::Status::invalid_argument(format!("undecodable raft message: {e}")))?;
+            if message.from != batch.from {
+                return Err(tonic::Status::invalid_argument("raft message sender does not match the batch"));
+            }
+            self.inbox
+                .send(Input::Raft(Box::new(message)))
+                .await
+                .map_err(|_| tonic::Status::unavailable("raft node is shutting down"))?;
+        }
+        Ok(tonic::Response::new(RaftAck {}))
+    }
+}
