@@ -107,6 +107,12 @@ pub struct AgentArgs {
     /// Data-plane (QUIC) UDP address [default: 0.0.0.0:<HTTP port + 2>].
     #[arg(long, value_name = "ADDR")]
     pub data_listen: Option<SocketAddr>,
+    /// Control-plane (gRPC) TCP address [default: 0.0.0.0:<HTTP port + 3>].
+    #[arg(long, value_name = "ADDR")]
+    pub control_listen: Option<SocketAddr>,
+    /// Raft voters to keep: 1, 3 or 5 [default: 3].
+    #[arg(long, value_name = "N")]
+    pub voters: Option<usize>,
     /// Do not discover peers on the LAN by mDNS.
     #[arg(long)]
     pub no_mdns: bool,
@@ -195,6 +201,12 @@ impl AgentArgs {
         }
         if let Some(addr) = self.data_listen {
             set(&mut map, "mesh", "data_listen", json!(addr.to_string()));
+        }
+        if let Some(addr) = self.control_listen {
+            set(&mut map, "mesh", "control_listen", json!(addr.to_string()));
+        }
+        if let Some(voters) = self.voters {
+            set(&mut map, "mesh", "voters", json!(voters));
         }
         if self.no_mdns {
             set(&mut map, "mesh", "mdns", json!(false));

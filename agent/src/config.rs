@@ -168,6 +168,24 @@ pub struct MeshConfig {
     /// 503 (later: sent to the cloud where policy allows).
     #[serde(with = "humantime_serde")]
     pub max_expected_wait: Duration,
+    /// Control-plane (gRPC: Raft and Admin) TCP address. Default: all
+    /// interfaces, on the HTTP port + 3 (an OS-chosen port when HTTP's is 0).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub control_listen: Option<SocketAddr>,
+    /// Raft voters the leader keeps (1, 3 or 5); other nodes are learners.
+    pub voters: usize,
+    /// How long a Raft member may be gone before the leader replaces it.
+    #[serde(with = "humantime_serde")]
+    pub replace_voter_after: Duration,
+    /// Let the leader keep busy models loaded on more nodes.
+    pub placement: bool,
+    /// How long a model's loaded copies must all be busy before the
+    /// leader preloads it on one more node.
+    #[serde(with = "humantime_serde")]
+    pub placement_hot_for: Duration,
+    /// How long a model must stay quiet before it gives extra nodes back.
+    #[serde(with = "humantime_serde")]
+    pub placement_cool_for: Duration,
 }
 
 impl Default for MeshConfig {
@@ -188,6 +206,12 @@ impl Default for MeshConfig {
             queue_capacity: 1024,
             queue_timeout: Duration::from_secs(60),
             max_expected_wait: Duration::from_secs(300),
+            control_listen: None,
+            voters: 3,
+            replace_voter_after: Duration::from_secs(30),
+            placement: true,
+            placement_hot_for: Duration::from_secs(3),
+            placement_cool_for: Duration::from_secs(300),
         }
     }
 }
@@ -213,6 +237,14 @@ impl MeshConfig {
                 parse_peer_addr(&format!("/ip4/0.0.0.0/tcp/{port}"))
             }
         }
+    }
+
+    /// The control-plane (gRPC) TCP address for an HTTP API on `http_port`.
+    pub fn control_listen_addr(&self, http_port: u16) -> SocketAddr {
+        self.control_listen.unwrap_or_else(|| {
+            let port = if http_port == 0 { 0 } else { http_port.saturating_add(3) };
+            SocketAddr::from(([0, 0, 0, 0], port))
+        })
     }
 
     /// The data-plane UDP address for an HTTP API on `http_port`.

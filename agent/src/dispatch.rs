@@ -13,7 +13,8 @@ use std::time::{Duration, Instant};
 use futures::StreamExt;
 use llmesh_mesh::scheduler::{Candidate, FairQueue, QueueError, Scheduler, SchedulerConfig};
 use llmesh_mesh::{
-    ApiKind, DataPlane, InferenceRequest, InferenceResponse, Liveness, Membership, RequestHandler, ServeError,
+    ApiKind, Coordinator, DataPlane, InferenceRequest, InferenceResponse, Liveness, Membership, RequestHandler,
+    ServeError,
 };
 use tokio::sync::oneshot;
 
@@ -57,6 +58,7 @@ pub struct Dispatcher {
     node_name: String,
     mesh: Option<Membership>,
     dataplane: Option<Arc<DataPlane>>,
+    coordinator: Option<Coordinator>,
     max_attempts: usize,
     limits: QueueLimits,
     scheduler: Mutex<Scheduler>,
@@ -126,6 +128,7 @@ impl Dispatcher {
         local_slots: u32,
         mesh: Option<Membership>,
         dataplane: Option<Arc<DataPlane>>,
+        coordinator: Option<Coordinator>,
         max_attempts: usize,
         limits: QueueLimits,
     ) -> Dispatcher {
@@ -138,6 +141,7 @@ impl Dispatcher {
             node_name,
             mesh,
             dataplane,
+            coordinator,
             max_attempts: max_attempts.max(1),
             limits,
             scheduler: Mutex::new(Scheduler::new(SchedulerConfig::default(), seed)),
@@ -156,8 +160,11 @@ impl Dispatcher {
         let mut candidates = Vec::new();
         let mut targets = HashMap::new();
         let outstanding = self.outstanding.lock().unwrap_or_else(PoisonError::into_inner).clone();
+        let cluster = self.coordinator.as_ref().map(|c| c.state());
+        let out_of_service = |id: &str| cluster.as_ref().is_some_and(|c| c.is_out_of_service(id));
         let snapshot = self.local.inventory().current();
         if snapshot.healthy
+            && !out_of_service(&self.local_id)
             && let Some(entry) = snapshot.inventory.resolve(model)
         {
             let stats = self.local.load().snapshot().into_iter().find(|m| same_model(&m.model, model));
@@ -180,7 +187,11 @@ impl Dispatcher {
         let (Some(mesh), Some(_)) = (&self.mesh, &self.dataplane) else { return (candidates, targets) };
         for peer in mesh.view().peers.iter() {
             let state = &peer.state;
-            if peer.liveness == Liveness::Dead || state.draining || !state.backend_healthy || state.data_addr.is_empty()
+            if peer.liveness == Liveness::Dead
+                || state.draining
+                || !state.backend_healthy
+                || state.data_addr.is_empty()
+                || out_of_service(&state.node_id)
             {
                 continue;
             }
@@ -264,6 +275,14 @@ impl Dispatcher {
             let choice =
                 self.scheduler.lock().unwrap_or_else(PoisonError::into_inner).choose(&candidates, prefix, tokens);
             let Some(choice) = choice else {
+                if self.coordinator.as_ref().is_some_and(|c| c.state().is_out_of_service(&self.local_id))
+                    && self.local.inventory().current().inventory.resolve(&req.model).is_some()
+                {
+                    return Err(ServeError::Saturated(format!(
+                        "every node that serves '{}' is drained by an operator (`llmesh node undrain`)",
+                        req.model
+                    )));
+                }
                 // Nobody has it: let the local node say why (unknown model,
                 // or its backend is down and cannot be asked).
                 let response = self.local.serve(req).await?;

@@ -33,6 +33,8 @@ pub struct NodeStateBuilder {
     pub gpu: GpuProbe,
     /// `IP:PORT` of this node's data plane, empty without one.
     pub data_addr: String,
+    /// Where peers reach this node's control plane (Raft, Admin).
+    pub control_addr: String,
     /// SHA-256 of the data plane's certificate.
     pub data_cert_sha256: Vec<u8>,
     /// Set once the node starts draining.
@@ -107,7 +109,7 @@ impl NodeStateBuilder {
             version: env!("CARGO_PKG_VERSION").to_string(),
             api_addr: self.api_addr.clone(),
             data_addr: self.data_addr.clone(),
-            control_addr: String::new(),
+            control_addr: self.control_addr.clone(),
             backend_kind: self.backend_kind.as_str().to_string(),
             backend_healthy: snapshot.healthy,
             models: snapshot.inventory.models.iter().map(model_info).collect(),

@@ -11,9 +11,10 @@ use tokio_util::sync::CancellationToken;
 
 use std::sync::atomic::{AtomicBool, Ordering};
 
+use llmesh_mesh::coordinator::placement::PlacementConfig;
 use llmesh_mesh::{
-    ClusterSecret, DataPlane, DataPlaneConfig, JoinToken, LivenessConfig, Membership, MembershipConfig, Multiaddr,
-    RequestHandler,
+    ClusterSecret, Coordinator, CoordinatorConfig, DataPlane, DataPlaneConfig, JoinToken, LivenessConfig, Membership,
+    MembershipConfig, Multiaddr, RequestHandler,
 };
 
 use crate::api::{AppState, router};
@@ -63,7 +64,11 @@ pub struct Ready {
 }
 
 /// Loads or creates the identity and secret, then starts membership.
-async fn start_mesh(config: &Config, http_port: u16, shutdown: &CancellationToken) -> Result<Membership, RunError> {
+async fn start_mesh(
+    config: &Config,
+    http_port: u16,
+    shutdown: &CancellationToken,
+) -> Result<(Membership, ClusterSecret), RunError> {
     let mesh = &config.mesh;
     let data_dir = mesh.data_dir();
     let mut bootstrap = mesh.bootstrap_addrs().map_err(|e| RunError::Mesh(e.to_string()))?;
@@ -78,6 +83,7 @@ async fn start_mesh(config: &Config, http_port: u16, shutdown: &CancellationToke
             let (secret, created) =
                 ClusterSecret::load_or_create(&data_dir).map_err(|e| RunError::Mesh(e.to_string()))?;
             if created {
+                crate::cluster::make_seed(&data_dir).map_err(|e| RunError::Mesh(e.to_string()))?;
                 tracing::info!(
                     dir = %data_dir.display(),
                     "created a new cluster; run `llmesh init --data-dir {}` to print its join token",
@@ -96,7 +102,7 @@ async fn start_mesh(config: &Config, http_port: u16, shutdown: &CancellationToke
     tracing::info!(cluster = %secret.fingerprint(), %listen, "joining the mesh");
     let membership_config = MembershipConfig {
         keypair,
-        secret,
+        secret: secret.clone(),
         listen: vec![listen],
         bootstrap,
         mdns: mesh.mdns,
@@ -110,7 +116,38 @@ async fn start_mesh(config: &Config, http_port: u16, shutdown: &CancellationToke
     let (membership, _task) = llmesh_mesh::membership::start(membership_config, shutdown.clone())
         .await
         .map_err(|e| RunError::Mesh(e.to_string()))?;
-    Ok(membership)
+    Ok((membership, secret))
+}
+
+/// Starts the Raft coordinator and its gRPC server.
+async fn start_coordinator(
+    config: &Config,
+    http_port: u16,
+    membership: &Membership,
+    secret: ClusterSecret,
+    shutdown: &CancellationToken,
+) -> Result<Coordinator, RunError> {
+    let mesh = &config.mesh;
+    let data_dir = mesh.data_dir();
+    let mut coordinator = CoordinatorConfig::new(
+        membership.local_id().to_string(),
+        config.node.name.clone(),
+        data_dir.clone(),
+        mesh.control_listen_addr(http_port),
+        secret,
+    );
+    coordinator.seed = crate::cluster::seed(&data_dir).map_err(|e| RunError::Mesh(e.to_string()))?;
+    coordinator.target_voters = mesh.voters;
+    coordinator.replace_after = mesh.replace_voter_after;
+    coordinator.placement = PlacementConfig {
+        enabled: mesh.placement,
+        hot_for: mesh.placement_hot_for,
+        cool_for: mesh.placement_cool_for,
+        ..PlacementConfig::default()
+    };
+    llmesh_mesh::coordinator::start(coordinator, membership.clone(), shutdown.clone())
+        .await
+        .map_err(|e| RunError::Mesh(e.to_string()))
 }
 
 async fn bind(addr: SocketAddr) -> Result<TcpListener, RunError> {
@@ -174,7 +211,13 @@ pub async fn run_agent(
     let local = Arc::new(LocalNode::new(backend, inventory.clone(), load.clone(), config.backend.response_timeout));
     let listener = bind(config.api.listen).await?;
     let addr = listener.local_addr()?;
-    let mesh = if config.mesh.enabled { Some(start_mesh(&config, addr.port(), &stop_mesh).await?) } else { None };
+    let (mesh, coordinator) = if config.mesh.enabled {
+        let (membership, secret) = start_mesh(&config, addr.port(), &stop_mesh).await?;
+        let coordinator = start_coordinator(&config, addr.port(), &membership, secret, &stop_mesh).await?;
+        (Some(membership), Some(coordinator))
+    } else {
+        (None, None)
+    };
     let dataplane = match &mesh {
         Some(_) => {
             let dp_config = DataPlaneConfig {
@@ -208,6 +251,10 @@ pub async fn run_agent(
         gpu: GpuProbe::new(),
         data_addr,
         data_cert_sha256: dataplane.as_ref().map(|d| d.fingerprint().to_vec()).unwrap_or_default(),
+        control_addr: match (&coordinator, &mesh) {
+            (Some(c), Some(m)) => advertised(c.local_addr(), &m.view().listen_addrs).to_string(),
+            _ => String::new(),
+        },
         draining: AtomicBool::new(false),
     });
     if let (Some(membership), Some(dp)) = (&mesh, &dataplane) {
@@ -226,6 +273,7 @@ pub async fn run_agent(
         node.parallel_slots,
         mesh.clone(),
         dataplane.clone(),
+        coordinator.clone(),
         config.mesh.max_attempts,
         limits,
     ));
@@ -236,6 +284,7 @@ pub async fn run_agent(
         dispatcher,
         node: node.clone(),
         mesh: mesh.clone(),
+        coordinator: coordinator.clone(),
         idle_timeout: config.backend.idle_timeout,
         max_response_bytes: config.api.max_response_bytes,
         max_body_bytes: config.api.max_body_bytes,

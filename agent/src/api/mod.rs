@@ -2,6 +2,8 @@
 //! `/api/*`, and health endpoints. Handlers only parse what routing needs,
 //! hand the request to a [`RequestHandler`], and relay what comes back.
 
+pub mod access;
+pub mod cluster;
 pub mod models;
 pub mod nodes;
 pub mod relay;
@@ -12,12 +14,12 @@ use std::time::{Duration, Instant};
 
 use axum::Router;
 use axum::extract::rejection::BytesRejection;
-use axum::extract::{DefaultBodyLimit, State};
+use axum::extract::{DefaultBodyLimit, Extension, State};
 use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use bytes::Bytes;
-use llmesh_mesh::{ApiKind, InferenceRequest, Membership};
+use llmesh_mesh::{ApiKind, Coordinator, InferenceRequest, Membership};
 use tracing::Instrument;
 
 use crate::dispatch::Dispatcher;
@@ -47,6 +49,8 @@ pub struct AppState {
     pub node: Arc<NodeStateBuilder>,
     /// Membership, when this node is part of a mesh.
     pub mesh: Option<Membership>,
+    /// The replicated cluster state (keys, routes), when in a mesh.
+    pub coordinator: Option<Coordinator>,
     /// Longest silence allowed between body chunks from the backend.
     pub idle_timeout: Duration,
     /// Largest non-streaming response relayed.
@@ -60,24 +64,29 @@ type AppStateRef = State<Arc<AppState>>;
 /// Builds the HTTP router.
 pub fn router(state: Arc<AppState>) -> Router {
     let limit = state.max_body_bytes;
+    // The client API: behind API-key checks once the cluster has keys.
+    let client_api = Router::new()
+        .route("/v1/models", get(models::openai_models))
+        .route("/v1/models/{*id}", get(models::openai_model))
+        .route("/v1/chat/completions", post(|s: AppStateRef, c, h, b| infer(s, ApiKind::OpenaiChat, c, h, b)))
+        .route("/v1/completions", post(|s: AppStateRef, c, h, b| infer(s, ApiKind::OpenaiCompletions, c, h, b)))
+        .route("/v1/embeddings", post(|s: AppStateRef, c, h, b| infer(s, ApiKind::OpenaiEmbeddings, c, h, b)))
+        .route("/api/chat", post(|s: AppStateRef, c, h, b| infer(s, ApiKind::OllamaChat, c, h, b)))
+        .route("/api/generate", post(|s: AppStateRef, c, h, b| infer(s, ApiKind::OllamaGenerate, c, h, b)))
+        .route("/api/embed", post(|s: AppStateRef, c, h, b| infer(s, ApiKind::OllamaEmbed, c, h, b)))
+        .route("/api/embeddings", post(|s: AppStateRef, c, h, b| infer(s, ApiKind::OllamaEmbeddings, c, h, b)))
+        .route("/api/show", post(|s: AppStateRef, c, h, b| infer(s, ApiKind::OllamaShow, c, h, b)))
+        .route("/api/tags", get(models::ollama_tags))
+        .route("/api/ps", get(models::ollama_ps))
+        .route_layer(axum::middleware::from_fn_with_state(state.clone(), access::authenticate));
     Router::new()
         .route("/", get(|| async { "llmesh is running\n" }))
         .route("/healthz", get(models::healthz))
         .route("/readyz", get(models::readyz))
-        .route("/v1/models", get(models::openai_models))
-        .route("/v1/models/{*id}", get(models::openai_model))
-        .route("/v1/chat/completions", post(|s: AppStateRef, h: HeaderMap, b| infer(s, ApiKind::OpenaiChat, h, b)))
-        .route("/v1/completions", post(|s: AppStateRef, h: HeaderMap, b| infer(s, ApiKind::OpenaiCompletions, h, b)))
-        .route("/v1/embeddings", post(|s: AppStateRef, h: HeaderMap, b| infer(s, ApiKind::OpenaiEmbeddings, h, b)))
-        .route("/api/chat", post(|s: AppStateRef, h: HeaderMap, b| infer(s, ApiKind::OllamaChat, h, b)))
-        .route("/api/generate", post(|s: AppStateRef, h: HeaderMap, b| infer(s, ApiKind::OllamaGenerate, h, b)))
-        .route("/api/embed", post(|s: AppStateRef, h: HeaderMap, b| infer(s, ApiKind::OllamaEmbed, h, b)))
-        .route("/api/embeddings", post(|s: AppStateRef, h: HeaderMap, b| infer(s, ApiKind::OllamaEmbeddings, h, b)))
-        .route("/api/show", post(|s: AppStateRef, h: HeaderMap, b| infer(s, ApiKind::OllamaShow, h, b)))
-        .route("/api/tags", get(models::ollama_tags))
-        .route("/api/ps", get(models::ollama_ps))
         .route("/api/version", get(models::ollama_version))
         .route("/mesh/v1/nodes", get(nodes::mesh_nodes))
+        .route("/mesh/v1/cluster", get(cluster::mesh_cluster))
+        .merge(client_api)
         .fallback(no_route)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(limit))
@@ -113,15 +122,6 @@ fn request_id(headers: &HeaderMap) -> String {
         .unwrap_or_else(new_request_id)
 }
 
-/// Who a request is from, for fairness in the mesh queue: its bearer key
-/// (hashed; the key itself is never kept), or `anonymous`.
-fn tenant(headers: &HeaderMap) -> String {
-    match headers.get(http::header::AUTHORIZATION).and_then(|v| v.to_str().ok()) {
-        Some(value) => format!("key:{:016x}", crate::sim::text::fnv1a(0, value.as_bytes())),
-        None => "anonymous".to_string(),
-    }
-}
-
 /// A fresh request id: a random per-process prefix and a counter, unique
 /// across the mesh without a system call per request.
 fn new_request_id() -> String {
@@ -148,6 +148,7 @@ fn stamp(response: &mut Response, node: &str, request_id: &str, route: Option<&s
 async fn infer(
     State(state): AppStateRef,
     api: ApiKind,
+    Extension(caller): Extension<access::Caller>,
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Response {
@@ -163,6 +164,12 @@ async fn infer(
             }
         })?;
         let fields = routing::parse(api, &body)?;
+        caller.check_model(&fields.model)?;
+        let cluster = state.coordinator.as_ref().map(|c| c.state());
+        let (model, body) = match cluster.as_ref().and_then(|c| c.route(&fields.model)) {
+            Some(target) => (target.to_string(), access::rewrite_model(&body, target)?),
+            None => (fields.model, body),
+        };
         let deadline = match headers.get(TIMEOUT_HEADER) {
             None => None,
             Some(value) => {
@@ -173,16 +180,10 @@ async fn infer(
                 Some(Instant::now() + Duration::from_millis(ms))
             }
         };
-        let span = tracing::info_span!("request", id = %request_id, api = api.as_str_name(), model = %fields.model);
-        let request = InferenceRequest {
-            request_id: request_id.clone(),
-            api,
-            model: fields.model,
-            stream: fields.stream,
-            body,
-            deadline,
-        };
-        let tenant = tenant(&headers);
+        let span = tracing::info_span!("request", id = %request_id, api = api.as_str_name(), model = %model);
+        let request =
+            InferenceRequest { request_id: request_id.clone(), api, model, stream: fields.stream, body, deadline };
+        let tenant = caller.tenant();
         let dispatched = state.dispatcher.dispatch(request, &tenant).instrument(span).await.map_err(ApiError::from)?;
         let response = relay::relay(dispatched.response, state.idle_timeout, state.max_response_bytes, format).await;
         Ok::<_, ApiError>((response, dispatched.node, dispatched.route))

@@ -288,6 +288,8 @@ impl Driver {
                 }
             }
         }
+        let (index, data) = (self.state.applied_index, self.state.encode());
+        self.raw.mut_store().set_applied(index, data);
         self.state_tx.send_replace(Arc::new(self.state.clone()));
         Ok(())
     }

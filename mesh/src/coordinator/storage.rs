@@ -49,6 +49,9 @@ pub struct DiskStorage {
     conf_state: ConfState,
     snapshot: Snapshot,
     entries: Vec<Entry>,
+    /// The state as last applied, offered to peers that need a snapshot:
+    /// only a snapshot whose configuration includes them can be installed.
+    applied: Option<Snapshot>,
 }
 
 fn decode<M: protobuf::Message>(what: &'static str, bytes: &[u8]) -> Result<M, StoreError> {
@@ -76,6 +79,7 @@ impl DiskStorage {
             conf_state: ConfState::default(),
             snapshot: Snapshot::default(),
             entries: Vec::new(),
+            applied: None,
         };
         let txn = storage.db.begin_read().map_err(db_err)?;
         let meta = txn.open_table(META).map_err(db_err)?;
@@ -229,6 +233,22 @@ impl DiskStorage {
         Ok(())
     }
 
+    /// Records the state machine as of applied index `index` (with the
+    /// current configuration) for peers that need a snapshot.
+    pub fn set_applied(&mut self, index: u64, data: Vec<u8>) {
+        if index <= self.snapshot_index() {
+            return;
+        }
+        let Ok(term) = self.term(index) else { return };
+        let mut snapshot = Snapshot::default();
+        snapshot.data = data.into();
+        let meta = snapshot.mut_metadata();
+        meta.index = index;
+        meta.term = term;
+        meta.set_conf_state(self.conf_state.clone());
+        self.applied = Some(snapshot);
+    }
+
     /// Number of log entries kept after the snapshot.
     pub fn log_len(&self) -> usize {
         self.entries.len()
@@ -286,10 +306,14 @@ impl Storage for DiskStorage {
     }
 
     fn snapshot(&self, request_index: u64, _to: u64) -> raft::Result<Snapshot> {
-        if self.snapshot_index() < request_index {
+        let newest = match &self.applied {
+            Some(applied) if applied.get_metadata().index > self.snapshot_index() => applied,
+            _ => &self.snapshot,
+        };
+        if newest.get_metadata().index < request_index {
             return Err(raft::Error::Store(StorageError::SnapshotTemporarilyUnavailable));
         }
-        Ok(self.snapshot.clone())
+        Ok(newest.clone())
     }
 }
 

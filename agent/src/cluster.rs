@@ -1,0 +1,99 @@
+//! Files that make a data directory the seed of a cluster: the admin
+//! credential and the marker that tells the agent to start the Raft group.
+//!
+//! Only the node that created the cluster secret (by `llmesh init`, or by a
+//! first `llmesh agent` without `--join`) gets them, so exactly one node
+//! ever starts a Raft group; every other node waits to be added by its
+//! leader. The marker is ignored once the Raft store holds anything.
+
+use std::path::{Path, PathBuf};
+
+use llmesh_mesh::coordinator::admin::{ADMIN_TOKEN_FILE, new_admin_token};
+use llmesh_mesh::coordinator::state::secret_hash;
+
+const SEED_MARKER: &str = "raft.seed";
+
+/// Why the cluster files could not be read or written.
+#[derive(Debug, thiserror::Error)]
+pub enum ClusterFileError {
+    /// Reading or writing failed.
+    #[error("{path}: {source}")]
+    Io {
+        /// Which file.
+        path: PathBuf,
+        /// What the OS said.
+        source: std::io::Error,
+    },
+}
+
+fn io(path: &Path) -> impl FnOnce(std::io::Error) -> ClusterFileError + '_ {
+    move |source| ClusterFileError::Io { path: path.to_path_buf(), source }
+}
+
+/// Writes the admin credential (0600) and the seed marker for a cluster
+/// this directory just created.
+pub fn make_seed(dir: &Path) -> Result<(), ClusterFileError> {
+    std::fs::create_dir_all(dir).map_err(io(dir))?;
+    let token_path = dir.join(ADMIN_TOKEN_FILE);
+    if !token_path.exists() {
+        write_private(&token_path, format!("{}\n", new_admin_token()).as_bytes())?;
+    }
+    let marker = dir.join(SEED_MARKER);
+    std::fs::write(&marker, b"this node created the cluster and starts its Raft group\n").map_err(io(&marker))
+}
+
+/// The admin credential stored in `dir`, if any.
+pub fn admin_token(dir: &Path) -> Result<Option<String>, ClusterFileError> {
+    let path = dir.join(ADMIN_TOKEN_FILE);
+    match std::fs::read_to_string(&path) {
+        Ok(text) => Ok(Some(text.trim().to_string()).filter(|t| !t.is_empty())),
+        Err(err) if err.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(err) => Err(io(&path)(err)),
+    }
+}
+
+/// `Some(hash of the admin credential)` when `dir` is a seed.
+pub fn seed(dir: &Path) -> Result<Option<Vec<u8>>, ClusterFileError> {
+    if !dir.join(SEED_MARKER).exists() {
+        return Ok(None);
+    }
+    Ok(admin_token(dir)?.map(|t| secret_hash(&t)))
+}
+
+fn write_private(path: &Path, bytes: &[u8]) -> Result<(), ClusterFileError> {
+    use std::io::Write as _;
+    let mut options = std::fs::OpenOptions::new();
+    options.write(true).create_new(true);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::OpenOptionsExt as _;
+        options.mode(0o600);
+    }
+    let mut file = options.open(path).map_err(io(path))?;
+    file.write_all(bytes).map_err(io(path))?;
+    file.sync_all().map_err(io(path))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_seed_directory_has_a_private_admin_token() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        assert_eq!(seed(dir.path()).expect("reads"), None);
+        make_seed(dir.path()).expect("writes");
+        let token = admin_token(dir.path()).expect("reads").expect("token");
+        assert!(token.starts_with("lma_"));
+        assert_eq!(seed(dir.path()).expect("reads"), Some(secret_hash(&token)));
+        // Making it again keeps the credential.
+        make_seed(dir.path()).expect("writes");
+        assert_eq!(admin_token(dir.path()).expect("reads"), Some(token));
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt as _;
+            let mode = std::fs::metadata(dir.path().join(ADMIN_TOKEN_FILE)).expect("meta").permissions().mode();
+            assert_eq!(mode & 0o777, 0o600);
+        }
+    }
+}
