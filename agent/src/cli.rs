@@ -31,8 +31,149 @@ pub enum Command {
     Demo(DemoArgs),
     /// Create this node's cluster secret (if missing) and print the join token.
     Init(InitArgs),
-    /// Show the mesh as a node sees it: nodes, liveness, models, load.
+    /// Show the mesh as a node sees it: nodes, liveness, models, load, Raft.
     Status(StatusArgs),
+    /// Manage client API keys (needs the admin token).
+    Keys {
+        /// What to do.
+        #[command(subcommand)]
+        command: KeysCommand,
+        /// Which node and credential.
+        #[command(flatten)]
+        admin: AdminArgs,
+    },
+    /// Manage model routes (aliases), e.g. `fast` → `qwen2.5:7b`.
+    Route {
+        /// What to do.
+        #[command(subcommand)]
+        command: RouteCommand,
+        /// Which node and credential.
+        #[command(flatten)]
+        admin: AdminArgs,
+    },
+    /// Drain, undrain or remove a node (by name or id).
+    Node {
+        /// What to do.
+        #[command(subcommand)]
+        command: NodeCommand,
+        /// Which node and credential.
+        #[command(flatten)]
+        admin: AdminArgs,
+    },
+}
+
+/// How admin commands reach the mesh.
+#[derive(Debug, Clone, Args)]
+pub struct AdminArgs {
+    /// Any node's HTTP API.
+    #[arg(long, global = true, default_value = "http://127.0.0.1:11440")]
+    pub node: String,
+    /// That node's control-plane address (HOST:PORT), when not the one it reports.
+    #[arg(long, global = true, value_name = "ADDR")]
+    pub control: Option<String>,
+    /// Admin credential [default: the admin.token file in --data-dir].
+    #[arg(long, global = true, env = "LLMESH_ADMIN_TOKEN", hide_env_values = true)]
+    pub admin_token: Option<String>,
+    /// Data directory holding admin.token [default: ~/.local/share/llmesh].
+    #[arg(long, global = true)]
+    pub data_dir: Option<PathBuf>,
+    /// Print JSON.
+    #[arg(long, global = true)]
+    pub json: bool,
+}
+
+/// Limits of an API key (0 or absent: unlimited).
+#[derive(Debug, Clone, Default, Args)]
+pub struct LimitArgs {
+    /// Requests per minute across the mesh.
+    #[arg(long)]
+    pub rpm: Option<u64>,
+    /// Tokens per minute across the mesh.
+    #[arg(long)]
+    pub tpm: Option<u64>,
+    /// Token budget per --budget-period.
+    #[arg(long)]
+    pub budget: Option<u64>,
+    /// `day` or `month`.
+    #[arg(long)]
+    pub budget_period: Option<String>,
+    /// Models the key may use (comma-separated; default all).
+    #[arg(long, value_delimiter = ',')]
+    pub models: Vec<String>,
+    /// Cloud fallback: never, overflow, failover, allowed.
+    #[arg(long)]
+    pub cloud: Option<String>,
+}
+
+/// `llmesh keys` subcommands.
+#[derive(Debug, Clone, Subcommand)]
+pub enum KeysCommand {
+    /// Create a key; prints its secret once.
+    Create {
+        /// A name for the key (who it is for).
+        #[arg(long)]
+        name: String,
+        /// Its limits.
+        #[command(flatten)]
+        limits: LimitArgs,
+    },
+    /// List keys (never their secrets).
+    List,
+    /// Revoke a key: every node refuses it within a second.
+    Revoke {
+        /// Key id (`key_…`).
+        id: String,
+    },
+    /// Replace a key's limits.
+    SetLimits {
+        /// Key id (`key_…`).
+        id: String,
+        /// The new limits.
+        #[command(flatten)]
+        limits: LimitArgs,
+    },
+}
+
+/// `llmesh route` subcommands.
+#[derive(Debug, Clone, Subcommand)]
+pub enum RouteCommand {
+    /// Send requests for ALIAS to MODEL.
+    Set {
+        /// The name clients use.
+        alias: String,
+        /// The model that serves it.
+        model: String,
+    },
+    /// List routes.
+    List,
+    /// Remove a route.
+    Rm {
+        /// The alias.
+        alias: String,
+    },
+}
+
+/// `llmesh node` subcommands.
+#[derive(Debug, Clone, Subcommand)]
+pub enum NodeCommand {
+    /// Give a node no new work (it still accepts and forwards requests).
+    Drain {
+        /// Node name or id.
+        #[arg(value_name = "NODE")]
+        target: String,
+    },
+    /// Return a drained node to service.
+    Undrain {
+        /// Node name or id.
+        #[arg(value_name = "NODE")]
+        target: String,
+    },
+    /// Take a node out of the Raft group and routing for good.
+    Remove {
+        /// Node name or id.
+        #[arg(value_name = "NODE")]
+        target: String,
+    },
 }
 
 const AGENT_AFTER_HELP: &str = "\

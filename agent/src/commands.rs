@@ -131,15 +131,48 @@ pub fn render_table(nodes: &Value) -> String {
         .join("\n")
 }
 
+/// Renders `/mesh/v1/cluster` as a few lines: leader, term, members.
+pub fn render_cluster(cluster: &Value) -> String {
+    let names = |list: &Value| {
+        let names: Vec<String> = list
+            .as_array()
+            .into_iter()
+            .flatten()
+            .map(|m| m["name"].as_str().map_or_else(|| m["raft_id"].to_string(), str::to_string))
+            .collect();
+        if names.is_empty() { "-".to_string() } else { names.join(", ") }
+    };
+    let leader = cluster["leader"]["name"].as_str().unwrap_or("none known");
+    let drained = names(&cluster["drained"]);
+    format!(
+        "raft: leader {leader}, term {}, commit index {}, this node {}\nvoters: {}\nlearners: {}\ndrained: {drained}\nkeys: {} active of {}; routes: {}",
+        cluster["term"],
+        cluster["commit_index"],
+        cluster["role"].as_str().unwrap_or("?"),
+        names(&cluster["voters"]),
+        names(&cluster["learners"]),
+        cluster["keys"]["active"],
+        cluster["keys"]["total"],
+        cluster["routes"].as_object().map_or(0, |r| r.len()),
+    )
+}
+
 /// `llmesh status`: the mesh as one node sees it.
 pub async fn status(args: &StatusArgs) -> ExitCode {
-    let url = format!("{}/mesh/v1/nodes", args.node.trim_end_matches('/'));
-    match fetch(&url).await {
-        Ok(nodes) => {
+    let base = args.node.trim_end_matches('/');
+    match fetch(&format!("{base}/mesh/v1/nodes")).await {
+        Ok(mut nodes) => {
+            // Older or mesh-less nodes have no cluster view; show the nodes anyway.
+            let cluster = fetch(&format!("{base}/mesh/v1/cluster")).await.unwrap_or(Value::Null);
             if args.json {
+                nodes["cluster"] = cluster;
                 println!("{}", serde_json::to_string_pretty(&nodes).unwrap_or_default());
             } else {
                 println!("{}", render_table(&nodes));
+                if cluster["enabled"] == true {
+                    println!();
+                    println!("{}", render_cluster(&cluster));
+                }
             }
             ExitCode::SUCCESS
         }

@@ -4,6 +4,7 @@
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
+pub mod admin_cli;
 pub mod api;
 pub mod backend;
 pub mod cli;

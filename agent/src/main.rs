@@ -69,6 +69,9 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         }
         Command::Init(args) => return Ok(commands::init(&args)),
         Command::Status(args) => return Ok(commands::status(&args).await),
+        Command::Keys { command, admin } => return Ok(llmesh::admin_cli::run_keys(&command, &admin).await),
+        Command::Route { command, admin } => return Ok(llmesh::admin_cli::run_route(&command, &admin).await),
+        Command::Node { command, admin } => return Ok(llmesh::admin_cli::run_node(&command, &admin).await),
         Command::Demo(args) => {
             telemetry::init(&LogConfig { filter: "warn".into(), ..LogConfig::default() });
             tokio::spawn(cancel_on_signal(shutdown.clone()));

@@ -1,0 +1,269 @@
+//! `llmesh keys|route|node …`: operator commands over the Admin gRPC
+//! service of any node. The node is named by its HTTP API URL (as for
+//! `llmesh status`); its control port is looked up from `/mesh/v1/cluster`.
+
+use std::process::ExitCode;
+
+use llmesh_proto::admin_client::AdminClient;
+use llmesh_proto::{
+    ApiKey, CloudPolicy, CreateKeyRequest, KeyLimits, KeyLimitsUpdate, KeyRef, ListKeysRequest, ListRoutesRequest,
+    NodeRef, Route, RouteRef,
+};
+use serde_json::{Value, json};
+use tonic::transport::Channel;
+
+use crate::cli::{AdminArgs, KeysCommand, LimitArgs, NodeCommand, RouteCommand};
+use crate::config::MeshConfig;
+
+/// Why an admin command failed.
+#[derive(Debug, thiserror::Error)]
+pub enum AdminCliError {
+    /// The node's API or control port could not be reached.
+    #[error("{0}")]
+    Connect(String),
+    /// No admin credential was given or found.
+    #[error(
+        "no admin token: pass --admin-token, set LLMESH_ADMIN_TOKEN, or run on the node that ran `llmesh init` (it keeps the token in {0})"
+    )]
+    NoToken(String),
+    /// The node refused or failed the call.
+    #[error("{}", .0.message())]
+    Call(#[from] tonic::Status),
+    /// Bad arguments.
+    #[error("{0}")]
+    Usage(String),
+}
+
+struct Admin {
+    client: AdminClient<Channel>,
+    token: String,
+}
+
+impl Admin {
+    async fn connect(args: &AdminArgs) -> Result<Admin, AdminCliError> {
+        let token = match &args.admin_token {
+            Some(token) => token.trim().to_string(),
+            None => {
+                let dir = MeshConfig { data_dir: args.data_dir.clone(), ..MeshConfig::default() }.data_dir();
+                crate::cluster::admin_token(&dir)
+                    .map_err(|e| AdminCliError::Connect(e.to_string()))?
+                    .ok_or_else(|| AdminCliError::NoToken(dir.join("admin.token").display().to_string()))?
+            }
+        };
+        let control = match &args.control {
+            Some(addr) => format!("http://{addr}"),
+            None => {
+                let base = args.node.trim_end_matches('/');
+                let cluster =
+                    crate::commands::fetch(&format!("{base}/mesh/v1/cluster")).await.map_err(AdminCliError::Connect)?;
+                let port = cluster["control_port"].as_u64().ok_or_else(|| {
+                    AdminCliError::Connect(format!("{base} is not part of a mesh (it runs with --no-mesh?)"))
+                })?;
+                let uri: http::Uri =
+                    base.parse().map_err(|e| AdminCliError::Usage(format!("bad --node URL {base}: {e}")))?;
+                let host = uri.host().unwrap_or("127.0.0.1");
+                format!("http://{host}:{port}")
+            }
+        };
+        let channel = tonic::transport::Endpoint::from_shared(control.clone())
+            .map_err(|e| AdminCliError::Usage(format!("bad control address {control}: {e}")))?
+            .connect_timeout(std::time::Duration::from_secs(5))
+            .timeout(std::time::Duration::from_secs(15))
+            .connect()
+            .await
+            .map_err(|e| AdminCliError::Connect(format!("cannot reach the control plane at {control}: {e}")))?;
+        Ok(Admin { client: AdminClient::new(channel), token })
+    }
+
+    fn request<T>(&self, message: T) -> tonic::Request<T> {
+        let mut request = tonic::Request::new(message);
+        if let Ok(value) = format!("Bearer {}", self.token).parse() {
+            request.metadata_mut().insert("authorization", value);
+        }
+        request
+    }
+}
+
+fn cloud_policy(text: Option<&str>) -> Result<i32, AdminCliError> {
+    let policy = match text {
+        None => CloudPolicy::Unspecified,
+        Some("never") => CloudPolicy::Never,
+        Some("overflow") => CloudPolicy::Overflow,
+        Some("failover") => CloudPolicy::Failover,
+        Some("allowed") => CloudPolicy::Allowed,
+        Some(other) => {
+            return Err(AdminCliError::Usage(format!(
+                "--cloud must be never, overflow, failover or allowed (got {other})"
+            )));
+        }
+    };
+    Ok(policy as i32)
+}
+
+fn limits(args: &LimitArgs) -> Result<KeyLimits, AdminCliError> {
+    Ok(KeyLimits {
+        requests_per_minute: args.rpm.unwrap_or(0),
+        tokens_per_minute: args.tpm.unwrap_or(0),
+        token_budget: args.budget.unwrap_or(0),
+        budget_period: args.budget_period.clone().unwrap_or_default(),
+        allowed_models: args.models.clone(),
+        cloud: cloud_policy(args.cloud.as_deref())?,
+    })
+}
+
+fn key_json(key: &ApiKey) -> Value {
+    let limits = key.limits.clone().unwrap_or_default();
+    let cloud = CloudPolicy::try_from(limits.cloud).map(|c| c.as_str_name()).unwrap_or("CLOUD_POLICY_UNSPECIFIED");
+    json!({
+        "id": key.id, "name": key.name, "revoked": key.revoked, "created_at_ms": key.created_at_ms,
+        "limits": {
+            "requests_per_minute": limits.requests_per_minute, "tokens_per_minute": limits.tokens_per_minute,
+            "token_budget": limits.token_budget, "budget_period": limits.budget_period,
+            "allowed_models": limits.allowed_models,
+            "cloud": cloud.trim_start_matches("CLOUD_POLICY_").to_lowercase(),
+        },
+    })
+}
+
+fn or_dash(n: u64) -> String {
+    if n == 0 { "-".into() } else { n.to_string() }
+}
+
+fn print(json_out: bool, value: &Value, text: impl FnOnce() -> String) {
+    if json_out {
+        println!("{}", serde_json::to_string_pretty(value).unwrap_or_default());
+    } else {
+        println!("{}", text());
+    }
+}
+
+async fn keys(command: &KeysCommand, args: &AdminArgs) -> Result<(), AdminCliError> {
+    let mut admin = Admin::connect(args).await?;
+    match command {
+        KeysCommand::Create { name, limits: l } => {
+            let request = admin.request(CreateKeyRequest { name: name.clone(), limits: Some(limits(l)?) });
+            let reply = admin.client.create_key(request).await?.into_inner();
+            let key = reply.key.unwrap_or_default();
+            let mut value = key_json(&key);
+            value["secret"] = json!(reply.secret);
+            print(args.json, &value, || {
+                format!(
+                    "created key {} ({})\nsecret: {}\n(shown once: clients send it as `Authorization: Bearer <secret>`)",
+                    key.id, key.name, reply.secret
+                )
+            });
+        }
+        KeysCommand::List => {
+            let reply = admin.client.list_keys(admin.request(ListKeysRequest {})).await?.into_inner();
+            let value = json!({ "keys": reply.keys.iter().map(key_json).collect::<Vec<_>>() });
+            print(args.json, &value, || {
+                let mut lines = vec![format!(
+                    "{:<14} {:<16} {:<8} {:>8} {:>10} {:>12}  MODELS",
+                    "ID", "NAME", "STATE", "REQ/MIN", "TOK/MIN", "BUDGET"
+                )];
+                for key in &reply.keys {
+                    let l = key.limits.clone().unwrap_or_default();
+                    let budget = if l.token_budget == 0 {
+                        "-".to_string()
+                    } else {
+                        format!("{}/{}", l.token_budget, l.budget_period)
+                    };
+                    lines.push(format!(
+                        "{:<14} {:<16} {:<8} {:>8} {:>10} {:>12}  {}",
+                        key.id,
+                        key.name,
+                        if key.revoked { "revoked" } else { "active" },
+                        or_dash(l.requests_per_minute),
+                        or_dash(l.tokens_per_minute),
+                        budget,
+                        if l.allowed_models.is_empty() { "all".into() } else { l.allowed_models.join(",") }
+                    ));
+                }
+                lines.join("\n")
+            });
+        }
+        KeysCommand::Revoke { id } => {
+            let reply = admin.client.revoke_key(admin.request(KeyRef { id: id.clone() })).await?.into_inner();
+            print(args.json, &json!({ "index": reply.index, "message": reply.message }), || reply.message.clone());
+        }
+        KeysCommand::SetLimits { id, limits: l } => {
+            let request = admin.request(KeyLimitsUpdate { id: id.clone(), limits: Some(limits(l)?) });
+            let reply = admin.client.set_key_limits(request).await?.into_inner();
+            print(args.json, &json!({ "index": reply.index, "message": reply.message }), || reply.message.clone());
+        }
+    }
+    Ok(())
+}
+
+async fn route(command: &RouteCommand, args: &AdminArgs) -> Result<(), AdminCliError> {
+    let mut admin = Admin::connect(args).await?;
+    match command {
+        RouteCommand::Set { alias, model } => {
+            let request = admin.request(Route { alias: alias.clone(), model: model.clone() });
+            let reply = admin.client.set_route(request).await?.into_inner();
+            print(args.json, &json!({ "index": reply.index, "message": reply.message }), || reply.message.clone());
+        }
+        RouteCommand::List => {
+            let reply = admin.client.list_routes(admin.request(ListRoutesRequest {})).await?.into_inner();
+            let value: serde_json::Map<String, Value> =
+                reply.routes.iter().map(|r| (r.alias.clone(), json!(r.model))).collect();
+            print(args.json, &json!({ "routes": value }), || {
+                if reply.routes.is_empty() {
+                    return "no routes".into();
+                }
+                reply.routes.iter().map(|r| format!("{} → {}", r.alias, r.model)).collect::<Vec<_>>().join("\n")
+            });
+        }
+        RouteCommand::Rm { alias } => {
+            let reply = admin.client.remove_route(admin.request(RouteRef { alias: alias.clone() })).await?.into_inner();
+            print(args.json, &json!({ "index": reply.index, "message": reply.message }), || reply.message.clone());
+        }
+    }
+    Ok(())
+}
+
+async fn node(command: &NodeCommand, args: &AdminArgs) -> Result<(), AdminCliError> {
+    let mut admin = Admin::connect(args).await?;
+    let reply = match command {
+        NodeCommand::Drain { target } => {
+            admin.client.drain_node(admin.request(NodeRef { node: target.clone() })).await?
+        }
+        NodeCommand::Undrain { target } => {
+            admin.client.undrain_node(admin.request(NodeRef { node: target.clone() })).await?
+        }
+        NodeCommand::Remove { target } => {
+            admin.client.remove_node(admin.request(NodeRef { node: target.clone() })).await?
+        }
+    }
+    .into_inner();
+    print(args.json, &json!({ "index": reply.index, "message": reply.message }), || reply.message.clone());
+    Ok(())
+}
+
+fn finish(what: &str, result: Result<(), AdminCliError>) -> ExitCode {
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            eprintln!("llmesh {what}: {err}");
+            match err {
+                AdminCliError::Usage(_) => ExitCode::from(2),
+                _ => ExitCode::FAILURE,
+            }
+        }
+    }
+}
+
+/// `llmesh keys …`.
+pub async fn run_keys(command: &KeysCommand, args: &AdminArgs) -> ExitCode {
+    finish("keys", keys(command, args).await)
+}
+
+/// `llmesh route …`.
+pub async fn run_route(command: &RouteCommand, args: &AdminArgs) -> ExitCode {
+    finish("route", route(command, args).await)
+}
+
+/// `llmesh node …`.
+pub async fn run_node(command: &NodeCommand, args: &AdminArgs) -> ExitCode {
+    finish("node", node(command, args).await)
+}
