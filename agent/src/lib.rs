@@ -19,6 +19,7 @@ pub mod inventory;
 pub mod load;
 pub mod local;
 pub mod node_state;
+pub mod placement;
 pub mod serve;
 pub mod sim;
 pub mod telemetry;

@@ -41,6 +41,41 @@ impl LocalNode {
         &self.load
     }
 
+    /// Loads `model` into the backend's memory without generating
+    /// anything (Ollama's empty `/api/generate` with a long keep-alive; the
+    /// sim honours the same call). OpenAI-compatible backends have no such
+    /// call: they report [`ServeError::Unsupported`].
+    pub async fn preload(&self, model: &str, keep_alive: Duration) -> Result<(), ServeError> {
+        if self.backend.kind() == crate::config::BackendKind::Openai {
+            return Err(ServeError::Unsupported("OpenAI-compatible backends cannot preload a model".into()));
+        }
+        let body = serde_json::json!({ "model": model, "keep_alive": format!("{}s", keep_alive.as_secs()) });
+        let request = InferenceRequest {
+            request_id: format!("preload-{model}"),
+            api: llmesh_mesh::ApiKind::OllamaGenerate,
+            model: model.to_string(),
+            stream: false,
+            body: body.to_string().into(),
+            deadline: None,
+        };
+        // Loading a large model takes minutes; the response only comes after.
+        let work = async {
+            let response = self.backend.serve(&request).await?;
+            let status = response.status;
+            let mut body = response.body;
+            while let Some(chunk) = body.next().await {
+                chunk.map_err(ServeError::BackendUnavailable)?;
+            }
+            if status >= 400 {
+                return Err(ServeError::BackendUnavailable(format!("preload answered {status}")));
+            }
+            Ok(())
+        };
+        tokio::time::timeout(Duration::from_secs(600), work)
+            .await
+            .map_err(|_| ServeError::Timeout(format!("preloading {model} took over 10 minutes")))?
+    }
+
     /// Checks that the model exists, refreshing the inventory once before
     /// calling it unknown (it may have been pulled a moment ago).
     async fn check_model(&self, model: &str) -> Result<(), ServeError> {

@@ -278,6 +278,14 @@ pub async fn run_agent(
         limits,
     ));
     dispatcher.spawn_waker(stop_mesh.clone());
+    if let (Some(coordinator), Some(membership)) = (&coordinator, &mesh) {
+        tokio::spawn(crate::placement::follow(
+            coordinator.clone(),
+            local.clone(),
+            membership.local_id().to_string(),
+            stop_mesh.clone(),
+        ));
+    }
     let state = Arc::new(AppState {
         node_name: config.node.name.clone(),
         local,
