@@ -31,6 +31,10 @@ pub fn init(args: &InitArgs) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
+    if created && let Err(err) = crate::cluster::make_seed(&dir) {
+        eprintln!("llmesh init: {err}");
+        return ExitCode::FAILURE;
+    }
     let node_id = match llmesh_mesh::identity::load_or_create(&dir) {
         Ok((key, _)) => key.public().to_peer_id(),
         Err(err) => {
@@ -47,6 +51,14 @@ pub fn init(args: &InitArgs) -> ExitCode {
     println!("{token}");
     println!();
     println!("on every other box:  llmesh agent --join {token}");
+    match crate::cluster::admin_token(&dir) {
+        Ok(Some(_)) => println!(
+            "admin credential (for `llmesh keys|route|node`): {}; start this node's agent on {} first: it starts the cluster's Raft group",
+            dir.join("admin.token").display(),
+            dir.display()
+        ),
+        _ => println!("(this node joined the cluster; the admin credential lives on the node that created it)"),
+    }
     if args.bootstrap.is_empty() {
         println!(
             "(add --bootstrap THIS_HOST:11441 there when mDNS cannot reach this box, or run init with --bootstrap)"

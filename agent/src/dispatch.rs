@@ -128,7 +128,6 @@ impl Dispatcher {
         local_slots: u32,
         mesh: Option<Membership>,
         dataplane: Option<Arc<DataPlane>>,
-        coordinator: Option<Coordinator>,
         max_attempts: usize,
         limits: QueueLimits,
     ) -> Dispatcher {
@@ -141,7 +140,7 @@ impl Dispatcher {
             node_name,
             mesh,
             dataplane,
-            coordinator,
+            coordinator: None,
             max_attempts: max_attempts.max(1),
             limits,
             scheduler: Mutex::new(Scheduler::new(SchedulerConfig::default(), seed)),
@@ -149,6 +148,12 @@ impl Dispatcher {
             outstanding: Arc::new(Mutex::new(HashMap::new())),
             freed: Arc::new(tokio::sync::Notify::new()),
         }
+    }
+
+    /// Skips nodes the replicated state drains or removes.
+    pub fn with_coordinator(mut self, coordinator: Option<Coordinator>) -> Dispatcher {
+        self.coordinator = coordinator;
+        self
     }
 
     /// Requests waiting in this node's queue.

@@ -267,16 +267,18 @@ pub async fn run_agent(
         timeout: config.mesh.queue_timeout,
         max_expected_wait: config.mesh.max_expected_wait,
     };
-    let dispatcher = Arc::new(Dispatcher::new(
-        local.clone(),
-        config.node.name.clone(),
-        node.parallel_slots,
-        mesh.clone(),
-        dataplane.clone(),
-        coordinator.clone(),
-        config.mesh.max_attempts,
-        limits,
-    ));
+    let dispatcher = Arc::new(
+        Dispatcher::new(
+            local.clone(),
+            config.node.name.clone(),
+            node.parallel_slots,
+            mesh.clone(),
+            dataplane.clone(),
+            config.mesh.max_attempts,
+            limits,
+        )
+        .with_coordinator(coordinator.clone()),
+    );
     dispatcher.spawn_waker(stop_mesh.clone());
     if let (Some(coordinator), Some(membership)) = (&coordinator, &mesh) {
         tokio::spawn(crate::placement::follow(

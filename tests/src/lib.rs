@@ -189,6 +189,12 @@ pub async fn agent(backend_url: &str, args: &[&str]) -> Proc {
 
 /// Like [`agent`] with a given data directory (to restart a node as itself).
 pub async fn agent_in(dir: &std::path::Path, backend_url: &str, args: &[&str]) -> Proc {
+    agent_in_env(dir, backend_url, args, &[]).await
+}
+
+/// Like [`agent_in`] with extra environment variables (`LLMESH_*` settings
+/// that have no flag).
+pub async fn agent_in_env(dir: &std::path::Path, backend_url: &str, args: &[&str], env: &[(&str, &str)]) -> Proc {
     let dir_text = dir.to_str().expect("utf-8 temp path").to_string();
     let mut all = vec![
         "agent",
@@ -203,12 +209,14 @@ pub async fn agent_in(dir: &std::path::Path, backend_url: &str, args: &[&str]) -
         "/ip4/127.0.0.1/tcp/0",
         "--data-listen",
         "127.0.0.1:0",
+        "--control-listen",
+        "127.0.0.1:0",
     ];
     if !args.contains(&"--name") {
         all.extend_from_slice(&["--name", "test-node"]);
     }
     all.extend_from_slice(args);
-    let mut proc = Proc::start(&all).await;
+    let mut proc = Proc::start_with_env(&all, env).await;
     proc.data_dir = Some(dir.to_path_buf());
     proc
 }

@@ -78,6 +78,17 @@ impl Lan {
         format!("10.77.0.{}", i + 1)
     }
 
+    /// Cuts host `i` off the LAN (its port leaves the bridge); its own
+    /// interface stays up, so it keeps its address and just hears nothing.
+    pub fn partition(&self, i: usize) -> Result<(), String> {
+        ip(&["-n", &self.switch, "link", "set", &format!("{}b{i}", self.prefix), "nomaster"])
+    }
+
+    /// Puts host `i` back on the LAN.
+    pub fn heal(&self, i: usize) -> Result<(), String> {
+        ip(&["-n", &self.switch, "link", "set", &format!("{}b{i}", self.prefix), "master", "br0"])
+    }
+
     /// Runs a command inside host `i`'s namespace and returns its stdout.
     pub fn exec(&self, i: usize, program: &std::path::Path, args: &[&str]) -> Result<String, String> {
         let out = Command::new("ip")

@@ -28,6 +28,44 @@ use crate::peers::Liveness;
 /// match the applied entry to its waiting caller.
 type Pending = HashMap<u64, oneshot::Sender<Result<Applied, ProposeError>>>;
 
+/// A forwarded proposal this close to its caller's deadline is refused by
+/// the leader: the caller is about to hear "not committed".
+const DEADLINE_MARGIN_MS: u64 = 500;
+
+fn unix_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+        .unwrap_or(0)
+}
+
+/// Entry context: the proposal id, then the wall-clock time (Unix ms)
+/// after which the proposer no longer waits for it.
+fn proposal_context(id: u64, deadline_ms: u64) -> Vec<u8> {
+    let mut context = id.to_be_bytes().to_vec();
+    context.extend_from_slice(&deadline_ms.to_be_bytes());
+    context
+}
+
+fn context_id(context: &[u8]) -> Option<u64> {
+    context.get(..8).and_then(|b| <[u8; 8]>::try_from(b).ok()).map(u64::from_be_bytes)
+}
+
+fn context_deadline(context: &[u8]) -> Option<u64> {
+    context.get(8..16).and_then(|b| <[u8; 8]>::try_from(b).ok()).map(u64::from_be_bytes)
+}
+
+/// Whether a proposal forwarded by a follower is too late to append: a
+/// message delayed by a partition (TCP retransmits it after healing) must
+/// not commit a write whose caller was already told it failed.
+fn expired(message: &Message, now_ms: u64) -> bool {
+    message.get_msg_type() == raft::eraftpb::MessageType::MsgPropose
+        && message
+            .entries
+            .iter()
+            .any(|e| context_deadline(&e.context).is_some_and(|d| d < now_ms.saturating_add(DEADLINE_MARGIN_MS)))
+}
+
 pub(super) struct Driver {
     raw: RawNode<DiskStorage>,
     state: ClusterState,
@@ -158,13 +196,18 @@ impl Driver {
     fn handle(&mut self, input: Input) {
         match input {
             Input::Raft(message) => {
+                if expired(&message, unix_ms()) {
+                    tracing::info!(from = message.from, "dropped a forwarded proposal past its caller's deadline");
+                    return;
+                }
                 if let Err(err) = self.raw.step(*message) {
                     tracing::debug!(error = %err, "raft message ignored");
                 }
             }
             Input::Propose { command, reply } => {
                 let id = rand::random::<u64>();
-                match self.raw.propose(id.to_be_bytes().to_vec(), command.encode_to_vec()) {
+                let deadline = unix_ms().saturating_add(self.config.write_timeout.as_millis() as u64);
+                match self.raw.propose(proposal_context(id, deadline), command.encode_to_vec()) {
                     Ok(()) => {
                         self.pending.insert(id, reply);
                     }
@@ -282,10 +325,10 @@ impl Driver {
                 }
             };
             self.state.applied_index = entry.index;
-            if let (Some(outcome), Ok(id)) = (outcome, <[u8; 8]>::try_from(&entry.context[..])) {
-                if let Some(reply) = self.pending.remove(&u64::from_be_bytes(id)) {
-                    let _ = reply.send(outcome.map(|message| Applied { index: entry.index, message }));
-                }
+            if let (Some(outcome), Some(id)) = (outcome, context_id(&entry.context))
+                && let Some(reply) = self.pending.remove(&id)
+            {
+                let _ = reply.send(outcome.map(|message| Applied { index: entry.index, message }));
             }
         }
         let (index, data) = (self.state.applied_index, self.state.encode());
@@ -345,8 +388,8 @@ impl Driver {
             .chain(local.as_ref())
             .collect();
         if let Some(command) = self.planner.plan(&self.state, &nodes, Instant::now()) {
-            let id = rand::random::<u64>();
-            if let Err(err) = self.raw.propose(id.to_be_bytes().to_vec(), command.encode_to_vec()) {
+            let context = proposal_context(rand::random(), u64::MAX);
+            if let Err(err) = self.raw.propose(context, command.encode_to_vec()) {
                 tracing::debug!(error = %err, "placement proposal dropped");
             }
         }
@@ -429,15 +472,35 @@ fn bootstrap(
         &[],
         Some(Member { raft_id: id, node_id: config.node_id.clone(), name: config.name.clone() }),
     );
-    let mut snapshot = Snapshot::default();
-    snapshot.data = state.encode().into();
+    let mut snapshot = Snapshot { data: state.encode().into(), ..Snapshot::default() };
     let meta = snapshot.mut_metadata();
     meta.index = 1;
     meta.term = 1;
     meta.mut_conf_state().voters = vec![id];
-    let mut hard = HardState::default();
-    hard.term = 1;
-    hard.commit = 1;
+    let hard = HardState { term: 1, commit: 1, ..HardState::default() };
     store.persist(Some(&snapshot), &[], Some(&hard))?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn proposal(deadline_ms: u64) -> Message {
+        let mut message = Message::default();
+        message.set_msg_type(raft::eraftpb::MessageType::MsgPropose);
+        message.entries.push(Entry { context: proposal_context(7, deadline_ms).into(), ..Entry::default() });
+        message
+    }
+
+    #[test]
+    fn late_forwarded_proposals_are_refused() {
+        assert_eq!(context_id(&proposal_context(7, 9)), Some(7));
+        assert!(!expired(&proposal(10_000), 1_000));
+        assert!(expired(&proposal(1_200), 1_000), "inside the margin");
+        assert!(expired(&proposal(500), 1_000));
+        let mut heartbeat = proposal(0);
+        heartbeat.set_msg_type(raft::eraftpb::MessageType::MsgHeartbeat);
+        assert!(!expired(&heartbeat, 1_000));
+    }
 }

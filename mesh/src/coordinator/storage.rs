@@ -144,13 +144,13 @@ impl DiskStorage {
         }
         let base = snapshot.map_or(self.snapshot_index(), |s| s.get_metadata().index);
         let last = if snapshot.is_some() { base } else { self.entries.last().map_or(base, |e| e.index) };
-        if let Some(first) = entries.first() {
-            if first.index <= base || first.index > last + 1 {
-                return Err(StoreError::Gap(format!(
-                    "entries from {} do not follow the log (snapshot {base}, last {last})",
-                    first.index
-                )));
-            }
+        if let Some(first) = entries.first()
+            && (first.index <= base || first.index > last + 1)
+        {
+            return Err(StoreError::Gap(format!(
+                "entries from {} do not follow the log (snapshot {base}, last {last})",
+                first.index
+            )));
         }
         let txn = self.db.begin_write().map_err(db_err)?;
         {
@@ -213,8 +213,7 @@ impl DiskStorage {
             return Ok(());
         }
         let term = self.term(index).map_err(|e| StoreError::Gap(format!("cannot snapshot at {index}: {e}")))?;
-        let mut snapshot = Snapshot::default();
-        snapshot.data = data.into();
+        let mut snapshot = Snapshot { data: data.into(), ..Snapshot::default() };
         let meta = snapshot.mut_metadata();
         meta.index = index;
         meta.term = term;
@@ -240,8 +239,7 @@ impl DiskStorage {
             return;
         }
         let Ok(term) = self.term(index) else { return };
-        let mut snapshot = Snapshot::default();
-        snapshot.data = data.into();
+        let mut snapshot = Snapshot { data: data.into(), ..Snapshot::default() };
         let meta = snapshot.mut_metadata();
         meta.index = index;
         meta.term = term;
@@ -322,19 +320,11 @@ mod tests {
     use super::*;
 
     fn entry(index: u64, term: u64) -> Entry {
-        let mut e = Entry::default();
-        e.index = index;
-        e.term = term;
-        e.data = format!("cmd-{index}-{term}").into_bytes().into();
-        e
+        Entry { index, term, data: format!("cmd-{index}-{term}").into_bytes().into(), ..Entry::default() }
     }
 
     fn hard(term: u64, vote: u64, commit: u64) -> HardState {
-        let mut h = HardState::default();
-        h.term = term;
-        h.vote = vote;
-        h.commit = commit;
-        h
+        HardState { term, vote, commit, ..HardState::default() }
     }
 
     #[test]

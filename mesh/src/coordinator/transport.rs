@@ -53,10 +53,8 @@ impl Transport {
     pub fn send(&mut self, message: Message, addr: SocketAddr) -> bool {
         let to = message.to;
         let stale = self.links.get(&to).is_some_and(|l| l.addr != addr || l.queue.is_closed());
-        if stale {
-            if let Some(old) = self.links.remove(&to) {
-                old.stop.cancel();
-            }
+        if stale && let Some(old) = self.links.remove(&to) {
+            old.stop.cancel();
         }
         let link = self.links.entry(to).or_insert_with(|| {
             spawn_link(to, addr, self.local_id, self.tag.clone(), self.inbox.clone(), self.shutdown.child_token())

@@ -80,10 +80,10 @@ impl Plan<'_> {
             return Some(VoterChange::AddLearner(seen.raft_id));
         }
         let live_voters = self.voters.iter().filter(|id| self.alive(**id)).count();
-        if live_voters < self.target {
-            if let Some(id) = self.learners.iter().find(|id| self.alive(**id)) {
-                return Some(VoterChange::Promote(*id));
-            }
+        if live_voters < self.target
+            && let Some(id) = self.learners.iter().find(|id| self.alive(**id))
+        {
+            return Some(VoterChange::Promote(*id));
         }
         // Promote a replacement before removing a dead voter, so the quorum
         // never shrinks below what the live voters can reach.

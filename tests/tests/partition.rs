@@ -1,0 +1,103 @@
+//! Raft under a network partition, on hosts in network namespaces: a node
+//! cut off from the other two can neither commit nor elect itself, the
+//! majority keeps committing, and the cut-off node catches up after the
+//! partition heals.
+
+use std::process::Command;
+use std::time::Duration;
+
+use llmesh_tests::netns::Lan;
+use llmesh_tests::{Proc, binary, data_dir, eventually};
+use serde_json::Value;
+
+fn token_for(dir: &std::path::Path) -> String {
+    let out = Command::new(binary()).args(["init", "--data-dir"]).arg(dir).output().expect("init runs");
+    String::from_utf8_lossy(&out.stdout).lines().find(|l| l.starts_with("lmj1.")).expect("token").to_string()
+}
+
+async fn start(lan: &Lan, i: usize, dir: &std::path::Path, token: &str) -> Proc {
+    let listen = format!("{}:11440", lan.addr(i));
+    let boot = format!("{}:11441", lan.addr(0));
+    let dir_text = dir.to_str().expect("utf-8").to_string();
+    let name = format!("part-{i}");
+    let mut args = vec![
+        "agent",
+        "--backend-kind",
+        "sim",
+        "--listen",
+        &listen,
+        "--data-dir",
+        &dir_text,
+        "--name",
+        &name,
+        "--join",
+        token,
+        "--no-mdns",
+        "--dead-after",
+        "3s",
+    ];
+    if i > 0 {
+        args.extend_from_slice(&["--bootstrap", &boot]);
+    }
+    Proc::start_in_netns(lan.host(i), &args).await
+}
+
+/// `llmesh ARGS --node <host i> --json` run inside host `i`.
+fn cli(lan: &Lan, i: usize, seed: &std::path::Path, args: &[&str]) -> Result<Value, String> {
+    let node = format!("http://{}:11440", lan.addr(i));
+    let mut all = args.to_vec();
+    all.extend_from_slice(&["--node", &node, "--json"]);
+    if args[0] != "status" {
+        all.extend_from_slice(&["--data-dir", seed.to_str().expect("utf-8")]);
+    }
+    let out = lan.exec(i, &binary(), &all)?;
+    serde_json::from_str(&out).map_err(|e| format!("{e}: {out}"))
+}
+
+fn cluster(lan: &Lan, i: usize, seed: &std::path::Path) -> Value {
+    cli(lan, i, seed, &["status"]).map(|s| s["cluster"].clone()).unwrap_or(Value::Null)
+}
+
+#[tokio::test]
+async fn a_minority_cannot_commit_and_catches_up_after_healing() {
+    let lan = Lan::new(3);
+    let seed = data_dir();
+    let token = token_for(&seed);
+    let _a = start(&lan, 0, &seed, &token).await;
+    let _b = start(&lan, 1, &data_dir(), &token).await;
+    let _c = start(&lan, 2, &data_dir(), &token).await;
+    eventually("three voters agree on a leader", || async {
+        (0..3).all(|i| {
+            let view = cluster(&lan, i, &seed);
+            view["voters"].as_array().is_some_and(|v| v.len() == 3) && view["leader"]["name"].is_string()
+        })
+    })
+    .await;
+    // Cut off a node that is not the leader, so the majority keeps its leader.
+    let leader = cluster(&lan, 0, &seed)["leader"]["name"].as_str().map(str::to_string).expect("leader");
+    let cut = (0..3).find(|i| format!("part-{i}") != leader).expect("a follower");
+    lan.partition(cut).expect("partition");
+
+    let refused = cli(&lan, cut, &seed, &["route", "set", "minority", "qwen2.5:7b"]);
+    assert!(refused.is_err(), "a write through the cut-off node must not commit: {refused:?}");
+    let err = refused.unwrap_err();
+    assert!(err.contains("commit") || err.contains("leader"), "{err}");
+
+    let majority = (0..3).find(|i| *i != cut).expect("majority node");
+    cli(&lan, majority, &seed, &["route", "set", "majority", "llama3.2:3b"]).expect("the majority commits");
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    let isolated = cluster(&lan, cut, &seed);
+    assert!(isolated["routes"].get("majority").is_none(), "the cut-off node cannot see new commits yet");
+    assert_ne!(isolated["role"], "leader", "the cut-off node never leads alone");
+
+    lan.heal(cut).expect("heal");
+    eventually("the healed node catches up", || async {
+        let view = cluster(&lan, cut, &seed);
+        view["routes"]["majority"] == "llama3.2:3b" && view["leader"]["name"].is_string()
+    })
+    .await;
+    for i in 0..3 {
+        let routes = cluster(&lan, i, &seed)["routes"].clone();
+        assert!(routes.get("minority").is_none(), "the refused write never appears on node {i}: {routes}");
+    }
+}
