@@ -136,6 +136,11 @@ impl Proc {
             .unwrap_or_else(|| panic!("no mesh address in:\n{}", self.banner))
     }
 
+    /// The process id, while it runs.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.id()
+    }
+
     /// The process's log so far.
     pub fn logs(&self) -> String {
         std::fs::read_to_string(self.log.path()).unwrap_or_default()
