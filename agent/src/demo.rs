@@ -68,8 +68,9 @@ pub fn node_config(args: &DemoArgs, index: usize, data_dir: &Path) -> Config {
 }
 
 /// What the demo prints once its mesh is up.
-pub fn banner(addr: SocketAddr) -> String {
+pub fn banner(addr: SocketAddr, admin_dir: &Path) -> String {
     let base = format!("http://{addr}");
+    let admin = admin_dir.display();
     format!(
         "llmesh demo is running: three nodes on simulated backends (no GPU or Ollama needed)\n\
          \n  OpenAI API:  {base}/v1      Ollama API: OLLAMA_HOST={addr}\n\
@@ -80,7 +81,8 @@ pub fn banner(addr: SocketAddr) -> String {
          \n  curl -s {base}/v1/chat/completions -H 'content-type: application/json' -d '{{\"model\":\"qwen2.5:7b\",\"messages\":[{{\"role\":\"user\",\"content\":\"Hello!\"}}]}}'\n\
          \n  # mistral:7b lives on demo-3: the response header x-llmesh-route says peer:demo-3\
          \n  curl -si {base}/v1/chat/completions -H 'content-type: application/json' -d '{{\"model\":\"mistral:7b\",\"stream\":true,\"messages\":[{{\"role\":\"user\",\"content\":\"Hi\"}}]}}'\n\
-         \n  llmesh status --node {base}\n\
+         \n  llmesh status --node {base}\
+         \n  llmesh route set fast mistral:7b --node {base} --data-dir {admin}   # then ask for model \"fast\"\n\
          \nPress Ctrl-C to stop.\n"
     )
 }
@@ -115,6 +117,9 @@ pub async fn run(args: &DemoArgs, shutdown: CancellationToken, print: impl FnOnc
     for config in &configs {
         secret.store(&config.mesh.data_dir()).map_err(|e| RunError::Mesh(e.to_string()))?;
     }
+    // demo-1 created the cluster: it starts the Raft group and holds the admin token.
+    let admin_dir = configs[0].mesh.data_dir();
+    crate::cluster::make_seed(&admin_dir).map_err(|e| RunError::Mesh(e.to_string()))?;
     let mut tasks = Vec::new();
     let (first, task) = start_node(configs.remove(0), shutdown.clone()).await?;
     tasks.push(task);
@@ -125,7 +130,7 @@ pub async fn run(args: &DemoArgs, shutdown: CancellationToken, print: impl FnOnc
         tasks.push(task);
     }
     wait_for_mesh(first.http, NODES.len()).await;
-    print(&banner(first.http));
+    print(&banner(first.http, &admin_dir));
     let mut result = Ok(());
     for task in tasks {
         match task.await {

@@ -26,6 +26,34 @@ async fn demo_prints_a_curl_line_that_works() {
     let body: Value = serde_json::from_slice(&output.stdout).expect("curl printed JSON");
     assert!(body["choices"][0]["message"]["content"].as_str().is_some_and(|c| !c.is_empty()), "{body}");
     assert!(body["usage"]["completion_tokens"].as_u64().is_some_and(|n| n > 0));
+
+    // The printed route line works too: the demo has a Raft group and its
+    // admin token where the banner says.
+    eventually("the demo's three nodes are Raft voters", || async {
+        let view = llmesh_tests::get_json(&format!("{}/mesh/v1/cluster", demo.url)).await;
+        view["voters"].as_array().is_some_and(|v| v.len() == 3)
+    })
+    .await;
+    let route = demo
+        .banner
+        .lines()
+        .map(str::trim)
+        .find(|l| l.starts_with("llmesh route set"))
+        .expect("a route line")
+        .split('#')
+        .next()
+        .expect("command")
+        .to_string();
+    let args: Vec<&str> = route.split_whitespace().skip(1).collect();
+    let output = Command::new(binary()).args(&args).output().expect("llmesh runs");
+    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    let response = client()
+        .post(format!("{}/v1/chat/completions", demo.url))
+        .json(&json!({ "model": "fast", "max_tokens": 3, "messages": [{ "role": "user", "content": "hi" }] }))
+        .send()
+        .await
+        .expect("request");
+    assert_eq!(response.headers()["x-llmesh-route"], "peer:demo-3", "fast routes to mistral:7b on demo-3");
 }
 
 fn print_config(args: &[&str], env: &[(&str, &str)]) -> (bool, String, String) {
