@@ -275,6 +275,9 @@ impl Dispatcher {
         let tokens = output_tokens(&req.body);
         let queue_deadline = req.deadline.unwrap_or_else(|| Instant::now() + self.limits.timeout);
         let mut ticket = None;
+        // Counted in gossip while it waits: the leader's placement sees demand
+        // that no node's in-flight figure shows yet.
+        let mut waiting = None;
         let choice = loop {
             let (candidates, targets) = self.candidates(&req.model);
             let choice =
@@ -307,8 +310,10 @@ impl Dispatcher {
             if Instant::now() >= queue_deadline {
                 return Err(ServeError::Timeout("no slot freed before the queue timeout".into()));
             }
+            waiting.get_or_insert_with(|| self.local.load().enqueue(&req.model));
             self.wait_for_slot(tenant, &mut ticket, queue_deadline).await?;
         };
+        drop(waiting);
         let (choice, targets) = choice;
         // Leaving the queue (if still in it) frees the place for others.
         drop(ticket);

@@ -16,6 +16,7 @@ const EWMA_ALPHA: f64 = 0.2;
 #[derive(Debug, Default, Clone)]
 struct ModelStats {
     in_flight: u32,
+    queued: u32,
     ttft_ewma_ms: f64,
     samples: u64,
     decode_ewma: f64,
@@ -30,12 +31,19 @@ fn ewma(current: f64, samples: u64, sample: f64) -> f64 {
 #[derive(Debug, Default)]
 pub struct LoadTracker {
     in_flight: AtomicU32,
+    queued: AtomicU32,
     models: Mutex<HashMap<String, ModelStats>>,
 }
 
 /// Held while a request runs; dropping it (response finished or client
 /// gone) takes the request off the counts.
 pub struct InFlight {
+    tracker: Arc<LoadTracker>,
+    model: String,
+}
+
+/// Held while a request waits in this entry node's queue.
+pub struct Queued {
     tracker: Arc<LoadTracker>,
     model: String,
 }
@@ -47,6 +55,20 @@ impl LoadTracker {
         let mut models = self.models.lock().unwrap_or_else(PoisonError::into_inner);
         models.entry(model.to_string()).or_default().in_flight += 1;
         InFlight { tracker: self.clone(), model: model.to_string() }
+    }
+
+    /// Counts a request for `model` waiting in the entry queue until the
+    /// returned guard drops.
+    pub fn enqueue(self: &Arc<Self>, model: &str) -> Queued {
+        self.queued.fetch_add(1, Ordering::Relaxed);
+        let mut models = self.models.lock().unwrap_or_else(PoisonError::into_inner);
+        models.entry(model.to_string()).or_default().queued += 1;
+        Queued { tracker: self.clone(), model: model.to_string() }
+    }
+
+    /// Requests waiting in this node's entry queue.
+    pub fn queued(&self) -> u32 {
+        self.queued.load(Ordering::Relaxed)
     }
 
     /// Records the time from dispatch to the backend's response head.
@@ -81,7 +103,7 @@ impl LoadTracker {
                 ttft_ewma_ms: s.ttft_ewma_ms,
                 decode_tokens_per_s_ewma: s.decode_ewma,
                 in_flight: s.in_flight,
-                queued: 0,
+                queued: s.queued,
             })
             .collect();
         out.sort_by(|a, b| a.model.cmp(&b.model));
@@ -95,6 +117,16 @@ impl Drop for InFlight {
         let mut models = self.tracker.models.lock().unwrap_or_else(PoisonError::into_inner);
         if let Some(stats) = models.get_mut(&self.model) {
             stats.in_flight = stats.in_flight.saturating_sub(1);
+        }
+    }
+}
+
+impl Drop for Queued {
+    fn drop(&mut self) {
+        self.tracker.queued.fetch_sub(1, Ordering::Relaxed);
+        let mut models = self.tracker.models.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some(stats) = models.get_mut(&self.model) {
+            stats.queued = stats.queued.saturating_sub(1);
         }
     }
 }
@@ -119,5 +151,9 @@ mod tests {
         assert!((ttft - 120.0).abs() < 1e-6, "{ttft}");
         tracker.record_decode("m", 50.0);
         assert_eq!(tracker.snapshot()[0].decode_tokens_per_s_ewma, 50.0);
+        let waiting = tracker.enqueue("m");
+        assert_eq!((tracker.queued(), tracker.snapshot()[0].queued), (1, 1));
+        drop(waiting);
+        assert_eq!((tracker.queued(), tracker.snapshot()[0].queued), (0, 0));
     }
 }

@@ -116,7 +116,7 @@ impl NodeStateBuilder {
             gpus: self.gpu.read(),
             parallel_slots: self.parallel_slots,
             in_flight: self.load.in_flight(),
-            queued: 0,
+            queued: self.load.queued(),
             model_load: self.load.snapshot(),
             recent_prefixes: Vec::new(),
             draining: self.draining.load(std::sync::atomic::Ordering::SeqCst),
