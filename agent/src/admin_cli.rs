@@ -108,6 +108,7 @@ fn limits(args: &LimitArgs) -> Result<KeyLimits, AdminCliError> {
         budget_period: args.budget_period.clone().unwrap_or_default(),
         allowed_models: args.models.clone(),
         cloud: cloud_policy(args.cloud.as_deref())?,
+        prefer_cloud_models: args.prefer_cloud.clone(),
     })
 }
 
@@ -119,7 +120,7 @@ fn key_json(key: &ApiKey) -> Value {
         "limits": {
             "requests_per_minute": limits.requests_per_minute, "tokens_per_minute": limits.tokens_per_minute,
             "token_budget": limits.token_budget, "budget_period": limits.budget_period,
-            "allowed_models": limits.allowed_models,
+            "allowed_models": limits.allowed_models, "prefer_cloud_models": limits.prefer_cloud_models,
             "cloud": cloud.trim_start_matches("CLOUD_POLICY_").to_lowercase(),
         },
     })

@@ -100,9 +100,12 @@ pub struct LimitArgs {
     /// Models the key may use (comma-separated; default all).
     #[arg(long, value_delimiter = ',')]
     pub models: Vec<String>,
-    /// Cloud fallback: never, overflow, failover, allowed.
+    /// Cloud fallback: never, overflow, failover, allowed [default: cloud.default_policy].
     #[arg(long)]
     pub cloud: Option<String>,
+    /// Models this key sends to the cloud first (comma-separated).
+    #[arg(long, value_delimiter = ',')]
+    pub prefer_cloud: Vec<String>,
 }
 
 /// `llmesh keys` subcommands.

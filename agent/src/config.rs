@@ -1,6 +1,7 @@
 //! Agent configuration: built-in defaults < TOML file < `LLMESH_*`
 //! environment < command-line flags. Each part of the agent owns a section.
 
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -19,7 +20,7 @@ pub const DEFAULT_PORT_BASE: u16 = 11440;
 pub const DEFAULT_BACKEND_URL: &str = "http://127.0.0.1:11434";
 
 /// Config sections that `LLMESH_<SECTION>__<KEY>` environment variables may set.
-const ENV_SECTIONS: &[&str] = &["node", "api", "backend", "mesh", "sim", "log", "port_base"];
+const ENV_SECTIONS: &[&str] = &["node", "api", "backend", "mesh", "cloud", "sim", "log", "port_base"];
 
 /// What serves requests on this node.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
@@ -60,10 +61,118 @@ pub struct Config {
     pub backend: BackendConfig,
     /// Membership in the mesh.
     pub mesh: MeshConfig,
+    /// Cloud aggregators for requests the mesh cannot serve.
+    pub cloud: CloudConfig,
     /// The simulated backend, used when `backend.kind = "sim"`.
     pub sim: SimConfig,
     /// Logging.
     pub log: LogConfig,
+}
+
+/// Where a request may go when the mesh cannot serve it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "kebab-case")]
+pub enum CloudPolicyName {
+    /// Never: the request stays on the premises.
+    Never,
+    /// When the model is not in the mesh, or every node is busy for longer
+    /// than `cloud.overflow_after`.
+    Overflow,
+    /// When the model is not in the mesh, or every node that has it failed.
+    Failover,
+    /// All of the above.
+    Allowed,
+}
+
+/// Cloud aggregators (OpenRouter, LiteLLM, any OpenAI-compatible URL).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct CloudConfig {
+    /// Providers, tried in this order.
+    pub providers: Vec<ProviderConfig>,
+    /// Policy of requests without an API key, or whose key sets none.
+    pub default_policy: CloudPolicyName,
+    /// Overflow to the cloud when the expected wait in the mesh is longer.
+    #[serde(with = "humantime_serde")]
+    pub overflow_after: Duration,
+    /// Attempts per provider before the next one (only before the first byte).
+    pub attempts: u32,
+    /// First retry delay; doubles each retry.
+    #[serde(with = "humantime_serde")]
+    pub retry_backoff: Duration,
+    /// Consecutive failures that open a provider's circuit breaker.
+    pub breaker_failures: u32,
+    /// How long an open breaker waits before letting one probe through.
+    #[serde(with = "humantime_serde")]
+    pub breaker_cooldown: Duration,
+}
+
+impl Default for CloudConfig {
+    fn default() -> Self {
+        CloudConfig {
+            providers: Vec::new(),
+            default_policy: CloudPolicyName::Allowed,
+            overflow_after: Duration::from_secs(10),
+            attempts: 2,
+            retry_backoff: Duration::from_millis(200),
+            breaker_failures: 3,
+            breaker_cooldown: Duration::from_secs(30),
+        }
+    }
+}
+
+/// One OpenAI-compatible aggregator.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ProviderConfig {
+    /// Name in `x-llmesh-route: cloud:<name>`, metrics and `/v1/models`.
+    pub name: String,
+    /// Base URL, with or without the trailing `/v1`.
+    pub base_url: String,
+    /// Environment variable holding the API key.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub api_key_env: Option<String>,
+    /// File holding the API key.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub api_key_file: Option<PathBuf>,
+    /// Extra headers (OpenRouter's `HTTP-Referer` and `X-Title`).
+    pub headers: BTreeMap<String, String>,
+    /// TCP and TLS connect timeout.
+    #[serde(with = "humantime_serde")]
+    pub connect_timeout: Duration,
+    /// Longest wait for the response head.
+    #[serde(with = "humantime_serde")]
+    pub response_timeout: Duration,
+    /// Mesh model name → this provider's model id; only these go here.
+    pub models: BTreeMap<String, String>,
+    /// Prices per mesh model, for spend.
+    pub prices: BTreeMap<String, Price>,
+}
+
+impl Default for ProviderConfig {
+    fn default() -> Self {
+        ProviderConfig {
+            name: String::new(),
+            base_url: String::new(),
+            api_key_env: None,
+            api_key_file: None,
+            headers: BTreeMap::new(),
+            connect_timeout: Duration::from_secs(5),
+            response_timeout: Duration::from_secs(60),
+            models: BTreeMap::new(),
+            prices: BTreeMap::new(),
+        }
+    }
+}
+
+/// US dollars per million tokens.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Price {
+    /// Per million prompt tokens.
+    pub input_per_mtok: f64,
+    /// Per million completion tokens.
+    pub output_per_mtok: f64,
 }
 
 /// Identity of this node.
@@ -400,6 +509,27 @@ impl Config {
         }
         if self.node.name.trim().is_empty() {
             return Err(ConfigError::Inconsistent("node.name must not be empty".into()));
+        }
+        let mut names = std::collections::HashSet::new();
+        for provider in &self.cloud.providers {
+            if provider.name.is_empty() || !names.insert(provider.name.as_str()) {
+                return Err(ConfigError::Inconsistent(format!(
+                    "every cloud provider needs a unique name (got '{}')",
+                    provider.name
+                )));
+            }
+            if !(provider.base_url.starts_with("http://") || provider.base_url.starts_with("https://")) {
+                return Err(ConfigError::Inconsistent(format!(
+                    "cloud provider {}: base_url '{}' must start with https:// or http://",
+                    provider.name, provider.base_url
+                )));
+            }
+            if provider.models.is_empty() {
+                return Err(ConfigError::Inconsistent(format!(
+                    "cloud provider {} maps no models: add [cloud.providers.models] \"mesh-model\" = \"provider-model-id\"",
+                    provider.name
+                )));
+            }
         }
         self.sim.parsed_models().map_err(ConfigError::Inconsistent)?;
         Ok(())

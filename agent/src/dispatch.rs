@@ -18,6 +18,7 @@ use llmesh_mesh::{
 };
 use tokio::sync::oneshot;
 
+use crate::cloud::{Cloud, CloudPolicy, Trigger};
 use crate::local::LocalNode;
 use crate::sim::text::fnv1a;
 
@@ -59,6 +60,7 @@ pub struct Dispatcher {
     mesh: Option<Membership>,
     dataplane: Option<Arc<DataPlane>>,
     coordinator: Option<Coordinator>,
+    cloud: Option<Arc<Cloud>>,
     max_attempts: usize,
     limits: QueueLimits,
     scheduler: Mutex<Scheduler>,
@@ -141,6 +143,7 @@ impl Dispatcher {
             mesh,
             dataplane,
             coordinator: None,
+            cloud: None,
             max_attempts: max_attempts.max(1),
             limits,
             scheduler: Mutex::new(Scheduler::new(SchedulerConfig::default(), seed)),
@@ -153,6 +156,12 @@ impl Dispatcher {
     /// Skips nodes the replicated state drains or removes.
     pub fn with_coordinator(mut self, coordinator: Option<Coordinator>) -> Dispatcher {
         self.coordinator = coordinator;
+        self
+    }
+
+    /// Lets requests overflow and fail over to these cloud providers.
+    pub fn with_cloud(mut self, cloud: Option<Arc<Cloud>>) -> Dispatcher {
+        self.cloud = cloud;
         self
     }
 
@@ -268,9 +277,51 @@ impl Dispatcher {
         }
     }
 
+    /// Sends `req` to the cloud when `trigger` and its policy allow it:
+    /// `None` when they do not (or no provider maps the model).
+    async fn try_cloud(
+        &self,
+        req: &InferenceRequest,
+        tenant: &str,
+        policy: &CloudPolicy,
+        trigger: Trigger,
+    ) -> Option<Result<Dispatched, ServeError>> {
+        let cloud = self.cloud.as_ref().filter(|c| c.maps(&req.model))?;
+        if !policy.allows(trigger) {
+            return None;
+        }
+        tracing::info!(id = %req.request_id, model = %req.model, ?trigger, "sending to the cloud");
+        Some(cloud.serve(req, tenant).await.map(|(response, provider)| Dispatched {
+            response,
+            node: self.node_name.clone(),
+            route: format!("cloud:{provider}"),
+        }))
+    }
+
+    /// Why the cloud was not used, when a provider could have served `model`.
+    fn cloud_refusal(&self, model: &str, policy: &CloudPolicy) -> Option<String> {
+        self.cloud.as_ref().filter(|c| c.maps(model)).map(|_| policy.refusal())
+    }
+
     /// Runs `req` on the best node: waits while every node is busy (in turn
-    /// with other `tenant`s' requests), and fails over before the first byte.
-    pub async fn dispatch(&self, req: InferenceRequest, tenant: &str) -> Result<Dispatched, ServeError> {
+    /// with other `tenant`s' requests), and fails over before the first byte;
+    /// the cloud takes it where `policy` allows (see [`Trigger`]).
+    pub async fn dispatch(
+        &self,
+        req: InferenceRequest,
+        tenant: &str,
+        policy: &CloudPolicy,
+    ) -> Result<Dispatched, ServeError> {
+        if policy.prefer {
+            match self.try_cloud(&req, tenant, policy, Trigger::Prefer).await {
+                Some(Ok(dispatched)) => return Ok(dispatched),
+                Some(Err(err)) => {
+                    tracing::warn!(id = %req.request_id, error = %err, "preferred cloud failed; serving in the mesh")
+                }
+                None => {}
+            }
+        }
+        let mut cloud_failed = false;
         let prefix = prefix_key(req.api, &req.model, &req.body);
         let tokens = output_tokens(&req.body);
         let queue_deadline = req.deadline.unwrap_or_else(|| Instant::now() + self.limits.timeout);
@@ -291,6 +342,15 @@ impl Dispatcher {
                         req.model
                     )));
                 }
+                if let Some(result) = self.try_cloud(&req, tenant, policy, Trigger::Absent).await {
+                    return result;
+                }
+                if let Some(refusal) = self.cloud_refusal(&req.model, policy) {
+                    return Err(ServeError::CloudNotAllowed(format!(
+                        "no node of the mesh serves '{}' and only a cloud provider does, but {refusal}",
+                        req.model
+                    )));
+                }
                 // Nobody has it: let the local node say why (unknown model,
                 // or its backend is down and cannot be asked).
                 let response = self.local.serve(req).await?;
@@ -299,9 +359,22 @@ impl Dispatcher {
             if !choice.saturated {
                 break (choice, targets);
             }
+            let overflow_after = self.cloud.as_ref().map_or(Duration::MAX, |c| c.overflow_after());
+            if !cloud_failed && choice.estimate >= overflow_after {
+                match self.try_cloud(&req, tenant, policy, Trigger::Overflow).await {
+                    Some(Ok(dispatched)) => return Ok(dispatched),
+                    // The cloud failed too: keep waiting for the mesh.
+                    Some(Err(err)) => {
+                        tracing::warn!(id = %req.request_id, error = %err, "cloud overflow failed; waiting in the mesh queue");
+                        cloud_failed = true;
+                    }
+                    None => {}
+                }
+            }
             if choice.estimate > self.limits.max_expected_wait {
+                let refusal = self.cloud_refusal(&req.model, policy).map(|r| format!("; {r}")).unwrap_or_default();
                 return Err(ServeError::Saturated(format!(
-                    "every node that serves '{}' is busy; the expected wait of {:.0} s exceeds mesh.max_expected_wait ({:.0} s)",
+                    "every node that serves '{}' is busy; the expected wait of {:.0} s exceeds mesh.max_expected_wait ({:.0} s){refusal}",
                     req.model,
                     choice.estimate.as_secs_f64(),
                     self.limits.max_expected_wait.as_secs_f64()
@@ -356,7 +429,14 @@ impl Dispatcher {
                 }
             }
         }
-        Err(last_error.unwrap_or_else(|| ServeError::Internal("no attempt was made".into())))
+        let last_error = last_error.unwrap_or_else(|| ServeError::Internal("no attempt was made".into()));
+        if let Some(result) = self.try_cloud(&req, tenant, policy, Trigger::Failover).await {
+            return result;
+        }
+        Err(match self.cloud_refusal(&req.model, policy) {
+            Some(refusal) => ServeError::from_code(last_error.code(), format!("{}; {refusal}", last_error.message())),
+            None => last_error,
+        })
     }
 
     async fn forward(&self, id: &str, name: &str, req: &InferenceRequest) -> Result<Dispatched, ServeError> {

@@ -8,6 +8,7 @@ pub mod admin_cli;
 pub mod api;
 pub mod backend;
 pub mod cli;
+pub mod cloud;
 pub mod cluster;
 pub mod commands;
 pub mod config;

@@ -209,6 +209,11 @@ pub async fn run_agent(
     let poller = tokio::spawn(inventory.clone().poll(config.backend.inventory_interval, stop_mesh.clone()));
     let load = Arc::new(LoadTracker::default());
     let local = Arc::new(LocalNode::new(backend, inventory.clone(), load.clone(), config.backend.response_timeout));
+    let cloud = crate::cloud::Cloud::from_config(&config.cloud).map_err(|e| RunError::Backend(e.to_string()))?;
+    if let Some(cloud) = &cloud {
+        let providers: Vec<String> = config.cloud.providers.iter().map(|p| p.name.clone()).collect();
+        tracing::info!(?providers, models = cloud.models().len(), "cloud fallback configured");
+    }
     let listener = bind(config.api.listen).await?;
     let addr = listener.local_addr()?;
     let (mesh, coordinator) = if config.mesh.enabled {
@@ -295,6 +300,7 @@ pub async fn run_agent(
         node: node.clone(),
         mesh: mesh.clone(),
         coordinator: coordinator.clone(),
+        cloud: cloud.clone(),
         idle_timeout: config.backend.idle_timeout,
         max_response_bytes: config.api.max_response_bytes,
         max_body_bytes: config.api.max_body_bytes,

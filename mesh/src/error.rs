@@ -29,6 +29,9 @@ pub enum ServeError {
     /// Every node is busy and the expected wait exceeds the overflow limit.
     #[error("{0}")]
     Saturated(String),
+    /// Only the cloud could serve it, and the request's policy forbids it.
+    #[error("{0}")]
+    CloudNotAllowed(String),
     /// Anything else; a bug or an unexpected state.
     #[error("internal error: {0}")]
     Internal(String),
@@ -46,6 +49,7 @@ impl ServeError {
             ServeError::Timeout(_) => 504,
             ServeError::Overloaded(_) => 429,
             ServeError::Saturated(_) => 503,
+            ServeError::CloudNotAllowed(_) => 403,
             ServeError::Internal(_) => 500,
         }
     }
@@ -61,6 +65,7 @@ impl ServeError {
             ServeError::Timeout(_) => "backend_timeout",
             ServeError::Overloaded(_) => "mesh_overloaded",
             ServeError::Saturated(_) => "mesh_saturated",
+            ServeError::CloudNotAllowed(_) => "cloud_not_allowed",
             ServeError::Internal(_) => "internal_error",
         }
     }
@@ -76,6 +81,7 @@ impl ServeError {
             "backend_timeout" => ServeError::Timeout(message),
             "mesh_overloaded" => ServeError::Overloaded(message),
             "mesh_saturated" => ServeError::Saturated(message),
+            "cloud_not_allowed" => ServeError::CloudNotAllowed(message),
             _ => ServeError::Internal(message),
         }
     }
@@ -91,6 +97,7 @@ impl ServeError {
             | ServeError::Unsupported(m)
             | ServeError::Overloaded(m)
             | ServeError::Saturated(m)
+            | ServeError::CloudNotAllowed(m)
             | ServeError::Internal(m) => m,
         }
     }
@@ -126,6 +133,7 @@ mod tests {
             ServeError::Unsupported("f".into()),
             ServeError::Overloaded("h".into()),
             ServeError::Saturated("i".into()),
+            ServeError::CloudNotAllowed("j".into()),
             ServeError::Internal("g".into()),
         ] {
             assert_eq!(ServeError::from_code(err.code(), err.message().to_string()), err);

@@ -10,7 +10,10 @@ use bytes::Bytes;
 use llmesh_mesh::ClusterState;
 
 use super::{AppState, format_for};
+use crate::cloud::{Cloud, CloudPolicy};
+use crate::config::CloudPolicyName;
 use crate::error::ApiError;
+use llmesh_proto::CloudPolicy as ProtoCloudPolicy;
 
 /// The caller of a request, put into its extensions by [`authenticate`].
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -23,6 +26,10 @@ pub enum Caller {
         id: String,
         /// Models it may use (empty: all).
         allowed_models: Vec<String>,
+        /// Its cloud policy (`CloudPolicy` as stored; 0: the default).
+        cloud: i32,
+        /// Models it sends to the cloud first.
+        prefer_cloud: Vec<String>,
     },
 }
 
@@ -38,7 +45,7 @@ impl Caller {
     /// Refuses models this caller may not use.
     pub fn check_model(&self, model: &str) -> Result<(), ApiError> {
         match self {
-            Caller::Key { id, allowed_models } if !allowed_models.is_empty() => {
+            Caller::Key { id, allowed_models, .. } if !allowed_models.is_empty() => {
                 if allowed_models.iter().any(|m| m == model) {
                     Ok(())
                 } else {
@@ -71,10 +78,15 @@ pub fn caller(state: Option<&ClusterState>, headers: &HeaderMap) -> Result<Calle
         ));
     };
     match state.key_for_secret(secret) {
-        Some(key) if !key.revoked => Ok(Caller::Key {
-            id: key.id.clone(),
-            allowed_models: key.limits.as_ref().map(|l| l.allowed_models.clone()).unwrap_or_default(),
-        }),
+        Some(key) if !key.revoked => {
+            let limits = key.limits.clone().unwrap_or_default();
+            Ok(Caller::Key {
+                id: key.id.clone(),
+                allowed_models: limits.allowed_models,
+                cloud: limits.cloud,
+                prefer_cloud: limits.prefer_cloud_models,
+            })
+        }
         Some(key) => Err(ApiError::new(
             StatusCode::UNAUTHORIZED,
             "invalid_api_key",
@@ -82,6 +94,46 @@ pub fn caller(state: Option<&ClusterState>, headers: &HeaderMap) -> Result<Calle
         )),
         None => Err(ApiError::new(StatusCode::UNAUTHORIZED, "invalid_api_key", "incorrect API key provided")),
     }
+}
+
+/// Header with which a client forbids the cloud for one request.
+pub const CLOUD_HEADER: &str = "x-llmesh-cloud";
+
+/// What `caller` may do with the cloud for a request for `model`.
+pub fn cloud_policy(
+    caller: &Caller,
+    headers: &HeaderMap,
+    cloud: Option<&Cloud>,
+    model: &str,
+) -> Result<CloudPolicy, ApiError> {
+    let Some(cloud) = cloud else { return Ok(CloudPolicy::default()) };
+    if let Some(value) = headers.get(CLOUD_HEADER) {
+        return match value.to_str().map(str::trim) {
+            Ok("never") => Ok(CloudPolicy {
+                policy: CloudPolicyName::Never,
+                source: format!("the request's {CLOUD_HEADER} header"),
+                prefer: false,
+            }),
+            _ => Err(ApiError::bad_request(format!("{CLOUD_HEADER} accepts only `never`"))),
+        };
+    }
+    let (stored, source, prefer) = match caller {
+        Caller::Key { id, cloud, prefer_cloud, .. } => {
+            (*cloud, format!("API key {id}"), prefer_cloud.iter().any(|m| m == model))
+        }
+        Caller::Open => (0, String::new(), false),
+    };
+    let policy = match ProtoCloudPolicy::try_from(stored).unwrap_or(ProtoCloudPolicy::Unspecified) {
+        ProtoCloudPolicy::Never => Some(CloudPolicyName::Never),
+        ProtoCloudPolicy::Overflow => Some(CloudPolicyName::Overflow),
+        ProtoCloudPolicy::Failover => Some(CloudPolicyName::Failover),
+        ProtoCloudPolicy::Allowed => Some(CloudPolicyName::Allowed),
+        ProtoCloudPolicy::Unspecified => None,
+    };
+    Ok(match policy {
+        Some(policy) => CloudPolicy { policy, source, prefer },
+        None => CloudPolicy { policy: cloud.default_policy(), source: "cloud.default_policy".into(), prefer },
+    })
 }
 
 /// Middleware on the client API: rejects bad keys before any body is read.

@@ -44,3 +44,16 @@ pub async fn mesh_cluster(State(app): AppStateRef) -> Json<Value> {
         "placement": state.placement,
     }))
 }
+
+/// `GET /mesh/v1/cloud`: providers, their breakers, and spend per key and
+/// provider on this node (never API keys).
+pub async fn mesh_cloud(State(app): AppStateRef) -> Json<Value> {
+    match &app.cloud {
+        Some(cloud) => {
+            let mut status = cloud.status();
+            status["enabled"] = json!(true);
+            Json(status)
+        }
+        None => Json(json!({ "enabled": false })),
+    }
+}

@@ -51,6 +51,8 @@ pub struct AppState {
     pub mesh: Option<Membership>,
     /// The replicated cluster state (keys, routes), when in a mesh.
     pub coordinator: Option<Coordinator>,
+    /// Cloud providers, when configured.
+    pub cloud: Option<Arc<crate::cloud::Cloud>>,
     /// Longest silence allowed between body chunks from the backend.
     pub idle_timeout: Duration,
     /// Largest non-streaming response relayed.
@@ -86,6 +88,7 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/api/version", get(models::ollama_version))
         .route("/mesh/v1/nodes", get(nodes::mesh_nodes))
         .route("/mesh/v1/cluster", get(cluster::mesh_cluster))
+        .route("/mesh/v1/cloud", get(cluster::mesh_cloud))
         .merge(client_api)
         .fallback(no_route)
         .method_not_allowed_fallback(method_not_allowed)
@@ -184,7 +187,9 @@ async fn infer(
         let request =
             InferenceRequest { request_id: request_id.clone(), api, model, stream: fields.stream, body, deadline };
         let tenant = caller.tenant();
-        let dispatched = state.dispatcher.dispatch(request, &tenant).instrument(span).await.map_err(ApiError::from)?;
+        let cloud = access::cloud_policy(&caller, &headers, state.cloud.as_deref(), &request.model)?;
+        let dispatched =
+            state.dispatcher.dispatch(request, &tenant, &cloud).instrument(span).await.map_err(ApiError::from)?;
         let response = relay::relay(dispatched.response, state.idle_timeout, state.max_response_bytes, format).await;
         Ok::<_, ApiError>((response, dispatched.node, dispatched.route))
     }

@@ -59,16 +59,33 @@ fn mesh_models(state: &AppState) -> Inventory {
     Inventory { models }
 }
 
-/// `GET /v1/models`: the union across the mesh.
+/// Models only a cloud provider serves, with that provider's name.
+fn cloud_only(state: &AppState, mesh: &Inventory) -> Vec<(String, String)> {
+    let Some(cloud) = &state.cloud else { return Vec::new() };
+    cloud.models().into_iter().filter(|(model, _)| mesh.resolve(model).is_none()).collect()
+}
+
+fn cloud_entry(model: &str, provider: &str) -> Value {
+    json!({ "id": model, "object": "model", "created": 0, "owned_by": provider })
+}
+
+/// `GET /v1/models`: the union across the mesh, then models only a cloud
+/// provider serves (owned by that provider).
 pub async fn openai_models(State(state): AppStateRef) -> Json<Value> {
-    let data: Vec<Value> = mesh_models(&state).models.iter().map(openai_entry).collect();
+    let mesh = mesh_models(&state);
+    let mut data: Vec<Value> = mesh.models.iter().map(openai_entry).collect();
+    data.extend(cloud_only(&state, &mesh).iter().map(|(model, provider)| cloud_entry(model, provider)));
     Json(json!({ "object": "list", "data": data }))
 }
 
 /// `GET /v1/models/{id}` (ids may contain `/`, as in `hf.co/org/model`).
 pub async fn openai_model(State(state): AppStateRef, Path(id): Path<String>) -> Response {
-    match mesh_models(&state).resolve(&id) {
-        Some(entry) => Json(openai_entry(entry)).into_response(),
+    let mesh = mesh_models(&state);
+    if let Some(entry) = mesh.resolve(&id) {
+        return Json(openai_entry(entry)).into_response();
+    }
+    match cloud_only(&state, &mesh).into_iter().find(|(model, _)| *model == id) {
+        Some((model, provider)) => Json(cloud_entry(&model, &provider)).into_response(),
         None => ApiError::from(ServeError::ModelNotFound(id)).into_response(),
     }
 }

@@ -1,5 +1,7 @@
 //! The HTTP client side shared by the Ollama and OpenAI-compatible
-//! backends: pooled keep-alive connections, timeouts, and error classes.
+//! backends and the cloud providers: pooled keep-alive connections,
+//! timeouts, and error classes. Backends beside the agent are plain HTTP;
+//! cloud providers may be HTTPS (rustls with the system's root store).
 //!
 //! This is the hot path of every request, so it uses hyper's pooled client
 //! directly rather than reqwest: the backend is plain HTTP/1.1 beside the
@@ -13,6 +15,7 @@ use futures::StreamExt;
 use http::header::{ACCEPT, AUTHORIZATION, CONTENT_TYPE};
 use http::{Method, Request};
 use http_body_util::{BodyExt, Full};
+use hyper_rustls::HttpsConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
@@ -24,11 +27,46 @@ use crate::config::BackendConfig;
 /// Largest inventory document accepted (model lists are a few KiB).
 const MAX_INVENTORY_BYTES: usize = 16 * 1024 * 1024;
 
+/// The connection pool: plain HTTP for the backend beside the agent (the
+/// hot path, no TLS layer at all), HTTPS-capable for cloud providers.
+enum Transport {
+    Plain(Client<HttpConnector, Full<Bytes>>),
+    Tls(Client<HttpsConnector<HttpConnector>, Full<Bytes>>),
+}
+
+impl Transport {
+    async fn request(
+        &self,
+        request: Request<Full<Bytes>>,
+    ) -> Result<http::Response<hyper::body::Incoming>, hyper_util::client::legacy::Error> {
+        match self {
+            Transport::Plain(client) => client.request(request).await,
+            Transport::Tls(client) => client.request(request).await,
+        }
+    }
+}
+
+/// Where an [`HttpBackend`] sends requests and how.
+#[derive(Debug, Clone)]
+pub struct HttpTarget {
+    /// Base URL (without `/v1`).
+    pub base: String,
+    /// Bearer token sent with every request.
+    pub api_key: Option<String>,
+    /// Extra headers sent with every request.
+    pub headers: Vec<(String, String)>,
+    /// TCP (and TLS) connect timeout.
+    pub connect_timeout: Duration,
+    /// Whether `https://` URLs are allowed (cloud providers).
+    pub allow_https: bool,
+}
+
 /// A pooled HTTP client bound to one backend base URL.
 pub struct HttpBackend {
-    client: Client<HttpConnector, Full<Bytes>>,
+    client: Transport,
     base: String,
     authorization: Option<String>,
+    headers: Vec<(http::HeaderName, http::HeaderValue)>,
     inventory_timeout: Duration,
 }
 
@@ -36,23 +74,58 @@ impl HttpBackend {
     /// A client for `config.url`; only `http://` URLs (the backend runs
     /// beside the agent).
     pub fn new(config: &BackendConfig) -> Result<HttpBackend, ServeError> {
-        let base = config.url.trim_end_matches('/').to_string();
-        if !base.starts_with("http://") {
+        HttpBackend::for_target(HttpTarget {
+            base: config.url.clone(),
+            api_key: config.api_key.clone(),
+            headers: Vec::new(),
+            connect_timeout: config.connect_timeout,
+            allow_https: false,
+        })
+    }
+
+    /// A client for any target.
+    pub fn for_target(target: HttpTarget) -> Result<HttpBackend, ServeError> {
+        let base = target.base.trim_end_matches('/').to_string();
+        let https = base.starts_with("https://");
+        if !(base.starts_with("http://") || https && target.allow_https) {
+            let expected = if target.allow_https { "http:// or https://" } else { "http://" };
             return Err(ServeError::Internal(format!(
-                "backend URL '{}' must start with http:// (the backend runs beside the agent)",
-                config.url
+                "URL '{}' must start with {expected}{}",
+                target.base,
+                if target.allow_https { "" } else { " (the backend runs beside the agent)" }
             )));
         }
         let mut connector = HttpConnector::new();
-        connector.set_connect_timeout(Some(config.connect_timeout));
+        connector.set_connect_timeout(Some(target.connect_timeout));
         // Small SSE/NDJSON chunks must not wait for Nagle.
         connector.set_nodelay(true);
-        let client = Client::builder(TokioExecutor::new()).pool_idle_timeout(Duration::from_secs(90)).build(connector);
+        let builder = Client::builder(TokioExecutor::new()).pool_idle_timeout(Duration::from_secs(90)).clone();
+        let client = if target.allow_https {
+            connector.enforce_http(false);
+            let tls = hyper_rustls::HttpsConnectorBuilder::new()
+                .with_provider_and_native_roots(std::sync::Arc::new(rustls::crypto::ring::default_provider()))
+                .map_err(|e| ServeError::Internal(format!("cannot load the system's TLS root certificates: {e}")))?
+                .https_or_http()
+                .enable_http1()
+                .wrap_connector(connector);
+            Transport::Tls(builder.build(tls))
+        } else {
+            Transport::Plain(builder.build(connector))
+        };
+        let mut headers = Vec::new();
+        for (name, value) in &target.headers {
+            let name = http::HeaderName::from_bytes(name.as_bytes())
+                .map_err(|e| ServeError::Internal(format!("bad header name '{name}': {e}")))?;
+            let value = http::HeaderValue::from_str(value)
+                .map_err(|e| ServeError::Internal(format!("bad value for header '{name}': {e}")))?;
+            headers.push((name, value));
+        }
         Ok(HttpBackend {
             client,
             base,
-            authorization: config.api_key.as_ref().map(|key| format!("Bearer {key}")),
-            inventory_timeout: config.connect_timeout + Duration::from_secs(5),
+            authorization: target.api_key.as_ref().map(|key| format!("Bearer {key}")),
+            headers,
+            inventory_timeout: target.connect_timeout + Duration::from_secs(5),
         })
     }
 
@@ -64,6 +137,9 @@ impl HttpBackend {
         let mut builder = Request::builder().method(method).uri(self.url(path));
         if let Some(auth) = &self.authorization {
             builder = builder.header(AUTHORIZATION, auth);
+        }
+        for (name, value) in &self.headers {
+            builder = builder.header(name, value);
         }
         builder
             .header(CONTENT_TYPE, "application/json")

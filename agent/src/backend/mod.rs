@@ -1,9 +1,9 @@
 //! Backends: what actually runs inference beside this agent. Each kind sits
 //! behind [`Backend`]; the rest of the agent never knows which it talks to.
 
-mod http;
+pub mod http;
 mod ollama;
-mod openai;
+pub mod openai;
 mod sim;
 mod translate;
 

@@ -36,6 +36,11 @@ impl OpenAiBackend {
     pub fn new(config: &BackendConfig) -> Result<OpenAiBackend, ServeError> {
         Ok(OpenAiBackend { http: HttpBackend::new(config)? })
     }
+
+    /// A backend over an already configured client (cloud providers).
+    pub fn from_http(http: HttpBackend) -> OpenAiBackend {
+        OpenAiBackend { http }
+    }
 }
 
 fn to_inventory(list: ModelList) -> Inventory {
