@@ -282,7 +282,8 @@ pub async fn run_agent(
             config.mesh.max_attempts,
             limits,
         )
-        .with_coordinator(coordinator.clone()),
+        .with_coordinator(coordinator.clone())
+        .with_cloud(cloud.clone()),
     );
     dispatcher.spawn_waker(stop_mesh.clone());
     if let (Some(coordinator), Some(membership)) = (&coordinator, &mesh) {

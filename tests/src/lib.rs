@@ -168,6 +168,7 @@ impl Drop for Proc {
     }
 }
 
+pub mod aggregator;
 pub mod netns;
 
 /// Starts a simulated backend with extra flags.
