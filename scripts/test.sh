@@ -18,7 +18,7 @@ if [ ${#need_apt[@]} -gt 0 ]; then
   DEBIAN_FRONTEND=noninteractive as_root apt-get install -y -qq "${need_apt[@]}" >/dev/null
 fi
 
-step "python clients (tests/python/requirements.txt) into .venv"
+step "python clients and LiteLLM (tests/python/requirements.txt) into .venv"
 [ -x .venv/bin/python ] || python3 -m venv .venv
 .venv/bin/python -m pip install -q --disable-pip-version-check -r tests/python/requirements.txt
 
@@ -42,7 +42,7 @@ else
 fi
 
 # --- real clients --------------------------------------------------------------
-step "official openai and ollama Python clients against a live agent"
+step "official openai and ollama Python clients, and LiteLLM as a cloud aggregator, against live agents"
 LLMESH_BIN="$PWD/target/debug/llmesh" .venv/bin/python -m pytest -q tests/python
 
 step "all tests passed"
