@@ -256,3 +256,23 @@ async fn a_dead_backend_fails_over_to_the_cloud_unless_the_request_forbids_it() 
     assert!(body["error"]["message"].as_str().is_some_and(|m| m.contains("x-llmesh-cloud")), "{body}");
     assert_eq!(agg.requests().len(), 1);
 }
+
+#[tokio::test]
+async fn a_provider_that_is_down_is_skipped_for_the_next() {
+    // A port nothing listens on: connection refused.
+    let dead = {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("binds");
+        listener.local_addr().expect("address").port()
+    };
+    let down = format!(
+        "\n[[cloud.providers]]\nname = \"down\"\nbase_url = \"http://127.0.0.1:{dead}/v1\"\n[cloud.providers.models]\n\"cloud-only:70b\" = \"x\"\n"
+    );
+    let agg = Aggregator::start("sk-aaa", &["vendor/cloud-70b"]).await;
+    let backend = sim(&[]).await;
+    let node = agent_with_cloud(&backend.url, &[down, provider("prov-a", &agg, "AGG_A_KEY")], &[]).await;
+    for stream in [false, true] {
+        let (status, body, route) = chat(&node, "cloud-only:70b", None, &[], stream).await;
+        assert_eq!((status, route.as_str()), (200, "cloud:prov-a"), "{body}");
+    }
+    assert_eq!(agg.requests().len(), 2);
+}
