@@ -196,6 +196,22 @@ pub struct ApiConfig {
     /// How long a shutdown waits for in-flight requests.
     #[serde(with = "humantime_serde")]
     pub drain_timeout: Duration,
+    /// Who may call the API without an API key.
+    pub anonymous: AnonymousAccess,
+}
+
+/// Who may call the client API without an API key.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "kebab-case")]
+pub enum AnonymousAccess {
+    /// Clients on this machine, until the cluster's first API key exists.
+    Loopback,
+    /// Any client, until the cluster's first API key exists.
+    Any,
+    /// Any client, always (keys then only add limits and policy).
+    Always,
+    /// Nobody: every request needs a key.
+    Never,
 }
 
 /// The backend this agent serves from.
@@ -424,6 +440,7 @@ impl Default for ApiConfig {
             max_body_bytes: 32 * 1024 * 1024,
             max_response_bytes: 64 * 1024 * 1024,
             drain_timeout: Duration::from_secs(30),
+            anonymous: AnonymousAccess::Loopback,
         }
     }
 }

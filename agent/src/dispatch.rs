@@ -357,6 +357,7 @@ impl Dispatcher {
                 return Ok(Dispatched { response, node: self.node_name.clone(), route: "local".into() });
             };
             if !choice.saturated {
+                crate::metrics::scheduled(choice.reason.as_str());
                 break (choice, targets);
             }
             let overflow_after = self.cloud.as_ref().map_or(Duration::MAX, |c| c.overflow_after());
@@ -383,10 +384,12 @@ impl Dispatcher {
             if Instant::now() >= queue_deadline {
                 return Err(ServeError::Timeout("no slot freed before the queue timeout".into()));
             }
-            waiting.get_or_insert_with(|| self.local.load().enqueue(&req.model));
+            waiting.get_or_insert_with(|| (self.local.load().enqueue(&req.model), Instant::now()));
             self.wait_for_slot(tenant, &mut ticket, queue_deadline).await?;
         };
-        drop(waiting);
+        if let Some((_, since)) = waiting.take() {
+            crate::metrics::queue_wait(since.elapsed());
+        }
         let (choice, targets) = choice;
         // Leaving the queue (if still in it) frees the place for others.
         drop(ticket);
@@ -422,7 +425,10 @@ impl Dispatcher {
                     }
                     let name = match target {
                         Target::Local => "local",
-                        Target::Peer { name, .. } => name.as_str(),
+                        Target::Peer { name, .. } => {
+                            crate::metrics::forward_error(name);
+                            name.as_str()
+                        }
                     };
                     tracing::warn!(id = %req.request_id, target = %name, error = %err, "attempt failed before the first byte; trying the next node");
                     last_error = Some(err);

@@ -28,12 +28,14 @@ pub struct ApiError {
     pub code: &'static str,
     /// Body format.
     pub format: ErrorFormat,
+    /// Extra response headers (rate-limit state, Retry-After).
+    pub headers: Vec<(&'static str, String)>,
 }
 
 impl ApiError {
     /// An error with an explicit status and code.
     pub fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> ApiError {
-        ApiError { status, message: message.into(), code, format: ErrorFormat::OpenAi }
+        ApiError { status, message: message.into(), code, format: ErrorFormat::OpenAi, headers: Vec::new() }
     }
 
     /// 400 for a request that cannot be understood.
@@ -53,6 +55,12 @@ impl ApiError {
     /// 404 for a path this server does not have.
     pub fn no_route(method: &str, path: &str) -> ApiError {
         ApiError::new(StatusCode::NOT_FOUND, "unknown_route", format!("no route for {method} {path}"))
+    }
+
+    /// Adds response headers (they replace defaults such as Retry-After).
+    pub fn with_headers(mut self, headers: Vec<(&'static str, String)>) -> ApiError {
+        self.headers.extend(headers);
+        self
     }
 
     /// Renders in `format`.
@@ -95,6 +103,11 @@ impl IntoResponse for ApiError {
         } else if self.status == StatusCode::TOO_MANY_REQUESTS {
             // A full mesh queue drains at the speed of generation.
             response.headers_mut().insert("retry-after", HeaderValue::from_static("2"));
+        }
+        for (name, value) in self.headers {
+            if let Ok(value) = HeaderValue::from_str(&value) {
+                response.headers_mut().insert(name, value);
+            }
         }
         response
     }

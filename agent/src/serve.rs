@@ -175,7 +175,8 @@ async fn serve_until(
             tracing::debug!(error = %err, "cannot set TCP_NODELAY");
         }
     });
-    let server = axum::serve(listener, app).with_graceful_shutdown(shutdown.clone().cancelled_owned());
+    let server = axum::serve(listener, app.into_make_service_with_connect_info::<SocketAddr>())
+        .with_graceful_shutdown(shutdown.clone().cancelled_owned());
     let deadline = async {
         shutdown.cancelled().await;
         tokio::time::sleep(drain).await;
@@ -200,6 +201,8 @@ pub async fn run_agent(
     // they stop only after the drain, so peers hear that this node drains
     // and its in-flight forwarded requests can finish.
     let stop_mesh = CancellationToken::new();
+    // Installed before any request so that no count is lost.
+    let _ = crate::metrics::handle();
     let backend = backend::build(&config.backend, &config.sim).map_err(|e| RunError::Backend(e.to_string()))?;
     let inventory = InventoryHandle::new(backend.clone());
     let first = inventory.refresh().await;
@@ -286,6 +289,10 @@ pub async fn run_agent(
         .with_cloud(cloud.clone()),
     );
     dispatcher.spawn_waker(stop_mesh.clone());
+    let usage = Arc::new(crate::limits::UsageBatcher::default());
+    if let Some(coordinator) = &coordinator {
+        tokio::spawn(usage.clone().run(coordinator.clone(), stop_mesh.clone()));
+    }
     if let (Some(coordinator), Some(membership)) = (&coordinator, &mesh) {
         tokio::spawn(crate::placement::follow(
             coordinator.clone(),
@@ -302,6 +309,9 @@ pub async fn run_agent(
         mesh: mesh.clone(),
         coordinator: coordinator.clone(),
         cloud: cloud.clone(),
+        anonymous: config.api.anonymous,
+        usage: usage.clone(),
+        dataplane: dataplane.clone(),
         idle_timeout: config.backend.idle_timeout,
         max_response_bytes: config.api.max_response_bytes,
         max_body_bytes: config.api.max_body_bytes,

@@ -103,6 +103,17 @@ pub enum Reason {
     TwoChoices,
 }
 
+impl Reason {
+    /// Lower-case name (metrics labels).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Reason::Affinity => "affinity",
+            Reason::Soonest => "soonest",
+            Reason::TwoChoices => "two_choices",
+        }
+    }
+}
+
 /// The scheduler's answer.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Choice {

@@ -11,7 +11,7 @@ use llmesh_mesh::ClusterState;
 
 use super::{AppState, format_for};
 use crate::cloud::{Cloud, CloudPolicy};
-use crate::config::CloudPolicyName;
+use crate::config::{AnonymousAccess, CloudPolicyName};
 use crate::error::ApiError;
 use llmesh_proto::CloudPolicy as ProtoCloudPolicy;
 
@@ -67,18 +67,33 @@ fn bearer(headers: &HeaderMap) -> Option<&str> {
     scheme.eq_ignore_ascii_case("bearer").then_some(token.trim())
 }
 
-/// Checks the request's key against `state`.
-pub fn caller(state: Option<&ClusterState>, headers: &HeaderMap) -> Result<Caller, ApiError> {
-    let Some(state) = state.filter(|s| s.auth_required()) else { return Ok(Caller::Open) };
-    let Some(secret) = bearer(headers) else {
-        return Err(ApiError::new(
-            StatusCode::UNAUTHORIZED,
-            "missing_api_key",
-            "this mesh requires an API key: send `Authorization: Bearer <key>`",
-        ));
-    };
-    match state.key_for_secret(secret) {
-        Some(key) if !key.revoked => {
+/// Whether a request without a key may pass.
+fn anonymous_allowed(mode: AnonymousAccess, keys_exist: bool, loopback: bool) -> Result<(), &'static str> {
+    match mode {
+        AnonymousAccess::Always => Ok(()),
+        AnonymousAccess::Never => Err("this node requires an API key (api.anonymous = \"never\")"),
+        _ if keys_exist => Err("this mesh requires an API key"),
+        AnonymousAccess::Any => Ok(()),
+        AnonymousAccess::Loopback if loopback => Ok(()),
+        AnonymousAccess::Loopback => Err(
+            "anonymous requests are accepted only from this machine (api.anonymous = \"loopback\"); create a key with `llmesh keys create` or set api.anonymous = \"any\"",
+        ),
+    }
+}
+
+/// Checks the request's key against `state`. `loopback` says whether the
+/// client connected from this machine.
+pub fn caller(
+    state: Option<&ClusterState>,
+    headers: &HeaderMap,
+    mode: AnonymousAccess,
+    loopback: bool,
+) -> Result<Caller, ApiError> {
+    let keys_exist = state.is_some_and(ClusterState::auth_required);
+    let secret = bearer(headers);
+    let key = secret.zip(state).and_then(|(secret, state)| state.key_for_secret(secret));
+    match (secret, key) {
+        (_, Some(key)) if !key.revoked => {
             let limits = key.limits.clone().unwrap_or_default();
             Ok(Caller::Key {
                 id: key.id.clone(),
@@ -87,12 +102,23 @@ pub fn caller(state: Option<&ClusterState>, headers: &HeaderMap) -> Result<Calle
                 prefer_cloud: limits.prefer_cloud_models,
             })
         }
-        Some(key) => Err(ApiError::new(
+        (_, Some(key)) => Err(ApiError::new(
             StatusCode::UNAUTHORIZED,
             "invalid_api_key",
             format!("API key {} has been revoked", key.id),
         )),
-        None => Err(ApiError::new(StatusCode::UNAUTHORIZED, "invalid_api_key", "incorrect API key provided")),
+        (Some(_), None) if keys_exist || mode == AnonymousAccess::Never => {
+            Err(ApiError::new(StatusCode::UNAUTHORIZED, "invalid_api_key", "incorrect API key provided"))
+        }
+        // No key, or (before any key exists) whatever an SDK sends as one.
+        _ => match anonymous_allowed(mode, keys_exist, loopback) {
+            Ok(()) => Ok(Caller::Open),
+            Err(why) => Err(ApiError::new(
+                StatusCode::UNAUTHORIZED,
+                "missing_api_key",
+                format!("{why}: send `Authorization: Bearer <key>`"),
+            )),
+        },
     }
 }
 
@@ -139,7 +165,12 @@ pub fn cloud_policy(
 /// Middleware on the client API: rejects bad keys before any body is read.
 pub async fn authenticate(State(app): State<std::sync::Arc<AppState>>, mut request: Request, next: Next) -> Response {
     let state = app.coordinator.as_ref().map(|c| c.state());
-    match caller(state.as_deref(), request.headers()) {
+    // Requests that arrive without a socket (in-process) count as local.
+    let loopback = request
+        .extensions()
+        .get::<axum::extract::ConnectInfo<std::net::SocketAddr>>()
+        .is_none_or(|info| info.0.ip().is_loopback());
+    match caller(state.as_deref(), request.headers(), app.anonymous, loopback) {
         Ok(caller) => {
             request.extensions_mut().insert(caller);
             next.run(request).await
@@ -191,23 +222,47 @@ mod tests {
         h
     }
 
+    const LOOPBACK: AnonymousAccess = AnonymousAccess::Loopback;
+
     #[test]
     fn keys_are_required_once_one_exists() {
-        assert_eq!(caller(None, &headers(None)), Ok(Caller::Open));
-        assert_eq!(caller(Some(&ClusterState::default()), &headers(None)), Ok(Caller::Open));
+        assert_eq!(caller(None, &headers(None), LOOPBACK, true), Ok(Caller::Open));
+        assert_eq!(caller(Some(&ClusterState::default()), &headers(None), LOOPBACK, true), Ok(Caller::Open));
         let state = state_with_key("s3cret", &[], false);
-        assert_eq!(caller(Some(&state), &headers(None)).map_err(|e| e.code), Err("missing_api_key"));
-        assert_eq!(caller(Some(&state), &headers(Some("Bearer nope"))).map_err(|e| e.code), Err("invalid_api_key"));
-        assert!(matches!(caller(Some(&state), &headers(Some("bearer s3cret"))), Ok(Caller::Key { .. })));
+        let code = |r: Result<Caller, ApiError>| r.map_err(|e| e.code);
+        assert_eq!(code(caller(Some(&state), &headers(None), LOOPBACK, true)), Err("missing_api_key"));
+        assert_eq!(code(caller(Some(&state), &headers(Some("Bearer nope")), LOOPBACK, true)), Err("invalid_api_key"));
+        assert!(matches!(
+            caller(Some(&state), &headers(Some("bearer s3cret")), LOOPBACK, false),
+            Ok(Caller::Key { .. })
+        ));
         let revoked = state_with_key("s3cret", &[], true);
-        let err = caller(Some(&revoked), &headers(Some("Bearer s3cret"))).expect_err("revoked");
+        let err = caller(Some(&revoked), &headers(Some("Bearer s3cret")), LOOPBACK, true).expect_err("revoked");
         assert_eq!(err.status, StatusCode::UNAUTHORIZED);
+    }
+
+    #[test]
+    fn anonymous_access_follows_the_configured_mode() {
+        let none = ClusterState::default();
+        let keyed = state_with_key("k", &[], false);
+        let anon = |state: &ClusterState, mode, loopback| caller(Some(state), &headers(None), mode, loopback).is_ok();
+        assert!(anon(&none, LOOPBACK, true));
+        assert!(!anon(&none, LOOPBACK, false), "remote anonymous needs api.anonymous = any");
+        assert!(anon(&none, AnonymousAccess::Any, false));
+        assert!(!anon(&keyed, AnonymousAccess::Any, false), "keys end anonymous access");
+        assert!(anon(&keyed, AnonymousAccess::Always, false));
+        assert!(!anon(&none, AnonymousAccess::Never, true));
+        // With `never` and no keys yet, nothing can authenticate: a bearer is refused too.
+        assert!(caller(Some(&none), &headers(Some("Bearer x")), AnonymousAccess::Never, true).is_err());
+        // Before any key exists, an SDK's placeholder key is anonymous: still loopback only.
+        assert!(caller(Some(&none), &headers(Some("Bearer unused")), LOOPBACK, false).is_err());
+        assert!(caller(Some(&none), &headers(Some("Bearer unused")), LOOPBACK, true).is_ok());
     }
 
     #[test]
     fn allowed_models_are_enforced() {
         let state = state_with_key("k", &["a:1b"], false);
-        let caller = caller(Some(&state), &headers(Some("Bearer k"))).expect("valid");
+        let caller = caller(Some(&state), &headers(Some("Bearer k")), LOOPBACK, true).expect("valid");
         assert!(caller.check_model("a:1b").is_ok());
         assert_eq!(caller.check_model("b:7b").map_err(|e| e.status), Err(StatusCode::FORBIDDEN));
     }

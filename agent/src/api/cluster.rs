@@ -57,3 +57,40 @@ pub async fn mesh_cloud(State(app): AppStateRef) -> Json<Value> {
         None => Json(json!({ "enabled": false })),
     }
 }
+
+/// `GET /metrics`: Prometheus text format. Mesh-wide figures (Raft,
+/// peers, queue, per-peer RTT) are sampled now.
+pub async fn prometheus(State(app): AppStateRef) -> axum::response::Response {
+    use crate::metrics::set;
+    use axum::response::IntoResponse;
+    let Some(handle) = crate::metrics::handle() else {
+        return (axum::http::StatusCode::SERVICE_UNAVAILABLE, "metrics are disabled\n").into_response();
+    };
+    set("llmesh_queue_depth", &[], app.dispatcher.queued() as f64);
+    set("llmesh_in_flight", &[], f64::from(app.local.load().in_flight()));
+    if let Some(coordinator) = &app.coordinator {
+        let status = coordinator.status();
+        set("llmesh_raft_term", &[], status.term as f64);
+        set("llmesh_raft_commit_index", &[], status.commit as f64);
+        set("llmesh_raft_applied_index", &[], status.applied as f64);
+        set("llmesh_raft_is_leader", &[], if status.role == "leader" { 1.0 } else { 0.0 });
+        let leader = coordinator.state().members.get(&status.leader).map(|m| m.name.clone()).unwrap_or_default();
+        set("llmesh_raft_leader", &[("name", leader)], 1.0);
+    }
+    if let Some(mesh) = &app.mesh {
+        let view = mesh.view();
+        for liveness in ["alive", "suspect", "dead"] {
+            let count = view.peers.iter().filter(|p| p.liveness.as_str() == liveness).count();
+            set("llmesh_gossip_peers", &[("liveness", liveness.to_string())], count as f64);
+        }
+        if let Some(dataplane) = &app.dataplane {
+            for (id, rtt) in dataplane.peer_rtts() {
+                let name =
+                    view.peers.iter().find(|p| p.state.node_id == id).map_or(id.clone(), |p| p.state.name.clone());
+                set("llmesh_peer_rtt_seconds", &[("peer", name)], rtt.as_secs_f64());
+            }
+        }
+    }
+    handle.run_upkeep();
+    ([(axum::http::header::CONTENT_TYPE, "text/plain; version=0.0.4")], handle.render()).into_response()
+}

@@ -4,6 +4,7 @@
 
 pub mod access;
 pub mod cluster;
+pub mod metering;
 pub mod models;
 pub mod nodes;
 pub mod relay;
@@ -53,6 +54,12 @@ pub struct AppState {
     pub coordinator: Option<Coordinator>,
     /// Cloud providers, when configured.
     pub cloud: Option<Arc<crate::cloud::Cloud>>,
+    /// Who may call without an API key.
+    pub anonymous: crate::config::AnonymousAccess,
+    /// Usage waiting to be written to the ledger.
+    pub usage: Arc<crate::limits::UsageBatcher>,
+    /// The data plane (for per-peer figures in `/metrics`).
+    pub dataplane: Option<Arc<llmesh_mesh::DataPlane>>,
     /// Longest silence allowed between body chunks from the backend.
     pub idle_timeout: Duration,
     /// Largest non-streaming response relayed.
@@ -89,6 +96,7 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/mesh/v1/nodes", get(nodes::mesh_nodes))
         .route("/mesh/v1/cluster", get(cluster::mesh_cluster))
         .route("/mesh/v1/cloud", get(cluster::mesh_cloud))
+        .route("/metrics", get(cluster::prometheus))
         .merge(client_api)
         .fallback(no_route)
         .method_not_allowed_fallback(method_not_allowed)
@@ -183,20 +191,63 @@ async fn infer(
                 Some(Instant::now() + Duration::from_millis(ms))
             }
         };
+        let rate_headers = crate::limits::admit(&caller, state.coordinator.as_ref(), &state.usage).await?;
         let span = tracing::info_span!("request", id = %request_id, api = api.as_str_name(), model = %model);
+        let prompt_bytes = body.len();
         let request =
             InferenceRequest { request_id: request_id.clone(), api, model, stream: fields.stream, body, deadline };
         let tenant = caller.tenant();
         let cloud = access::cloud_policy(&caller, &headers, state.cloud.as_deref(), &request.model)?;
-        let dispatched =
-            state.dispatcher.dispatch(request, &tenant, &cloud).instrument(span).await.map_err(ApiError::from)?;
+        let model = request.model.clone();
+        let dispatched = state
+            .dispatcher
+            .dispatch(request, &tenant, &cloud)
+            .instrument(span)
+            .await
+            .map_err(|e| ApiError::from(e).with_headers(rate_headers.clone()))?;
+        let ttft = started.elapsed();
         let response = relay::relay(dispatched.response, state.idle_timeout, state.max_response_bytes, format).await;
+        let key = match &caller {
+            access::Caller::Key { id, .. } => Some(id.clone()),
+            access::Caller::Open => None,
+        };
+        let report_tokens = key.as_ref().is_some_and(|id| {
+            cluster
+                .as_ref()
+                .and_then(|c| c.keys.get(id))
+                .and_then(|k| k.limits.as_ref())
+                .is_some_and(|l| l.tokens_per_minute > 0)
+        });
+        let route_label =
+            if dispatched.route.starts_with("peer:") { "peer".to_string() } else { dispatched.route.clone() };
+        let accounting = metering::Accounting {
+            model,
+            route: route_label,
+            key,
+            report_tokens,
+            started,
+            ttft,
+            status: response.status().as_u16(),
+            usage: state.usage.clone(),
+            coordinator: state.coordinator.clone(),
+        };
+        let mut response = metering::account(response, accounting, prompt_bytes);
+        for (name, value) in rate_headers {
+            if let Ok(value) = HeaderValue::from_str(&value) {
+                response.headers_mut().insert(name, value);
+            }
+        }
         Ok::<_, ApiError>((response, dispatched.node, dispatched.route))
     }
     .await;
     let (mut response, node, route) = match result {
         Ok((response, node, route)) => (response, node, Some(route)),
         Err(err) => {
+            let key = match &caller {
+                access::Caller::Key { id, .. } => Some(id.as_str()),
+                access::Caller::Open => None,
+            };
+            metering::refused(err.code, key, started);
             if err.status.is_server_error() {
                 tracing::warn!(id = %request_id, status = err.status.as_u16(), error = %err.message, "request failed");
             } else {

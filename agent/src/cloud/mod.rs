@@ -331,11 +331,13 @@ impl Cloud {
 
 fn record(ledger: &Mutex<Ledger>, key: (String, String), tokens: Tokens, price: Price) {
     let mut ledger = ledger.lock().unwrap_or_else(PoisonError::into_inner);
-    let spend = ledger.entry(key).or_default();
+    let spend = ledger.entry(key.clone()).or_default();
     spend.requests += 1;
     spend.prompt_tokens += tokens.prompt;
     spend.completion_tokens += tokens.completion;
     spend.estimated += u64::from(!tokens.exact);
-    spend.cost_usd +=
+    let cost =
         (tokens.prompt as f64 * price.input_per_mtok + tokens.completion as f64 * price.output_per_mtok) / 1_000_000.0;
+    spend.cost_usd += cost;
+    crate::metrics::cloud_spend(&key.1, &key.0, cost, tokens.prompt + tokens.completion);
 }

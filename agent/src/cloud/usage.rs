@@ -20,6 +20,10 @@ pub struct Tokens {
     pub exact: bool,
 }
 
+fn contains(haystack: &[u8], needle: &[u8]) -> bool {
+    haystack.windows(needle.len()).any(|w| w == needle)
+}
+
 /// Reads a response as it streams by.
 #[derive(Debug, Default)]
 pub struct UsageMeter {
@@ -49,6 +53,16 @@ impl UsageMeter {
     }
 
     fn line(&mut self, line: &[u8]) {
+        // Most lines are content chunks: count them without a JSON parse.
+        if !contains(line, b"usage") && !contains(line, b"eval_count") {
+            if contains(line, b"\"content\":\"") && !contains(line, b"\"content\":\"\"")
+                || contains(line, b"\"text\":\"") && !contains(line, b"\"text\":\"\"")
+                || contains(line, b"\"response\":\"") && !contains(line, b"\"response\":\"\"")
+            {
+                self.content_chunks += 1;
+            }
+            return;
+        }
         let text = String::from_utf8_lossy(line);
         let text = text.trim();
         let payload = text.strip_prefix("data:").map_or(text, str::trim);

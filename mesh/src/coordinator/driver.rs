@@ -365,6 +365,7 @@ impl Driver {
             term: raft.term,
             commit: raft.raft_log.committed,
             applied: self.state.applied_index,
+            leader_addr: (raft.leader_id != raft.id).then(|| self.directory.get(&raft.leader_id).copied()).flatten(),
         };
         self.status_tx.send_if_modified(|current| {
             if *current == status {

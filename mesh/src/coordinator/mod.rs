@@ -9,6 +9,8 @@
 
 pub mod admin;
 mod driver;
+pub mod limiter;
+pub mod limits;
 mod logger;
 pub mod placement;
 pub mod state;
@@ -149,6 +151,8 @@ pub struct RaftStatus {
     pub commit: u64,
     /// Highest applied index.
     pub applied: u64,
+    /// The leader's control address, when it is another node.
+    pub leader_addr: Option<SocketAddr>,
 }
 
 /// Messages into the driver task.
@@ -181,6 +185,7 @@ pub struct Coordinator {
     status: watch::Receiver<RaftStatus>,
     local_addr: SocketAddr,
     write_timeout: Duration,
+    limits: Arc<limits::LimitsClient>,
 }
 
 /// The Raft id of a node: the first 8 bytes of SHA-256 of its libp2p id
@@ -222,6 +227,18 @@ impl Coordinator {
         self.local_addr
     }
 
+    /// Admits one request of a rate-limited key: asks the leader, which
+    /// keeps the mesh-wide window (see [`limits`]).
+    pub async fn acquire(&self, key: &str, rpm: u64, tpm: u64) -> limiter::Decision {
+        self.limits.acquire(&self.status(), key, rpm, tpm).await
+    }
+
+    /// Reports the tokens a finished request of `key` used (to the leader's
+    /// tokens-per-minute window); does not wait.
+    pub fn report_tokens(&self, key: &str, tokens: u64) {
+        self.limits.report(&self.status(), key, tokens);
+    }
+
     /// Proposes `command` and waits until it is applied on this node.
     pub async fn propose(&self, command: Command) -> Result<Applied, ProposeError> {
         let (reply, outcome) = oneshot::channel();
@@ -255,7 +272,14 @@ pub async fn start(
     let status = driver.status_receiver();
     let write_timeout = config.write_timeout;
     tokio::spawn(driver.run(rx));
-    let coordinator = Coordinator { inbox: inbox.clone(), state, status, local_addr, write_timeout };
+    let limits = Arc::new(limits::LimitsClient::new(&tag));
+    let coordinator =
+        Coordinator { inbox: inbox.clone(), state, status, local_addr, write_timeout, limits: limits.clone() };
+    let limits_service = llmesh_proto::limits_server::LimitsServer::new(limits::LimitsService {
+        limits,
+        status: coordinator.status.clone(),
+        tag: tag.clone(),
+    });
 
     let raft = llmesh_proto::raft_server::RaftServer::new(transport::RaftService { inbox, tag })
         .max_decoding_message_size(64 * 1024 * 1024);
@@ -267,6 +291,7 @@ pub async fn start(
             .timeout(Duration::from_secs(30))
             .add_service(raft)
             .add_service(admin)
+            .add_service(limits_service)
             .serve_with_incoming_shutdown(incoming, stop.cancelled_owned())
             .await;
         if let Err(err) = result {

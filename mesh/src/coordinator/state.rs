@@ -6,7 +6,7 @@
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 
-use llmesh_proto::{ApiKey, ClusterSnapshot, Command, KeyLimits, Member, Placement, Route, command};
+use llmesh_proto::{ApiKey, ClusterSnapshot, Command, KeyLimits, KeyUsage, Member, Placement, Route, command};
 use prost::Message as _;
 
 /// Why a command changed nothing.
@@ -42,6 +42,8 @@ pub struct ClusterState {
     pub voters: BTreeSet<u64>,
     /// Raft ids of the learners.
     pub learners: BTreeSet<u64>,
+    /// Each key's use in its current budget period (the usage ledger).
+    pub usage: BTreeMap<String, KeyUsage>,
     /// The last log index applied to this state.
     pub applied_index: u64,
     key_by_hash: HashMap<Vec<u8>, String>,
@@ -125,6 +127,33 @@ impl ClusterState {
                 }
                 Ok(format!("removed {node_id}"))
             }
+            command::Kind::RecordUsage(record) => {
+                let mut counted = 0;
+                for delta in &record.usage {
+                    let Some(key) = self.keys.get(&delta.key_id) else { continue };
+                    let period = match key.limits.as_ref().map(|l| l.budget_period.as_str()) {
+                        Some("day") => record.day.clone(),
+                        Some("month") => record.month.clone(),
+                        _ => String::new(),
+                    };
+                    let usage = self
+                        .usage
+                        .entry(delta.key_id.clone())
+                        .or_insert_with(|| KeyUsage { key_id: delta.key_id.clone(), ..KeyUsage::default() });
+                    // A newer period starts from zero; a batch from an older one still counts where it belongs.
+                    if usage.period < period {
+                        usage.period = period.clone();
+                        usage.tokens = 0;
+                        usage.requests = 0;
+                    }
+                    if usage.period == period {
+                        usage.tokens += delta.tokens;
+                        usage.requests += delta.requests;
+                        counted += 1;
+                    }
+                }
+                Ok(format!("usage of {counted} keys"))
+            }
             command::Kind::SetPlacement(set) => {
                 self.placement = set
                     .placement
@@ -182,6 +211,12 @@ impl ClusterState {
         }
     }
 
+    /// Tokens `key_id` has used in `period` (0 when its ledger holds
+    /// another period).
+    pub fn tokens_used(&self, key_id: &str, period: &str) -> u64 {
+        self.usage.get(key_id).filter(|u| u.period == period).map_or(0, |u| u.tokens)
+    }
+
     /// Whether the operator drained or removed this node.
     pub fn is_out_of_service(&self, node_id: &str) -> bool {
         self.drained.contains(node_id) || self.removed.contains(node_id)
@@ -205,6 +240,7 @@ impl ClusterState {
                 .map(|(model, nodes)| Placement { model: model.clone(), node_ids: nodes.iter().cloned().collect() })
                 .collect(),
             members: self.members.values().cloned().collect(),
+            usage: self.usage.values().cloned().collect(),
         }
     }
 
@@ -229,6 +265,7 @@ impl ClusterState {
             removed: snapshot.removed.into_iter().collect(),
             placement: snapshot.placement.into_iter().map(|p| (p.model, p.node_ids.into_iter().collect())).collect(),
             members: snapshot.members.into_iter().map(|m| (m.raft_id, m)).collect(),
+            usage: snapshot.usage.into_iter().map(|u| (u.key_id.clone(), u)).collect(),
             applied_index: index,
             ..ClusterState::default()
         };
@@ -284,6 +321,34 @@ mod tests {
     }
 
     #[test]
+    fn the_usage_ledger_counts_per_period_and_resets() {
+        let mut state = ClusterState::default();
+        let mut create = key("k1", "s");
+        if let Some(command::Kind::CreateKey(k)) = &mut create.kind {
+            k.limits = Some(KeyLimits { token_budget: 100, budget_period: "day".into(), ..KeyLimits::default() });
+        }
+        state.apply(&create).expect("created");
+        let record = |day: &str, tokens| Command {
+            kind: Some(command::Kind::RecordUsage(llmesh_proto::RecordUsage {
+                day: day.into(),
+                month: day[..7].into(),
+                usage: vec![
+                    llmesh_proto::KeyUsageDelta { key_id: "k1".into(), tokens, requests: 1 },
+                    llmesh_proto::KeyUsageDelta { key_id: "unknown".into(), tokens, requests: 1 },
+                ],
+            })),
+        };
+        state.apply(&record("2026-11-24", 30)).expect("applies");
+        state.apply(&record("2026-11-24", 40)).expect("applies");
+        assert_eq!(state.tokens_used("k1", "2026-11-24"), 70);
+        state.apply(&record("2026-11-25", 5)).expect("applies");
+        assert_eq!(state.tokens_used("k1", "2026-11-25"), 5, "a new day starts from zero");
+        state.apply(&record("2026-11-24", 50)).expect("applies");
+        assert_eq!(state.tokens_used("k1", "2026-11-25"), 5, "a late batch of yesterday does not count today");
+        assert!(!state.usage.contains_key("unknown"));
+    }
+
+    #[test]
     fn routes_refuse_chains_and_loops() {
         let mut state = ClusterState::default();
         let route = |a: &str, m: &str| Command {
@@ -330,6 +395,15 @@ mod tests {
                 kind: Some(command::Kind::SetDrained(SetDrained { node_id: n.into(), drained: d })),
             }),
             name.clone().prop_map(|n| Command { kind: Some(command::Kind::RemoveNode(n.into())) }),
+            (name.clone(), 0u64..1000, prop::sample::select(vec!["2026-11-24", "2026-11-25"])).prop_map(
+                |(k, t, day)| Command {
+                    kind: Some(command::Kind::RecordUsage(llmesh_proto::RecordUsage {
+                        day: day.into(),
+                        month: day[..7].into(),
+                        usage: vec![llmesh_proto::KeyUsageDelta { key_id: k.into(), tokens: t, requests: 1 }],
+                    })),
+                }
+            ),
             (name.clone(), name).prop_map(|(m, n)| Command {
                 kind: Some(command::Kind::SetPlacement(SetPlacement {
                     placement: vec![Placement { model: m.into(), node_ids: vec![n.into()] }],

@@ -189,6 +189,19 @@ impl DataPlane {
         self.peers.lock().unwrap_or_else(PoisonError::into_inner).keys().cloned().collect()
     }
 
+    /// Round-trip time of each open pooled connection, by peer id (QUIC's
+    /// own smoothed estimate).
+    pub fn peer_rtts(&self) -> Vec<(String, Duration)> {
+        let pool = self.pool.lock().unwrap_or_else(PoisonError::into_inner);
+        pool.iter()
+            .filter_map(|(id, slot)| {
+                let slot = slot.try_lock().ok()?;
+                let connection = slot.as_ref().filter(|c| c.close_reason().is_none())?;
+                Some((id.clone(), connection.rtt()))
+            })
+            .collect()
+    }
+
     /// Opens the pooled connection to `node_id` now, so the first request
     /// does not pay for the handshake.
     pub async fn warm(&self, node_id: &str) {

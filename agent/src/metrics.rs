@@ -1,0 +1,103 @@
+//! Prometheus metrics: the `metrics` facade with the Prometheus recorder
+//! (no HTTP listener of its own: `/metrics` on the API port renders it).
+//! Gauges that describe the mesh (Raft, peers, queue) are set when scraped.
+
+use std::sync::OnceLock;
+use std::time::Duration;
+
+use metrics::{counter, gauge, histogram};
+use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
+
+const BUCKETS: &[f64] = &[0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0];
+
+/// The process's recorder (installed once; in-process demo nodes share it).
+pub fn handle() -> Option<&'static PrometheusHandle> {
+    static HANDLE: OnceLock<Option<PrometheusHandle>> = OnceLock::new();
+    HANDLE
+        .get_or_init(|| {
+            let recorder = match PrometheusBuilder::new().set_buckets(BUCKETS) {
+                Ok(builder) => builder.build_recorder(),
+                Err(err) => {
+                    tracing::warn!(error = %err, "metrics disabled");
+                    return None;
+                }
+            };
+            let handle = recorder.handle();
+            match metrics::set_global_recorder(recorder) {
+                Ok(()) => Some(handle),
+                Err(err) => {
+                    tracing::warn!(error = %err, "another metrics recorder is installed; /metrics is empty");
+                    None
+                }
+            }
+        })
+        .as_ref()
+}
+
+/// What one finished client request looked like.
+pub struct RequestOutcome<'a> {
+    /// Model as routed.
+    pub model: &'a str,
+    /// `local`, `peer`, `cloud:<provider>` or `none`.
+    pub route: &'a str,
+    /// `ok`, `client_error`, `server_error`, `cancelled`, or an error code.
+    pub outcome: &'a str,
+    /// API key id or `anonymous`.
+    pub key: &'a str,
+    /// Time to the response head.
+    pub ttft: Duration,
+    /// Time to the end of the body.
+    pub total: Duration,
+    /// Prompt tokens.
+    pub tokens_in: u64,
+    /// Completion tokens.
+    pub tokens_out: u64,
+}
+
+/// Records one finished request.
+pub fn request(o: &RequestOutcome<'_>) {
+    let labels = [
+        ("model", o.model.to_string()),
+        ("route", o.route.to_string()),
+        ("outcome", o.outcome.to_string()),
+        ("key", o.key.to_string()),
+    ];
+    counter!("llmesh_requests_total", &labels).increment(1);
+    let timing = [("model", o.model.to_string()), ("route", o.route.to_string())];
+    histogram!("llmesh_time_to_first_byte_seconds", &timing).record(o.ttft.as_secs_f64());
+    histogram!("llmesh_request_duration_seconds", &timing).record(o.total.as_secs_f64());
+    let tokens = |direction: &'static str| {
+        [("model", o.model.to_string()), ("direction", direction.to_string()), ("key", o.key.to_string())]
+    };
+    counter!("llmesh_tokens_total", &tokens("in")).increment(o.tokens_in);
+    counter!("llmesh_tokens_total", &tokens("out")).increment(o.tokens_out);
+}
+
+/// Time a request waited in the entry queue.
+pub fn queue_wait(wait: Duration) {
+    histogram!("llmesh_queue_wait_seconds").record(wait.as_secs_f64());
+}
+
+/// A scheduling decision and why.
+pub fn scheduled(reason: &str) {
+    counter!("llmesh_scheduler_decisions_total", "reason" => reason.to_string()).increment(1);
+}
+
+/// A forwarded attempt that failed before its first byte.
+pub fn forward_error(peer: &str) {
+    counter!("llmesh_forward_errors_total", "peer" => peer.to_string()).increment(1);
+}
+
+/// Spend at a cloud provider.
+pub fn cloud_spend(provider: &str, key: &str, cost_usd: f64, tokens: u64) {
+    let labels = [("provider", provider.to_string()), ("key", key.to_string())];
+    counter!("llmesh_cloud_requests_total", &labels).increment(1);
+    counter!("llmesh_cloud_tokens_total", &labels).increment(tokens);
+    // Counters are integers: spend is kept in micro-dollars.
+    counter!("llmesh_cloud_spend_microdollars_total", &labels).increment((cost_usd * 1e6).round() as u64);
+}
+
+/// Sets a gauge (scrape-time figures).
+pub fn set(name: &'static str, labels: &[(&'static str, String)], value: f64) {
+    gauge!(name, labels).set(value);
+}
