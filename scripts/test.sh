@@ -12,13 +12,15 @@ step() { printf '\n==> %s\n' "$*"; }
 as_root() { if [ "$(id -u)" = 0 ]; then "$@"; else sudo "$@"; fi; }
 need_apt=()
 command -v curl >/dev/null || need_apt+=(curl)
+# Headless Chromium renders the dashboard in tests/python/test_observability.py.
+command -v chromium >/dev/null || need_apt+=(chromium)
 if [ ${#need_apt[@]} -gt 0 ]; then
   step "installing ${need_apt[*]} (apt-get)"
   as_root apt-get update -qq
   DEBIAN_FRONTEND=noninteractive as_root apt-get install -y -qq "${need_apt[@]}" >/dev/null
 fi
 
-step "python clients and LiteLLM (tests/python/requirements.txt) into .venv"
+step "python clients, LiteLLM and the Prometheus parser (tests/python/requirements.txt) into .venv"
 [ -x .venv/bin/python ] || python3 -m venv .venv
 .venv/bin/python -m pip install -q --disable-pip-version-check -r tests/python/requirements.txt
 
@@ -42,7 +44,7 @@ else
 fi
 
 # --- real clients --------------------------------------------------------------
-step "official openai and ollama Python clients, and LiteLLM as a cloud aggregator, against live agents"
+step "official openai and ollama clients, LiteLLM as a cloud aggregator, /metrics and the dashboard in Chromium"
 LLMESH_BIN="$PWD/target/debug/llmesh" .venv/bin/python -m pytest -q tests/python
 
 step "all tests passed"

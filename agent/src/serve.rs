@@ -312,6 +312,7 @@ pub async fn run_agent(
         anonymous: config.api.anonymous,
         usage: usage.clone(),
         dataplane: dataplane.clone(),
+        errors: Default::default(),
         idle_timeout: config.backend.idle_timeout,
         max_response_bytes: config.api.max_response_bytes,
         max_body_bytes: config.api.max_body_bytes,

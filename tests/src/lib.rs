@@ -74,6 +74,11 @@ impl Proc {
         Proc::start_in(Some(netns), args, &[]).await
     }
 
+    /// Like [`Proc::start_in_netns`] with extra environment variables.
+    pub async fn start_in_netns_env(netns: &str, args: &[&str], env: &[(&str, &str)]) -> Proc {
+        Proc::start_in(Some(netns), args, env).await
+    }
+
     async fn start_in(netns: Option<&str>, args: &[&str], env: &[(&str, &str)]) -> Proc {
         let log = tempfile::NamedTempFile::new().expect("log file");
         let stderr = log.reopen().expect("log handle");

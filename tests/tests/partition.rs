@@ -101,3 +101,30 @@ async fn a_minority_cannot_commit_and_catches_up_after_healing() {
         assert!(routes.get("minority").is_none(), "the refused write never appears on node {i}: {routes}");
     }
 }
+
+/// `curl` run inside host `i`: the HTTP status of a chat request to `url`.
+fn remote_chat(lan: &Lan, i: usize, url: &str) -> String {
+    let curl = std::path::Path::new("curl");
+    let body = r#"{"model":"qwen2.5:7b","max_tokens":2,"messages":[{"role":"user","content":"hi"}]}"#;
+    lan.exec(
+        i,
+        curl,
+        &["-s", "-o", "/dev/null", "-w", "%{http_code}", "-H", "content-type: application/json", "-d", body, url],
+    )
+    .unwrap_or_else(|e| e)
+}
+
+#[tokio::test]
+async fn anonymous_requests_are_accepted_only_from_loopback_unless_configured() {
+    let lan = Lan::new(2);
+    let dir = data_dir();
+    let dir_text = dir.to_str().expect("utf-8").to_string();
+    let listen = format!("{}:11440", lan.addr(0));
+    let args = ["agent", "--backend-kind", "sim", "--listen", &listen, "--data-dir", &dir_text, "--no-mdns"];
+    let url = format!("http://{}:11440/v1/chat/completions", lan.addr(0));
+    let mut node = Proc::start_in_netns(lan.host(0), &args).await;
+    assert_eq!(remote_chat(&lan, 1, &url), "401", "a remote client without a key is refused by default");
+    node.kill().await;
+    let _node = Proc::start_in_netns_env(lan.host(0), &args, &[("LLMESH_API__ANONYMOUS", "any")]).await;
+    assert_eq!(remote_chat(&lan, 1, &url), "200", "api.anonymous = any lets it in");
+}

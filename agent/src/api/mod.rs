@@ -60,6 +60,8 @@ pub struct AppState {
     pub usage: Arc<crate::limits::UsageBatcher>,
     /// The data plane (for per-peer figures in `/metrics`).
     pub dataplane: Option<Arc<llmesh_mesh::DataPlane>>,
+    /// The last failed requests, for the dashboard.
+    pub errors: RecentErrors,
     /// Longest silence allowed between body chunks from the backend.
     pub idle_timeout: Duration,
     /// Largest non-streaming response relayed.
@@ -89,7 +91,8 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/api/ps", get(models::ollama_ps))
         .route_layer(axum::middleware::from_fn_with_state(state.clone(), access::authenticate));
     Router::new()
-        .route("/", get(|| async { "llmesh is running\n" }))
+        .route("/", get(dashboard))
+        .route("/mesh/v1/errors", get(recent_errors))
         .route("/healthz", get(models::healthz))
         .route("/readyz", get(models::readyz))
         .route("/api/version", get(models::ollama_version))
@@ -102,6 +105,40 @@ pub fn router(state: Arc<AppState>) -> Router {
         .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(limit))
         .with_state(state)
+}
+
+/// How many failed requests the dashboard shows.
+const RECENT_ERRORS: usize = 50;
+
+/// The last failed requests: when, status, code, message (no bodies, no keys).
+#[derive(Debug, Default)]
+pub struct RecentErrors(std::sync::Mutex<std::collections::VecDeque<serde_json::Value>>);
+
+impl RecentErrors {
+    fn push(&self, err: &ApiError, request_id: &str) {
+        let at_ms =
+            std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64);
+        let mut errors = self.0.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        if errors.len() == RECENT_ERRORS {
+            errors.pop_front();
+        }
+        errors.push_back(serde_json::json!({
+            "at_ms": at_ms, "status": err.status.as_u16(), "code": err.code,
+            "message": err.message.chars().take(300).collect::<String>(), "request_id": request_id,
+        }));
+    }
+}
+
+/// `GET /`: the dashboard, a single page served from the binary.
+async fn dashboard() -> axum::response::Html<&'static str> {
+    axum::response::Html(include_str!("dashboard.html"))
+}
+
+/// `GET /mesh/v1/errors`: the last failed requests on this node.
+async fn recent_errors(State(state): AppStateRef) -> axum::Json<serde_json::Value> {
+    let errors: Vec<serde_json::Value> =
+        state.errors.0.lock().unwrap_or_else(std::sync::PoisonError::into_inner).iter().cloned().collect();
+    axum::Json(serde_json::json!({ "errors": errors }))
 }
 
 /// The error format a path speaks.
@@ -248,6 +285,9 @@ async fn infer(
                 access::Caller::Open => None,
             };
             metering::refused(err.code, key, started);
+            if err.status.is_server_error() || err.status == StatusCode::TOO_MANY_REQUESTS {
+                state.errors.push(&err, &request_id);
+            }
             if err.status.is_server_error() {
                 tracing::warn!(id = %request_id, status = err.status.as_u16(), error = %err.message, "request failed");
             } else {
