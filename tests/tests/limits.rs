@@ -107,7 +107,7 @@ async fn a_key_limited_to_ten_requests_a_minute_gets_ten_across_three_nodes() {
             429 => {
                 refused += 1;
                 let retry: f64 = response.headers()["retry-after"].to_str().expect("ascii").parse().expect("seconds");
-                assert!(retry >= 1.0 && retry <= 60.0, "{retry}");
+                assert!((1.0..=60.0).contains(&retry), "{retry}");
                 assert_eq!(response.headers()["x-ratelimit-remaining-requests"], "0");
                 let body: Value = response.json().await.expect("JSON");
                 assert_eq!(body["error"]["code"], "rate_limit_exceeded");
