@@ -201,8 +201,19 @@ pub async fn run_agent(
     // they stop only after the drain, so peers hear that this node drains
     // and its in-flight forwarded requests can finish.
     let stop_mesh = CancellationToken::new();
-    // Installed before any request so that no count is lost.
-    let _ = crate::metrics::handle();
+    // Installed before any request so that no count is lost; histogram
+    // samples are folded in regularly even when nobody scrapes.
+    if let Some(handle) = crate::metrics::handle() {
+        let stop = stop_mesh.clone();
+        tokio::spawn(async move {
+            loop {
+                tokio::select! {
+                    () = stop.cancelled() => return,
+                    () = tokio::time::sleep(Duration::from_secs(5)) => handle.run_upkeep(),
+                }
+            }
+        });
+    }
     let backend = backend::build(&config.backend, &config.sim).map_err(|e| RunError::Backend(e.to_string()))?;
     let inventory = InventoryHandle::new(backend.clone());
     let first = inventory.refresh().await;

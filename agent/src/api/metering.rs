@@ -5,9 +5,13 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use std::pin::Pin;
+use std::task::{Context, Poll};
+
 use axum::body::Body;
 use axum::response::Response;
-use futures::StreamExt;
+use bytes::Bytes;
+use hyper::body::{Body as HttpBody, Frame, SizeHint};
 use llmesh_mesh::Coordinator;
 
 use crate::cloud::usage::UsageMeter;
@@ -75,22 +79,52 @@ impl Drop for Meter {
     }
 }
 
-/// Wraps `response`'s body so that `accounting` runs when it ends.
-pub fn account(response: Response, accounting: Accounting, prompt_bytes: usize) -> Response {
-    let (parts, body) = response.into_parts();
-    let mut body = body.into_data_stream();
-    let mut meter = Meter { accounting, meter: Some(UsageMeter::new(prompt_bytes)), ended: false };
-    let stream = async_stream::stream! {
-        while let Some(chunk) = body.next().await {
-            if let (Ok(bytes), Some(m)) = (&chunk, meter.meter.as_mut()) {
-                m.push(bytes);
+/// The relayed body with the meter alongside; it forwards the inner
+/// body's size hint, so a response of known length keeps its
+/// Content-Length (no chunked encoding, no extra write).
+struct Metered {
+    inner: Body,
+    meter: Meter,
+}
+
+impl HttpBody for Metered {
+    type Data = Bytes;
+    type Error = axum::Error;
+
+    fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, axum::Error>>> {
+        let this = self.get_mut();
+        let polled = Pin::new(&mut this.inner).poll_frame(cx);
+        match &polled {
+            Poll::Ready(Some(Ok(frame))) => {
+                if let (Some(data), Some(meter)) = (frame.data_ref(), this.meter.meter.as_mut()) {
+                    meter.push(data);
+                }
+                // hyper stops polling a body that says it has ended.
+                if this.inner.is_end_stream() {
+                    this.meter.ended = true;
+                }
             }
-            yield chunk;
+            Poll::Ready(None) => this.meter.ended = true,
+            _ => {}
         }
-        meter.ended = true;
-        drop(meter);
-    };
-    Response::from_parts(parts, Body::from_stream(stream))
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+/// Wraps `response`'s body so that `accounting` runs when it ends (or is
+/// dropped because the client went away).
+pub fn account(response: Response, accounting: Accounting, prompt_bytes: usize) -> Response {
+    let (parts, inner) = response.into_parts();
+    let meter = Meter { accounting, meter: Some(UsageMeter::new(prompt_bytes)), ended: false };
+    Response::from_parts(parts, Body::new(Metered { inner, meter }))
 }
 
 /// Records a request refused before any backend answered. Its model is

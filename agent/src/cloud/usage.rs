@@ -1,13 +1,10 @@
-//! Token counts of a cloud response, read from the bytes relayed to the
-//! client: OpenAI's `usage` object (JSON, or an SSE chunk when the client
+//! Token counts of a response (local, forwarded or cloud), read from the bytes
+//! relayed to the client: OpenAI's `usage` object (JSON, or an SSE chunk when the client
 //! asked for `stream_options.include_usage`), Ollama's `prompt_eval_count`
 //! and `eval_count` (translated answers). A stream without a usage report
 //! is estimated: one token per content chunk, prompt bytes / 4.
 
-use serde_json::Value;
-
-/// Largest non-streamed body kept for reading its usage.
-const MAX_SCAN: usize = 4 * 1024 * 1024;
+use serde::Deserialize;
 
 /// Tokens of one response.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -20,18 +17,42 @@ pub struct Tokens {
     pub exact: bool,
 }
 
-fn contains(haystack: &[u8], needle: &[u8]) -> bool {
-    haystack.windows(needle.len()).any(|w| w == needle)
-}
-
-/// Reads a response as it streams by.
+/// Reads a response as it streams by. Every request's body passes through
+/// here, so it never builds a JSON tree: it finds the few fields it needs
+/// by their names and decodes only those.
 #[derive(Debug, Default)]
 pub struct UsageMeter {
     pending: Vec<u8>,
-    whole: Vec<u8>,
     reported: Option<(u64, u64)>,
     content_chunks: u64,
     prompt_bytes: usize,
+}
+
+#[derive(Deserialize)]
+struct UsageObject {
+    #[serde(default)]
+    prompt_tokens: u64,
+    #[serde(default)]
+    completion_tokens: u64,
+}
+
+fn find(haystack: &[u8], needle: &[u8]) -> Option<usize> {
+    haystack.windows(needle.len()).position(|w| w == needle)
+}
+
+/// The unsigned number right after `"name":` in `line`.
+fn number_after(line: &[u8], name: &[u8]) -> Option<u64> {
+    let at = find(line, name)? + name.len();
+    let rest = &line[at..];
+    let start = rest.iter().position(|b| !b.is_ascii_whitespace())?;
+    let digits: &[u8] = &rest[start..];
+    let end = digits.iter().position(|b| !b.is_ascii_digit()).unwrap_or(digits.len());
+    std::str::from_utf8(&digits[..end]).ok()?.parse().ok()
+}
+
+/// Whether `"field":"` is followed by at least one character.
+fn non_empty(line: &[u8], field: &[u8]) -> bool {
+    find(line, field).is_some_and(|at| line.get(at + field.len()).is_some_and(|b| *b != b'"'))
 }
 
 impl UsageMeter {
@@ -42,51 +63,29 @@ impl UsageMeter {
 
     /// Feeds the next chunk of the response body.
     pub fn push(&mut self, chunk: &[u8]) {
-        if self.whole.len() + chunk.len() <= MAX_SCAN {
-            self.whole.extend_from_slice(chunk);
-        }
         self.pending.extend_from_slice(chunk);
-        while let Some(end) = self.pending.iter().position(|b| *b == b'\n') {
-            let line: Vec<u8> = self.pending.drain(..=end).collect();
-            self.line(&line);
+        let mut consumed = 0;
+        while let Some(end) = self.pending[consumed..].iter().position(|b| *b == b'\n') {
+            let line = std::mem::take(&mut self.pending);
+            self.line(&line[consumed..consumed + end]);
+            self.pending = line;
+            consumed += end + 1;
         }
+        self.pending.drain(..consumed);
     }
 
     fn line(&mut self, line: &[u8]) {
-        // Most lines are content chunks: count them without a JSON parse.
-        if !contains(line, b"usage") && !contains(line, b"eval_count") {
-            if contains(line, b"\"content\":\"") && !contains(line, b"\"content\":\"\"")
-                || contains(line, b"\"text\":\"") && !contains(line, b"\"text\":\"\"")
-                || contains(line, b"\"response\":\"") && !contains(line, b"\"response\":\"\"")
-            {
-                self.content_chunks += 1;
+        if let Some(at) = find(line, b"\"usage\":") {
+            let mut objects = serde_json::Deserializer::from_slice(&line[at + 8..]).into_iter::<UsageObject>();
+            if let Some(Ok(usage)) = objects.next() {
+                self.reported = Some((usage.prompt_tokens, usage.completion_tokens));
             }
-            return;
-        }
-        let text = String::from_utf8_lossy(line);
-        let text = text.trim();
-        let payload = text.strip_prefix("data:").map_or(text, str::trim);
-        if payload.is_empty() || payload == "[DONE]" {
-            return;
-        }
-        if let Ok(value) = serde_json::from_str::<Value>(payload) {
-            self.value(&value);
-        }
-    }
-
-    fn value(&mut self, value: &Value) {
-        if let Some(usage) = value.get("usage").filter(|u| u.is_object()) {
-            let prompt = usage["prompt_tokens"].as_u64().unwrap_or(0);
-            let completion = usage["completion_tokens"].as_u64().unwrap_or(0);
-            self.reported = Some((prompt, completion));
-        } else if value.get("eval_count").is_some() || value.get("prompt_eval_count").is_some() {
-            let prompt = value["prompt_eval_count"].as_u64().unwrap_or(0);
-            let completion = value["eval_count"].as_u64().unwrap_or(0);
+        } else if let Some(completion) = number_after(line, b"\"eval_count\":") {
+            let prompt = number_after(line, b"\"prompt_eval_count\":").unwrap_or(0);
             self.reported = Some((prompt, completion));
         }
-        let delta = value.pointer("/choices/0/delta/content").or_else(|| value.pointer("/choices/0/text"));
-        let ollama = value.pointer("/message/content").or_else(|| value.get("response"));
-        if delta.or(ollama).and_then(Value::as_str).is_some_and(|t| !t.is_empty()) {
+        if non_empty(line, b"\"content\":\"") || non_empty(line, b"\"text\":\"") || non_empty(line, b"\"response\":\"")
+        {
             self.content_chunks += 1;
         }
     }
@@ -96,11 +95,6 @@ impl UsageMeter {
         if !self.pending.is_empty() {
             let rest = std::mem::take(&mut self.pending);
             self.line(&rest);
-        }
-        if self.reported.is_none()
-            && let Ok(value) = serde_json::from_slice::<Value>(&self.whole)
-        {
-            self.value(&value);
         }
         match self.reported {
             Some((prompt, completion)) => Tokens { prompt, completion, exact: true },
