@@ -63,6 +63,7 @@ pub fn node_config(args: &DemoArgs, index: usize, data_dir: &Path) -> Config {
     config.mesh.mdns = false;
     config.mesh.listen = Some(format!("/ip4/127.0.0.1/tcp/{}", port(1)));
     config.mesh.data_listen = Some(SocketAddr::new(listen.ip(), port(2)));
+    config.mesh.control_listen = Some(SocketAddr::new(listen.ip(), port(3)));
     config.log.filter = "warn".into();
     config
 }

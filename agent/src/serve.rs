@@ -230,9 +230,13 @@ pub async fn run_agent(
     }
     let listener = bind(config.api.listen).await?;
     let addr = listener.local_addr()?;
+    let configured_port = config.api.listen.port();
     let (mesh, coordinator) = if config.mesh.enabled {
-        let (membership, secret) = start_mesh(&config, addr.port(), &stop_mesh).await?;
-        let coordinator = start_coordinator(&config, addr.port(), &membership, secret, &stop_mesh).await?;
+        // The other planes sit next to the *configured* HTTP port; when that
+        // is 0 (OS-chosen) they get OS-chosen ports too, never the bound
+        // port + N, which may belong to someone else.
+        let (membership, secret) = start_mesh(&config, configured_port, &stop_mesh).await?;
+        let coordinator = start_coordinator(&config, configured_port, &membership, secret, &stop_mesh).await?;
         (Some(membership), Some(coordinator))
     } else {
         (None, None)
@@ -240,7 +244,7 @@ pub async fn run_agent(
     let dataplane = match &mesh {
         Some(_) => {
             let dp_config = DataPlaneConfig {
-                listen: config.mesh.data_listen_addr(addr.port()),
+                listen: config.mesh.data_listen_addr(configured_port),
                 node_name: config.node.name.clone(),
                 connect_timeout: config.mesh.connect_timeout,
                 head_timeout: config.backend.response_timeout,
