@@ -156,11 +156,27 @@ async fn keys(command: &KeysCommand, args: &AdminArgs) -> Result<(), AdminCliErr
         }
         KeysCommand::List => {
             let reply = admin.client.list_keys(admin.request(ListKeysRequest {})).await?.into_inner();
-            let value = json!({ "keys": reply.keys.iter().map(key_json).collect::<Vec<_>>() });
+            let (day, month) = crate::limits::periods(std::time::SystemTime::now());
+            // Tokens used in the key's current period, from the ledger.
+            let used = |key: &ApiKey| {
+                let period = match key.limits.as_ref().map(|l| l.budget_period.as_str()) {
+                    Some("day") => day.as_str(),
+                    Some("month") => month.as_str(),
+                    _ => "",
+                };
+                reply.usage.iter().find(|u| u.key_id == key.id && u.period == period).map_or(0, |u| u.tokens)
+            };
+            let value = json!({ "keys": reply.keys.iter().map(|k| {
+                let mut v = key_json(k);
+                v["tokens_used"] = json!(used(k));
+                v
+            }).collect::<Vec<_>>(), "ledger": reply.usage.iter().map(|u| json!({
+                "key": u.key_id, "period": u.period, "tokens": u.tokens, "requests": u.requests,
+            })).collect::<Vec<_>>() });
             print(args.json, &value, || {
                 let mut lines = vec![format!(
-                    "{:<14} {:<16} {:<8} {:>8} {:>10} {:>12}  MODELS",
-                    "ID", "NAME", "STATE", "REQ/MIN", "TOK/MIN", "BUDGET"
+                    "{:<14} {:<16} {:<8} {:>8} {:>10} {:>12} {:>10}  MODELS",
+                    "ID", "NAME", "STATE", "REQ/MIN", "TOK/MIN", "BUDGET", "USED"
                 )];
                 for key in &reply.keys {
                     let l = key.limits.clone().unwrap_or_default();
@@ -170,13 +186,14 @@ async fn keys(command: &KeysCommand, args: &AdminArgs) -> Result<(), AdminCliErr
                         format!("{}/{}", l.token_budget, l.budget_period)
                     };
                     lines.push(format!(
-                        "{:<14} {:<16} {:<8} {:>8} {:>10} {:>12}  {}",
+                        "{:<14} {:<16} {:<8} {:>8} {:>10} {:>12} {:>10}  {}",
                         key.id,
                         key.name,
                         if key.revoked { "revoked" } else { "active" },
                         or_dash(l.requests_per_minute),
                         or_dash(l.tokens_per_minute),
                         budget,
+                        used(key),
                         if l.allowed_models.is_empty() { "all".into() } else { l.allowed_models.join(",") }
                     ));
                 }

@@ -138,15 +138,24 @@ async fn an_exhausted_budget_gives_429_on_every_node() {
         assert_eq!(response.status(), 200);
     }
     assert!(spent, "60 tokens at about 12 per request run out within 20 requests");
+    // The entry node flushes its usage to the replicated ledger (every 2 s).
+    let ledger_tokens = || {
+        let out = Command::new(binary())
+            .args(["keys", "list", "--node", &mesh.nodes[2].url, "--data-dir", mesh.seed.to_str().expect("utf-8")])
+            .arg("--json")
+            .output()
+            .expect("llmesh runs");
+        let listed: Value = serde_json::from_slice(&out.stdout).unwrap_or(Value::Null);
+        listed["keys"][0]["tokens_used"].as_u64().unwrap_or(0)
+    };
+    eventually("the spent tokens reach the ledger", || async { ledger_tokens() >= 60 }).await;
+    // Now every node refuses at once: not one more request gets through.
     for node in &mesh.nodes {
-        eventually("every node refuses the spent key", || async {
-            let response = chat(node, &secret).await;
-            if response.status() != 429 {
-                return false;
-            }
-            let body: Value = response.json().await.expect("JSON");
-            body["error"]["code"] == "insufficient_quota"
-        })
-        .await;
+        let response = chat(node, &secret).await;
+        assert_eq!(response.status(), 429, "{}", node.url);
+        let retry: u64 = response.headers()["retry-after"].to_str().expect("ascii").parse().expect("seconds");
+        assert!((1..=86_400).contains(&retry));
+        let body: Value = response.json().await.expect("JSON");
+        assert_eq!(body["error"]["code"], "insufficient_quota");
     }
 }

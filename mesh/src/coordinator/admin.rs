@@ -137,9 +137,10 @@ impl Admin for AdminService {
 
     async fn list_keys(&self, request: Request<ListKeysRequest>) -> Result<Response<ListKeysReply>, Status> {
         self.authorize(&request)?;
-        let keys =
-            self.coordinator.state().keys.values().map(|k| ApiKey { secret_sha256: Vec::new(), ..k.clone() }).collect();
-        Ok(Response::new(ListKeysReply { keys }))
+        let state = self.coordinator.state();
+        let keys = state.keys.values().map(|k| ApiKey { secret_sha256: Vec::new(), ..k.clone() }).collect();
+        let usage = state.usage.values().cloned().collect();
+        Ok(Response::new(ListKeysReply { keys, usage }))
     }
 
     async fn revoke_key(&self, request: Request<KeyRef>) -> Result<Response<AdminReply>, Status> {
