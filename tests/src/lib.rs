@@ -176,6 +176,20 @@ impl Drop for Proc {
 pub mod aggregator;
 pub mod netns;
 
+/// Runs `llmesh init` on `dir` (creating its cluster if it has none) and
+/// returns the join token it prints.
+pub fn join_token(dir: &std::path::Path) -> String {
+    let out =
+        std::process::Command::new(binary()).args(["init", "--data-dir"]).arg(dir).output().expect("llmesh init runs");
+    assert!(out.status.success(), "llmesh init failed: {}", String::from_utf8_lossy(&out.stderr));
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    stdout
+        .lines()
+        .find(|l| l.starts_with("lmj1."))
+        .map(str::to_string)
+        .unwrap_or_else(|| panic!("no token in:\n{stdout}"))
+}
+
 /// Starts a simulated backend with extra flags.
 pub async fn sim(args: &[&str]) -> Proc {
     let mut all = vec!["sim-backend", "--listen", "127.0.0.1:0"];

@@ -3,22 +3,18 @@
 //! by every node, state kept across a full restart, model placement.
 //! (Partitions run in network namespaces: `tests/partition.rs`.)
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use llmesh_tests::{Proc, agent_in_env, binary, client, data_dir, eventually, get_json, patience, sim, sim_stats};
+use llmesh_tests::{
+    Proc, agent_in_env, binary, client, data_dir, eventually, get_json, join_token, patience, sim, sim_stats,
+};
 use serde_json::{Value, json};
 
 /// Scales a wall-clock promise by `LLMESH_TEST_PATIENCE` like `patience()`.
 fn within(limit: Duration) -> Duration {
     limit.mul_f64(patience().as_secs_f64() / 15.0)
-}
-
-fn join_token(dir: &Path) -> String {
-    let out = Command::new(binary()).args(["init", "--data-dir"]).arg(dir).output().expect("llmesh init runs");
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    String::from_utf8_lossy(&out.stdout).lines().find(|l| l.starts_with("lmj1.")).map(str::to_string).expect("a token")
 }
 
 const ENV: &[(&str, &str)] = &[("LLMESH_MESH__REPLACE_VOTER_AFTER", "4s"), ("LLMESH_MESH__PLACEMENT_HOT_FOR", "1s")];

@@ -5,7 +5,7 @@
 use std::path::PathBuf;
 use std::process::Command;
 
-use llmesh_tests::{Proc, agent_in, binary, client, data_dir, eventually, get_json, sim};
+use llmesh_tests::{Proc, agent_in, binary, client, data_dir, eventually, get_json, join_token, sim};
 use serde_json::{Value, json};
 
 struct Mesh {
@@ -29,9 +29,7 @@ async fn mesh() -> Mesh {
             agent_in(&data_dir(), &backend.url, &["--name", &name, "--join", &token, "--bootstrap", &boot]).await
         };
         if i == 0 {
-            let out = Command::new(binary()).args(["init", "--data-dir"]).arg(&seed).output().expect("init");
-            token =
-                String::from_utf8_lossy(&out.stdout).lines().find(|l| l.starts_with("lmj1.")).expect("token").into();
+            token = join_token(&seed);
         }
         nodes.push(node);
         sims.push(backend);

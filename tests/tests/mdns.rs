@@ -2,17 +2,11 @@
 //! token find each other with no bootstrap address; a node with another
 //! secret is discovered by mDNS but refused by the private network.
 
-use std::process::Command;
 use std::time::Duration;
 
 use llmesh_tests::netns::Lan;
-use llmesh_tests::{Proc, binary, data_dir, eventually};
+use llmesh_tests::{Proc, binary, data_dir, eventually, join_token};
 use serde_json::Value;
-
-fn token_for(dir: &std::path::Path) -> String {
-    let out = Command::new(binary()).args(["init", "--data-dir"]).arg(dir).output().expect("init runs");
-    String::from_utf8_lossy(&out.stdout).lines().find(|l| l.starts_with("lmj1.")).expect("token").to_string()
-}
 
 async fn start(lan: &Lan, i: usize, name: &str, token: &str) -> Proc {
     let dir = data_dir();
@@ -55,10 +49,10 @@ fn names_seen(lan: &Lan, i: usize) -> Vec<String> {
 #[tokio::test]
 async fn nodes_on_a_lan_find_each_other_by_mdns() {
     let lan = Lan::new(3);
-    let token = token_for(&data_dir());
+    let token = join_token(&data_dir());
     let _a = start(&lan, 0, "lan-a", &token).await;
     let _b = start(&lan, 1, "lan-b", &token).await;
-    let other = token_for(&data_dir());
+    let other = join_token(&data_dir());
     let _c = start(&lan, 2, "lan-outsider", &other).await;
     eventually("A and B discover each other by mDNS", || async {
         let mut a = names_seen(&lan, 0);

@@ -7,20 +7,8 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use futures::StreamExt;
-use llmesh_tests::{Proc, agent, agent_in, binary, client, eventually, get_json, patience, sim};
+use llmesh_tests::{Proc, agent, agent_in, binary, client, eventually, get_json, join_token, patience, sim};
 use serde_json::{Value, json};
-
-/// The join token of the node whose data directory is `dir`.
-fn join_token(dir: &std::path::Path) -> String {
-    let out = Command::new(binary()).args(["init", "--data-dir"]).arg(dir).output().expect("llmesh init runs");
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
-    stdout
-        .lines()
-        .find(|l| l.starts_with("lmj1."))
-        .map(str::to_string)
-        .unwrap_or_else(|| panic!("no token in:\n{stdout}"))
-}
 
 async fn nodes(agent: &Proc) -> Vec<Value> {
     get_json(&format!("{}/mesh/v1/nodes", agent.url)).await["nodes"].as_array().cloned().unwrap_or_default()

@@ -3,17 +3,11 @@
 //! majority keeps committing, and the cut-off node catches up after the
 //! partition heals.
 
-use std::process::Command;
 use std::time::Duration;
 
 use llmesh_tests::netns::Lan;
-use llmesh_tests::{Proc, binary, data_dir, eventually};
+use llmesh_tests::{Proc, binary, data_dir, eventually, join_token};
 use serde_json::Value;
-
-fn token_for(dir: &std::path::Path) -> String {
-    let out = Command::new(binary()).args(["init", "--data-dir"]).arg(dir).output().expect("init runs");
-    String::from_utf8_lossy(&out.stdout).lines().find(|l| l.starts_with("lmj1.")).expect("token").to_string()
-}
 
 async fn start(lan: &Lan, i: usize, dir: &std::path::Path, token: &str) -> Proc {
     let listen = format!("{}:11440", lan.addr(i));
@@ -62,7 +56,7 @@ fn cluster(lan: &Lan, i: usize, seed: &std::path::Path) -> Value {
 async fn a_minority_cannot_commit_and_catches_up_after_healing() {
     let lan = Lan::new(3);
     let seed = data_dir();
-    let token = token_for(&seed);
+    let token = join_token(&seed);
     let _a = start(&lan, 0, &seed, &token).await;
     let _b = start(&lan, 1, &data_dir(), &token).await;
     let _c = start(&lan, 2, &data_dir(), &token).await;
