@@ -89,6 +89,17 @@ impl Lan {
         ip(&["-n", &self.switch, "link", "set", &format!("{}b{i}", self.prefix), "master", "br0"])
     }
 
+    /// Starts an agent with an in-process sim backend inside host `i`, its
+    /// HTTP API on `10.77.0.<i+1>:11440` (the next ports follow), its data in
+    /// `dir`; `args` add to that (name, token, bootstrap, ...).
+    pub async fn agent(&self, i: usize, dir: &std::path::Path, args: &[&str], env: &[(&str, &str)]) -> crate::Proc {
+        let listen = format!("{}:11440", self.addr(i));
+        let dir = dir.to_str().expect("utf-8 temp path").to_string();
+        let mut all = vec!["agent", "--backend-kind", "sim", "--listen", &listen, "--data-dir", &dir];
+        all.extend_from_slice(args);
+        crate::Proc::start_in_netns_env(self.host(i), &all, env).await
+    }
+
     /// Runs a command inside host `i`'s namespace and returns its stdout.
     pub fn exec(&self, i: usize, program: &std::path::Path, args: &[&str]) -> Result<String, String> {
         let out = Command::new("ip")

@@ -9,28 +9,7 @@ use llmesh_tests::{Proc, binary, data_dir, eventually, join_token};
 use serde_json::Value;
 
 async fn start(lan: &Lan, i: usize, name: &str, token: &str) -> Proc {
-    let dir = data_dir();
-    let listen = format!("{}:11440", lan.addr(i));
-    let dir_text = dir.to_str().expect("utf-8").to_string();
-    Proc::start_in_netns(
-        lan.host(i),
-        &[
-            "agent",
-            "--backend-kind",
-            "sim",
-            "--listen",
-            &listen,
-            "--data-dir",
-            &dir_text,
-            "--name",
-            name,
-            "--join",
-            token,
-            "--dead-after",
-            "4s",
-        ],
-    )
-    .await
+    lan.agent(i, &data_dir(), &["--name", name, "--join", token, "--dead-after", "4s"], &[]).await
 }
 
 fn names_seen(lan: &Lan, i: usize) -> Vec<String> {

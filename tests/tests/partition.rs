@@ -10,30 +10,13 @@ use llmesh_tests::{Proc, binary, data_dir, eventually, join_token};
 use serde_json::Value;
 
 async fn start(lan: &Lan, i: usize, dir: &std::path::Path, token: &str) -> Proc {
-    let listen = format!("{}:11440", lan.addr(i));
     let boot = format!("{}:11441", lan.addr(0));
-    let dir_text = dir.to_str().expect("utf-8").to_string();
     let name = format!("part-{i}");
-    let mut args = vec![
-        "agent",
-        "--backend-kind",
-        "sim",
-        "--listen",
-        &listen,
-        "--data-dir",
-        &dir_text,
-        "--name",
-        &name,
-        "--join",
-        token,
-        "--no-mdns",
-        "--dead-after",
-        "3s",
-    ];
+    let mut args = vec!["--name", &name, "--join", token, "--no-mdns", "--dead-after", "3s"];
     if i > 0 {
         args.extend_from_slice(&["--bootstrap", &boot]);
     }
-    Proc::start_in_netns(lan.host(i), &args).await
+    lan.agent(i, dir, &args, &[]).await
 }
 
 /// `llmesh ARGS --node <host i> --json` run inside host `i`.
@@ -112,13 +95,10 @@ fn remote_chat(lan: &Lan, i: usize, url: &str) -> String {
 async fn anonymous_requests_are_accepted_only_from_loopback_unless_configured() {
     let lan = Lan::new(2);
     let dir = data_dir();
-    let dir_text = dir.to_str().expect("utf-8").to_string();
-    let listen = format!("{}:11440", lan.addr(0));
-    let args = ["agent", "--backend-kind", "sim", "--listen", &listen, "--data-dir", &dir_text, "--no-mdns"];
     let url = format!("http://{}:11440/v1/chat/completions", lan.addr(0));
-    let mut node = Proc::start_in_netns(lan.host(0), &args).await;
+    let mut node = lan.agent(0, &dir, &["--no-mdns"], &[]).await;
     assert_eq!(remote_chat(&lan, 1, &url), "401", "a remote client without a key is refused by default");
     node.kill().await;
-    let _node = Proc::start_in_netns_env(lan.host(0), &args, &[("LLMESH_API__ANONYMOUS", "any")]).await;
+    let _node = lan.agent(0, &dir, &["--no-mdns"], &[("LLMESH_API__ANONYMOUS", "any")]).await;
     assert_eq!(remote_chat(&lan, 1, &url), "200", "api.anonymous = any lets it in");
 }
