@@ -26,3 +26,4 @@ pub mod placement;
 pub mod serve;
 pub mod sim;
 pub mod telemetry;
+pub mod usage;

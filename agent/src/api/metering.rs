@@ -14,9 +14,9 @@ use bytes::Bytes;
 use hyper::body::{Body as HttpBody, Frame, SizeHint};
 use llmesh_mesh::Coordinator;
 
-use crate::cloud::usage::UsageMeter;
 use crate::limits::UsageBatcher;
 use crate::metrics::{RequestOutcome, request};
+use crate::usage::UsageMeter;
 
 /// Everything needed to account for one request once its body ends.
 pub struct Accounting {

@@ -8,7 +8,6 @@
 
 pub mod breaker;
 pub mod policy;
-pub mod usage;
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex, PoisonError};
@@ -23,8 +22,8 @@ use crate::backend::Backend;
 use crate::backend::http::{HttpBackend, HttpTarget};
 use crate::backend::openai::OpenAiBackend;
 use crate::config::{CloudConfig, Price, ProviderConfig};
+use crate::usage::{Tokens, UsageMeter};
 use breaker::Breaker;
-use usage::{Tokens, UsageMeter};
 
 pub use policy::{CloudPolicy, Trigger};
 
