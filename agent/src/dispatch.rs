@@ -65,6 +65,8 @@ pub struct Dispatcher {
     limits: QueueLimits,
     scheduler: Mutex<Scheduler>,
     queue: Mutex<FairQueue<oneshot::Sender<()>>>,
+    /// Serialises choosing a node with taking its slot.
+    admission: Mutex<()>,
     /// Requests this node has dispatched to each node and not seen finish.
     outstanding: Arc<Mutex<HashMap<String, u32>>>,
     /// Wakes a queued request when a dispatched one finishes.
@@ -148,6 +150,7 @@ impl Dispatcher {
             limits,
             scheduler: Mutex::new(Scheduler::new(SchedulerConfig::default(), seed)),
             queue: Mutex::new(FairQueue::new(limits.capacity)),
+            admission: Mutex::new(()),
             outstanding: Arc::new(Mutex::new(HashMap::new())),
             freed: Arc::new(tokio::sync::Notify::new()),
         }
@@ -330,9 +333,21 @@ impl Dispatcher {
         // that no node's in-flight figure shows yet.
         let mut waiting = None;
         let choice = loop {
-            let (candidates, targets) = self.candidates(&req.model);
-            let choice =
-                self.scheduler.lock().unwrap_or_else(PoisonError::into_inner).choose(&candidates, prefix, tokens);
+            let (choice, targets, reserved) = {
+                // Looking at the counts and taking a slot happen under one
+                // lock: concurrent requests must not all see the last free
+                // slot and all take it.
+                let _admission = self.admission.lock().unwrap_or_else(PoisonError::into_inner);
+                let (candidates, targets) = self.candidates(&req.model);
+                let choice =
+                    self.scheduler.lock().unwrap_or_else(PoisonError::into_inner).choose(&candidates, prefix, tokens);
+                let reserved = choice
+                    .as_ref()
+                    .filter(|c| !c.saturated)
+                    .and_then(|c| c.order.first())
+                    .map(|id| Outstanding::new(self.outstanding.clone(), self.freed.clone(), id));
+                (choice, targets, reserved)
+            };
             let Some(choice) = choice else {
                 if self.coordinator.as_ref().is_some_and(|c| c.state().is_out_of_service(&self.local_id))
                     && self.local.inventory().current().inventory.resolve(&req.model).is_some()
@@ -358,7 +373,7 @@ impl Dispatcher {
             };
             if !choice.saturated {
                 crate::metrics::scheduled(choice.reason.as_str());
-                break (choice, targets);
+                break (choice, targets, reserved);
             }
             let overflow_after = self.cloud.as_ref().map_or(Duration::MAX, |c| c.overflow_after());
             if !cloud_failed && choice.estimate >= overflow_after {
@@ -390,13 +405,16 @@ impl Dispatcher {
         if let Some((_, since)) = waiting.take() {
             crate::metrics::queue_wait(since.elapsed());
         }
-        let (choice, targets) = choice;
+        let (choice, targets, mut reserved) = choice;
         // Leaving the queue (if still in it) frees the place for others.
         drop(ticket);
         let mut last_error = None;
         for id in choice.order.iter().take(self.max_attempts) {
             let Some(target) = targets.get(id) else { continue };
-            let guard = Outstanding::new(self.outstanding.clone(), self.freed.clone(), id);
+            let guard = match reserved.take().filter(|g| g.node == *id) {
+                Some(guard) => guard,
+                None => Outstanding::new(self.outstanding.clone(), self.freed.clone(), id),
+            };
             let result = match target {
                 Target::Local => self.local.serve(req.clone()).await.map(|response| Dispatched {
                     response,
