@@ -1,6 +1,10 @@
 //! `llmesh keys|route|node …`: operator commands over the Admin gRPC
 //! service of any node. The node is named by its HTTP API URL (as for
 //! `llmesh status`); its control port is looked up from `/mesh/v1/cluster`.
+//!
+//! The control plane admits members only (mutual TLS), so the CLI presents
+//! the certificate of the node whose data directory it runs on, and the
+//! admin token on top.
 
 use std::process::ExitCode;
 
@@ -11,6 +15,9 @@ use llmesh_proto::{
 };
 use serde_json::{Value, json};
 use tonic::transport::Channel;
+
+use llmesh_mesh::pki::Trust;
+use llmesh_mesh::pki::grpc::ChannelOptions;
 
 use crate::cli::{AdminArgs, KeysCommand, LimitArgs, NodeCommand, RouteCommand};
 use crate::config::MeshConfig;
@@ -34,6 +41,26 @@ pub enum AdminCliError {
     Usage(String),
 }
 
+/// The certificate of the node whose data directory the CLI runs on.
+fn credentials(dir: &std::path::Path) -> Result<std::sync::Arc<Trust>, AdminCliError> {
+    let no_cert = || {
+        AdminCliError::Connect(format!(
+            "{} holds no cluster certificate: run the CLI on a node of the cluster (with its --data-dir), since the control plane admits members only",
+            dir.display()
+        ))
+    };
+    let key = match llmesh_mesh::identity::load_existing(dir) {
+        Ok(Some(key)) => key,
+        Ok(None) => return Err(no_cert()),
+        Err(err) => return Err(AdminCliError::Connect(err.to_string())),
+    };
+    let trust = Trust::load(dir, key, None).map_err(|e| AdminCliError::Connect(e.to_string()))?;
+    if !trust.is_enrolled() {
+        return Err(no_cert());
+    }
+    Ok(trust)
+}
+
 struct Admin {
     client: AdminClient<Channel>,
     token: String,
@@ -41,17 +68,16 @@ struct Admin {
 
 impl Admin {
     async fn connect(args: &AdminArgs) -> Result<Admin, AdminCliError> {
+        let dir = MeshConfig { data_dir: args.data_dir.clone(), ..MeshConfig::default() }.data_dir();
+        let trust = credentials(&dir)?;
         let token = match &args.admin_token {
             Some(token) => token.trim().to_string(),
-            None => {
-                let dir = MeshConfig { data_dir: args.data_dir.clone(), ..MeshConfig::default() }.data_dir();
-                crate::cluster::admin_token(&dir)
-                    .map_err(|e| AdminCliError::Connect(e.to_string()))?
-                    .ok_or_else(|| AdminCliError::NoToken(dir.join("admin.token").display().to_string()))?
-            }
+            None => crate::cluster::admin_token(&dir)
+                .map_err(|e| AdminCliError::Connect(e.to_string()))?
+                .ok_or_else(|| AdminCliError::NoToken(dir.join("admin.token").display().to_string()))?,
         };
         let control = match &args.control {
-            Some(addr) => format!("http://{addr}"),
+            Some(addr) => addr.to_string(),
             None => {
                 let base = args.node.trim_end_matches('/');
                 let cluster =
@@ -61,17 +87,20 @@ impl Admin {
                 })?;
                 let uri: http::Uri =
                     base.parse().map_err(|e| AdminCliError::Usage(format!("bad --node URL {base}: {e}")))?;
-                let host = uri.host().unwrap_or("127.0.0.1");
-                format!("http://{host}:{port}")
+                let host = uri.host().unwrap_or("127.0.0.1").trim_start_matches('[').trim_end_matches(']');
+                let host = if host == "localhost" { "127.0.0.1" } else { host };
+                if host.contains(':') { format!("[{host}]:{port}") } else { format!("{host}:{port}") }
             }
         };
-        let channel = tonic::transport::Endpoint::from_shared(control.clone())
-            .map_err(|e| AdminCliError::Usage(format!("bad control address {control}: {e}")))?
-            .connect_timeout(std::time::Duration::from_secs(5))
-            .timeout(std::time::Duration::from_secs(15))
-            .connect()
-            .await
-            .map_err(|e| AdminCliError::Connect(format!("cannot reach the control plane at {control}: {e}")))?;
+        let addr: std::net::SocketAddr = control
+            .parse()
+            .map_err(|e| AdminCliError::Usage(format!("bad control address {control} (want IP:PORT): {e}")))?;
+        let options = ChannelOptions {
+            connect_timeout: std::time::Duration::from_secs(5),
+            timeout: std::time::Duration::from_secs(15),
+        };
+        let channel = llmesh_mesh::pki::grpc::channel(addr, &trust, options)
+            .map_err(|e| AdminCliError::Connect(format!("control plane at {control}: {e}")))?;
         Ok(Admin { client: AdminClient::new(channel), token })
     }
 
@@ -251,6 +280,9 @@ async fn node(command: &NodeCommand, args: &AdminArgs) -> Result<(), AdminCliErr
         }
         NodeCommand::Remove { target } => {
             admin.client.remove_node(admin.request(NodeRef { node: target.clone() })).await?
+        }
+        NodeCommand::Revoke { target } => {
+            admin.client.revoke_node(admin.request(NodeRef { node: target.clone() })).await?
         }
     }
     .into_inner();

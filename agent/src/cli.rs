@@ -177,6 +177,13 @@ pub enum NodeCommand {
         #[arg(value_name = "NODE")]
         target: String,
     },
+    /// Shut a node out of every plane (gossip, data plane, Raft, admin)
+    /// within seconds, even with its old certificate.
+    Revoke {
+        /// Node name or id.
+        #[arg(value_name = "NODE")]
+        target: String,
+    },
 }
 
 const AGENT_AFTER_HELP: &str = "\

@@ -24,16 +24,20 @@ pub enum ClusterFileError {
         /// What the OS said.
         source: std::io::Error,
     },
+    /// The cluster CA could not be created.
+    #[error("cluster CA: {0}")]
+    Pki(String),
 }
 
 fn io(path: &Path) -> impl FnOnce(std::io::Error) -> ClusterFileError + '_ {
     move |source| ClusterFileError::Io { path: path.to_path_buf(), source }
 }
 
-/// Writes the admin credential (0600) and the seed marker for a cluster
-/// this directory just created.
+/// Writes the admin credential (0600), the cluster CA and the seed marker
+/// for a cluster this directory just created.
 pub fn make_seed(dir: &Path) -> Result<(), ClusterFileError> {
     std::fs::create_dir_all(dir).map_err(io(dir))?;
+    llmesh_mesh::pki::create_ca(dir).map_err(|e| ClusterFileError::Pki(e.to_string()))?;
     let token_path = dir.join(ADMIN_TOKEN_FILE);
     if !token_path.exists() {
         write_private(&token_path, format!("{}\n", new_admin_token()).as_bytes())?;
@@ -50,6 +54,11 @@ pub fn admin_token(dir: &Path) -> Result<Option<String>, ClusterFileError> {
         Err(err) if err.kind() == std::io::ErrorKind::NotFound => Ok(None),
         Err(err) => Err(io(&path)(err)),
     }
+}
+
+/// Whether `dir` belongs to the node that created its cluster.
+pub fn is_seed(dir: &Path) -> bool {
+    dir.join(SEED_MARKER).exists()
 }
 
 /// `Some(hash of the admin credential)` when `dir` is a seed.

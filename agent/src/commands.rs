@@ -42,9 +42,24 @@ pub fn init(args: &InitArgs) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    let token = JoinToken { secret: secret.clone(), bootstrap }.encode();
+    let ca = match llmesh_mesh::pki::ca_fingerprint(&dir) {
+        Ok(Some(ca)) => ca,
+        Ok(None) => {
+            eprintln!(
+                "llmesh init: {} has no cluster CA certificate yet: start its agent once so that it enrolls, or run init on the node that created the cluster",
+                dir.display()
+            );
+            return ExitCode::FAILURE;
+        }
+        Err(err) => {
+            eprintln!("llmesh init: {err}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let token = JoinToken { secret: secret.clone(), ca, bootstrap }.encode();
     let what = if created { "created a new cluster" } else { "this node's cluster" };
     println!("{what} (fingerprint {}), secret stored in {}", secret.fingerprint(), dir.display());
+    println!("cluster CA: sha256 {}", llmesh_mesh::pki::hex(&ca));
     println!("this node's id: {node_id}");
     println!();
     println!("join token (keep it secret: it admits machines to the cluster):");

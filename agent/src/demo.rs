@@ -115,12 +115,18 @@ pub async fn run(args: &DemoArgs, shutdown: CancellationToken, print: impl FnOnc
     let data_dir = std::env::temp_dir().join(format!("llmesh-demo-{}", std::process::id()));
     let secret = ClusterSecret::generate();
     let mut configs: Vec<Config> = (0..NODES.len()).map(|i| node_config(args, i, &data_dir)).collect();
-    for config in &configs {
-        secret.store(&config.mesh.data_dir()).map_err(|e| RunError::Mesh(e.to_string()))?;
-    }
-    // demo-1 created the cluster: it starts the Raft group and holds the admin token.
+    // demo-1 created the cluster: it holds the CA, starts the Raft group and
+    // keeps the admin token; the others join with its token, as real nodes do.
     let admin_dir = configs[0].mesh.data_dir();
+    secret.store(&admin_dir).map_err(|e| RunError::Mesh(e.to_string()))?;
     crate::cluster::make_seed(&admin_dir).map_err(|e| RunError::Mesh(e.to_string()))?;
+    let ca = llmesh_mesh::pki::ca_fingerprint(&admin_dir)
+        .map_err(|e| RunError::Mesh(e.to_string()))?
+        .ok_or_else(|| RunError::Mesh("the demo's cluster CA was not created".into()))?;
+    let token = llmesh_mesh::JoinToken { secret: secret.clone(), ca, bootstrap: Vec::new() }.encode();
+    for config in configs.iter_mut().skip(1) {
+        config.mesh.join = Some(token.clone());
+    }
     let mut tasks = Vec::new();
     let (first, task) = start_node(configs.remove(0), shutdown.clone()).await?;
     tasks.push(task);

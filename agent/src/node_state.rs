@@ -35,8 +35,6 @@ pub struct NodeStateBuilder {
     pub data_addr: String,
     /// Where peers reach this node's control plane (Raft, Admin).
     pub control_addr: String,
-    /// SHA-256 of the data plane's certificate.
-    pub data_cert_sha256: Vec<u8>,
     /// Set once the node starts draining.
     pub draining: std::sync::atomic::AtomicBool,
 }
@@ -122,7 +120,6 @@ impl NodeStateBuilder {
             draining: self.draining.load(std::sync::atomic::Ordering::SeqCst),
             seq: 0,
             timestamp_ms: SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64),
-            data_cert_sha256: self.data_cert_sha256.clone(),
         }
     }
 

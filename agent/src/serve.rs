@@ -12,6 +12,7 @@ use tokio_util::sync::CancellationToken;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use llmesh_mesh::coordinator::placement::PlacementConfig;
+use llmesh_mesh::pki::Trust;
 use llmesh_mesh::{
     ClusterSecret, Coordinator, CoordinatorConfig, DataPlane, DataPlaneConfig, JoinToken, LivenessConfig, Membership,
     MembershipConfig, Multiaddr, RequestHandler,
@@ -63,20 +64,23 @@ pub struct Ready {
     pub p2p: Vec<Multiaddr>,
 }
 
-/// Loads or creates the identity and secret, then starts membership.
+/// Loads or creates the identity, secret and certificates, starts
+/// membership, and waits until this node holds its cluster certificate.
 async fn start_mesh(
     config: &Config,
     http_port: u16,
     shutdown: &CancellationToken,
-) -> Result<(Membership, ClusterSecret), RunError> {
+) -> Result<(Membership, ClusterSecret, Arc<Trust>), RunError> {
     let mesh = &config.mesh;
     let data_dir = mesh.data_dir();
     let mut bootstrap = mesh.bootstrap_addrs().map_err(|e| RunError::Mesh(e.to_string()))?;
+    let mut expected_ca = None;
     let secret = match &mesh.join {
         Some(token) => {
             let token = JoinToken::decode(token).map_err(|e| RunError::Mesh(e.to_string()))?;
             token.secret.store(&data_dir).map_err(|e| RunError::Mesh(e.to_string()))?;
             bootstrap.extend(token.bootstrap);
+            expected_ca = Some(token.ca);
             token.secret
         }
         None => {
@@ -90,6 +94,10 @@ async fn start_mesh(
                     data_dir.display()
                 );
             }
+            if crate::cluster::is_seed(&data_dir) {
+                // Data directories from before the cluster CA get one now.
+                llmesh_mesh::pki::create_ca(&data_dir).map_err(|e| RunError::Mesh(e.to_string()))?;
+            }
             secret
         }
     };
@@ -98,11 +106,13 @@ async fn start_mesh(
     if created {
         tracing::info!(node_id = %keypair.public().to_peer_id(), "created a node identity");
     }
+    let trust = Trust::load(&data_dir, keypair.clone(), expected_ca).map_err(|e| RunError::Mesh(e.to_string()))?;
     let listen = mesh.listen_addr(http_port).map_err(|e| RunError::Mesh(e.to_string()))?;
     tracing::info!(cluster = %secret.fingerprint(), %listen, "joining the mesh");
     let membership_config = MembershipConfig {
         keypair,
         secret: secret.clone(),
+        trust: trust.clone(),
         listen: vec![listen],
         bootstrap,
         mdns: mesh.mdns,
@@ -116,7 +126,7 @@ async fn start_mesh(
     let (membership, _task) = llmesh_mesh::membership::start(membership_config, shutdown.clone())
         .await
         .map_err(|e| RunError::Mesh(e.to_string()))?;
-    Ok((membership, secret))
+    Ok((membership, secret, trust))
 }
 
 /// Starts the Raft coordinator and its gRPC server.
@@ -125,16 +135,17 @@ async fn start_coordinator(
     http_port: u16,
     membership: &Membership,
     secret: ClusterSecret,
+    trust: Arc<Trust>,
     shutdown: &CancellationToken,
 ) -> Result<Coordinator, RunError> {
     let mesh = &config.mesh;
     let data_dir = mesh.data_dir();
     let mut coordinator = CoordinatorConfig::new(
-        membership.local_id().to_string(),
         config.node.name.clone(),
         data_dir.clone(),
         mesh.control_listen_addr(http_port),
         secret,
+        trust,
     );
     coordinator.seed = crate::cluster::seed(&data_dir).map_err(|e| RunError::Mesh(e.to_string()))?;
     coordinator.target_voters = mesh.voters;
@@ -235,14 +246,31 @@ pub async fn run_agent(
         // The other planes sit next to the *configured* HTTP port; when that
         // is 0 (OS-chosen) they get OS-chosen ports too, never the bound
         // port + N, which may belong to someone else.
-        let (membership, secret) = start_mesh(&config, configured_port, &stop_mesh).await?;
-        let coordinator = start_coordinator(&config, configured_port, &membership, secret, &stop_mesh).await?;
-        (Some(membership), Some(coordinator))
+        let (membership, secret, trust) = start_mesh(&config, configured_port, &stop_mesh).await?;
+        if !trust.is_enrolled() {
+            // The data and control planes need the certificate; the
+            // membership task asks for it and logs the wait.
+            tokio::select! {
+                () = trust.enrolled() => {}
+                () = shutdown.cancelled() => {
+                    stop_mesh.cancel();
+                    tracing::info!("stopped before this node got its cluster certificate");
+                    return Ok(());
+                }
+            }
+        }
+        let coordinator =
+            start_coordinator(&config, configured_port, &membership, secret, trust.clone(), &stop_mesh).await?;
+        (Some((membership, trust)), Some(coordinator))
     } else {
         (None, None)
     };
-    let dataplane = match &mesh {
-        Some(_) => {
+    let (mesh, trust) = match mesh {
+        Some((membership, trust)) => (Some(membership), Some(trust)),
+        None => (None, None),
+    };
+    let dataplane = match &trust {
+        Some(trust) => {
             let dp_config = DataPlaneConfig {
                 listen: config.mesh.data_listen_addr(configured_port),
                 node_name: config.node.name.clone(),
@@ -251,7 +279,10 @@ pub async fn run_agent(
                 max_body_bytes: config.api.max_body_bytes,
             };
             let handler: Arc<dyn RequestHandler> = local.clone();
-            Some(DataPlane::bind(dp_config, handler, stop_mesh.clone()).map_err(|e| RunError::Mesh(e.to_string()))?)
+            Some(
+                DataPlane::bind(dp_config, trust.clone(), handler, stop_mesh.clone())
+                    .map_err(|e| RunError::Mesh(e.to_string()))?,
+            )
         }
         None => None,
     };
@@ -273,7 +304,6 @@ pub async fn run_agent(
         load,
         gpu: GpuProbe::new(),
         data_addr,
-        data_cert_sha256: dataplane.as_ref().map(|d| d.fingerprint().to_vec()).unwrap_or_default(),
         control_addr: match (&coordinator, &mesh) {
             (Some(c), Some(m)) => advertised(c.local_addr(), &m.view().listen_addrs).to_string(),
             _ => String::new(),

@@ -25,6 +25,16 @@ pub enum IdentityError {
     },
 }
 
+/// Loads the node key from `data_dir`, if there is one.
+pub fn load_existing(data_dir: &Path) -> Result<Option<Keypair>, IdentityError> {
+    let path = data_dir.join(KEY_FILE);
+    let shown = path.display().to_string();
+    let Some(bytes) = read_private(&path).map_err(|source| IdentityError::Io { path: shown.clone(), source })? else {
+        return Ok(None);
+    };
+    Keypair::from_protobuf_encoding(&bytes).map(Some).map_err(|e| IdentityError::Corrupt(shown, e.to_string()))
+}
+
 /// Loads the node key from `data_dir`, creating an Ed25519 key on first
 /// start. Returns the key and whether it was created now.
 pub fn load_or_create(data_dir: &Path) -> Result<(Keypair, bool), IdentityError> {

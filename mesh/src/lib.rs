@@ -18,6 +18,7 @@ pub mod handler;
 pub mod identity;
 pub mod membership;
 pub mod peers;
+pub mod pki;
 pub mod scheduler;
 pub mod secret;
 mod store;

@@ -3,35 +3,47 @@
 //! bootstrap peers and Kademlia beyond it, and a gossipsub topic on which
 //! every node publishes its [`NodeState`] each heartbeat and on change.
 //!
+//! Gossip carries [`SignedNodeState`]: states signed by their node's key
+//! with its CA-issued certificate (see [`crate::pki`]); anything else is
+//! dropped. A node without a certificate asks for one on the
+//! `/llmesh/enroll/1` protocol; revoked nodes are blocked at the connection.
+//!
 //! One task owns the swarm; the rest of the node talks to it through a
 //! cloneable [`Membership`] handle: it sets the local state and reads the
 //! peers view.
 
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use futures::StreamExt;
+use libp2p::allow_block_list::{self, BlockedPeers};
 use libp2p::core::muxing::StreamMuxerBox;
 use libp2p::core::transport::upgrade::Version;
 use libp2p::multiaddr::Protocol;
 use libp2p::pnet::{PnetConfig, PreSharedKey};
+use libp2p::request_response::{self, ProtocolSupport};
 use libp2p::swarm::behaviour::toggle::Toggle;
 use libp2p::swarm::dial_opts::{DialOpts, PeerCondition};
 use libp2p::swarm::{NetworkBehaviour, SwarmEvent};
 use libp2p::{
     Multiaddr, PeerId, StreamProtocol, Swarm, Transport, gossipsub, identify, identity, kad, mdns, noise, tcp, yamux,
 };
-use llmesh_proto::NodeState;
+use llmesh_proto::{NodeState, SignedNodeState};
 use prost::Message;
 use tokio::sync::{broadcast, watch};
 use tokio_util::sync::CancellationToken;
 
 use crate::peers::{Change, Liveness, LivenessConfig, PeerTable};
+use crate::pki::{PkiError, Trust};
 use crate::secret::ClusterSecret;
 
-/// Gossipsub topic carrying [`NodeState`].
-const STATE_TOPIC: &str = "llmesh/state/1";
+/// Gossipsub topic carrying [`SignedNodeState`].
+const STATE_TOPIC: &str = "llmesh/state/2";
+/// Protocol on which a node without a certificate asks for one.
+const ENROLL_PROTOCOL: &str = "/llmesh/enroll/1";
+/// How often the wait for a certificate is reported.
+const ENROLL_REPORT_EVERY: Duration = Duration::from_secs(10);
 /// Largest gossip message accepted; a NodeState is a few KiB.
 const MAX_GOSSIP_BYTES: usize = 256 * 1024;
 /// How often unreachable bootstrap peers are dialled again.
@@ -62,6 +74,8 @@ pub struct MembershipConfig {
     pub keypair: identity::Keypair,
     /// The cluster secret (pnet key).
     pub secret: ClusterSecret,
+    /// Certificates: signs what this node gossips, checks what it hears.
+    pub trust: Arc<Trust>,
     /// Addresses to listen on for peers.
     pub listen: Vec<Multiaddr>,
     /// Peers to contact first.
@@ -140,9 +154,23 @@ impl Membership {
     }
 }
 
+/// A request for a certificate; the requester's key is the one its noise
+/// handshake proved, so the request itself carries nothing.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+struct EnrollRequest {}
+
+/// The CA and a certificate for the requester, or why not.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+enum EnrollResponse {
+    Issued { ca: Vec<u8>, cert: Vec<u8> },
+    Refused(String),
+}
+
 #[derive(NetworkBehaviour)]
 struct Behaviour {
+    blocked: allow_block_list::Behaviour<BlockedPeers>,
     gossipsub: gossipsub::Behaviour,
+    enroll: request_response::json::Behaviour<EnrollRequest, EnrollResponse>,
     identify: identify::Behaviour,
     kad: kad::Behaviour<kad::store::MemoryStore>,
     mdns: Toggle<mdns::tokio::Behaviour>,
@@ -196,7 +224,18 @@ fn build_swarm(config: &MembershipConfig) -> Result<Swarm<Behaviour>, MeshError>
             } else {
                 None
             };
-            Ok(Behaviour { gossipsub, identify, kad, mdns: Toggle::from(mdns) })
+            let enroll = request_response::json::Behaviour::new(
+                [(StreamProtocol::new(ENROLL_PROTOCOL), ProtocolSupport::Full)],
+                request_response::Config::default().with_request_timeout(Duration::from_secs(10)),
+            );
+            Ok(Behaviour {
+                blocked: allow_block_list::Behaviour::default(),
+                gossipsub,
+                enroll,
+                identify,
+                kad,
+                mdns: Toggle::from(mdns),
+            })
         })
         .map_err(|e| MeshError::Build(e.to_string()))?
         .with_swarm_config(|c| c.with_idle_connection_timeout(Duration::from_secs(120)))
@@ -267,6 +306,10 @@ pub async fn start(
         changes: changes.clone(),
         heartbeat: config.heartbeat,
         kad_bootstrapped: false,
+        revoked: config.trust.watch_revoked(),
+        trust: config.trust.clone(),
+        enrolling: None,
+        enroll_reported: None,
     };
     let task = tokio::spawn(event_loop.run(shutdown));
     Ok((Membership { local_id, local_state, view, changes }, task))
@@ -288,6 +331,12 @@ struct EventLoop {
     changes: broadcast::Sender<Change>,
     heartbeat: Duration,
     kad_bootstrapped: bool,
+    trust: Arc<Trust>,
+    revoked: watch::Receiver<Arc<BTreeSet<String>>>,
+    /// The peer asked for a certificate, while waiting for its answer.
+    enrolling: Option<PeerId>,
+    /// When the wait for a certificate was last reported.
+    enroll_reported: Option<Instant>,
 }
 
 impl EventLoop {
@@ -296,6 +345,7 @@ impl EventLoop {
         heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut redial = tokio::time::interval(REDIAL_INTERVAL);
         let mut kad_refresh = tokio::time::interval(KAD_BOOTSTRAP_INTERVAL);
+        self.block_revoked();
         loop {
             tokio::select! {
                 () = shutdown.cancelled() => break,
@@ -306,7 +356,14 @@ impl EventLoop {
                     }
                     self.publish(false);
                 }
+                changed = self.revoked.changed() => {
+                    if changed.is_err() {
+                        break;
+                    }
+                    self.block_revoked();
+                }
                 _ = heartbeat.tick() => {
+                    self.enroll();
                     self.publish(true);
                     let changes = self.table.tick(Instant::now());
                     self.report(changes);
@@ -334,13 +391,99 @@ impl EventLoop {
         self.seq += 1;
         state.seq = self.seq;
         state.timestamp_ms = unix_ms();
+        // Not enrolled yet: nobody would accept an unsigned state.
+        let Some(signed) = self.trust.sign_state(&state) else { return };
         let topic = self.topic.clone();
-        if let Err(err) = self.swarm.behaviour_mut().gossipsub.publish(topic, state.encode_to_vec()) {
+        if let Err(err) = self.swarm.behaviour_mut().gossipsub.publish(topic, signed.encode_to_vec()) {
             // Expected while alone; anything else is worth a look.
             match err {
                 gossipsub::PublishError::NoPeersSubscribedToTopic | gossipsub::PublishError::Duplicate => {}
                 other => tracing::debug!(error = %other, "cannot publish node state"),
             }
+        }
+    }
+
+    /// Blocks revoked nodes at the connection level (closing what is open)
+    /// and drops them from the view.
+    fn block_revoked(&mut self) {
+        let revoked = self.revoked.borrow_and_update().clone();
+        for id in revoked.iter() {
+            let Ok(peer) = id.parse::<PeerId>() else { continue };
+            if self.swarm.behaviour_mut().blocked.block_peer(peer) {
+                tracing::info!(node = %id, "blocked a revoked node");
+            }
+            let changes = self.table.forget(id);
+            self.report(changes);
+        }
+        self.refresh_view();
+    }
+
+    /// Without a certificate, asks one connected peer at a time for one.
+    fn enroll(&mut self) {
+        if self.trust.is_enrolled() || self.enrolling.is_some() {
+            return;
+        }
+        let peers: Vec<PeerId> = self.swarm.connected_peers().copied().collect();
+        let now = Instant::now();
+        if self.enroll_reported.is_none_or(|at| now.duration_since(at) >= ENROLL_REPORT_EVERY) {
+            self.enroll_reported = Some(now);
+            tracing::info!(
+                connected = peers.len(),
+                "waiting for a certificate from a node holding the cluster CA (the node where `llmesh init` ran)"
+            );
+        }
+        if peers.is_empty() {
+            return;
+        }
+        // Rotate through peers: most of them hold no CA key.
+        let peer = peers[rand::random::<usize>() % peers.len()];
+        self.swarm.behaviour_mut().enroll.send_request(&peer, EnrollRequest {});
+        self.enrolling = Some(peer);
+    }
+
+    fn on_enroll(&mut self, event: request_response::Event<EnrollRequest, EnrollResponse>) {
+        match event {
+            request_response::Event::Message {
+                peer,
+                message: request_response::Message::Request { channel, .. },
+                ..
+            } => {
+                let response = match self.trust.issue(&peer) {
+                    Ok((ca, cert)) => {
+                        tracing::info!(node = %peer, "issued a cluster certificate");
+                        EnrollResponse::Issued { ca, cert }
+                    }
+                    Err(PkiError::NotIssuer) => EnrollResponse::Refused(PkiError::NotIssuer.to_string()),
+                    Err(err) => {
+                        tracing::warn!(node = %peer, error = %err, "refused a certificate");
+                        EnrollResponse::Refused(err.to_string())
+                    }
+                };
+                // Fails only when the requester went away.
+                let _ = self.swarm.behaviour_mut().enroll.send_response(channel, response);
+            }
+            request_response::Event::Message {
+                peer,
+                message: request_response::Message::Response { response, .. },
+                ..
+            } => {
+                self.enrolling = None;
+                match response {
+                    EnrollResponse::Issued { ca, cert } => match self.trust.accept_enrollment(&ca, &cert) {
+                        Ok(()) => {
+                            tracing::info!(issuer = %peer, "enrolled: this node has its cluster certificate");
+                            self.publish(false);
+                        }
+                        Err(err) => tracing::warn!(issuer = %peer, error = %err, "rejected the certificate offered"),
+                    },
+                    EnrollResponse::Refused(reason) => tracing::debug!(%peer, %reason, "no certificate from this peer"),
+                }
+            }
+            request_response::Event::OutboundFailure { peer, error, .. } => {
+                self.enrolling = None;
+                tracing::debug!(%peer, %error, "enrollment request failed");
+            }
+            _ => {}
         }
     }
 
@@ -400,6 +543,7 @@ impl EventLoop {
             SwarmEvent::Behaviour(BehaviourEvent::Gossipsub(gossipsub::Event::Message { message, .. })) => {
                 self.on_state(message.source, &message.data);
             }
+            SwarmEvent::Behaviour(BehaviourEvent::Enroll(event)) => self.on_enroll(event),
             SwarmEvent::Behaviour(BehaviourEvent::Identify(identify::Event::Received { peer_id, info, .. })) => {
                 for addr in info.listen_addrs {
                     self.swarm.behaviour_mut().kad.add_address(&peer_id, addr);
@@ -454,19 +598,19 @@ impl EventLoop {
     }
 
     fn on_state(&mut self, source: Option<PeerId>, data: &[u8]) {
-        let state = match NodeState::decode(data) {
+        // A state must carry a member's certificate and signature and be
+        // about its author, so no outsider is seen and no node can speak
+        // for another.
+        let opened = SignedNodeState::decode(data)
+            .map_err(|e| PkiError::BadState(format!("undecodable: {e}")))
+            .and_then(|signed| self.trust.open_state(&signed, source));
+        let state = match opened {
             Ok(state) => state,
             Err(err) => {
-                tracing::debug!(error = %err, "dropping undecodable node state");
+                tracing::debug!(source = ?source, error = %err, "dropping node state");
                 return;
             }
         };
-        // Gossipsub signs each message with its author's key; a state must
-        // be about its author, so no node can speak for another.
-        if source.map(|p| p.to_string()).as_deref() != Some(state.node_id.as_str()) {
-            tracing::warn!(claimed = %state.node_id, source = ?source, "dropping node state published by another node");
-            return;
-        }
         let changes = self.table.observe(state, Instant::now());
         self.report(changes);
         self.refresh_view();

@@ -124,6 +124,15 @@ impl PeerTable {
         }
     }
 
+    /// Drops a peer at once (revoked): it leaves the view without passing
+    /// through suspect and dead.
+    pub fn forget(&mut self, node_id: &str) -> Vec<Change> {
+        match self.entries.remove(node_id) {
+            Some(_) => vec![Change::Forgotten(node_id.to_string())],
+            None => Vec::new(),
+        }
+    }
+
     /// Applies the liveness rules at `now`.
     pub fn tick(&mut self, now: Instant) -> Vec<Change> {
         let mut changes = Vec::new();

@@ -3,8 +3,10 @@
 //! Every node of a cluster holds the same 32-byte secret. It keys libp2p's
 //! private network (`pnet`), so a machine without it cannot complete even
 //! the first handshake. `llmesh init` creates it and prints a join token:
-//! `lmj1.<64 hex chars>` optionally followed by `.<base64url of bootstrap
-//! addresses, comma-separated>`.
+//! `lmj2.<secret: 64 hex>.<SHA-256 of the cluster CA certificate: 64 hex>`
+//! optionally followed by `.<base64url of bootstrap addresses,
+//! comma-separated>`. The CA fingerprint lets a joining node check the CA
+//! it is handed at enrollment (see [`crate::pki`]).
 
 use std::fmt;
 use std::path::Path;
@@ -15,7 +17,7 @@ use libp2p::Multiaddr;
 
 use crate::store::{read_private, write_private};
 
-const TOKEN_PREFIX: &str = "lmj1";
+const TOKEN_PREFIX: &str = "lmj2";
 const SECRET_FILE: &str = "cluster.secret";
 
 /// A problem with the cluster secret, a join token or the data directory.
@@ -124,6 +126,8 @@ fn io(path: &Path, source: std::io::Error) -> SecretError {
 pub struct JoinToken {
     /// The cluster secret.
     pub secret: ClusterSecret,
+    /// SHA-256 of the cluster CA's certificate.
+    pub ca: [u8; 32],
     /// Addresses of nodes to contact first.
     pub bootstrap: Vec<Multiaddr>,
 }
@@ -131,7 +135,7 @@ pub struct JoinToken {
 impl JoinToken {
     /// The printable token.
     pub fn encode(&self) -> String {
-        let mut token = format!("{TOKEN_PREFIX}.{}", self.secret.to_hex());
+        let mut token = format!("{TOKEN_PREFIX}.{}.{}", self.secret.to_hex(), crate::pki::hex(&self.ca));
         if !self.bootstrap.is_empty() {
             let joined = self.bootstrap.iter().map(ToString::to_string).collect::<Vec<_>>().join(",");
             token.push('.');
@@ -144,12 +148,22 @@ impl JoinToken {
     pub fn decode(token: &str) -> Result<JoinToken, SecretError> {
         let mut parts = token.trim().split('.');
         if parts.next() != Some(TOKEN_PREFIX) {
-            return Err(SecretError::BadToken(format!("it must start with '{TOKEN_PREFIX}.'")));
+            let hint = if token.trim().starts_with("lmj1.") {
+                " (this is a token from an older llmesh without a cluster CA: run `llmesh init` again on the first node)"
+            } else {
+                ""
+            };
+            return Err(SecretError::BadToken(format!("it must start with '{TOKEN_PREFIX}.'{hint}")));
         }
         let secret = parts
             .next()
             .and_then(ClusterSecret::from_hex)
             .ok_or_else(|| SecretError::BadToken("the secret part is not 64 hex characters".into()))?;
+        let ca = parts
+            .next()
+            .and_then(ClusterSecret::from_hex)
+            .map(|fingerprint| fingerprint.0)
+            .ok_or_else(|| SecretError::BadToken("the CA fingerprint part is not 64 hex characters".into()))?;
         let bootstrap = match parts.next() {
             None => Vec::new(),
             Some(encoded) => {
@@ -170,7 +184,7 @@ impl JoinToken {
         if parts.next().is_some() {
             return Err(SecretError::BadToken("too many parts".into()));
         }
-        Ok(JoinToken { secret, bootstrap })
+        Ok(JoinToken { secret, ca, bootstrap })
     }
 }
 
@@ -181,10 +195,11 @@ mod tests {
     #[test]
     fn token_round_trips_with_and_without_bootstrap() {
         let secret = ClusterSecret::generate();
-        let bare = JoinToken { secret: secret.clone(), bootstrap: vec![] };
+        let bare = JoinToken { secret: secret.clone(), ca: [7; 32], bootstrap: vec![] };
         assert_eq!(JoinToken::decode(&bare.encode()).expect("decodes"), bare);
         let with = JoinToken {
             secret,
+            ca: [9; 32],
             bootstrap: vec!["/ip4/10.0.0.5/tcp/11441".parse().expect("addr"), "/ip6/::1/tcp/7".parse().expect("addr")],
         };
         assert_eq!(JoinToken::decode(&with.encode()).expect("decodes"), with);
@@ -192,7 +207,17 @@ mod tests {
 
     #[test]
     fn bad_tokens_are_rejected_with_a_reason() {
-        for bad in ["", "lmj2.00", "lmj1.zz", "lmj1.", &format!("lmj1.{}.!!", "ab".repeat(32))] {
+        let secret = "ab".repeat(32);
+        for bad in [
+            "",
+            "lmj2.00",
+            "lmj2.zz",
+            "lmj2.",
+            &format!("lmj1.{secret}"),
+            &format!("lmj2.{secret}"),
+            &format!("lmj2.{secret}.{secret}.!!"),
+            &format!("lmj2.{secret}.{}", "a".repeat(63)),
+        ] {
             assert!(JoinToken::decode(bad).is_err(), "{bad}");
         }
     }

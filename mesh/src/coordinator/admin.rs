@@ -200,4 +200,19 @@ impl Admin for AdminService {
         }
         self.write(command::Kind::RemoveNode(member.node_id)).await
     }
+
+    async fn revoke_node(&self, request: Request<NodeRef>) -> Result<Response<AdminReply>, Status> {
+        self.authorize(&request)?;
+        let node = request.into_inner().node;
+        // A revoked node may be gone from the member list already; accept
+        // its id as well as the name of a current member.
+        let node_id = match self.member(&node) {
+            Ok(member) => member.node_id,
+            Err(_) if node.parse::<libp2p::PeerId>().is_ok() => node,
+            Err(err) => return Err(err),
+        };
+        // Revoking the leader works too: every other node stops accepting
+        // its messages at once, elects a new leader, which removes it.
+        self.write(command::Kind::RevokeNode(node_id)).await
+    }
 }

@@ -129,7 +129,7 @@ impl Driver {
             state_tx,
             status_tx,
             pending: HashMap::new(),
-            transport: Transport::new(id, tag, inbox, shutdown.clone()),
+            transport: Transport::new(id, tag, inbox, config.trust.clone(), shutdown.clone()),
             membership,
             directory: HashMap::new(),
             planner: Planner::new(config.placement.clone()),

@@ -14,7 +14,10 @@ use llmesh_proto::limits_client::LimitsClient as GrpcClient;
 use llmesh_proto::{AcquireReply, AcquireRequest, RaftAck, TokensReport};
 use tokio::sync::watch;
 use tonic::metadata::MetadataValue;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::Channel;
+
+use crate::pki::Trust;
+use crate::pki::grpc::ChannelOptions;
 
 use super::RaftStatus;
 use super::limiter::{Decision, Limiter};
@@ -28,6 +31,7 @@ pub struct LimitsClient {
     limiter: Mutex<Limiter>,
     channels: Mutex<HashMap<SocketAddr, Channel>>,
     tag: MetadataValue<tonic::metadata::Ascii>,
+    trust: Arc<Trust>,
 }
 
 fn decision(reply: &AcquireReply) -> Decision {
@@ -47,11 +51,12 @@ fn ms(d: Duration) -> u64 {
 
 impl LimitsClient {
     /// A client presenting the cluster tag.
-    pub fn new(tag: &str) -> LimitsClient {
+    pub fn new(tag: &str, trust: Arc<Trust>) -> LimitsClient {
         LimitsClient {
             limiter: Mutex::new(Limiter::default()),
             channels: Mutex::new(HashMap::new()),
             tag: tag.parse().unwrap_or_else(|_| MetadataValue::from_static("invalid")),
+            trust,
         }
     }
 
@@ -66,12 +71,8 @@ impl LimitsClient {
         if let Some(channel) = channels.get(&addr) {
             return Some(channel.clone());
         }
-        let channel = Endpoint::from_shared(format!("http://{addr}"))
-            .ok()?
-            .connect_timeout(Duration::from_millis(500))
-            .timeout(CALL_TIMEOUT)
-            .tcp_nodelay(true)
-            .connect_lazy();
+        let options = ChannelOptions { connect_timeout: Duration::from_millis(500), timeout: CALL_TIMEOUT };
+        let channel = crate::pki::grpc::channel(addr, &self.trust, options).ok()?;
         channels.insert(addr, channel.clone());
         Some(channel)
     }

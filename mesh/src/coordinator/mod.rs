@@ -29,6 +29,8 @@ use tokio::sync::{mpsc, oneshot, watch};
 use tokio_util::sync::CancellationToken;
 
 use crate::membership::Membership;
+use crate::pki::Trust;
+use crate::pki::grpc::MembersOnly;
 use crate::secret::ClusterSecret;
 pub use state::ClusterState;
 
@@ -45,6 +47,8 @@ pub struct CoordinatorConfig {
     pub listen: SocketAddr,
     /// The cluster secret: Raft callers prove they hold it.
     pub secret: ClusterSecret,
+    /// Certificates for mutual TLS; the revoked set is fed from the state.
+    pub trust: Arc<Trust>,
     /// `Some(admin token hash)` on the node that created the cluster: it
     /// starts the Raft group as its only voter when its store is empty.
     pub seed: Option<Vec<u8>>,
@@ -66,13 +70,14 @@ pub struct CoordinatorConfig {
 
 impl CoordinatorConfig {
     /// Defaults for everything but identity and addresses.
-    pub fn new(node_id: String, name: String, data_dir: PathBuf, listen: SocketAddr, secret: ClusterSecret) -> Self {
+    pub fn new(name: String, data_dir: PathBuf, listen: SocketAddr, secret: ClusterSecret, trust: Arc<Trust>) -> Self {
         CoordinatorConfig {
-            node_id,
+            node_id: trust.node_id().to_string(),
             name,
             data_dir,
             listen,
             secret,
+            trust,
             seed: None,
             target_voters: 3,
             replace_after: Duration::from_secs(30),
@@ -108,6 +113,9 @@ pub enum CoordinatorError {
     /// A setting is out of range.
     #[error("{0}")]
     Config(String),
+    /// TLS could not be set up (no certificate yet?).
+    #[error("control plane TLS: {0}")]
+    Tls(#[from] crate::pki::PkiError),
 }
 
 /// Why a write did not commit.
@@ -272,7 +280,18 @@ pub async fn start(
     let status = driver.status_receiver();
     let write_timeout = config.write_timeout;
     tokio::spawn(driver.run(rx));
-    let limits = Arc::new(limits::LimitsClient::new(&tag));
+    let limits = Arc::new(limits::LimitsClient::new(&tag, config.trust.clone()));
+    let trust = config.trust.clone();
+    trust.set_revoked(state.borrow().revoked.clone());
+    let mut revocations = state.clone();
+    let revocation_trust = trust.clone();
+    tokio::spawn(async move {
+        // Every plane reads the revoked set from the trust; keep it current.
+        while revocations.changed().await.is_ok() {
+            let revoked = revocations.borrow_and_update().revoked.clone();
+            revocation_trust.set_revoked(revoked);
+        }
+    });
     let coordinator =
         Coordinator { inbox: inbox.clone(), state, status, local_addr, write_timeout, limits: limits.clone() };
     let limits_service = llmesh_proto::limits_server::LimitsServer::new(limits::LimitsService {
@@ -281,10 +300,18 @@ pub async fn start(
         tag: tag.clone(),
     });
 
-    let raft = llmesh_proto::raft_server::RaftServer::new(transport::RaftService { inbox, tag })
-        .max_decoding_message_size(64 * 1024 * 1024);
-    let admin = llmesh_proto::admin_server::AdminServer::new(admin::AdminService::new(coordinator.clone()));
-    let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
+    let members = MembersOnly(trust.clone());
+    let raft = tonic::service::interceptor::InterceptedService::new(
+        llmesh_proto::raft_server::RaftServer::new(transport::RaftService { inbox, tag })
+            .max_decoding_message_size(64 * 1024 * 1024),
+        members.clone(),
+    );
+    let admin = tonic::service::interceptor::InterceptedService::new(
+        llmesh_proto::admin_server::AdminServer::new(admin::AdminService::new(coordinator.clone())),
+        members.clone(),
+    );
+    let limits_service = tonic::service::interceptor::InterceptedService::new(limits_service, members.clone());
+    let incoming = crate::pki::grpc::incoming(listener, &trust, shutdown.clone())?;
     let stop = shutdown.clone();
     tokio::spawn(async move {
         let result = tonic::transport::Server::builder()

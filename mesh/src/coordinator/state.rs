@@ -34,6 +34,8 @@ pub struct ClusterState {
     pub drained: BTreeSet<String>,
     /// Node ids removed by an operator: not re-added to the Raft group.
     pub removed: BTreeSet<String>,
+    /// Node ids revoked by an operator: shut out of every plane for good.
+    pub revoked: BTreeSet<String>,
     /// Model → node ids it should stay loaded on.
     pub placement: BTreeMap<String, BTreeSet<String>>,
     /// Raft members by Raft id.
@@ -118,6 +120,15 @@ impl ClusterState {
                     self.drained.remove(&drain.node_id);
                     Ok(format!("undrained {}", drain.node_id))
                 }
+            }
+            command::Kind::RevokeNode(node_id) => {
+                self.revoked.insert(node_id.clone());
+                self.removed.insert(node_id.clone());
+                self.drained.remove(node_id);
+                for nodes in self.placement.values_mut() {
+                    nodes.remove(node_id);
+                }
+                Ok(format!("revoked {node_id}"))
             }
             command::Kind::RemoveNode(node_id) => {
                 self.removed.insert(node_id.clone());
@@ -219,7 +230,7 @@ impl ClusterState {
 
     /// Whether the operator drained or removed this node.
     pub fn is_out_of_service(&self, node_id: &str) -> bool {
-        self.drained.contains(node_id) || self.removed.contains(node_id)
+        self.drained.contains(node_id) || self.removed.contains(node_id) || self.revoked.contains(node_id)
     }
 
     /// The snapshot payload.
@@ -234,6 +245,7 @@ impl ClusterState {
                 .collect(),
             drained: self.drained.iter().cloned().collect(),
             removed: self.removed.iter().cloned().collect(),
+            revoked: self.revoked.iter().cloned().collect(),
             placement: self
                 .placement
                 .iter()
@@ -263,6 +275,7 @@ impl ClusterState {
             routes: snapshot.routes.into_iter().map(|r| (r.alias, r.model)).collect(),
             drained: snapshot.drained.into_iter().collect(),
             removed: snapshot.removed.into_iter().collect(),
+            revoked: snapshot.revoked.into_iter().collect(),
             placement: snapshot.placement.into_iter().map(|p| (p.model, p.node_ids.into_iter().collect())).collect(),
             members: snapshot.members.into_iter().map(|m| (m.raft_id, m)).collect(),
             usage: snapshot.usage.into_iter().map(|u| (u.key_id.clone(), u)).collect(),
@@ -395,6 +408,7 @@ mod tests {
                 kind: Some(command::Kind::SetDrained(SetDrained { node_id: n.into(), drained: d })),
             }),
             name.clone().prop_map(|n| Command { kind: Some(command::Kind::RemoveNode(n.into())) }),
+            name.clone().prop_map(|n| Command { kind: Some(command::Kind::RevokeNode(n.into())) }),
             (name.clone(), 0u64..1000, prop::sample::select(vec!["2026-11-24", "2026-11-25"])).prop_map(
                 |(k, t, day)| Command {
                     kind: Some(command::Kind::RecordUsage(llmesh_proto::RecordUsage {

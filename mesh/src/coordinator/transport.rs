@@ -8,8 +8,12 @@
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::Duration;
 
+use super::Input;
+use crate::pki::Trust;
+use crate::pki::grpc::{ChannelOptions, channel};
 use llmesh_proto::raft_client::RaftClient;
 use llmesh_proto::{RaftAck, RaftBatch};
 use protobuf::Message as _;
@@ -17,9 +21,6 @@ use raft::eraftpb::{Message, MessageType};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tonic::metadata::MetadataValue;
-use tonic::transport::{Channel, Endpoint};
-
-use super::Input;
 
 /// Metadata header that carries the cluster tag on Raft calls.
 pub const CLUSTER_HEADER: &str = "x-llmesh-cluster";
@@ -33,6 +34,7 @@ pub struct Transport {
     local_id: u64,
     tag: MetadataValue<tonic::metadata::Ascii>,
     inbox: mpsc::Sender<Input>,
+    trust: Arc<Trust>,
     shutdown: CancellationToken,
 }
 
@@ -44,9 +46,15 @@ struct Link {
 
 impl Transport {
     /// A transport that reports failures to `inbox`.
-    pub fn new(local_id: u64, tag: &str, inbox: mpsc::Sender<Input>, shutdown: CancellationToken) -> Transport {
+    pub fn new(
+        local_id: u64,
+        tag: &str,
+        inbox: mpsc::Sender<Input>,
+        trust: Arc<Trust>,
+        shutdown: CancellationToken,
+    ) -> Transport {
         let tag = tag.parse().unwrap_or_else(|_| MetadataValue::from_static("invalid"));
-        Transport { links: HashMap::new(), local_id, tag, inbox, shutdown }
+        Transport { links: HashMap::new(), local_id, tag, inbox, trust, shutdown }
     }
 
     /// Queues `message` for its peer at `addr`; false when it was dropped.
@@ -57,7 +65,8 @@ impl Transport {
             old.stop.cancel();
         }
         let link = self.links.entry(to).or_insert_with(|| {
-            spawn_link(to, addr, self.local_id, self.tag.clone(), self.inbox.clone(), self.shutdown.child_token())
+            let link = LinkConfig { to, addr, from: self.local_id, tag: self.tag.clone() };
+            spawn_link(link, &self.trust, self.inbox.clone(), self.shutdown.child_token())
         });
         link.queue.try_send(message).is_ok()
     }
@@ -74,25 +83,22 @@ impl Transport {
     }
 }
 
-fn spawn_link(
+/// Who a link talks to, and as whom.
+struct LinkConfig {
     to: u64,
     addr: SocketAddr,
     from: u64,
     tag: MetadataValue<tonic::metadata::Ascii>,
-    inbox: mpsc::Sender<Input>,
-    stop: CancellationToken,
-) -> Link {
+}
+
+fn spawn_link(link: LinkConfig, trust: &Arc<Trust>, inbox: mpsc::Sender<Input>, stop: CancellationToken) -> Link {
+    let LinkConfig { to, addr, from, tag } = link;
     let (queue, mut rx) = mpsc::channel::<Message>(QUEUE);
-    let channel = Endpoint::from_shared(format!("http://{addr}")).map(|e| {
-        e.connect_timeout(Duration::from_millis(500))
-            .timeout(Duration::from_secs(3))
-            .tcp_nodelay(true)
-            .http2_keep_alive_interval(Duration::from_secs(5))
-            .connect_lazy()
-    });
+    let options = ChannelOptions { connect_timeout: Duration::from_millis(500), timeout: Duration::from_secs(3) };
+    let channel = channel(addr, trust, options);
     let task_stop = stop.clone();
     tokio::spawn(async move {
-        let channel: Channel = match channel {
+        let channel = match channel {
             Ok(channel) => channel,
             Err(err) => {
                 tracing::warn!(peer = to, %addr, error = %err, "bad control address");

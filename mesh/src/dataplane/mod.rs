@@ -7,9 +7,7 @@
 //! the hot path opens a stream, never a handshake. Closing a stream cancels
 //! the work on the far side.
 
-pub mod tls;
-
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
@@ -23,10 +21,12 @@ use tokio_util::codec::{FramedRead, FramedWrite};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use libp2p::PeerId;
+
 use crate::membership::MeshView;
 use crate::peers::Liveness;
+use crate::pki::{PkiError, Trust};
 use crate::{InferenceRequest, InferenceResponse, RequestHandler, ServeError};
-use tls::{AllowedPeers, Fingerprint, NodeCert};
 
 /// How long a peer may take to send a request's head and body.
 const REQUEST_READ_TIMEOUT: Duration = Duration::from_secs(30);
@@ -34,13 +34,22 @@ const REQUEST_READ_TIMEOUT: Duration = Duration::from_secs(30);
 /// peer be noticed within the idle timeout.
 const KEEP_ALIVE: Duration = Duration::from_millis(500);
 const IDLE_TIMEOUT: Duration = Duration::from_secs(3);
+/// How long a peer may take to finish the QUIC and TLS handshake.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Handshakes in progress at once; more wait in quinn's buffer or are refused.
+const MAX_INCOMING: usize = 256;
+/// Streams one peer may have open at once: forwarded requests in flight.
+const MAX_STREAMS_PER_PEER: u32 = 4096;
+
+/// ALPN of the data plane; a peer speaking anything else fails the handshake.
+pub const ALPN: &[u8] = b"llmesh/1";
 
 /// A failure to start the data plane.
 #[derive(Debug, thiserror::Error)]
 pub enum DataPlaneError {
-    /// TLS setup failed.
-    #[error(transparent)]
-    Tls(#[from] tls::TlsError),
+    /// TLS setup failed (or this node has no certificate yet).
+    #[error("data-plane TLS: {0}")]
+    Tls(#[from] PkiError),
     /// The UDP port could not be bound.
     #[error("cannot bind the data plane on {addr}: {source}")]
     Bind {
@@ -66,11 +75,11 @@ pub struct DataPlaneConfig {
     pub max_body_bytes: usize,
 }
 
-/// Where a peer's data plane is and which certificate it announced.
+/// Where a peer's data plane is and who must answer there.
 #[derive(Debug, Clone, PartialEq, Eq)]
 struct PeerAddr {
     addr: SocketAddr,
-    fingerprint: Fingerprint,
+    node: PeerId,
 }
 
 /// A response from a peer, and which node produced it.
@@ -85,8 +94,7 @@ pub struct Forwarded {
 /// This node's QUIC endpoint.
 pub struct DataPlane {
     endpoint: quinn::Endpoint,
-    cert: NodeCert,
-    allowed: AllowedPeers,
+    trust: Arc<Trust>,
     peers: Mutex<HashMap<String, PeerAddr>>,
     /// One slot per peer; its async lock makes concurrent requests to a
     /// peer wait for one handshake instead of each starting their own.
@@ -103,7 +111,7 @@ fn transport() -> Arc<quinn::TransportConfig> {
     if let Ok(idle) = quinn::IdleTimeout::try_from(IDLE_TIMEOUT) {
         transport.max_idle_timeout(Some(idle));
     }
-    transport.max_concurrent_bidi_streams(4096u32.into());
+    transport.max_concurrent_bidi_streams(MAX_STREAMS_PER_PEER.into());
     transport.max_concurrent_uni_streams(0u32.into());
     Arc::new(transport)
 }
@@ -111,24 +119,24 @@ fn transport() -> Arc<quinn::TransportConfig> {
 impl DataPlane {
     /// Binds the endpoint and starts serving streams with `handler` until
     /// `shutdown`.
+    /// Peers must present a certificate of a member that is not revoked.
     pub fn bind(
         config: DataPlaneConfig,
+        trust: Arc<Trust>,
         handler: Arc<dyn RequestHandler>,
         shutdown: CancellationToken,
     ) -> Result<Arc<DataPlane>, DataPlaneError> {
-        let cert = NodeCert::generate()?;
-        let allowed = AllowedPeers::default();
-        let crypto = tls::server_crypto(&cert, allowed.clone())?;
-        let quic =
-            quinn::crypto::rustls::QuicServerConfig::try_from(crypto).map_err(|e| tls::TlsError(e.to_string()))?;
+        let crypto = crate::pki::tls::server_config(&trust, ALPN)?;
+        let quic = quinn::crypto::rustls::QuicServerConfig::try_from(crypto)
+            .map_err(|e| PkiError::Invalid(format!("QUIC TLS: {e}")))?;
         let mut server = quinn::ServerConfig::with_crypto(Arc::new(quic));
         server.transport_config(transport());
+        server.max_incoming(MAX_INCOMING);
         let endpoint = quinn::Endpoint::server(server, config.listen)
             .map_err(|source| DataPlaneError::Bind { addr: config.listen, source })?;
         let plane = Arc::new(DataPlane {
             endpoint,
-            cert,
-            allowed,
+            trust,
             peers: Mutex::new(HashMap::new()),
             pool: Mutex::new(HashMap::new()),
             draining: Arc::new(AtomicBool::new(false)),
@@ -144,23 +152,18 @@ impl DataPlane {
         self.endpoint.local_addr()
     }
 
-    /// The certificate fingerprint to announce in gossip.
-    pub fn fingerprint(&self) -> Fingerprint {
-        self.cert.fingerprint()
-    }
-
-    /// Takes in the latest membership view: who may call us, where peers
-    /// are, and which pooled connections belong to dead peers.
+    /// Takes in the latest membership view: where peers are, and which
+    /// pooled connections belong to dead or revoked peers.
     pub fn update_peers(&self, view: &MeshView) {
         let mut peers = HashMap::new();
-        let mut allowed = HashSet::new();
         for peer in view.peers.iter().filter(|p| p.liveness != Liveness::Dead) {
-            let Ok(fingerprint) = Fingerprint::try_from(peer.state.data_cert_sha256.as_slice()) else { continue };
+            if self.trust.is_revoked(&peer.state.node_id) {
+                continue;
+            }
+            let Ok(node) = peer.state.node_id.parse::<PeerId>() else { continue };
             let Ok(addr) = peer.state.data_addr.parse::<SocketAddr>() else { continue };
-            allowed.insert(fingerprint);
-            peers.insert(peer.state.node_id.clone(), PeerAddr { addr, fingerprint });
+            peers.insert(peer.state.node_id.clone(), PeerAddr { addr, node });
         }
-        self.allowed.replace(allowed);
         let mut pool = self.pool.lock().unwrap_or_else(PoisonError::into_inner);
         pool.retain(|id, slot| {
             // A peer that is gone or came back with a new certificate or
@@ -243,15 +246,15 @@ impl DataPlane {
             self.peers.lock().unwrap_or_else(PoisonError::into_inner).get(node_id).cloned().ok_or_else(|| {
                 ServeError::BackendUnreachable(format!("no data-plane address known for node {node_id}"))
             })?;
-        let crypto =
-            tls::client_crypto(&self.cert, peer.fingerprint).map_err(|e| ServeError::Internal(e.to_string()))?;
+        let crypto = crate::pki::tls::client_config(&self.trust, Some(peer.node), ALPN)
+            .map_err(|e| ServeError::Internal(e.to_string()))?;
         let quic = quinn::crypto::rustls::QuicClientConfig::try_from(crypto)
             .map_err(|e| ServeError::Internal(e.to_string()))?;
         let mut client = quinn::ClientConfig::new(Arc::new(quic));
         client.transport_config(transport());
         let connecting = self
             .endpoint
-            .connect_with(client, peer.addr, tls::SERVER_NAME)
+            .connect_with(client, peer.addr, crate::pki::tls::SERVER_NAME)
             .map_err(|e| ServeError::BackendUnreachable(format!("cannot dial {}: {e}", peer.addr)))?;
         let conn = tokio::time::timeout(self.config.connect_timeout, connecting)
             .await
@@ -354,19 +357,34 @@ async fn accept_loop(plane: Arc<DataPlane>, handler: Arc<dyn RequestHandler>, sh
         let plane = plane.clone();
         let handler = handler.clone();
         tokio::spawn(async move {
-            let conn = match incoming.await {
-                Ok(conn) => conn,
-                Err(err) => {
-                    // Outsiders and stale certificates end here.
-                    tracing::debug!(error = %err, "refused a data-plane connection");
+            let from = incoming.remote_address();
+            let conn = match tokio::time::timeout(HANDSHAKE_TIMEOUT, incoming).await {
+                Ok(Ok(conn)) => conn,
+                Ok(Err(err)) => {
+                    // Outsiders, revoked nodes and foreign CAs end here.
+                    tracing::debug!(%from, error = %err, "refused a data-plane connection");
                     return;
                 }
+                Err(_) => {
+                    tracing::debug!(%from, "data-plane handshake timed out");
+                    return;
+                }
+            };
+            let Some(peer) = peer_of(&conn) else {
+                conn.close(1u32.into(), b"no certificate");
+                return;
             };
             loop {
                 let (send, recv) = match conn.accept_bi().await {
                     Ok(streams) => streams,
                     Err(_) => return,
                 };
+                // Revocation also ends connections opened before it.
+                if plane.trust.is_revoked(&peer) {
+                    tracing::info!(%peer, "closing the data-plane connection of a revoked node");
+                    conn.close(2u32.into(), b"revoked");
+                    return;
+                }
                 let handler = handler.clone();
                 let plane = plane.clone();
                 plane.tracker.clone().spawn(async move { serve_stream(&plane, handler, send, recv).await });
@@ -374,6 +392,12 @@ async fn accept_loop(plane: Arc<DataPlane>, handler: Arc<dyn RequestHandler>, sh
         });
     }
     tracing::debug!("data plane stopped accepting");
+}
+
+/// The node id behind an accepted connection's client certificate.
+fn peer_of(conn: &quinn::Connection) -> Option<String> {
+    let certs = conn.peer_identity()?.downcast::<Vec<rustls::pki_types::CertificateDer<'static>>>().ok()?;
+    crate::pki::node_id_of(certs.first()?).ok().map(|id| id.to_string())
 }
 
 /// How long a finished response waits for the peer to acknowledge it.
@@ -547,7 +571,7 @@ mod tests {
         }
     }
 
-    fn plane(name: &str) -> Arc<DataPlane> {
+    fn plane(name: &str, trust: &Arc<Trust>) -> Arc<DataPlane> {
         let config = DataPlaneConfig {
             listen: "127.0.0.1:0".parse().expect("addr"),
             node_name: name.into(),
@@ -555,18 +579,17 @@ mod tests {
             head_timeout: Duration::from_secs(5),
             max_body_bytes: 1024 * 1024,
         };
-        DataPlane::bind(config, Arc::new(Echo), CancellationToken::new()).expect("binds")
+        DataPlane::bind(config, trust.clone(), Arc::new(Echo), CancellationToken::new()).expect("binds")
     }
 
-    fn view_of(peers: &[(&str, &DataPlane)]) -> MeshView {
+    fn view_of(peers: &[&DataPlane]) -> MeshView {
         MeshView {
             peers: peers
                 .iter()
-                .map(|(id, p)| PeerSnapshot {
+                .map(|p| PeerSnapshot {
                     state: NodeState {
-                        node_id: id.to_string(),
+                        node_id: p.trust.node_id().to_string(),
                         data_addr: p.local_addr().expect("addr").to_string(),
-                        data_cert_sha256: p.fingerprint().to_vec(),
                         ..NodeState::default()
                     },
                     liveness: Liveness::Alive,
@@ -597,57 +620,76 @@ mod tests {
         Ok(out)
     }
 
-    /// Two members that know each other.
-    fn pair() -> (Arc<DataPlane>, Arc<DataPlane>) {
-        let (a, b) = (plane("node-a"), plane("node-b"));
-        a.update_peers(&view_of(&[("b", &b)]));
-        b.update_peers(&view_of(&[("a", &a)]));
-        (a, b)
+    /// Two members that know each other (and the directories they live in).
+    fn pair() -> (Arc<DataPlane>, Arc<DataPlane>, Vec<tempfile::TempDir>) {
+        let (dirs, trust) = crate::pki::test_cluster(2);
+        let (a, b) = (plane("node-a", &trust[0]), plane("node-b", &trust[1]));
+        a.update_peers(&view_of(&[&b]));
+        b.update_peers(&view_of(&[&a]));
+        (a, b, dirs)
+    }
+
+    fn id(plane: &DataPlane) -> String {
+        plane.trust.node_id().to_string()
     }
 
     #[tokio::test]
     async fn a_request_and_its_streamed_answer_cross_the_hop() {
-        let (a, _b) = pair();
-        let forwarded = a.forward("b", &request("m", b"two")).await.expect("forwards");
+        let (a, b, _dirs) = pair();
+        let forwarded = a.forward(&id(&b), &request("m", b"two")).await.expect("forwards");
         assert_eq!(forwarded.node, "node-b");
         assert_eq!(forwarded.response.status, 200);
         assert_eq!(body_of(forwarded.response).await.expect("complete"), b"one two three");
         // The second request reuses the pooled connection.
-        let again = a.forward("b", &request("m", b"2")).await.expect("forwards");
+        let again = a.forward(&id(&b), &request("m", b"2")).await.expect("forwards");
         assert_eq!(body_of(again.response).await.expect("complete"), b"one 2 three");
     }
 
     #[tokio::test]
     async fn errors_before_the_first_byte_keep_their_class() {
-        let (a, b) = pair();
-        let err = a.forward("b", &request("other", b"")).await.expect_err("refused");
+        let (a, b, _dirs) = pair();
+        let err = a.forward(&id(&b), &request("other", b"")).await.expect_err("refused");
         assert_eq!(err, ServeError::ModelNotFound("other".into()));
         b.start_drain();
-        let err = a.forward("b", &request("m", b"")).await.expect_err("draining");
+        let err = a.forward(&id(&b), &request("m", b"")).await.expect_err("draining");
         assert!(matches!(err, ServeError::BackendUnavailable(_)) && err.is_retryable(), "{err}");
     }
 
     #[tokio::test]
-    async fn a_node_that_is_not_a_member_cannot_connect() {
-        let (a, b) = (plane("node-a"), plane("node-b"));
-        // A knows B, but B has never heard of A's certificate.
-        a.update_peers(&view_of(&[("b", &b)]));
-        let err = a.forward("b", &request("m", b"x")).await.expect_err("refused");
+    async fn only_members_that_are_not_revoked_get_through() {
+        let (dirs, trust) = crate::pki::test_cluster(3);
+        let (a, b) = (plane("node-a", &trust[1]), plane("node-b", &trust[2]));
+        a.update_peers(&view_of(&[&b]));
+        assert!(a.forward(&id(&b), &request("m", b"x")).await.is_ok());
+
+        // A node of another cluster (its own CA) cannot call b...
+        let (_other_dirs, other) = crate::pki::test_cluster(1);
+        let outsider = plane("outsider", &other[0]);
+        outsider.update_peers(&view_of(&[&b]));
+        let err = outsider.forward(&id(&b), &request("m", b"x")).await.expect_err("refused");
         assert!(err.is_retryable(), "{err}");
-        // And a certificate other than the one announced is refused by the client.
-        let impostor = plane("impostor");
-        let mut view = view_of(&[("b", &b)]);
-        view.peers[0].state.data_cert_sha256 = impostor.fingerprint().to_vec();
-        let c = plane("node-c");
-        c.update_peers(&view);
-        b.update_peers(&view_of(&[("c", &c)]));
-        assert!(c.forward("b", &request("m", b"x")).await.is_err());
+
+        // ...and a dialler accepts only the node it meant to reach.
+        let c = plane("node-c", &trust[0]);
+        let mut wrong = view_of(&[&b]);
+        wrong.peers[0].state.node_id = id(&c);
+        a.update_peers(&wrong);
+        assert!(a.forward(&id(&c), &request("m", b"x")).await.is_err());
+
+        // Once b revokes a, a's connection and certificate are worthless,
+        // both for streams on the open connection and for new handshakes.
+        a.update_peers(&view_of(&[&b]));
+        assert!(a.forward(&id(&b), &request("m", b"x")).await.is_ok());
+        trust[2].set_revoked([id(&a)].into());
+        assert!(a.forward(&id(&b), &request("m", b"x")).await.is_err());
+        assert!(a.forward(&id(&b), &request("m", b"x")).await.is_err());
+        drop(dirs);
     }
 
     #[tokio::test]
     async fn an_incompatible_peer_gets_a_clear_refusal() {
-        let (a, _b) = pair();
-        let conn = a.connection("b").await.expect("connects");
+        let (a, b, _dirs) = pair();
+        let conn = a.connection(&id(&b)).await.expect("connects");
         let (send, recv) = conn.open_bi().await.expect("stream");
         let mut writer = FramedWrite::new(send, FrameCodec::default());
         let head = RequestHead { protocol_version: 99, request_id: "old".into(), ..RequestHead::default() };
@@ -661,8 +703,8 @@ mod tests {
 
     #[tokio::test]
     async fn a_forwarded_request_is_never_forwarded_again() {
-        let (a, _b) = pair();
-        let conn = a.connection("b").await.expect("connects");
+        let (a, b, _dirs) = pair();
+        let conn = a.connection(&id(&b)).await.expect("connects");
         let (send, recv) = conn.open_bi().await.expect("stream");
         let mut writer = FramedWrite::new(send, FrameCodec::default());
         let head =

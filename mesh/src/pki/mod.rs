@@ -1,0 +1,548 @@
+//! The cluster's certificates: who is a member, provably.
+//!
+//! `llmesh init` (or the first agent started without `--join`) creates a
+//! cluster CA: an Ed25519 key (`ca.key`, owner-only) and a self-signed
+//! certificate (`ca.crt`) whose SHA-256 the join token carries. Every node's
+//! certificate is issued by that CA **for the node's own libp2p key**, so the
+//! key in a certificate *is* the node id: no name to parse or trust, and the
+//! TLS handshake proves possession.
+//!
+//! A joining node gets its certificate by asking, over the libp2p private
+//! network (which already proved it holds the cluster secret, and whose noise
+//! handshake proved its node id), a node that holds the CA key: the seed.
+//! It checks the CA it is sent against the fingerprint in its token, then
+//! keeps `node.crt` beside its key; restarts need no issuer.
+//!
+//! Revocation is a Raft command; every node feeds the replicated set of
+//! revoked node ids into its [`Trust`], which every plane consults on every
+//! handshake, gossip message, stream and call — so an old certificate of a
+//! revoked node is worth nothing anywhere.
+
+pub mod grpc;
+pub mod tls;
+
+use std::collections::BTreeSet;
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, OnceLock};
+
+use libp2p::PeerId;
+use libp2p::identity::{self, Keypair};
+use llmesh_proto::{NodeState, SignedNodeState};
+use prost::Message as _;
+use rustls::crypto::CryptoProvider;
+use rustls::pki_types::{CertificateDer, PrivatePkcs8KeyDer, UnixTime};
+use tokio::sync::watch;
+
+use crate::store::{read_private, write_private};
+
+const CA_CERT_FILE: &str = "ca.crt";
+const CA_KEY_FILE: &str = "ca.key";
+const NODE_CERT_FILE: &str = "node.crt";
+const CA_NAME: &str = "llmesh cluster CA";
+/// Domain separation for state signatures: a signature made for gossip can
+/// never be replayed as anything else signed by the node key.
+const STATE_SIGNING_CONTEXT: &[u8] = b"llmesh-node-state-v1:";
+/// DER prefix of an Ed25519 SubjectPublicKeyInfo (RFC 8410).
+const ED25519_SPKI_PREFIX: [u8; 12] = [0x30, 0x2a, 0x30, 0x05, 0x06, 0x03, 0x2b, 0x65, 0x70, 0x03, 0x21, 0x00];
+/// DER prefix of an Ed25519 PKCS#8 v1 private key; the 32-byte seed follows.
+const ED25519_PKCS8_PREFIX: [u8; 16] =
+    [0x30, 0x2e, 0x02, 0x01, 0x00, 0x30, 0x05, 0x06, 0x03, 0x2b, 0x65, 0x70, 0x04, 0x22, 0x04, 0x20];
+
+/// SHA-256 of a certificate.
+pub type Fingerprint = [u8; 32];
+
+/// What can go wrong with the cluster's certificates.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum PkiError {
+    /// Reading or writing the data directory failed.
+    #[error("{path}: {message}")]
+    Io {
+        /// File involved.
+        path: String,
+        /// What the OS said.
+        message: String,
+    },
+    /// A stored or received certificate or key is not usable.
+    #[error("{0}")]
+    Invalid(String),
+    /// This node has no certificate yet.
+    #[error("this node has no cluster certificate yet (enrollment pending)")]
+    NotEnrolled,
+    /// The CA offered is not the one the join token names.
+    #[error("the cluster CA offered ({offered}) is not the one in the join token ({expected})")]
+    WrongCa {
+        /// Fingerprint in the token.
+        expected: String,
+        /// Fingerprint offered.
+        offered: String,
+    },
+    /// The certificate does not chain to the cluster CA.
+    #[error("certificate not issued by this cluster's CA: {0}")]
+    Untrusted(String),
+    /// The node was revoked by an operator.
+    #[error("node {0} is revoked")]
+    Revoked(String),
+    /// This node holds no CA key and cannot issue certificates.
+    #[error("this node does not hold the cluster CA key")]
+    NotIssuer,
+    /// The signed state does not hold together.
+    #[error("{0}")]
+    BadState(String),
+}
+
+fn io_error(path: &Path, err: &std::io::Error) -> PkiError {
+    PkiError::Io { path: path.display().to_string(), message: err.to_string() }
+}
+
+/// SHA-256 of a DER certificate.
+pub fn fingerprint(der: &[u8]) -> Fingerprint {
+    let digest = ring::digest::digest(&ring::digest::SHA256, der);
+    let mut out = [0u8; 32];
+    out.copy_from_slice(digest.as_ref());
+    out
+}
+
+/// Lower-case hex of a fingerprint.
+pub fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+fn ca_params() -> rcgen::CertificateParams {
+    let mut params = rcgen::CertificateParams::default();
+    params.distinguished_name.push(rcgen::DnType::CommonName, CA_NAME);
+    params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Constrained(0));
+    params.key_usages = vec![rcgen::KeyUsagePurpose::KeyCertSign, rcgen::KeyUsagePurpose::CrlSign];
+    params
+}
+
+fn rcgen_error(err: rcgen::Error) -> PkiError {
+    PkiError::Invalid(format!("certificate generation: {err}"))
+}
+
+/// Creates the cluster CA in `data_dir` unless one is there; returns its
+/// fingerprint (for the join token).
+pub fn create_ca(data_dir: &Path) -> Result<Fingerprint, PkiError> {
+    if let Some(existing) = ca_fingerprint(data_dir)? {
+        return Ok(existing);
+    }
+    let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ED25519).map_err(rcgen_error)?;
+    let cert = ca_params().self_signed(&key).map_err(rcgen_error)?;
+    let key_path = data_dir.join(CA_KEY_FILE);
+    write_private(&key_path, key.serialize_pem().as_bytes()).map_err(|e| io_error(&key_path, &e))?;
+    let cert_path = data_dir.join(CA_CERT_FILE);
+    write_private(&cert_path, cert.pem().as_bytes()).map_err(|e| io_error(&cert_path, &e))?;
+    Ok(fingerprint(cert.der()))
+}
+
+/// The fingerprint of the CA certificate stored in `data_dir`, if any.
+pub fn ca_fingerprint(data_dir: &Path) -> Result<Option<Fingerprint>, PkiError> {
+    Ok(read_cert(&data_dir.join(CA_CERT_FILE))?.map(|der| fingerprint(&der)))
+}
+
+fn read_cert(path: &Path) -> Result<Option<CertificateDer<'static>>, PkiError> {
+    use rustls::pki_types::pem::PemObject as _;
+    let Some(bytes) = read_private(path).map_err(|e| io_error(path, &e))? else { return Ok(None) };
+    CertificateDer::from_pem_slice(&bytes)
+        .map(Some)
+        .map_err(|e| PkiError::Invalid(format!("{} is not a PEM certificate: {e}", path.display())))
+}
+
+fn write_cert(path: &Path, der: &[u8]) -> Result<(), PkiError> {
+    use base64::Engine as _;
+    let body = base64::engine::general_purpose::STANDARD.encode(der);
+    let mut pem = String::from("-----BEGIN CERTIFICATE-----\n");
+    for line in body.as_bytes().chunks(64) {
+        pem.push_str(&String::from_utf8_lossy(line));
+        pem.push('\n');
+    }
+    pem.push_str("-----END CERTIFICATE-----\n");
+    write_private(path, pem.as_bytes()).map_err(|e| io_error(path, &e))
+}
+
+/// The Ed25519 public key a certificate carries.
+fn ed25519_key_of(cert: &CertificateDer<'_>) -> Result<identity::PublicKey, PkiError> {
+    let parsed = webpki::EndEntityCert::try_from(cert)
+        .map_err(|e| PkiError::Invalid(format!("not an X.509 certificate: {e}")))?;
+    let spki = parsed.subject_public_key_info();
+    let raw = spki
+        .as_ref()
+        .strip_prefix(&ED25519_SPKI_PREFIX[..])
+        .ok_or_else(|| PkiError::Invalid("certificate key is not Ed25519".into()))?;
+    let key = identity::ed25519::PublicKey::try_from_bytes(raw)
+        .map_err(|e| PkiError::Invalid(format!("certificate key: {e}")))?;
+    Ok(identity::PublicKey::from(key))
+}
+
+/// The node a certificate belongs to: the peer id of the key it carries.
+/// Says nothing about whether it is trusted; see [`Trust::verify_member`].
+pub fn node_id_of(cert: &CertificateDer<'_>) -> Result<PeerId, PkiError> {
+    Ok(ed25519_key_of(cert)?.to_peer_id())
+}
+
+/// The Ed25519 public key behind a peer id (peer ids of Ed25519 keys embed
+/// the key itself).
+fn ed25519_key_of_peer(peer: &PeerId) -> Result<identity::ed25519::PublicKey, PkiError> {
+    let multihash = peer.as_ref();
+    // 0x00 is the identity multihash: the digest is the key itself.
+    if multihash.code() != 0 {
+        return Err(PkiError::Invalid(format!("peer id {peer} does not embed its key")));
+    }
+    identity::PublicKey::try_decode_protobuf(multihash.digest())
+        .ok()
+        .and_then(|key| key.try_into_ed25519().ok())
+        .ok_or_else(|| PkiError::Invalid(format!("peer id {peer} is not an Ed25519 key")))
+}
+
+/// Raw 32-byte Ed25519 public key, as rcgen wants a subject key.
+struct SubjectKey([u8; 32]);
+
+impl rcgen::PublicKeyData for SubjectKey {
+    fn der_bytes(&self) -> &[u8] {
+        &self.0
+    }
+
+    fn algorithm(&self) -> &'static rcgen::SignatureAlgorithm {
+        &rcgen::PKCS_ED25519
+    }
+}
+
+/// The node's libp2p key as PKCS#8, the form TLS stacks load.
+fn pkcs8_of(keypair: &Keypair) -> Result<PrivatePkcs8KeyDer<'static>, PkiError> {
+    let ed = keypair.clone().try_into_ed25519().map_err(|_| PkiError::Invalid("node key is not Ed25519".into()))?;
+    let mut der = ED25519_PKCS8_PREFIX.to_vec();
+    der.extend_from_slice(ed.secret().as_ref());
+    Ok(PrivatePkcs8KeyDer::from(der))
+}
+
+/// The CA as a verifier needs it.
+struct Anchor {
+    der: CertificateDer<'static>,
+    anchor: rustls::pki_types::TrustAnchor<'static>,
+}
+
+impl Anchor {
+    fn new(der: CertificateDer<'static>) -> Result<Anchor, PkiError> {
+        let anchor = webpki::anchor_from_trusted_cert(&der)
+            .map_err(|e| PkiError::Invalid(format!("the cluster CA certificate is unusable: {e}")))?
+            .to_owned();
+        Ok(Anchor { der, anchor })
+    }
+}
+
+/// Which side of a TLS handshake a certificate is checked for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Usage {
+    /// A server (QUIC listener, gRPC server).
+    Server,
+    /// A client, or a gossip author.
+    Client,
+}
+
+/// Everything this node knows about cluster membership proofs: its key and
+/// certificate, the CA, the issuing key where it holds it, and the revoked
+/// set. Shared by every plane.
+pub struct Trust {
+    keypair: Keypair,
+    node_id: PeerId,
+    pkcs8: PrivatePkcs8KeyDer<'static>,
+    data_dir: PathBuf,
+    expected_ca: Option<Fingerprint>,
+    ca: OnceLock<Anchor>,
+    cert: OnceLock<CertificateDer<'static>>,
+    issuer: Option<rcgen::KeyPair>,
+    revoked: watch::Sender<Arc<BTreeSet<String>>>,
+    enrolled: watch::Sender<bool>,
+    provider: Arc<CryptoProvider>,
+}
+
+impl fmt::Debug for Trust {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Trust")
+            .field("node_id", &self.node_id)
+            .field("enrolled", &self.is_enrolled())
+            .field("issuer", &self.issuer.is_some())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Trust {
+    /// Loads what `data_dir` holds for `keypair`. `expected_ca` is the CA
+    /// fingerprint from a join token, when joining. A node holding the CA
+    /// key issues its own certificate at once.
+    pub fn load(data_dir: &Path, keypair: Keypair, expected_ca: Option<Fingerprint>) -> Result<Arc<Trust>, PkiError> {
+        let node_id = keypair.public().to_peer_id();
+        let pkcs8 = pkcs8_of(&keypair)?;
+        let ca_der = read_cert(&data_dir.join(CA_CERT_FILE))?;
+        if let (Some(expected), Some(der)) = (expected_ca, &ca_der)
+            && fingerprint(der) != expected
+        {
+            return Err(PkiError::WrongCa { expected: hex(&expected), offered: hex(&fingerprint(der)) });
+        }
+        let key_path = data_dir.join(CA_KEY_FILE);
+        let issuer = match read_private(&key_path).map_err(|e| io_error(&key_path, &e))? {
+            Some(pem) => {
+                let text = String::from_utf8_lossy(&pem);
+                Some(
+                    rcgen::KeyPair::from_pem(&text)
+                        .map_err(|e| PkiError::Invalid(format!("{} is not a CA key: {e}", key_path.display())))?,
+                )
+            }
+            None => None,
+        };
+        let trust = Arc::new(Trust {
+            keypair,
+            node_id,
+            pkcs8,
+            data_dir: data_dir.to_path_buf(),
+            expected_ca,
+            ca: OnceLock::new(),
+            cert: OnceLock::new(),
+            issuer,
+            revoked: watch::Sender::new(Arc::default()),
+            enrolled: watch::Sender::new(false),
+            provider: Arc::new(rustls::crypto::ring::default_provider()),
+        });
+        let Some(ca_der) = ca_der else {
+            if trust.issuer.is_some() {
+                return Err(PkiError::Invalid(format!("{} is missing beside ca.key", CA_CERT_FILE)));
+            }
+            return Ok(trust);
+        };
+        // OnceLock::set only fails when already set, which cannot be here.
+        let _ = trust.ca.set(Anchor::new(ca_der)?);
+        if trust.issuer.is_some() && read_cert(&data_dir.join(NODE_CERT_FILE))?.is_none() {
+            let (ca, cert) = trust.issue(&trust.node_id)?;
+            trust.accept_enrollment(&ca, &cert)?;
+            return Ok(trust);
+        }
+        if let Some(cert) = read_cert(&data_dir.join(NODE_CERT_FILE))? {
+            match trust.check_own(&cert) {
+                Ok(()) => {
+                    let _ = trust.cert.set(cert);
+                    trust.enrolled.send_replace(true);
+                }
+                // A certificate for another key or CA: enroll again rather
+                // than refuse to start.
+                Err(err) => tracing::warn!(error = %err, "ignoring the stored node certificate; enrolling again"),
+            }
+        }
+        Ok(trust)
+    }
+
+    /// This node's id.
+    pub fn node_id(&self) -> PeerId {
+        self.node_id
+    }
+
+    /// Whether this node has its certificate.
+    pub fn is_enrolled(&self) -> bool {
+        self.cert.get().is_some()
+    }
+
+    /// Waits until this node has its certificate.
+    pub async fn enrolled(&self) {
+        let mut rx = self.enrolled.subscribe();
+        // Only fails when the sender is gone, which it is not while self lives.
+        let _ = rx.wait_for(|done| *done).await;
+    }
+
+    /// Whether this node holds the CA key.
+    pub fn can_issue(&self) -> bool {
+        self.issuer.is_some()
+    }
+
+    /// The CA certificate, once known.
+    pub fn ca_cert(&self) -> Option<CertificateDer<'static>> {
+        self.ca.get().map(|a| a.der.clone())
+    }
+
+    /// This node's certificate, once enrolled.
+    pub fn cert(&self) -> Option<CertificateDer<'static>> {
+        self.cert.get().cloned()
+    }
+
+    /// This node's private key, for TLS.
+    pub(crate) fn private_key(&self) -> PrivatePkcs8KeyDer<'static> {
+        self.pkcs8.clone_key()
+    }
+
+    /// The crypto provider every TLS config here uses.
+    pub(crate) fn provider(&self) -> Arc<CryptoProvider> {
+        self.provider.clone()
+    }
+
+    /// Issues a certificate for `peer`'s key; returns (CA, certificate) DER.
+    pub fn issue(&self, peer: &PeerId) -> Result<(Vec<u8>, Vec<u8>), PkiError> {
+        let issuer_key = self.issuer.as_ref().ok_or(PkiError::NotIssuer)?;
+        let anchor = self.ca.get().ok_or(PkiError::NotEnrolled)?;
+        if self.is_revoked(&peer.to_string()) {
+            return Err(PkiError::Revoked(peer.to_string()));
+        }
+        let key = ed25519_key_of_peer(peer)?;
+        let mut params = rcgen::CertificateParams::new(vec![tls::SERVER_NAME.to_string()]).map_err(rcgen_error)?;
+        params.distinguished_name.push(rcgen::DnType::CommonName, peer.to_string());
+        params.extended_key_usages =
+            vec![rcgen::ExtendedKeyUsagePurpose::ServerAuth, rcgen::ExtendedKeyUsagePurpose::ClientAuth];
+        params.key_usages = vec![rcgen::KeyUsagePurpose::DigitalSignature];
+        params.serial_number = Some(rcgen::SerialNumber::from_slice(&rand::random::<[u8; 16]>()));
+        let issuer = rcgen::Issuer::new(ca_params(), issuer_key);
+        let cert = params.signed_by(&SubjectKey(key.to_bytes()), &issuer).map_err(rcgen_error)?;
+        Ok((anchor.der.to_vec(), cert.der().to_vec()))
+    }
+
+    fn check_own(&self, cert: &CertificateDer<'_>) -> Result<(), PkiError> {
+        self.verify_member(cert, &[], Usage::Client)?;
+        if node_id_of(cert)? != self.node_id {
+            return Err(PkiError::Invalid("the certificate is for another node's key".into()));
+        }
+        Ok(())
+    }
+
+    /// Takes in a certificate issued for this node (with the CA it came
+    /// with), checks it and stores both.
+    pub fn accept_enrollment(&self, ca: &[u8], cert: &[u8]) -> Result<(), PkiError> {
+        let ca = CertificateDer::from(ca.to_vec());
+        if let Some(expected) = self.expected_ca
+            && fingerprint(&ca) != expected
+        {
+            return Err(PkiError::WrongCa { expected: hex(&expected), offered: hex(&fingerprint(&ca)) });
+        }
+        match self.ca.get() {
+            Some(known) if known.der != ca => {
+                return Err(PkiError::WrongCa {
+                    expected: hex(&fingerprint(&known.der)),
+                    offered: hex(&fingerprint(&ca)),
+                });
+            }
+            Some(_) => {}
+            None => {
+                if self.expected_ca.is_none() {
+                    return Err(PkiError::Invalid(
+                        "this node has no join token to check the offered CA against: start it with --join and the token `llmesh init` prints".into(),
+                    ));
+                }
+                let _ = self.ca.set(Anchor::new(ca.clone())?);
+            }
+        }
+        let cert = CertificateDer::from(cert.to_vec());
+        self.check_own(&cert)?;
+        write_cert(&self.data_dir.join(CA_CERT_FILE), &ca)?;
+        write_cert(&self.data_dir.join(NODE_CERT_FILE), &cert)?;
+        let _ = self.cert.set(cert);
+        self.enrolled.send_replace(true);
+        Ok(())
+    }
+
+    /// Checks that `cert` chains to the cluster CA and belongs to a node
+    /// that is not revoked; returns that node's id.
+    pub fn verify_member(
+        &self,
+        cert: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        usage: Usage,
+    ) -> Result<PeerId, PkiError> {
+        let anchor = self.ca.get().ok_or(PkiError::NotEnrolled)?;
+        let parsed = webpki::EndEntityCert::try_from(cert).map_err(|e| PkiError::Untrusted(e.to_string()))?;
+        let eku = match usage {
+            Usage::Server => webpki::KeyUsage::server_auth(),
+            Usage::Client => webpki::KeyUsage::client_auth(),
+        };
+        parsed
+            .verify_for_usage(
+                self.provider.signature_verification_algorithms.all,
+                std::slice::from_ref(&anchor.anchor),
+                intermediates,
+                UnixTime::now(),
+                eku,
+                None,
+                None,
+            )
+            .map_err(|e| PkiError::Untrusted(e.to_string()))?;
+        let node = node_id_of(cert)?;
+        if self.is_revoked(&node.to_string()) {
+            return Err(PkiError::Revoked(node.to_string()));
+        }
+        Ok(node)
+    }
+
+    /// Whether an operator revoked `node_id`.
+    pub fn is_revoked(&self, node_id: &str) -> bool {
+        self.revoked.borrow().contains(node_id)
+    }
+
+    /// Replaces the revoked set (from the replicated cluster state).
+    pub fn set_revoked(&self, revoked: BTreeSet<String>) {
+        self.revoked.send_if_modified(|current| {
+            if **current == revoked {
+                return false;
+            }
+            *current = Arc::new(revoked);
+            true
+        });
+    }
+
+    /// Wakes whenever the revoked set changes.
+    pub fn watch_revoked(&self) -> watch::Receiver<Arc<BTreeSet<String>>> {
+        self.revoked.subscribe()
+    }
+
+    /// Signs a state for gossip; `None` until enrolled.
+    pub fn sign_state(&self, state: &NodeState) -> Option<SignedNodeState> {
+        let cert = self.cert.get()?;
+        let bytes = state.encode_to_vec();
+        let mut message = STATE_SIGNING_CONTEXT.to_vec();
+        message.extend_from_slice(&bytes);
+        let signature = self.keypair.sign(&message).ok()?;
+        Some(SignedNodeState { state: bytes, signature, cert: cert.to_vec() })
+    }
+
+    /// Checks a gossiped state: its certificate is a live member's, the
+    /// signature is by that certificate's key, and the state is about that
+    /// node and came from it (`source`, the gossip author).
+    pub fn open_state(&self, signed: &SignedNodeState, source: Option<PeerId>) -> Result<NodeState, PkiError> {
+        let cert = CertificateDer::from(signed.cert.as_slice());
+        let author = self.verify_member(&cert, &[], Usage::Client)?;
+        let mut message = STATE_SIGNING_CONTEXT.to_vec();
+        message.extend_from_slice(&signed.state);
+        if !ed25519_key_of(&cert)?.verify(&message, &signed.signature) {
+            return Err(PkiError::BadState("state signature does not verify".into()));
+        }
+        let state =
+            NodeState::decode(signed.state.as_slice()).map_err(|e| PkiError::BadState(format!("undecodable: {e}")))?;
+        if state.node_id != author.to_string() {
+            return Err(PkiError::BadState(format!("state names {} but is signed by {author}", state.node_id)));
+        }
+        if source.is_some_and(|s| s != author) {
+            return Err(PkiError::BadState(format!("state of {author} published by another node")));
+        }
+        Ok(state)
+    }
+}
+
+/// A cluster of `n` enrolled nodes in temporary directories (the first
+/// holds the CA), for tests.
+#[cfg(test)]
+pub(crate) fn test_cluster(n: usize) -> (Vec<tempfile::TempDir>, Vec<Arc<Trust>>) {
+    let mut dirs = Vec::new();
+    let mut nodes: Vec<Arc<Trust>> = Vec::new();
+    for i in 0..n {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let trust = if i == 0 {
+            create_ca(dir.path()).expect("ca");
+            Trust::load(dir.path(), Keypair::generate_ed25519(), None).expect("seed")
+        } else {
+            let ca = nodes[0].ca_cert().map(|c| fingerprint(&c));
+            let trust = Trust::load(dir.path(), Keypair::generate_ed25519(), ca).expect("member");
+            let (ca, cert) = nodes[0].issue(&trust.node_id()).expect("issues");
+            trust.accept_enrollment(&ca, &cert).expect("accepts");
+            trust
+        };
+        dirs.push(dir);
+        nodes.push(trust);
+    }
+    (dirs, nodes)
+}
+
+#[cfg(test)]
+mod tests;

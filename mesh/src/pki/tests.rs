@@ -1,0 +1,109 @@
+use super::*;
+
+/// A seed (holds the CA) and a node that enrolled with it.
+fn seed_and_member() -> (tempfile::TempDir, Arc<Trust>, tempfile::TempDir, Arc<Trust>) {
+    let seed_dir = tempfile::tempdir().expect("tempdir");
+    let ca = create_ca(seed_dir.path()).expect("ca");
+    let seed = Trust::load(seed_dir.path(), Keypair::generate_ed25519(), None).expect("seed");
+    assert!(seed.is_enrolled() && seed.can_issue());
+    let member_dir = tempfile::tempdir().expect("tempdir");
+    let member = Trust::load(member_dir.path(), Keypair::generate_ed25519(), Some(ca)).expect("member");
+    assert!(!member.is_enrolled());
+    let (ca_der, cert) = seed.issue(&member.node_id()).expect("issues");
+    member.accept_enrollment(&ca_der, &cert).expect("accepts");
+    (seed_dir, seed, member_dir, member)
+}
+
+fn state_of(trust: &Trust) -> NodeState {
+    NodeState { node_id: trust.node_id().to_string(), name: "n".into(), ..NodeState::default() }
+}
+
+#[test]
+fn an_enrolled_node_is_a_member_to_the_seed_and_back() {
+    let (_s, seed, _m, member) = seed_and_member();
+    let member_cert = member.cert().expect("cert");
+    assert_eq!(seed.verify_member(&member_cert, &[], Usage::Client), Ok(member.node_id()));
+    let seed_cert = seed.cert().expect("cert");
+    assert_eq!(member.verify_member(&seed_cert, &[], Usage::Server), Ok(seed.node_id()));
+    assert_eq!(node_id_of(&member_cert).expect("id"), member.node_id());
+}
+
+#[test]
+fn the_certificate_survives_a_restart_and_needs_no_issuer() {
+    let (_s, _seed, member_dir, member) = seed_and_member();
+    let again = Trust::load(member_dir.path(), member.keypair.clone(), None).expect("loads");
+    assert!(again.is_enrolled());
+    assert_eq!(again.cert(), member.cert());
+}
+
+#[test]
+fn a_revoked_node_is_refused_everywhere_its_certificate_is_checked() {
+    let (_s, seed, _m, member) = seed_and_member();
+    let cert = member.cert().expect("cert");
+    let signed = member.sign_state(&state_of(&member)).expect("signs");
+    assert!(seed.open_state(&signed, Some(member.node_id())).is_ok());
+    seed.set_revoked([member.node_id().to_string()].into());
+    assert_eq!(seed.verify_member(&cert, &[], Usage::Client), Err(PkiError::Revoked(member.node_id().to_string())));
+    assert!(matches!(seed.open_state(&signed, Some(member.node_id())), Err(PkiError::Revoked(_))));
+    // Nor does it get a new certificate for the same key.
+    assert!(matches!(seed.issue(&member.node_id()), Err(PkiError::Revoked(_))));
+}
+
+#[test]
+fn a_certificate_from_another_cluster_is_untrusted() {
+    let (_s, seed, _m, _member) = seed_and_member();
+    let (_other_dir, other_seed, _od, outsider) = seed_and_member();
+    let cert = outsider.cert().expect("cert");
+    assert!(matches!(seed.verify_member(&cert, &[], Usage::Client), Err(PkiError::Untrusted(_))));
+    assert!(matches!(
+        seed.verify_member(&other_seed.cert().expect("cert"), &[], Usage::Server),
+        Err(PkiError::Untrusted(_))
+    ));
+    // And another CA offered at enrollment is refused by fingerprint.
+    let (ca_der, cert) = other_seed.issue(&_member.node_id()).expect("issues");
+    let fresh_dir = tempfile::tempdir().expect("tempdir");
+    let expected = seed.ca_cert().map(|c| fingerprint(&c));
+    let fresh = Trust::load(fresh_dir.path(), _member.keypair.clone(), expected).expect("loads");
+    assert!(matches!(fresh.accept_enrollment(&ca_der, &cert), Err(PkiError::WrongCa { .. })));
+    assert!(!fresh.is_enrolled());
+}
+
+#[test]
+fn a_certificate_for_someone_elses_key_is_not_accepted_as_ours() {
+    let (_s, seed, _m, member) = seed_and_member();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let expected = seed.ca_cert().map(|c| fingerprint(&c));
+    let thief = Trust::load(dir.path(), Keypair::generate_ed25519(), expected).expect("loads");
+    let (ca_der, cert) = seed.issue(&member.node_id()).expect("issues");
+    assert!(matches!(thief.accept_enrollment(&ca_der, &cert), Err(PkiError::Invalid(_))));
+}
+
+#[test]
+fn tampered_unsigned_or_misattributed_states_are_dropped() {
+    let (_s, seed, _m, member) = seed_and_member();
+    let good = member.sign_state(&state_of(&member)).expect("signs");
+    assert_eq!(seed.open_state(&good, Some(member.node_id())).expect("opens").name, "n");
+
+    let mut tampered = good.clone();
+    tampered.state = NodeState { name: "evil".into(), ..state_of(&member) }.encode_to_vec();
+    assert!(matches!(seed.open_state(&tampered, Some(member.node_id())), Err(PkiError::BadState(_))));
+
+    let unsigned = SignedNodeState { signature: Vec::new(), ..good.clone() };
+    assert!(seed.open_state(&unsigned, Some(member.node_id())).is_err());
+    assert!(seed.open_state(&SignedNodeState::default(), Some(member.node_id())).is_err());
+
+    // A member speaking for the seed: its own certificate, the seed's id.
+    let impostor = member.sign_state(&state_of(&seed)).expect("signs");
+    assert!(matches!(seed.open_state(&impostor, Some(member.node_id())), Err(PkiError::BadState(_))));
+    // A valid state relayed under another author.
+    assert!(matches!(seed.open_state(&good, Some(seed.node_id())), Err(PkiError::BadState(_))));
+}
+
+#[test]
+fn an_unenrolled_node_trusts_nobody_and_signs_nothing() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let lone = Trust::load(dir.path(), Keypair::generate_ed25519(), Some([7; 32])).expect("loads");
+    assert!(lone.sign_state(&state_of(&lone)).is_none());
+    let (_s, _seed, _m, member) = seed_and_member();
+    assert_eq!(lone.verify_member(&member.cert().expect("cert"), &[], Usage::Client), Err(PkiError::NotEnrolled));
+}
