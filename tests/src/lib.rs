@@ -185,7 +185,7 @@ pub fn join_token(dir: &std::path::Path) -> String {
     let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
     stdout
         .lines()
-        .find(|l| l.starts_with("lmj1."))
+        .find(|l| l.starts_with("lmj2."))
         .map(str::to_string)
         .unwrap_or_else(|| panic!("no token in:\n{stdout}"))
 }

@@ -44,7 +44,7 @@ async fn cluster(specs: &[(&str, &[&str])]) -> Vec<Node> {
                 .expect("init");
             token = String::from_utf8_lossy(&out.stdout)
                 .lines()
-                .find(|l| l.starts_with("lmj1."))
+                .find(|l| l.starts_with("lmj2."))
                 .expect("token")
                 .to_string();
             boot = agent.p2p_addr();

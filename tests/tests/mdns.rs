@@ -28,11 +28,16 @@ fn names_seen(lan: &Lan, i: usize) -> Vec<String> {
 #[tokio::test]
 async fn nodes_on_a_lan_find_each_other_by_mdns() {
     let lan = Lan::new(3);
-    let token = join_token(&data_dir());
-    let _a = start(&lan, 0, "lan-a", &token).await;
+    // A is the node where `llmesh init` ran: it holds the cluster CA that
+    // B's certificate comes from.
+    let seed = data_dir();
+    let token = join_token(&seed);
+    let _a = lan.agent(0, &seed, &["--name", "lan-a", "--dead-after", "4s"], &[]).await;
     let _b = start(&lan, 1, "lan-b", &token).await;
-    let other = join_token(&data_dir());
-    let _c = start(&lan, 2, "lan-outsider", &other).await;
+    // The outsider is the seed of a cluster of its own.
+    let other = data_dir();
+    join_token(&other);
+    let _c = lan.agent(2, &other, &["--name", "lan-outsider", "--dead-after", "4s"], &[]).await;
     eventually("A and B discover each other by mDNS", || async {
         let mut a = names_seen(&lan, 0);
         let mut b = names_seen(&lan, 1);

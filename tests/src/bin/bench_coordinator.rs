@@ -40,7 +40,7 @@ impl Mesh {
                     .expect("init runs");
                 mesh.token = String::from_utf8_lossy(&out.stdout)
                     .lines()
-                    .find(|l| l.starts_with("lmj1."))
+                    .find(|l| l.starts_with("lmj2."))
                     .expect("token")
                     .to_string();
             }
