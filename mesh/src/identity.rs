@@ -3,7 +3,7 @@
 
 use std::path::Path;
 
-use libp2p::identity::Keypair;
+pub use libp2p::identity::Keypair;
 
 use crate::store::{read_private, write_private};
 

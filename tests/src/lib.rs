@@ -175,6 +175,7 @@ impl Drop for Proc {
 
 pub mod aggregator;
 pub mod netns;
+pub mod probe;
 
 /// Runs `llmesh init` on `dir` (creating its cluster if it has none) and
 /// returns the join token it prints.

@@ -362,8 +362,8 @@ impl Trust {
         self.cert.get().cloned()
     }
 
-    /// This node's private key, for TLS.
-    pub(crate) fn private_key(&self) -> PrivatePkcs8KeyDer<'static> {
+    /// This node's private key (PKCS#8), for TLS stacks.
+    pub fn private_key(&self) -> PrivatePkcs8KeyDer<'static> {
         self.pkcs8.clone_key()
     }
 
