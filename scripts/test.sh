@@ -14,9 +14,13 @@ need_apt=()
 command -v curl >/dev/null || need_apt+=(curl)
 # Headless Chromium renders the dashboard in tests/python/test_observability.py.
 command -v chromium >/dev/null || need_apt+=(chromium)
+# tshark captures node-to-node traffic in tests/tests/encryption.rs.
+command -v tshark >/dev/null || need_apt+=(tshark)
 if [ ${#need_apt[@]} -gt 0 ]; then
   step "installing ${need_apt[*]} (apt-get)"
   as_root apt-get update -qq
+  # wireshark-common asks whether non-root users may capture: keep the default.
+  echo "wireshark-common wireshark-common/install-setuid boolean false" | as_root debconf-set-selections 2>/dev/null || true
   DEBIAN_FRONTEND=noninteractive as_root apt-get install -y -qq "${need_apt[@]}" >/dev/null
 fi
 

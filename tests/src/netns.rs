@@ -116,6 +116,63 @@ impl Lan {
     }
 }
 
+/// A running `tshark` capture into a file.
+pub struct Capture {
+    child: std::process::Child,
+    /// Where the packets go.
+    pub path: std::path::PathBuf,
+}
+
+impl Lan {
+    /// Starts `tshark` capturing interface `iface` of namespace `ns` (a
+    /// host, or [`Lan::switch`] for the bridge that carries every packet
+    /// between hosts) into `path`; returns once it captures.
+    pub fn capture(&self, ns: &str, iface: &str, path: &std::path::Path) -> Capture {
+        use std::io::BufRead as _;
+        let mut child = Command::new("ip")
+            .args(["netns", "exec", ns, "tshark", "-q", "-i", iface, "-w"])
+            .arg(path)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("tshark runs (Debian package tshark; scripts/test.sh installs it)");
+        let stderr = child.stderr.take().expect("stderr");
+        let mut lines = std::io::BufReader::new(stderr).lines();
+        loop {
+            match lines.next() {
+                Some(Ok(line)) if line.contains("Capturing on") => break,
+                Some(Ok(_)) => continue,
+                _ => panic!("tshark did not start capturing on {iface} in {ns}"),
+            }
+        }
+        // Keep draining stderr so tshark never blocks on a full pipe.
+        std::thread::spawn(move || lines.for_each(drop));
+        Capture { child, path: path.to_path_buf() }
+    }
+
+    /// Namespace of the bridge between the hosts.
+    pub fn switch(&self) -> &str {
+        &self.switch
+    }
+}
+
+impl Capture {
+    /// Stops the capture (SIGINT, so tshark flushes) and returns the bytes
+    /// of the capture file.
+    pub fn finish(mut self) -> Vec<u8> {
+        let _ = Command::new("kill").args(["-INT", &self.child.id().to_string()]).status();
+        let _ = self.child.wait();
+        std::fs::read(&self.path).expect("capture file")
+    }
+}
+
+impl Drop for Capture {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
 impl Drop for Lan {
     fn drop(&mut self) {
         for ns in self.hosts.iter().chain(std::iter::once(&self.switch)) {
