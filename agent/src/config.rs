@@ -193,6 +193,11 @@ pub struct ApiConfig {
     pub max_body_bytes: usize,
     /// Largest non-streaming backend response relayed; larger gets 502.
     pub max_response_bytes: usize,
+    /// Most client connections open at once; more wait to be accepted.
+    pub max_connections: usize,
+    /// Time a client has to send its whole request body; slower gets 408.
+    #[serde(with = "humantime_serde")]
+    pub body_read_timeout: Duration,
     /// How long a shutdown waits for in-flight requests.
     #[serde(with = "humantime_serde")]
     pub drain_timeout: Duration,
@@ -439,6 +444,8 @@ impl Default for ApiConfig {
             listen: SocketAddr::from(([127, 0, 0, 1], DEFAULT_PORT_BASE)),
             max_body_bytes: 32 * 1024 * 1024,
             max_response_bytes: 64 * 1024 * 1024,
+            max_connections: 4096,
+            body_read_timeout: Duration::from_secs(30),
             drain_timeout: Duration::from_secs(30),
             anonymous: AnonymousAccess::Loopback,
         }

@@ -16,6 +16,7 @@ pub mod demo;
 pub mod dispatch;
 pub mod error;
 pub mod gpu;
+pub mod http_server;
 pub mod inventory;
 pub mod limits;
 pub mod load;

@@ -5,7 +5,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use axum::Router;
-use axum::serve::ListenerExt;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
@@ -177,28 +176,11 @@ async fn bind(addr: SocketAddr) -> Result<TcpListener, RunError> {
 async fn serve_until(
     listener: TcpListener,
     app: Router,
+    max_connections: usize,
     shutdown: CancellationToken,
     drain: Duration,
 ) -> Result<(), RunError> {
-    // Small SSE/NDJSON chunks must leave at once, not wait for Nagle.
-    let listener = listener.tap_io(|tcp| {
-        if let Err(err) = tcp.set_nodelay(true) {
-            tracing::debug!(error = %err, "cannot set TCP_NODELAY");
-        }
-    });
-    let server = axum::serve(listener, app.into_make_service_with_connect_info::<SocketAddr>())
-        .with_graceful_shutdown(shutdown.clone().cancelled_owned());
-    let deadline = async {
-        shutdown.cancelled().await;
-        tokio::time::sleep(drain).await;
-    };
-    tokio::select! {
-        result = server => result.map_err(RunError::Serve),
-        () = deadline => {
-            tracing::warn!(?drain, "drain timeout reached; closing remaining connections");
-            Ok(())
-        }
-    }
+    crate::http_server::serve(listener, app, max_connections, shutdown, drain).await.map_err(RunError::Serve)
 }
 
 /// Runs the agent until `shutdown` fires. `on_ready` learns the bound
@@ -361,6 +343,7 @@ pub async fn run_agent(
         idle_timeout: config.backend.idle_timeout,
         max_response_bytes: config.api.max_response_bytes,
         max_body_bytes: config.api.max_body_bytes,
+        body_read_timeout: config.api.body_read_timeout,
     });
     let ready = Ready {
         http: addr,
@@ -390,7 +373,9 @@ pub async fn run_agent(
         }
     };
     tokio::spawn(drain);
-    let result = serve_until(listener, router(state), shutdown.clone(), config.api.drain_timeout).await;
+    let result =
+        serve_until(listener, router(state), config.api.max_connections, shutdown.clone(), config.api.drain_timeout)
+            .await;
     shutdown.cancel();
     if let Some(dp) = &dataplane {
         if !dp.drained(config.api.drain_timeout).await {
@@ -462,5 +447,5 @@ pub async fn run_sim(
     let addr = listener.local_addr()?;
     tracing::info!(%addr, models = engine.models().len(), "simulated backend listening");
     on_ready(addr);
-    serve_until(listener, crate::sim::router(engine), shutdown, Duration::from_secs(5)).await
+    serve_until(listener, crate::sim::router(engine), 16 * 1024, shutdown, Duration::from_secs(5)).await
 }

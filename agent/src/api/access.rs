@@ -179,6 +179,32 @@ pub async fn authenticate(State(app): State<std::sync::Arc<AppState>>, mut reque
     }
 }
 
+/// Reads the whole request body within `api.body_read_timeout` (a client
+/// trickling its body gets 408 instead of holding a task forever) and at
+/// most `api.max_body_bytes` (413), before the handler sees it.
+pub async fn read_body(State(app): State<std::sync::Arc<AppState>>, request: Request, next: Next) -> Response {
+    use http_body_util::BodyExt as _;
+    let format = format_for(request.uri().path());
+    let (parts, body) = request.into_parts();
+    let limited = http_body_util::Limited::new(body, app.max_body_bytes);
+    match tokio::time::timeout(app.body_read_timeout, limited.collect()).await {
+        Ok(Ok(collected)) => next.run(Request::from_parts(parts, axum::body::Body::from(collected.to_bytes()))).await,
+        Ok(Err(err)) if err.downcast_ref::<http_body_util::LengthLimitError>().is_some() => {
+            ApiError::too_large(app.max_body_bytes).with_format(format).into_response()
+        }
+        Ok(Err(err)) => {
+            ApiError::bad_request(format!("cannot read request body: {err}")).with_format(format).into_response()
+        }
+        Err(_) => ApiError::new(
+            axum::http::StatusCode::REQUEST_TIMEOUT,
+            "request_timeout",
+            format!("the request body did not arrive within {:?} (api.body_read_timeout)", app.body_read_timeout),
+        )
+        .with_format(format)
+        .into_response(),
+    }
+}
+
 /// Rewrites the body's `model` to `model`, keeping every other field.
 pub fn rewrite_model(body: &Bytes, model: &str) -> Result<Bytes, ApiError> {
     let mut value: serde_json::Map<String, serde_json::Value> =

@@ -68,6 +68,8 @@ pub struct AppState {
     pub max_response_bytes: usize,
     /// Largest request body accepted.
     pub max_body_bytes: usize,
+    /// Time a client has to send its whole request body.
+    pub body_read_timeout: Duration,
 }
 
 type AppStateRef = State<Arc<AppState>>;
@@ -89,6 +91,7 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/api/show", post(|s: AppStateRef, c, h, b| infer(s, ApiKind::OllamaShow, c, h, b)))
         .route("/api/tags", get(models::ollama_tags))
         .route("/api/ps", get(models::ollama_ps))
+        .route_layer(axum::middleware::from_fn_with_state(state.clone(), access::read_body))
         .route_layer(axum::middleware::from_fn_with_state(state.clone(), access::authenticate));
     Router::new()
         .route("/", get(dashboard))
