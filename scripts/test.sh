@@ -2,7 +2,8 @@
 # The test command (README and CI run exactly this): installs what the tests
 # need, checks formatting and lints, then runs the Rust tests (unit,
 # property and multi-process) and the official Python clients against a
-# real agent.
+# real agent, then fuzzes the frame decoder and the HTTP request path for a
+# bounded time (FUZZ_SECONDS per target, default 60).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -50,5 +51,9 @@ fi
 # --- real clients --------------------------------------------------------------
 step "official openai and ollama clients, LiteLLM as a cloud aggregator, /metrics and the dashboard in Chromium"
 LLMESH_BIN="$PWD/target/debug/llmesh" .venv/bin/python -m pytest -q tests/python
+
+# --- fuzzing -------------------------------------------------------------------
+step "cargo fuzz: frame decoder and HTTP request path, ${FUZZ_SECONDS:-60}s each"
+scripts/fuzz.sh
 
 step "all tests passed"

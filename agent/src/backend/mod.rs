@@ -5,7 +5,7 @@ pub mod http;
 mod ollama;
 pub mod openai;
 mod sim;
-mod translate;
+pub mod translate;
 
 use std::sync::Arc;
 
