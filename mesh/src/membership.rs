@@ -310,6 +310,7 @@ pub async fn start(
         trust: config.trust.clone(),
         enrolling: None,
         enroll_reported: None,
+        enroll_attempts: 0,
     };
     let task = tokio::spawn(event_loop.run(shutdown));
     Ok((Membership { local_id, local_state, view, changes }, task))
@@ -337,6 +338,8 @@ struct EventLoop {
     enrolling: Option<PeerId>,
     /// When the wait for a certificate was last reported.
     enroll_reported: Option<Instant>,
+    /// Certificate requests sent so far.
+    enroll_attempts: usize,
 }
 
 impl EventLoop {
@@ -435,8 +438,13 @@ impl EventLoop {
         if peers.is_empty() {
             return;
         }
-        // Rotate through peers: most of them hold no CA key.
-        let peer = peers[rand::random::<usize>() % peers.len()];
+        // Every other attempt goes to a bootstrap peer (usually the node
+        // where `llmesh init` ran); the rest rotate through everyone, since
+        // any peer may be the one holding the CA key.
+        self.enroll_attempts += 1;
+        let bootstrap: Vec<PeerId> = self.dialled.values().filter(|p| peers.contains(p)).copied().collect();
+        let pool = if self.enroll_attempts % 2 == 1 && !bootstrap.is_empty() { &bootstrap } else { &peers };
+        let peer = pool[self.enroll_attempts / 2 % pool.len()];
         self.swarm.behaviour_mut().enroll.send_request(&peer, EnrollRequest {});
         self.enrolling = Some(peer);
     }
