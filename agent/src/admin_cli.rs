@@ -19,7 +19,7 @@ use tonic::transport::Channel;
 use llmesh_mesh::pki::Trust;
 use llmesh_mesh::pki::grpc::ChannelOptions;
 
-use crate::cli::{AdminArgs, KeysCommand, LimitArgs, NodeCommand, RouteCommand};
+use crate::cli::{AdminArgs, KeysCommand, LimitArgs, NodeCommand, RouteCommand, TokenCommand};
 use crate::config::MeshConfig;
 
 /// Why an admin command failed.
@@ -316,4 +316,31 @@ pub async fn run_route(command: &RouteCommand, args: &AdminArgs) -> ExitCode {
 /// `llmesh node …`.
 pub async fn run_node(command: &NodeCommand, args: &AdminArgs) -> ExitCode {
     finish("node", node(command, args).await)
+}
+
+/// `llmesh token …`
+pub async fn run_token(command: &TokenCommand, args: &AdminArgs) -> ExitCode {
+    finish("token", token(command, args).await)
+}
+
+async fn token(command: &TokenCommand, args: &AdminArgs) -> Result<(), AdminCliError> {
+    let TokenCommand::Rotate = command;
+    let dir = MeshConfig { data_dir: args.data_dir.clone(), ..MeshConfig::default() }.data_dir();
+    let secret = llmesh_mesh::ClusterSecret::load(&dir)
+        .map_err(|e| AdminCliError::Connect(e.to_string()))?
+        .ok_or_else(|| AdminCliError::Connect(format!("{} holds no cluster secret", dir.display())))?;
+    let ca = llmesh_mesh::pki::ca_fingerprint(&dir)
+        .map_err(|e| AdminCliError::Connect(e.to_string()))?
+        .ok_or_else(|| AdminCliError::Connect(format!("{} holds no cluster CA certificate", dir.display())))?;
+    let mut admin = Admin::connect(args).await?;
+    let reply = admin.client.rotate_join_key(admin.request(llmesh_proto::RotateJoinKeyRequest {})).await?.into_inner();
+    let join = <[u8; 32]>::try_from(reply.join_key.as_slice())
+        .map_err(|_| AdminCliError::Connect("the node answered with a malformed join key".into()))?;
+    // `llmesh init` on this directory prints the current token from now on.
+    crate::cluster::store_join_key(&dir, &join).map_err(|e| AdminCliError::Connect(e.to_string()))?;
+    let token = llmesh_mesh::JoinToken { secret, ca, join, bootstrap: Vec::new() }.encode();
+    print(args.json, &json!({ "index": reply.index, "token": token }), || {
+        format!("rotated the join key (index {}); earlier tokens no longer admit new nodes\n{token}", reply.index)
+    });
+    Ok(())
 }

@@ -51,7 +51,7 @@ pub enum Command {
         #[command(flatten)]
         admin: AdminArgs,
     },
-    /// Drain, undrain or remove a node (by name or id).
+    /// Drain, undrain, remove or revoke a node (by name or id).
     Node {
         /// What to do.
         #[command(subcommand)]
@@ -60,6 +60,23 @@ pub enum Command {
         #[command(flatten)]
         admin: AdminArgs,
     },
+    /// Manage the join token.
+    Token {
+        /// What to do.
+        #[command(subcommand)]
+        command: TokenCommand,
+        /// Which node and credential.
+        #[command(flatten)]
+        admin: AdminArgs,
+    },
+}
+
+/// `llmesh token …`
+#[derive(Debug, Clone, Subcommand)]
+pub enum TokenCommand {
+    /// Replace the join key and print the new join token: tokens printed
+    /// before no longer admit new nodes (nodes already in keep running).
+    Rotate,
 }
 
 /// How admin commands reach the mesh.

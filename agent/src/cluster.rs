@@ -56,6 +56,35 @@ pub fn admin_token(dir: &Path) -> Result<Option<String>, ClusterFileError> {
     }
 }
 
+const JOIN_KEY_FILE: &str = "join.key";
+
+/// Records the join key after a rotation, so `llmesh init` on this
+/// directory prints the current token.
+pub fn store_join_key(dir: &Path, key: &[u8; 32]) -> Result<(), ClusterFileError> {
+    let path = dir.join(JOIN_KEY_FILE);
+    let hex: String = key.iter().map(|b| format!("{b:02x}")).collect();
+    let _ = std::fs::remove_file(&path);
+    write_private(&path, format!("{hex}\n").as_bytes())
+}
+
+/// The join key for tokens printed from `dir`: the last rotated one stored
+/// here, else the cluster's initial key.
+pub fn join_key(dir: &Path, secret: &llmesh_mesh::ClusterSecret) -> Result<[u8; 32], ClusterFileError> {
+    let path = dir.join(JOIN_KEY_FILE);
+    let text = match std::fs::read_to_string(&path) {
+        Ok(text) => text,
+        Err(err) if err.kind() == std::io::ErrorKind::NotFound => return Ok(secret.initial_join_key()),
+        Err(err) => return Err(io(&path)(err)),
+    };
+    let text = text.trim();
+    let mut key = [0u8; 32];
+    let valid = text.len() == 64
+        && key.iter_mut().enumerate().all(|(i, b)| {
+            text.get(2 * i..2 * i + 2).and_then(|h| u8::from_str_radix(h, 16).ok()).map(|v| *b = v).is_some()
+        });
+    if valid { Ok(key) } else { Err(ClusterFileError::Pki(format!("{} is not a join key", path.display()))) }
+}
+
 /// Whether `dir` belongs to the node that created its cluster.
 pub fn is_seed(dir: &Path) -> bool {
     dir.join(SEED_MARKER).exists()

@@ -56,7 +56,14 @@ pub fn init(args: &InitArgs) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    let token = JoinToken { secret: secret.clone(), ca, bootstrap }.encode();
+    let join = match crate::cluster::join_key(&dir, &secret) {
+        Ok(join) => join,
+        Err(err) => {
+            eprintln!("llmesh init: {err}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let token = JoinToken { secret: secret.clone(), ca, join, bootstrap }.encode();
     let what = if created { "created a new cluster" } else { "this node's cluster" };
     println!("{what} (fingerprint {}), secret stored in {}", secret.fingerprint(), dir.display());
     println!("cluster CA: sha256 {}", llmesh_mesh::pki::hex(&ca));

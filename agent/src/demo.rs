@@ -123,7 +123,8 @@ pub async fn run(args: &DemoArgs, shutdown: CancellationToken, print: impl FnOnc
     let ca = llmesh_mesh::pki::ca_fingerprint(&admin_dir)
         .map_err(|e| RunError::Mesh(e.to_string()))?
         .ok_or_else(|| RunError::Mesh("the demo's cluster CA was not created".into()))?;
-    let token = llmesh_mesh::JoinToken { secret: secret.clone(), ca, bootstrap: Vec::new() }.encode();
+    let join = secret.initial_join_key();
+    let token = llmesh_mesh::JoinToken { secret: secret.clone(), ca, join, bootstrap: Vec::new() }.encode();
     for config in configs.iter_mut().skip(1) {
         config.mesh.join = Some(token.clone());
     }

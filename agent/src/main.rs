@@ -72,6 +72,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Keys { command, admin } => return Ok(llmesh::admin_cli::run_keys(&command, &admin).await),
         Command::Route { command, admin } => return Ok(llmesh::admin_cli::run_route(&command, &admin).await),
         Command::Node { command, admin } => return Ok(llmesh::admin_cli::run_node(&command, &admin).await),
+        Command::Token { command, admin } => return Ok(llmesh::admin_cli::run_token(&command, &admin).await),
         Command::Demo(args) => {
             telemetry::init(&LogConfig { filter: "warn".into(), ..LogConfig::default() });
             tokio::spawn(cancel_on_signal(shutdown.clone()));

@@ -74,12 +74,14 @@ async fn start_mesh(
     let data_dir = mesh.data_dir();
     let mut bootstrap = mesh.bootstrap_addrs().map_err(|e| RunError::Mesh(e.to_string()))?;
     let mut expected_ca = None;
+    let mut join_key = None;
     let secret = match &mesh.join {
         Some(token) => {
             let token = JoinToken::decode(token).map_err(|e| RunError::Mesh(e.to_string()))?;
             token.secret.store(&data_dir).map_err(|e| RunError::Mesh(e.to_string()))?;
             bootstrap.extend(token.bootstrap);
             expected_ca = Some(token.ca);
+            join_key = Some(token.join);
             token.secret
         }
         None => {
@@ -112,6 +114,7 @@ async fn start_mesh(
         keypair,
         secret: secret.clone(),
         trust: trust.clone(),
+        join_key,
         listen: vec![listen],
         bootstrap,
         mdns: mesh.mdns,

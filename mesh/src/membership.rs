@@ -76,6 +76,8 @@ pub struct MembershipConfig {
     pub secret: ClusterSecret,
     /// Certificates: signs what this node gossips, checks what it hears.
     pub trust: Arc<Trust>,
+    /// The join key from the token, to prove when asking for a certificate.
+    pub join_key: Option<[u8; 32]>,
     /// Addresses to listen on for peers.
     pub listen: Vec<Multiaddr>,
     /// Peers to contact first.
@@ -154,10 +156,12 @@ impl Membership {
     }
 }
 
-/// A request for a certificate; the requester's key is the one its noise
-/// handshake proved, so the request itself carries nothing.
+/// A request for a certificate for the key the requester's noise handshake
+/// proved, with its proof of the join key (an HMAC of its own node id).
 #[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
-struct EnrollRequest {}
+struct EnrollRequest {
+    proof: Vec<u8>,
+}
 
 /// The CA and a certificate for the requester, or why not.
 #[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
@@ -311,6 +315,7 @@ pub async fn start(
         enrolling: None,
         enroll_reported: None,
         enroll_attempts: 0,
+        join_key: config.join_key,
     };
     let task = tokio::spawn(event_loop.run(shutdown));
     Ok((Membership { local_id, local_state, view, changes }, task))
@@ -340,6 +345,7 @@ struct EventLoop {
     enroll_reported: Option<Instant>,
     /// Certificate requests sent so far.
     enroll_attempts: usize,
+    join_key: Option<[u8; 32]>,
 }
 
 impl EventLoop {
@@ -438,6 +444,13 @@ impl EventLoop {
         if peers.is_empty() {
             return;
         }
+        let Some(join_key) = self.join_key else {
+            if self.enroll_attempts == 0 {
+                self.enroll_attempts = 1;
+                tracing::warn!("this node has no certificate and no join token: start it with --join TOKEN");
+            }
+            return;
+        };
         // Every other attempt goes to a bootstrap peer (usually the node
         // where `llmesh init` ran); the rest rotate through everyone, since
         // any peer may be the one holding the CA key.
@@ -445,7 +458,8 @@ impl EventLoop {
         let bootstrap: Vec<PeerId> = self.dialled.values().filter(|p| peers.contains(p)).copied().collect();
         let pool = if self.enroll_attempts % 2 == 1 && !bootstrap.is_empty() { &bootstrap } else { &peers };
         let peer = pool[self.enroll_attempts / 2 % pool.len()];
-        self.swarm.behaviour_mut().enroll.send_request(&peer, EnrollRequest {});
+        let proof = Trust::join_proof(&join_key, &self.trust.node_id());
+        self.swarm.behaviour_mut().enroll.send_request(&peer, EnrollRequest { proof });
         self.enrolling = Some(peer);
     }
 
@@ -453,10 +467,10 @@ impl EventLoop {
         match event {
             request_response::Event::Message {
                 peer,
-                message: request_response::Message::Request { channel, .. },
+                message: request_response::Message::Request { channel, request, .. },
                 ..
             } => {
-                let response = match self.trust.issue(&peer) {
+                let response = match self.trust.issue(&peer, &request.proof) {
                     Ok((ca, cert)) => {
                         tracing::info!(node = %peer, "issued a cluster certificate");
                         EnrollResponse::Issued { ca, cert }

@@ -5,8 +5,10 @@
 //! the first handshake. `llmesh init` creates it and prints a join token:
 //! `lmj2.<secret: 64 hex>.<SHA-256 of the cluster CA certificate: 64 hex>`
 //! optionally followed by `.<base64url of bootstrap addresses,
-//! comma-separated>`. The CA fingerprint lets a joining node check the CA
-//! it is handed at enrollment (see [`crate::pki`]).
+//! comma-separated>`, where the third part is the join key: a joining node
+//! proves it holds it to get a certificate, and rotating it (`llmesh token
+//! rotate`) retires every token printed before. The CA fingerprint lets a
+//! joining node check the CA it is handed (see [`crate::pki`]).
 
 use std::fmt;
 use std::path::Path;
@@ -84,6 +86,16 @@ impl ClusterSecret {
         Some(ClusterSecret(out))
     }
 
+    /// The join key a cluster starts with, derived from the secret (until
+    /// an operator rotates it; see [`crate::pki`]).
+    pub fn initial_join_key(&self) -> [u8; 32] {
+        let key = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, &self.0);
+        let tag = ring::hmac::sign(&key, b"llmesh-join-key-v1");
+        let mut out = [0u8; 32];
+        out.copy_from_slice(tag.as_ref());
+        out
+    }
+
     /// The secret stored in `data_dir`, if any.
     pub fn load(data_dir: &Path) -> Result<Option<ClusterSecret>, SecretError> {
         let path = data_dir.join(SECRET_FILE);
@@ -128,6 +140,8 @@ pub struct JoinToken {
     pub secret: ClusterSecret,
     /// SHA-256 of the cluster CA's certificate.
     pub ca: [u8; 32],
+    /// The join key (proves the right to a certificate).
+    pub join: [u8; 32],
     /// Addresses of nodes to contact first.
     pub bootstrap: Vec<Multiaddr>,
 }
@@ -135,7 +149,12 @@ pub struct JoinToken {
 impl JoinToken {
     /// The printable token.
     pub fn encode(&self) -> String {
-        let mut token = format!("{TOKEN_PREFIX}.{}.{}", self.secret.to_hex(), crate::pki::hex(&self.ca));
+        let mut token = format!(
+            "{TOKEN_PREFIX}.{}.{}.{}",
+            self.secret.to_hex(),
+            crate::pki::hex(&self.ca),
+            crate::pki::hex(&self.join)
+        );
         if !self.bootstrap.is_empty() {
             let joined = self.bootstrap.iter().map(ToString::to_string).collect::<Vec<_>>().join(",");
             token.push('.');
@@ -164,6 +183,11 @@ impl JoinToken {
             .and_then(ClusterSecret::from_hex)
             .map(|fingerprint| fingerprint.0)
             .ok_or_else(|| SecretError::BadToken("the CA fingerprint part is not 64 hex characters".into()))?;
+        let join = parts
+            .next()
+            .and_then(ClusterSecret::from_hex)
+            .map(|key| key.0)
+            .ok_or_else(|| SecretError::BadToken("the join key part is not 64 hex characters".into()))?;
         let bootstrap = match parts.next() {
             None => Vec::new(),
             Some(encoded) => {
@@ -184,7 +208,7 @@ impl JoinToken {
         if parts.next().is_some() {
             return Err(SecretError::BadToken("too many parts".into()));
         }
-        Ok(JoinToken { secret, ca, bootstrap })
+        Ok(JoinToken { secret, ca, join, bootstrap })
     }
 }
 
@@ -195,11 +219,12 @@ mod tests {
     #[test]
     fn token_round_trips_with_and_without_bootstrap() {
         let secret = ClusterSecret::generate();
-        let bare = JoinToken { secret: secret.clone(), ca: [7; 32], bootstrap: vec![] };
+        let bare = JoinToken { secret: secret.clone(), ca: [7; 32], join: [8; 32], bootstrap: vec![] };
         assert_eq!(JoinToken::decode(&bare.encode()).expect("decodes"), bare);
         let with = JoinToken {
             secret,
             ca: [9; 32],
+            join: [3; 32],
             bootstrap: vec!["/ip4/10.0.0.5/tcp/11441".parse().expect("addr"), "/ip6/::1/tcp/7".parse().expect("addr")],
         };
         assert_eq!(JoinToken::decode(&with.encode()).expect("decodes"), with);
@@ -215,7 +240,8 @@ mod tests {
             "lmj2.",
             &format!("lmj1.{secret}"),
             &format!("lmj2.{secret}"),
-            &format!("lmj2.{secret}.{secret}.!!"),
+            &format!("lmj2.{secret}.{secret}"),
+            &format!("lmj2.{secret}.{secret}.{secret}.!!"),
             &format!("lmj2.{secret}.{}", "a".repeat(63)),
         ] {
             assert!(JoinToken::decode(bad).is_err(), "{bad}");

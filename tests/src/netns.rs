@@ -157,6 +157,20 @@ impl Lan {
 }
 
 impl Capture {
+    /// Waits until packets reach the capture file (tshark announces itself
+    /// a moment before it captures), calling `poke` to make traffic.
+    pub fn wait_for_packets(&self, mut poke: impl FnMut()) {
+        let empty = std::fs::metadata(&self.path).map_or(0, |m| m.len());
+        for _ in 0..100 {
+            poke();
+            std::thread::sleep(std::time::Duration::from_millis(100));
+            if std::fs::metadata(&self.path).map_or(0, |m| m.len()) > empty {
+                return;
+            }
+        }
+        panic!("no packets reached {} in 10 s", self.path.display());
+    }
+
     /// Stops the capture (SIGINT, so tshark flushes) and returns the bytes
     /// of the capture file.
     pub fn finish(mut self) -> Vec<u8> {

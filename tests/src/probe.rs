@@ -26,6 +26,7 @@ pub struct Credentials {
     /// The cluster secret (pnet key).
     pub secret: ClusterSecret,
     keypair: llmesh_mesh::identity::Keypair,
+    join_key: Option<[u8; 32]>,
 }
 
 /// Loads the node key, cluster secret and certificate kept in `dir`.
@@ -34,7 +35,7 @@ pub fn credentials(dir: &Path) -> Credentials {
     let secret = ClusterSecret::load(dir).expect("secret readable").expect("a cluster secret");
     let trust = Trust::load(dir, keypair.clone(), None).expect("certificates load");
     assert!(trust.is_enrolled(), "{} holds no certificate", dir.display());
-    Credentials { trust, secret, keypair }
+    Credentials { trust, secret, keypair, join_key: None }
 }
 
 /// A new node with the join `token` in `dir` (its key created there unless
@@ -44,7 +45,7 @@ pub fn join(dir: &Path, token: &str) -> Credentials {
     token.secret.store(dir).expect("stores the secret");
     let (keypair, _) = llmesh_mesh::identity::load_or_create(dir).expect("node key");
     let trust = Trust::load(dir, keypair.clone(), Some(token.ca)).expect("certificates load");
-    Credentials { trust, secret: token.secret, keypair }
+    Credentials { trust, secret: token.secret, keypair, join_key: Some(token.join) }
 }
 
 /// A node as another node's `/mesh/v1/nodes` lists it.
@@ -143,6 +144,7 @@ pub async fn gossip(creds: &Credentials, target: &Target, watch: Duration) -> Ve
         keypair: creds.keypair.clone(),
         secret: creds.secret.clone(),
         trust: creds.trust.clone(),
+        join_key: creds.join_key,
         listen: vec!["/ip4/127.0.0.1/tcp/0".parse().expect("addr")],
         bootstrap: vec![target.p2p.parse().expect("p2p addr")],
         mdns: false,

@@ -46,6 +46,12 @@ async fn no_plaintext_crosses_the_wire_between_nodes() {
     let dir = tempfile::tempdir().expect("tempdir");
     let wire = lan.capture(lan.switch(), "br0", &dir.path().join("bridge.pcap"));
     let client_side = lan.capture(lan.host(0), "lo", &dir.path().join("loopback.pcap"));
+    // Gossip crosses the bridge every second; loopback needs a poke.
+    wire.wait_for_packets(|| {});
+    let health = format!("{entry}/healthz");
+    client_side.wait_for_packets(|| {
+        let _ = lan.exec(0, std::path::Path::new("curl"), &["-s", "-o", "/dev/null", &health]);
+    });
 
     let prompt = format!("the secret plan is number {}", std::process::id());
     let body = format!(r#"{{"model":"mistral:7b","messages":[{{"role":"user","content":"{prompt}"}}]}}"#);
@@ -63,8 +69,12 @@ async fn no_plaintext_crosses_the_wire_between_nodes() {
     let content = reply["choices"][0]["message"]["content"].as_str().expect("content").to_string();
     let marker = format!("wiremarker{}", std::process::id());
     let seed_text = seed.to_str().expect("utf-8");
-    lan.exec(0, &binary(), &["route", "set", &marker, "mistral:7b", "--node", &entry, "--data-dir", seed_text])
-        .expect("admin write commits");
+    // Retried: the seed may still be electing itself right after start.
+    eventually("the admin write commits", || async {
+        lan.exec(0, &binary(), &["route", "set", &marker, "mistral:7b", "--node", &entry, "--data-dir", seed_text])
+            .is_ok()
+    })
+    .await;
     eventually("the route reaches wire-b", || async {
         let node = format!("http://{}:11440", lan.addr(1));
         lan.exec(1, &binary(), &["status", "--json", "--node", &node]).is_ok_and(|out| out.contains(&marker))

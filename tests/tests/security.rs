@@ -189,6 +189,28 @@ async fn outsiders_revoked_nodes_and_replayed_certificates_are_refused_on_every_
     let reenrolled = probe::gossip(&again, &seed, Duration::from_secs(3)).await;
     assert!(reenrolled.is_empty() && !again.trust.is_enrolled(), "{reenrolled:?}");
 
+    // The machine still holds the join token, so it could come back under
+    // a new key; rotating the join key retires every earlier token.
+    let out = Command::new(binary())
+        .args(["token", "rotate", "--json", "--node", &c.seed.url, "--data-dir"])
+        .arg(&c.seed_dir)
+        .output()
+        .expect("runs");
+    assert!(out.status.success(), "rotate: {}", String::from_utf8_lossy(&out.stderr));
+    let rotated: Value = serde_json::from_slice(&out.stdout).expect("JSON");
+    let new_token = rotated["token"].as_str().expect("token").to_string();
+    assert_ne!(new_token, c.token);
+    let old_token_dir = data_dir();
+    let with_old = probe::join(&old_token_dir, &c.token);
+    let seen = probe::gossip(&with_old, &seed, Duration::from_secs(3)).await;
+    assert!(seen.is_empty() && !with_old.trust.is_enrolled(), "an old token still admits: {seen:?}");
+    let new_token_dir = data_dir();
+    let with_new = probe::join(&new_token_dir, &new_token);
+    let seen = probe::gossip(&with_new, &seed, Duration::from_secs(4)).await;
+    assert!(seen.contains(&seed.id), "the new token admits: {seen:?}");
+    // `llmesh init` on the seed prints the new token from now on.
+    assert_eq!(join_token(&c.seed_dir), new_token);
+
     // And the members still talk to each other.
     assert_eq!(probe::data_stream(&member, &seed, MODEL).await.ok(), Some(200));
     eprintln!("revocation reached every view in {gone_after:?}");

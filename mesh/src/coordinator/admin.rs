@@ -201,6 +201,16 @@ impl Admin for AdminService {
         self.write(command::Kind::RemoveNode(member.node_id)).await
     }
 
+    async fn rotate_join_key(
+        &self,
+        request: Request<llmesh_proto::RotateJoinKeyRequest>,
+    ) -> Result<Response<llmesh_proto::JoinKeyReply>, Status> {
+        self.authorize(&request)?;
+        let key: [u8; 32] = rand::random();
+        let reply = self.write(command::Kind::SetJoinKey(key.to_vec())).await?.into_inner();
+        Ok(Response::new(llmesh_proto::JoinKeyReply { join_key: key.to_vec(), index: reply.index }))
+    }
+
     async fn revoke_node(&self, request: Request<NodeRef>) -> Result<Response<AdminReply>, Status> {
         self.authorize(&request)?;
         let node = request.into_inner().node;

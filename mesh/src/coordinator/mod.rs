@@ -282,14 +282,21 @@ pub async fn start(
     tokio::spawn(driver.run(rx));
     let limits = Arc::new(limits::LimitsClient::new(&tag, config.trust.clone()));
     let trust = config.trust.clone();
-    trust.set_revoked(state.borrow().revoked.clone());
-    let mut revocations = state.clone();
-    let revocation_trust = trust.clone();
+    let initial_join_key = config.secret.initial_join_key();
+    let feed = move |trust: &Trust, state: &ClusterState| {
+        trust.set_revoked(state.revoked.clone());
+        let join_key = <[u8; 32]>::try_from(state.join_key.as_slice()).unwrap_or(initial_join_key);
+        trust.set_join_key(join_key);
+    };
+    feed(&trust, &state.borrow());
+    let mut updates = state.clone();
+    let fed = trust.clone();
     tokio::spawn(async move {
-        // Every plane reads the revoked set from the trust; keep it current.
-        while revocations.changed().await.is_ok() {
-            let revoked = revocations.borrow_and_update().revoked.clone();
-            revocation_trust.set_revoked(revoked);
+        // Every plane reads the revoked set from the trust, and enrollment
+        // the join key; keep them current.
+        while updates.changed().await.is_ok() {
+            let current = updates.borrow_and_update().clone();
+            feed(&fed, &current);
         }
     });
     let coordinator =

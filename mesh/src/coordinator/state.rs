@@ -36,6 +36,8 @@ pub struct ClusterState {
     pub removed: BTreeSet<String>,
     /// Node ids revoked by an operator: shut out of every plane for good.
     pub revoked: BTreeSet<String>,
+    /// The join key new nodes must prove (empty: derived from the secret).
+    pub join_key: Vec<u8>,
     /// Model → node ids it should stay loaded on.
     pub placement: BTreeMap<String, BTreeSet<String>>,
     /// Raft members by Raft id.
@@ -120,6 +122,13 @@ impl ClusterState {
                     self.drained.remove(&drain.node_id);
                     Ok(format!("undrained {}", drain.node_id))
                 }
+            }
+            command::Kind::SetJoinKey(key) => {
+                if key.len() != 32 {
+                    return Err(ApplyError::Invalid("a join key is 32 bytes".into()));
+                }
+                self.join_key = key.clone();
+                Ok("rotated the join key: earlier join tokens no longer admit new nodes".into())
             }
             command::Kind::RevokeNode(node_id) => {
                 self.revoked.insert(node_id.clone());
@@ -246,6 +255,7 @@ impl ClusterState {
             drained: self.drained.iter().cloned().collect(),
             removed: self.removed.iter().cloned().collect(),
             revoked: self.revoked.iter().cloned().collect(),
+            join_key: self.join_key.clone(),
             placement: self
                 .placement
                 .iter()
@@ -276,6 +286,7 @@ impl ClusterState {
             drained: snapshot.drained.into_iter().collect(),
             removed: snapshot.removed.into_iter().collect(),
             revoked: snapshot.revoked.into_iter().collect(),
+            join_key: snapshot.join_key,
             placement: snapshot.placement.into_iter().map(|p| (p.model, p.node_ids.into_iter().collect())).collect(),
             members: snapshot.members.into_iter().map(|m| (m.raft_id, m)).collect(),
             usage: snapshot.usage.into_iter().map(|u| (u.key_id.clone(), u)).collect(),
@@ -409,6 +420,7 @@ mod tests {
             }),
             name.clone().prop_map(|n| Command { kind: Some(command::Kind::RemoveNode(n.into())) }),
             name.clone().prop_map(|n| Command { kind: Some(command::Kind::RevokeNode(n.into())) }),
+            any::<[u8; 32]>().prop_map(|k| Command { kind: Some(command::Kind::SetJoinKey(k.to_vec())) }),
             (name.clone(), 0u64..1000, prop::sample::select(vec!["2026-11-24", "2026-11-25"])).prop_map(
                 |(k, t, day)| Command {
                     kind: Some(command::Kind::RecordUsage(llmesh_proto::RecordUsage {

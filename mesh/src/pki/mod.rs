@@ -86,6 +86,12 @@ pub enum PkiError {
     /// This node holds no CA key and cannot issue certificates.
     #[error("this node does not hold the cluster CA key")]
     NotIssuer,
+    /// The requester did not prove it holds the current join key.
+    #[error("the join token is not (or no longer) valid: ask an operator for a current one (`llmesh token rotate`)")]
+    BadJoinProof,
+    /// The issuer does not know the join key yet (still starting).
+    #[error("the issuer is still starting; retry")]
+    NotReady,
     /// The signed state does not hold together.
     #[error("{0}")]
     BadState(String),
@@ -194,6 +200,13 @@ fn ed25519_key_of_peer(peer: &PeerId) -> Result<identity::ed25519::PublicKey, Pk
         .ok_or_else(|| PkiError::Invalid(format!("peer id {peer} is not an Ed25519 key")))
 }
 
+/// What a join proof is an HMAC of: the requester's own node id.
+fn proof_message(node: &PeerId) -> Vec<u8> {
+    let mut message = b"llmesh-enroll-v1:".to_vec();
+    message.extend_from_slice(&node.to_bytes());
+    message
+}
+
 /// Raw 32-byte Ed25519 public key, as rcgen wants a subject key.
 struct SubjectKey([u8; 32]);
 
@@ -251,6 +264,8 @@ pub struct Trust {
     ca: OnceLock<Anchor>,
     cert: OnceLock<CertificateDer<'static>>,
     issuer: Option<rcgen::KeyPair>,
+    /// The join key requesters must prove, as the cluster state says.
+    join_key: std::sync::RwLock<Option<[u8; 32]>>,
     revoked: watch::Sender<Arc<BTreeSet<String>>>,
     enrolled: watch::Sender<bool>,
     provider: Arc<CryptoProvider>,
@@ -299,6 +314,7 @@ impl Trust {
             ca: OnceLock::new(),
             cert: OnceLock::new(),
             issuer,
+            join_key: std::sync::RwLock::new(None),
             revoked: watch::Sender::new(Arc::default()),
             enrolled: watch::Sender::new(false),
             provider: Arc::new(rustls::crypto::ring::default_provider()),
@@ -312,7 +328,7 @@ impl Trust {
         // OnceLock::set only fails when already set, which cannot be here.
         let _ = trust.ca.set(Anchor::new(ca_der)?);
         if trust.issuer.is_some() && read_cert(&data_dir.join(NODE_CERT_FILE))?.is_none() {
-            let (ca, cert) = trust.issue(&trust.node_id)?;
+            let (ca, cert) = trust.sign_for(&trust.node_id)?;
             trust.accept_enrollment(&ca, &cert)?;
             return Ok(trust);
         }
@@ -372,8 +388,32 @@ impl Trust {
         self.provider.clone()
     }
 
-    /// Issues a certificate for `peer`'s key; returns (CA, certificate) DER.
-    pub fn issue(&self, peer: &PeerId) -> Result<(Vec<u8>, Vec<u8>), PkiError> {
+    /// Sets the join key requesters must prove (from the cluster state).
+    pub fn set_join_key(&self, key: [u8; 32]) {
+        *self.join_key.write().unwrap_or_else(std::sync::PoisonError::into_inner) = Some(key);
+    }
+
+    /// What a node proves it holds the join key with: an HMAC of its own
+    /// node id, useless to anyone else even if a peer collects it.
+    pub fn join_proof(join_key: &[u8; 32], node: &PeerId) -> Vec<u8> {
+        let key = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, join_key);
+        ring::hmac::sign(&key, &proof_message(node)).as_ref().to_vec()
+    }
+
+    /// Issues a certificate for `peer`'s key if `proof` shows it holds the
+    /// current join key; returns (CA, certificate) DER.
+    pub fn issue(&self, peer: &PeerId, proof: &[u8]) -> Result<(Vec<u8>, Vec<u8>), PkiError> {
+        if self.issuer.is_none() {
+            return Err(PkiError::NotIssuer);
+        }
+        let join_key =
+            (*self.join_key.read().unwrap_or_else(std::sync::PoisonError::into_inner)).ok_or(PkiError::NotReady)?;
+        let key = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, &join_key);
+        ring::hmac::verify(&key, &proof_message(peer), proof).map_err(|_| PkiError::BadJoinProof)?;
+        self.sign_for(peer)
+    }
+
+    fn sign_for(&self, peer: &PeerId) -> Result<(Vec<u8>, Vec<u8>), PkiError> {
         let issuer_key = self.issuer.as_ref().ok_or(PkiError::NotIssuer)?;
         let anchor = self.ca.get().ok_or(PkiError::NotEnrolled)?;
         if self.is_revoked(&peer.to_string()) {
@@ -520,6 +560,10 @@ impl Trust {
     }
 }
 
+/// The join key of [`test_cluster`]s.
+#[cfg(test)]
+pub(crate) const TEST_JOIN_KEY: [u8; 32] = [42; 32];
+
 /// A cluster of `n` enrolled nodes in temporary directories (the first
 /// holds the CA), for tests.
 #[cfg(test)]
@@ -534,7 +578,9 @@ pub(crate) fn test_cluster(n: usize) -> (Vec<tempfile::TempDir>, Vec<Arc<Trust>>
         } else {
             let ca = nodes[0].ca_cert().map(|c| fingerprint(&c));
             let trust = Trust::load(dir.path(), Keypair::generate_ed25519(), ca).expect("member");
-            let (ca, cert) = nodes[0].issue(&trust.node_id()).expect("issues");
+            nodes[0].set_join_key(TEST_JOIN_KEY);
+            let proof = Trust::join_proof(&TEST_JOIN_KEY, &trust.node_id());
+            let (ca, cert) = nodes[0].issue(&trust.node_id(), &proof).expect("issues");
             trust.accept_enrollment(&ca, &cert).expect("accepts");
             trust
         };

@@ -9,9 +9,15 @@ fn seed_and_member() -> (tempfile::TempDir, Arc<Trust>, tempfile::TempDir, Arc<T
     let member_dir = tempfile::tempdir().expect("tempdir");
     let member = Trust::load(member_dir.path(), Keypair::generate_ed25519(), Some(ca)).expect("member");
     assert!(!member.is_enrolled());
-    let (ca_der, cert) = seed.issue(&member.node_id()).expect("issues");
+    let (ca_der, cert) = issue(&seed, &member.node_id()).expect("issues");
     member.accept_enrollment(&ca_der, &cert).expect("accepts");
     (seed_dir, seed, member_dir, member)
+}
+
+/// Issues with a correct proof of the test join key.
+fn issue(seed: &Trust, node: &PeerId) -> Result<(Vec<u8>, Vec<u8>), PkiError> {
+    seed.set_join_key(TEST_JOIN_KEY);
+    seed.issue(node, &Trust::join_proof(&TEST_JOIN_KEY, node))
 }
 
 fn state_of(trust: &Trust) -> NodeState {
@@ -46,7 +52,7 @@ fn a_revoked_node_is_refused_everywhere_its_certificate_is_checked() {
     assert_eq!(seed.verify_member(&cert, &[], Usage::Client), Err(PkiError::Revoked(member.node_id().to_string())));
     assert!(matches!(seed.open_state(&signed, Some(member.node_id())), Err(PkiError::Revoked(_))));
     // Nor does it get a new certificate for the same key.
-    assert!(matches!(seed.issue(&member.node_id()), Err(PkiError::Revoked(_))));
+    assert!(matches!(issue(&seed, &member.node_id()), Err(PkiError::Revoked(_))));
 }
 
 #[test]
@@ -60,7 +66,7 @@ fn a_certificate_from_another_cluster_is_untrusted() {
         Err(PkiError::Untrusted(_))
     ));
     // And another CA offered at enrollment is refused by fingerprint.
-    let (ca_der, cert) = other_seed.issue(&_member.node_id()).expect("issues");
+    let (ca_der, cert) = issue(&other_seed, &_member.node_id()).expect("issues");
     let fresh_dir = tempfile::tempdir().expect("tempdir");
     let expected = seed.ca_cert().map(|c| fingerprint(&c));
     let fresh = Trust::load(fresh_dir.path(), _member.keypair.clone(), expected).expect("loads");
@@ -74,7 +80,7 @@ fn a_certificate_for_someone_elses_key_is_not_accepted_as_ours() {
     let dir = tempfile::tempdir().expect("tempdir");
     let expected = seed.ca_cert().map(|c| fingerprint(&c));
     let thief = Trust::load(dir.path(), Keypair::generate_ed25519(), expected).expect("loads");
-    let (ca_der, cert) = seed.issue(&member.node_id()).expect("issues");
+    let (ca_der, cert) = issue(&seed, &member.node_id()).expect("issues");
     assert!(matches!(thief.accept_enrollment(&ca_der, &cert), Err(PkiError::Invalid(_))));
 }
 
@@ -106,4 +112,26 @@ fn an_unenrolled_node_trusts_nobody_and_signs_nothing() {
     assert!(lone.sign_state(&state_of(&lone)).is_none());
     let (_s, _seed, _m, member) = seed_and_member();
     assert_eq!(lone.verify_member(&member.cert().expect("cert"), &[], Usage::Client), Err(PkiError::NotEnrolled));
+}
+
+#[test]
+fn a_certificate_needs_a_proof_of_the_current_join_key() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    create_ca(dir.path()).expect("ca");
+    let seed = Trust::load(dir.path(), Keypair::generate_ed25519(), None).expect("seed");
+    let joiner = Keypair::generate_ed25519().public().to_peer_id();
+    let other = Keypair::generate_ed25519().public().to_peer_id();
+    let old = [1u8; 32];
+    // Not started yet: no join key known, nothing issued.
+    assert_eq!(seed.issue(&joiner, &Trust::join_proof(&old, &joiner)), Err(PkiError::NotReady));
+    seed.set_join_key(old);
+    assert!(seed.issue(&joiner, &Trust::join_proof(&old, &joiner)).is_ok());
+    // A proof made for another node id is worthless.
+    assert_eq!(seed.issue(&other, &Trust::join_proof(&old, &joiner)), Err(PkiError::BadJoinProof));
+    assert_eq!(seed.issue(&other, b""), Err(PkiError::BadJoinProof));
+    // After a rotation the old token no longer admits anyone.
+    let new = [2u8; 32];
+    seed.set_join_key(new);
+    assert_eq!(seed.issue(&other, &Trust::join_proof(&old, &other)), Err(PkiError::BadJoinProof));
+    assert!(seed.issue(&other, &Trust::join_proof(&new, &other)).is_ok());
 }
