@@ -302,6 +302,7 @@ pub async fn start(
         table: PeerTable::new(config.liveness),
         bootstrap: config.bootstrap.clone(),
         dialled: HashMap::new(),
+        lan_peers: HashMap::new(),
         listen_addrs,
         local_rx,
         published: None,
@@ -328,6 +329,8 @@ struct EventLoop {
     bootstrap: Vec<Multiaddr>,
     /// Which peer answered at each bootstrap address.
     dialled: HashMap<Multiaddr, PeerId>,
+    /// Peers mDNS found on the LAN, with their addresses.
+    lan_peers: HashMap<PeerId, Vec<Multiaddr>>,
     listen_addrs: Vec<Multiaddr>,
     local_rx: watch::Receiver<Option<NodeState>>,
     /// The last state published, without seq and timestamp, to detect change.
@@ -548,7 +551,25 @@ impl EventLoop {
         });
     }
 
+    fn dial_lan_peer(&mut self, peer: PeerId) {
+        let Some(addrs) = self.lan_peers.get(&peer) else { return };
+        let opts = DialOpts::peer_id(peer)
+            .addresses(addrs.clone())
+            .condition(PeerCondition::DisconnectedAndNotDialing)
+            .build();
+        if let Err(err) = self.swarm.dial(opts) {
+            tracing::debug!(%peer, error = %err, "cannot dial mDNS peer");
+        }
+    }
+
+    /// Dials bootstrap peers and LAN peers found by mDNS that are not
+    /// connected: mDNS reports a peer once, so a first dial that failed
+    /// (both sides dialling at once, a peer still starting) is retried here.
     fn dial_bootstrap(&mut self) {
+        let lan: Vec<PeerId> = self.lan_peers.keys().filter(|p| !self.swarm.is_connected(p)).copied().collect();
+        for peer in lan {
+            self.dial_lan_peer(peer);
+        }
         for addr in self.bootstrap.clone() {
             let known = peer_of(&addr).or_else(|| self.dialled.get(&addr).copied());
             if known.is_some_and(|peer| self.swarm.is_connected(&peer)) {
@@ -578,12 +599,20 @@ impl EventLoop {
             }
             SwarmEvent::Behaviour(BehaviourEvent::Mdns(mdns::Event::Discovered(found))) => {
                 for (peer, addr) in found {
-                    let opts = DialOpts::peer_id(peer)
-                        .addresses(vec![addr])
-                        .condition(PeerCondition::DisconnectedAndNotDialing)
-                        .build();
-                    if let Err(err) = self.swarm.dial(opts) {
-                        tracing::debug!(%peer, error = %err, "cannot dial mDNS peer");
+                    let addrs = self.lan_peers.entry(peer).or_default();
+                    if !addrs.contains(&addr) {
+                        addrs.push(addr);
+                    }
+                    self.dial_lan_peer(peer);
+                }
+            }
+            SwarmEvent::Behaviour(BehaviourEvent::Mdns(mdns::Event::Expired(gone))) => {
+                for (peer, addr) in gone {
+                    if let Some(addrs) = self.lan_peers.get_mut(&peer) {
+                        addrs.retain(|a| *a != addr);
+                        if addrs.is_empty() {
+                            self.lan_peers.remove(&peer);
+                        }
                     }
                 }
             }
