@@ -62,9 +62,8 @@ const JOIN_KEY_FILE: &str = "join.key";
 /// directory prints the current token.
 pub fn store_join_key(dir: &Path, key: &[u8; 32]) -> Result<(), ClusterFileError> {
     let path = dir.join(JOIN_KEY_FILE);
-    let hex: String = key.iter().map(|b| format!("{b:02x}")).collect();
     let _ = std::fs::remove_file(&path);
-    write_private(&path, format!("{hex}\n").as_bytes())
+    write_private(&path, format!("{}\n", llmesh_mesh::pki::hex(key)).as_bytes())
 }
 
 /// The join key for tokens printed from `dir`: the last rotated one stored

@@ -115,7 +115,15 @@ fn channel(creds: &Credentials, target: &Target) -> tonic::transport::Channel {
 /// Sends an (empty) batch of Raft messages to `target`, presenting the
 /// cluster tag derived from `creds`' secret.
 pub async fn raft_send(creds: &Credentials, target: &Target) -> Result<(), tonic::Status> {
-    let mut client = llmesh_proto::raft_client::RaftClient::new(channel(creds, target));
+    raft_over(channel(creds, target), creds).await
+}
+
+/// Calls Admin.Status on `target` with `creds` and the admin token.
+pub async fn admin_status(creds: &Credentials, target: &Target, admin_token: &str) -> Result<(), tonic::Status> {
+    admin_over(channel(creds, target), admin_token).await
+}
+
+async fn raft_over(channel: tonic::transport::Channel, creds: &Credentials) -> Result<(), tonic::Status> {
     let from = llmesh_mesh::coordinator::raft_id(&creds.trust.node_id().to_string());
     let mut request = tonic::Request::new(RaftBatch { from, messages: Vec::new() });
     let tag = llmesh_mesh::coordinator::cluster_tag(&creds.secret);
@@ -123,18 +131,16 @@ pub async fn raft_send(creds: &Credentials, target: &Target) -> Result<(), tonic
         llmesh_mesh::coordinator::transport::CLUSTER_HEADER,
         tag.parse().map_err(|_| tonic::Status::internal("tag"))?,
     );
-    client.send(request).await.map(|_| ())
+    llmesh_proto::raft_client::RaftClient::new(channel).send(request).await.map(|_| ())
 }
 
-/// Calls Admin.Status on `target` with `creds` and the admin token.
-pub async fn admin_status(creds: &Credentials, target: &Target, admin_token: &str) -> Result<(), tonic::Status> {
-    let mut client = llmesh_proto::admin_client::AdminClient::new(channel(creds, target));
+async fn admin_over(channel: tonic::transport::Channel, admin_token: &str) -> Result<(), tonic::Status> {
     let mut request = tonic::Request::new(StatusRequest {});
     request.metadata_mut().insert(
         "authorization",
         format!("Bearer {admin_token}").parse().map_err(|_| tonic::Status::internal("token"))?,
     );
-    client.status(request).await.map(|_| ())
+    llmesh_proto::admin_client::AdminClient::new(channel).status(request).await.map(|_| ())
 }
 
 /// Joins the mesh at `target`'s libp2p address with `creds` for `watch`,
@@ -282,18 +288,5 @@ pub async fn control_reckless(
     admin_token: &str,
 ) -> (Result<(), tonic::Status>, Result<(), tonic::Status>) {
     let channel = reckless_channel(creds, target);
-    let mut raft = llmesh_proto::raft_client::RaftClient::new(channel.clone());
-    let from = llmesh_mesh::coordinator::raft_id(&creds.trust.node_id().to_string());
-    let mut request = tonic::Request::new(RaftBatch { from, messages: Vec::new() });
-    let tag = llmesh_mesh::coordinator::cluster_tag(&creds.secret);
-    if let Ok(tag) = tag.parse() {
-        request.metadata_mut().insert(llmesh_mesh::coordinator::transport::CLUSTER_HEADER, tag);
-    }
-    let raft_result = raft.send(request).await.map(|_| ());
-    let mut admin = llmesh_proto::admin_client::AdminClient::new(channel);
-    let mut request = tonic::Request::new(StatusRequest {});
-    if let Ok(value) = format!("Bearer {admin_token}").parse() {
-        request.metadata_mut().insert("authorization", value);
-    }
-    (raft_result, admin.status(request).await.map(|_| ()))
+    (raft_over(channel.clone(), creds).await, admin_over(channel, admin_token).await)
 }

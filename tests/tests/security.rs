@@ -107,6 +107,19 @@ async fn cluster() -> Cluster {
     cluster
 }
 
+/// Runs an admin command against the seed with the seed's credentials;
+/// returns its stdout.
+fn admin_cli(c: &Cluster, args: &[&str]) -> Vec<u8> {
+    let out = Command::new(binary())
+        .args(args)
+        .args(["--node", &c.seed.url, "--data-dir"])
+        .arg(&c.seed_dir)
+        .output()
+        .expect("runs");
+    assert!(out.status.success(), "{args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    out.stdout
+}
+
 fn admin_token(seed_dir: &Path) -> String {
     std::fs::read_to_string(seed_dir.join("admin.token")).expect("admin token").trim().to_string()
 }
@@ -144,12 +157,7 @@ async fn outsiders_revoked_nodes_and_replayed_certificates_are_refused_on_every_
     // Revoke a running member; every node drops it within seconds.
     let doomed_id = node_id(&c.doomed_dir);
     let started = Instant::now();
-    let out = Command::new(binary())
-        .args(["node", "revoke", "doomed", "--node", &c.seed.url, "--data-dir"])
-        .arg(&c.seed_dir)
-        .output()
-        .expect("runs");
-    assert!(out.status.success(), "revoke: {}", String::from_utf8_lossy(&out.stderr));
+    admin_cli(&c, &["node", "revoke", "doomed"]);
     for node in [&c.seed, &c.member] {
         eventually("the revoked node leaves every view", || async { !alive(node).await.contains(&doomed_id) }).await;
     }
@@ -191,13 +199,7 @@ async fn outsiders_revoked_nodes_and_replayed_certificates_are_refused_on_every_
 
     // The machine still holds the join token, so it could come back under
     // a new key; rotating the join key retires every earlier token.
-    let out = Command::new(binary())
-        .args(["token", "rotate", "--json", "--node", &c.seed.url, "--data-dir"])
-        .arg(&c.seed_dir)
-        .output()
-        .expect("runs");
-    assert!(out.status.success(), "rotate: {}", String::from_utf8_lossy(&out.stderr));
-    let rotated: Value = serde_json::from_slice(&out.stdout).expect("JSON");
+    let rotated: Value = serde_json::from_slice(&admin_cli(&c, &["token", "rotate", "--json"])).expect("JSON");
     let new_token = rotated["token"].as_str().expect("token").to_string();
     assert_ne!(new_token, c.token);
     let old_token_dir = data_dir();

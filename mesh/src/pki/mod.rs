@@ -327,13 +327,14 @@ impl Trust {
         };
         // OnceLock::set only fails when already set, which cannot be here.
         let _ = trust.ca.set(Anchor::new(ca_der)?);
-        if trust.issuer.is_some() && read_cert(&data_dir.join(NODE_CERT_FILE))?.is_none() {
-            let (ca, cert) = trust.sign_for(&trust.node_id)?;
-            trust.accept_enrollment(&ca, &cert)?;
-            return Ok(trust);
-        }
-        if let Some(cert) = read_cert(&data_dir.join(NODE_CERT_FILE))? {
-            match trust.check_own(&cert) {
+        match read_cert(&data_dir.join(NODE_CERT_FILE))? {
+            // The issuer certifies itself.
+            None if trust.issuer.is_some() => {
+                let (ca, cert) = trust.sign_for(&trust.node_id)?;
+                trust.accept_enrollment(&ca, &cert)?;
+            }
+            None => {}
+            Some(cert) => match trust.check_own(&cert) {
                 Ok(()) => {
                     let _ = trust.cert.set(cert);
                     trust.enrolled.send_replace(true);
@@ -341,7 +342,7 @@ impl Trust {
                 // A certificate for another key or CA: enroll again rather
                 // than refuse to start.
                 Err(err) => tracing::warn!(error = %err, "ignoring the stored node certificate; enrolling again"),
-            }
+            },
         }
         Ok(trust)
     }
