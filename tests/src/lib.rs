@@ -37,8 +37,12 @@ pub fn binary() -> PathBuf {
             .expect("cargo runs");
         assert!(status.success(), "building the llmesh binary failed");
         let exe = std::env::current_exe().expect("test executable path");
-        // target/debug/deps/<test> → target/debug/llmesh
-        let dir = exe.parent().and_then(|p| p.parent()).expect("target dir");
+        // target/debug/deps/<test> or target/debug/<harness binary> →
+        // target/debug/llmesh
+        let mut dir = exe.parent().expect("target dir");
+        if dir.ends_with("deps") {
+            dir = dir.parent().expect("target dir");
+        }
         dir.join("llmesh")
     })
     .clone()
@@ -174,6 +178,7 @@ impl Drop for Proc {
 }
 
 pub mod aggregator;
+pub mod chaos;
 pub mod netns;
 pub mod probe;
 

@@ -10,6 +10,7 @@ pub struct Lan {
     prefix: String,
     switch: String,
     hosts: Vec<String>,
+    front: bool,
 }
 
 fn ip(args: &[&str]) -> Result<(), String> {
@@ -26,19 +27,37 @@ impl Lan {
     /// Panics with the reason when namespaces cannot be made (they need
     /// root or CAP_NET_ADMIN and iproute2).
     pub fn new(n: usize) -> Lan {
+        Lan::create(n, false).unwrap_or_else(|err| panic!("{err}"))
+    }
+
+    /// Like [`Lan::new`], plus a second, "front" network that clients use:
+    /// host `i` is also `10.78.0.<i+1>`, and the switch namespace itself is
+    /// `10.78.0.254` there (a thread that [`Lan::enter_switch`]es is the
+    /// client). Partitions cut only the first network, so clients still
+    /// reach a cut-off node, as users reach a box whose cluster link broke.
+    pub fn with_front(n: usize) -> Result<Lan, String> {
+        Lan::create(n, true)
+    }
+
+    fn create(n: usize, front: bool) -> Result<Lan, String> {
         // Short and unique per test process: interface names max 15 bytes.
         let prefix = format!("lm{}", std::process::id() % 100_000);
-        let mut lan = Lan { switch: format!("{prefix}sw"), prefix, hosts: Vec::new() };
-        if let Err(err) = lan.build(n) {
-            panic!("cannot create network namespaces for this test (needs root and iproute2): {err}");
-        }
-        lan
+        let mut lan = Lan { switch: format!("{prefix}sw"), prefix, hosts: Vec::new(), front };
+        // On failure the half-built LAN drops here, which removes it.
+        lan.build(n).map_err(|err| format!("cannot create network namespaces (needs root and iproute2): {err}"))?;
+        Ok(lan)
     }
 
     fn build(&mut self, n: usize) -> Result<(), String> {
         ip(&["netns", "add", &self.switch])?;
         ip(&["-n", &self.switch, "link", "add", "br0", "type", "bridge"])?;
         ip(&["-n", &self.switch, "link", "set", "br0", "up"])?;
+        if self.front {
+            ip(&["-n", &self.switch, "link", "add", "fr0", "type", "bridge"])?;
+            ip(&["-n", &self.switch, "addr", "add", "10.78.0.254/24", "dev", "fr0"])?;
+            ip(&["-n", &self.switch, "link", "set", "fr0", "up"])?;
+            ip(&["-n", &self.switch, "link", "set", "lo", "up"])?;
+        }
         for i in 0..n {
             let host = format!("{}h{i}", self.prefix);
             ip(&["netns", "add", &host])?;
@@ -64,8 +83,55 @@ impl Lan {
             ip(&["-n", &host, "addr", "add", &format!("10.77.0.{}/24", i + 1), "dev", &inner])?;
             ip(&["-n", &host, "link", "set", &inner, "up"])?;
             ip(&["-n", &host, "link", "set", "lo", "up"])?;
+            if self.front {
+                let inner = format!("{}f{i}", self.prefix);
+                let outer = format!("{}g{i}", self.prefix);
+                ip(&[
+                    "link",
+                    "add",
+                    &inner,
+                    "netns",
+                    &host,
+                    "type",
+                    "veth",
+                    "peer",
+                    "name",
+                    &outer,
+                    "netns",
+                    &self.switch,
+                ])?;
+                ip(&["-n", &self.switch, "link", "set", &outer, "master", "fr0"])?;
+                ip(&["-n", &self.switch, "link", "set", &outer, "up"])?;
+                ip(&["-n", &host, "addr", "add", &format!("10.78.0.{}/24", i + 1), "dev", &inner])?;
+                ip(&["-n", &host, "link", "set", &inner, "up"])?;
+            }
         }
         Ok(())
+    }
+
+    /// Number of hosts.
+    pub fn len(&self) -> usize {
+        self.hosts.len()
+    }
+
+    /// Whether the LAN has no hosts.
+    pub fn is_empty(&self) -> bool {
+        self.hosts.is_empty()
+    }
+
+    /// Address of host `i` on the front network (see [`Lan::with_front`]).
+    pub fn front_addr(&self, i: usize) -> String {
+        format!("10.78.0.{}", i + 1)
+    }
+
+    /// Moves the calling thread into the switch namespace, where the front
+    /// network's client address is. Threads it starts afterwards (a tokio
+    /// runtime's workers) are born there too; the rest of the process stays
+    /// where it was.
+    pub fn enter_switch(&self) -> Result<(), String> {
+        let path = format!("/run/netns/{}", self.switch);
+        let file = std::fs::File::open(&path).map_err(|e| format!("{path}: {e}"))?;
+        nix::sched::setns(file, nix::sched::CloneFlags::CLONE_NEWNET).map_err(|e| format!("setns {path}: {e}"))
     }
 
     /// Namespace name of host `i`.
@@ -190,6 +256,13 @@ impl Drop for Capture {
 impl Drop for Lan {
     fn drop(&mut self) {
         for ns in self.hosts.iter().chain(std::iter::once(&self.switch)) {
+            // Processes left inside (a harness that failed before stopping
+            // them) would keep the namespace alive after its name is gone.
+            if let Ok(out) = Command::new("ip").args(["netns", "pids", ns]).output() {
+                for pid in String::from_utf8_lossy(&out.stdout).split_whitespace() {
+                    let _ = Command::new("kill").args(["-KILL", pid]).status();
+                }
+            }
             // Deleting a namespace also deletes the veth ends inside it.
             let _ = ip(&["netns", "del", ns]);
         }
