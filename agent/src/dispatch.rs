@@ -71,6 +71,9 @@ pub struct Dispatcher {
     outstanding: Arc<Mutex<HashMap<String, u32>>>,
     /// Wakes a queued request when a dispatched one finishes.
     freed: Arc<tokio::sync::Notify>,
+    /// Until then, a model nobody is known to serve may still be announced
+    /// by peers this node has not heard from yet.
+    listening_until: Instant,
 }
 
 /// Whether `name` (as a client wrote it) names `model`, with Ollama's
@@ -153,7 +156,19 @@ impl Dispatcher {
             admission: Mutex::new(()),
             outstanding: Arc::new(Mutex::new(HashMap::new())),
             freed: Arc::new(tokio::sync::Notify::new()),
+            listening_until: Instant::now(),
         }
+    }
+
+    /// For `period` after start, a model that no known node serves gets
+    /// 503 (retry) rather than 404: a node that just (re)started has not
+    /// heard every peer's gossip yet. The mesh's dead-after is the right
+    /// period: by then every live peer has been heard from.
+    pub fn with_mesh_warmup(mut self, period: Duration) -> Dispatcher {
+        if self.mesh.is_some() {
+            self.listening_until = Instant::now() + period;
+        }
+        self
     }
 
     /// Skips nodes the replicated state drains or removes.
@@ -366,6 +381,9 @@ impl Dispatcher {
                         req.model
                     )));
                 }
+                if let Some(why) = self.why_unavailable(&req.model) {
+                    return Err(ServeError::BackendUnavailable(why));
+                }
                 // Nobody has it: let the local node say why (unknown model,
                 // or its backend is down and cannot be asked).
                 let response = self.local.serve(req).await?;
@@ -460,6 +478,45 @@ impl Dispatcher {
         Err(match self.cloud_refusal(&req.model, policy) {
             Some(refusal) => ServeError::from_code(last_error.code(), format!("{}; {refusal}", last_error.message())),
             None => last_error,
+        })
+    }
+
+    /// Why a model no node can take now is not simply unknown: peers that
+    /// serve it are dead, draining or without a backend, or this node has
+    /// only just joined. `None` when the mesh knows nothing of the model
+    /// (or this node's own backend has it: it then says what is wrong).
+    fn why_unavailable(&self, model: &str) -> Option<String> {
+        let mesh = self.mesh.as_ref()?;
+        if self.local.inventory().current().inventory.resolve(model).is_some() {
+            return None;
+        }
+        let view = mesh.view();
+        let holders: Vec<String> = view
+            .peers
+            .iter()
+            .filter(|p| p.state.models.iter().any(|m| same_model(&m.name, model)))
+            .map(|p| {
+                let why = if p.liveness == Liveness::Dead {
+                    "unreachable"
+                } else if p.state.draining {
+                    "shutting down"
+                } else if !p.state.backend_healthy {
+                    "backend down"
+                } else {
+                    "out of service"
+                };
+                format!("{} ({why})", p.state.name)
+            })
+            .collect();
+        if !holders.is_empty() {
+            return Some(format!("no node can serve '{model}' now: {} serve it; retry shortly", holders.join(", ")));
+        }
+        let left = self.listening_until.saturating_duration_since(Instant::now());
+        (!left.is_zero()).then(|| {
+            format!(
+                "this node has just joined the mesh and has not yet heard which nodes serve '{model}'; retry in {:.0} s",
+                left.as_secs_f64().ceil()
+            )
         })
     }
 

@@ -305,6 +305,12 @@ pub async fn run_agent(
         timeout: config.mesh.queue_timeout,
         max_expected_wait: config.mesh.max_expected_wait,
     };
+    // A node that joins others (or rejoins its cluster) has peers it has
+    // not heard from yet; a lone first node does not.
+    let expects_peers = !config.mesh.bootstrap.is_empty()
+        || config.mesh.join.is_some()
+        || coordinator.as_ref().is_some_and(|c| c.state().members.len() > 1);
+    let warmup = if expects_peers { config.mesh.dead_after } else { Duration::ZERO };
     let dispatcher = Arc::new(
         Dispatcher::new(
             local.clone(),
@@ -316,7 +322,8 @@ pub async fn run_agent(
             limits,
         )
         .with_coordinator(coordinator.clone())
-        .with_cloud(cloud.clone()),
+        .with_cloud(cloud.clone())
+        .with_mesh_warmup(warmup),
     );
     dispatcher.spawn_waker(stop_mesh.clone());
     let usage = Arc::new(crate::limits::UsageBatcher::default());

@@ -92,6 +92,17 @@ pub fn caller(
     let keys_exist = state.is_some_and(ClusterState::auth_required);
     let secret = bearer(headers);
     let key = secret.zip(state).and_then(|(secret, state)| state.key_for_secret(secret));
+    // A node that has joined but not yet received the replicated state
+    // (it has no members yet) cannot know the key: saying it is wrong
+    // would make clients give up on a key that works a moment later.
+    if secret.is_some() && key.is_none() && state.is_some_and(|s| s.members.is_empty() && !s.auth_required()) {
+        return Err(ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "cluster_state_pending",
+            "this node has not yet received the cluster's state (API keys) from the leader; retry in a moment",
+        )
+        .with_headers(vec![("retry-after", "1".into())]));
+    }
     match (secret, key) {
         (_, Some(key)) if !key.revoked => {
             let limits = key.limits.clone().unwrap_or_default();
@@ -254,6 +265,10 @@ mod tests {
     fn keys_are_required_once_one_exists() {
         assert_eq!(caller(None, &headers(None), LOOPBACK, true), Ok(Caller::Open));
         assert_eq!(caller(Some(&ClusterState::default()), &headers(None), LOOPBACK, true), Ok(Caller::Open));
+        // Joined but without the replicated state yet: a key cannot be
+        // judged, so the client is told to retry rather than that it is wrong.
+        let pending = caller(Some(&ClusterState::default()), &headers(Some("Bearer s3cret")), LOOPBACK, false);
+        assert_eq!(code(pending), Err("cluster_state_pending"));
         let state = state_with_key("s3cret", &[], false);
         let code = |r: Result<Caller, ApiError>| r.map_err(|e| e.code);
         assert_eq!(code(caller(Some(&state), &headers(None), LOOPBACK, true)), Err("missing_api_key"));

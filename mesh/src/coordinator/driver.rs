@@ -252,6 +252,22 @@ impl Driver {
         }
     }
 
+    /// Applies the entries this node's own log already holds as committed
+    /// (a restart), so the state it serves from its first request is the
+    /// one it had, not the last compacted snapshot.
+    pub(super) fn catch_up_locally(&mut self) -> Result<(), CoordinatorError> {
+        let before = self.state.applied_index;
+        self.on_ready()?;
+        if self.state.applied_index > before {
+            tracing::info!(
+                from = before,
+                to = self.state.applied_index,
+                "replayed committed entries from the local log"
+            );
+        }
+        Ok(())
+    }
+
     fn on_ready(&mut self) -> Result<(), CoordinatorError> {
         if !self.raw.has_ready() {
             self.publish_status();

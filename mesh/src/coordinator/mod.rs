@@ -275,7 +275,8 @@ pub async fn start(
     let local_addr = listener.local_addr().map_err(|source| CoordinatorError::Bind { addr: config.listen, source })?;
     let (inbox, rx) = mpsc::channel(4096);
     let tag = cluster_tag(&config.secret);
-    let driver = driver::Driver::open(&config, membership, inbox.clone(), &tag, shutdown.clone())?;
+    let mut driver = driver::Driver::open(&config, membership, inbox.clone(), &tag, shutdown.clone())?;
+    driver.catch_up_locally()?;
     let state = driver.state_receiver();
     let status = driver.status_receiver();
     let write_timeout = config.write_timeout;

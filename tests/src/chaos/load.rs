@@ -87,10 +87,16 @@ impl Load {
                             break;
                         }
                         let record = one_request(&http, &config, &entries).await;
+                        // A client whose node is gone backs off before its
+                        // next try, as SDKs do, instead of spinning on refusals.
+                        let pause = match record.outcome {
+                            Outcome::Transport(_) => Duration::from_millis(250),
+                            _ => config.think,
+                        };
                         records.lock().unwrap_or_else(PoisonError::into_inner).push(record);
                         tokio::select! {
                             () = stop.cancelled() => break,
-                            () = tokio::time::sleep(config.think) => {}
+                            () = tokio::time::sleep(pause) => {}
                         }
                     }
                 })
