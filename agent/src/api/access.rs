@@ -265,12 +265,12 @@ mod tests {
     fn keys_are_required_once_one_exists() {
         assert_eq!(caller(None, &headers(None), LOOPBACK, true), Ok(Caller::Open));
         assert_eq!(caller(Some(&ClusterState::default()), &headers(None), LOOPBACK, true), Ok(Caller::Open));
+        let code = |r: Result<Caller, ApiError>| r.map_err(|e| e.code);
         // Joined but without the replicated state yet: a key cannot be
         // judged, so the client is told to retry rather than that it is wrong.
         let pending = caller(Some(&ClusterState::default()), &headers(Some("Bearer s3cret")), LOOPBACK, false);
         assert_eq!(code(pending), Err("cluster_state_pending"));
         let state = state_with_key("s3cret", &[], false);
-        let code = |r: Result<Caller, ApiError>| r.map_err(|e| e.code);
         assert_eq!(code(caller(Some(&state), &headers(None), LOOPBACK, true)), Err("missing_api_key"));
         assert_eq!(code(caller(Some(&state), &headers(Some("Bearer nope")), LOOPBACK, true)), Err("invalid_api_key"));
         assert!(matches!(
@@ -284,7 +284,10 @@ mod tests {
 
     #[test]
     fn anonymous_access_follows_the_configured_mode() {
-        let none = ClusterState::default();
+        // A node that has the cluster's state (it lists a member) and no key.
+        let mut none = ClusterState::default();
+        let member = llmesh_proto::Member { raft_id: 1, node_id: "n1".into(), name: "n1".into() };
+        none.members.insert(1, member);
         let keyed = state_with_key("k", &[], false);
         let anon = |state: &ClusterState, mode, loopback| caller(Some(state), &headers(None), mode, loopback).is_ok();
         assert!(anon(&none, LOOPBACK, true));

@@ -220,6 +220,8 @@ pub struct Tally {
     pub by_entry: BTreeMap<usize, u64>,
     /// Complete responses that crossed the data plane.
     pub forwarded: u64,
+    /// Time to the whole response of every complete request, ms.
+    pub latencies_ms: Vec<f64>,
     /// Up to a few examples of every broken promise.
     pub examples: Vec<String>,
 }
@@ -236,6 +238,7 @@ impl Tally {
                 self.complete += 1;
                 *self.by_entry.entry(record.entry).or_default() += 1;
                 self.forwarded += u64::from(record.forwarded);
+                self.latencies_ms.push(record.end.duration_since(record.start).as_secs_f64() * 1000.0);
                 if let Some(node) = &record.served_by {
                     *self.served_by.entry(node.clone()).or_default() += 1;
                 }
@@ -327,6 +330,12 @@ impl Tally {
         let _ = writeln!(out, "  duplicated           {:>7}", self.duplicated);
         let _ = writeln!(out, "  malformed            {:>7}", self.malformed);
         let _ = writeln!(out, "  connection lost      {:>7}  (while the entry node was up)", self.connection_lost);
+        let mut sorted = self.latencies_ms.clone();
+        sorted.sort_by(f64::total_cmp);
+        let at = |q: f64| sorted.get(((sorted.len() as f64 * q) as usize).min(sorted.len().saturating_sub(1))).copied();
+        if let (Some(p50), Some(p99), Some(max)) = (at(0.5), at(0.99), sorted.last()) {
+            let _ = writeln!(out, "  complete latency     p50 {p50:.0} ms, p99 {p99:.0} ms, max {max:.0} ms");
+        }
         let served = self.served_by.iter().map(|(k, v)| format!("{k} {v}")).collect::<Vec<_>>().join(", ");
         let _ = writeln!(out, "  served by            {served}");
         for example in &self.examples {
