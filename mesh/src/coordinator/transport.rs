@@ -144,6 +144,14 @@ fn spawn_link(link: LinkConfig, trust: &Arc<Trust>, inbox: mpsc::Sender<Input>, 
     Link { addr, queue, stop }
 }
 
+/// Whether `message`, in a batch from `sender`, may be applied: a node
+/// speaks only for itself, except that it may pass on a proposal it was
+/// handed (raft-rs keeps the proposer's id when a follower that lost its
+/// leadership forwards a proposal to the new leader).
+fn speaks_for_itself(message: &Message, sender: u64) -> bool {
+    message.from == sender || matches!(message.get_msg_type(), MessageType::MsgPropose | MessageType::MsgReadIndex)
+}
+
 /// The server half: accepts batches from peers that know the cluster tag.
 pub struct RaftService {
     /// Where accepted messages go.
@@ -163,8 +171,16 @@ impl llmesh_proto::raft_server::Raft for RaftService {
         for bytes in batch.messages {
             let message = Message::parse_from_bytes(&bytes)
                 .map_err(|e| tonic::Status::invalid_argument(format!("undecodable raft message: {e}")))?;
-            if message.from != batch.from {
-                return Err(tonic::Status::invalid_argument("raft message sender does not match the batch"));
+            if !speaks_for_itself(&message, batch.from) {
+                // One bad message must not cost the rest of the batch: it
+                // holds the sender's votes and acknowledgements, and losing
+                // those made leaders step down for want of a quorum.
+                tracing::warn!(
+                    from = message.from,
+                    batch = batch.from,
+                    "dropped a raft message sent on another node's behalf"
+                );
+                continue;
             }
             self.inbox
                 .send(Input::Raft(Box::new(message)))
@@ -172,5 +188,26 @@ impl llmesh_proto::raft_server::Raft for RaftService {
                 .map_err(|_| tonic::Status::unavailable("raft node is shutting down"))?;
         }
         Ok(tonic::Response::new(RaftAck {}))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn message(kind: MessageType, from: u64) -> Message {
+        let mut m = Message::default();
+        m.set_msg_type(kind);
+        m.from = from;
+        m
+    }
+
+    #[test]
+    fn a_node_may_pass_on_proposals_but_not_speak_for_others() {
+        assert!(speaks_for_itself(&message(MessageType::MsgHeartbeatResponse, 7), 7));
+        assert!(speaks_for_itself(&message(MessageType::MsgPropose, 3), 7));
+        assert!(!speaks_for_itself(&message(MessageType::MsgHeartbeatResponse, 3), 7));
+        assert!(!speaks_for_itself(&message(MessageType::MsgRequestVoteResponse, 3), 7));
+        assert!(!speaks_for_itself(&message(MessageType::MsgAppendResponse, 3), 7));
     }
 }

@@ -172,7 +172,7 @@ async fn drill_on(fleet: &mut Fleet<'_>, scenario: Scenario, options: &Options) 
         fleet.start(i).await;
     }
     fleet.settle(SETTLE).await?;
-    fleet.admin(0, &["route", "set", "chaos-sentinel", fleet::MODEL])?;
+    write_route(fleet, 0, "chaos-sentinel")?;
     // Clients on another machine need a key; it also makes every node's
     // admission depend on the replicated key table.
     let key = fleet.admin(0, &["keys", "create", "--name", "chaos-load"])?;
@@ -263,14 +263,18 @@ async fn drill_on(fleet: &mut Fleet<'_>, scenario: Scenario, options: &Options) 
             );
         }
         Scenario::HangBackend => {
-            while Instant::now() + options.every + options.hold < ends {
+            // Longer than the agents' response timeout (8 s), so requests
+            // that reached the frozen backend time out and fail over
+            // instead of just waiting for the thaw.
+            let hold = options.hold.max(Duration::from_secs(12));
+            while Instant::now() + options.every + hold < ends {
                 tokio::time::sleep(options.every).await;
                 // A backend that holds the model the load asks for.
                 let holders: Vec<usize> = fleet.up().into_iter().filter(|i| fleet::serves_model(*i)).collect();
                 let Some(&victim) = holders.choose(&mut rng) else { break };
                 fleet.hang_backend(victim, true);
                 faults += 1;
-                tokio::time::sleep(options.hold).await;
+                tokio::time::sleep(hold).await;
                 fleet.hang_backend(victim, false);
             }
             summary = format!(
@@ -278,7 +282,7 @@ async fn drill_on(fleet: &mut Fleet<'_>, scenario: Scenario, options: &Options) 
                 fleet.len(),
                 options.clients,
                 options.duration,
-                options.hold,
+                hold,
                 options.every
             );
         }
@@ -309,7 +313,7 @@ async fn drill_on(fleet: &mut Fleet<'_>, scenario: Scenario, options: &Options) 
                 }
                 fleet.settle(SETTLE).await?;
                 let route = format!("chaos-restart-{round}");
-                fleet.admin(0, &["route", "set", &route, "qwen2.5:7b"])?;
+                write_route(fleet, 0, &route)?;
                 routes_written.push(route);
             }
             let after = raft_state(fleet).await?;
@@ -387,7 +391,10 @@ async fn drill_on(fleet: &mut Fleet<'_>, scenario: Scenario, options: &Options) 
         settled.is_ok(),
         String::new(),
     ));
-    fleet.admin(0, &["route", "set", "chaos-after", "qwen2.5:7b"])?;
+    // A write must commit once the mesh has settled (a leader elected in
+    // the last moment may need one more election timeout).
+    let written = write_route(fleet, 0, "chaos-after");
+    checks.push(("a write commits after the drill".into(), written.is_ok(), written.err().unwrap_or_default()));
     routes_written.push("chaos-after".into());
     // Followers apply a commit a heartbeat or so after the leader.
     let mut missing = Vec::new();
@@ -431,6 +438,19 @@ async fn drill_on(fleet: &mut Fleet<'_>, scenario: Scenario, options: &Options) 
         checks.push(("the drill injected at least one fault".into(), false, "the duration is too short".into()));
     }
     Ok(Report { scenario, summary, tally, checks, extra })
+}
+
+/// Sets route `name` through host `i`, trying three times: a write can
+/// time out once while a leader elected a moment ago settles in.
+fn write_route(fleet: &Fleet<'_>, i: usize, name: &str) -> Result<(), String> {
+    let mut result = Err(String::new());
+    for _ in 0..3 {
+        result = fleet.admin(i, &["route", "set", name, fleet::MODEL]).map(drop);
+        if result.is_ok() {
+            break;
+        }
+    }
+    result
 }
 
 /// The replicated state that must survive restarts.
