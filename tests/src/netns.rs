@@ -62,51 +62,33 @@ impl Lan {
             let host = format!("{}h{i}", self.prefix);
             ip(&["netns", "add", &host])?;
             self.hosts.push(host.clone());
-            let inner = format!("{}e{i}", self.prefix);
-            let outer = format!("{}b{i}", self.prefix);
-            ip(&[
-                "link",
-                "add",
-                &inner,
-                "netns",
-                &host,
-                "type",
-                "veth",
-                "peer",
-                "name",
-                &outer,
-                "netns",
-                &self.switch,
-            ])?;
-            ip(&["-n", &self.switch, "link", "set", &outer, "master", "br0"])?;
-            ip(&["-n", &self.switch, "link", "set", &outer, "up"])?;
-            ip(&["-n", &host, "addr", "add", &format!("10.77.0.{}/24", i + 1), "dev", &inner])?;
-            ip(&["-n", &host, "link", "set", &inner, "up"])?;
             ip(&["-n", &host, "link", "set", "lo", "up"])?;
+            self.plug(&host, (&format!("{}e{i}", self.prefix), &format!("{}b{i}", self.prefix)), "br0")?;
+            ip(&[
+                "-n",
+                &host,
+                "addr",
+                "add",
+                &format!("10.77.0.{}/24", i + 1),
+                "dev",
+                &format!("{}e{i}", self.prefix),
+            ])?;
             if self.front {
-                let inner = format!("{}f{i}", self.prefix);
-                let outer = format!("{}g{i}", self.prefix);
-                ip(&[
-                    "link",
-                    "add",
-                    &inner,
-                    "netns",
-                    &host,
-                    "type",
-                    "veth",
-                    "peer",
-                    "name",
-                    &outer,
-                    "netns",
-                    &self.switch,
-                ])?;
-                ip(&["-n", &self.switch, "link", "set", &outer, "master", "fr0"])?;
-                ip(&["-n", &self.switch, "link", "set", &outer, "up"])?;
-                ip(&["-n", &host, "addr", "add", &format!("10.78.0.{}/24", i + 1), "dev", &inner])?;
-                ip(&["-n", &host, "link", "set", &inner, "up"])?;
+                self.plug(&host, (&format!("{}f{i}", self.prefix), &format!("{}g{i}", self.prefix)), "fr0")?;
+                let front = format!("10.78.0.{}/24", i + 1);
+                ip(&["-n", &host, "addr", "add", &front, "dev", &format!("{}f{i}", self.prefix)])?;
             }
         }
         Ok(())
+    }
+
+    /// Connects `host` to `bridge` in the switch namespace with a veth
+    /// pair (`inner` in the host, `outer` on the bridge), both up.
+    fn plug(&self, host: &str, (inner, outer): (&str, &str), bridge: &str) -> Result<(), String> {
+        ip(&["link", "add", inner, "netns", host, "type", "veth", "peer", "name", outer, "netns", &self.switch])?;
+        ip(&["-n", &self.switch, "link", "set", outer, "master", bridge])?;
+        ip(&["-n", &self.switch, "link", "set", outer, "up"])?;
+        ip(&["-n", host, "link", "set", inner, "up"])
     }
 
     /// Number of hosts.

@@ -12,9 +12,10 @@ use llmesh_tests::chaos::{Options, Scenario, run};
 #[derive(Parser)]
 #[command(name = "llmesh-chaos")]
 struct Args {
-    /// Drills to run (`all`: every one, the soak last).
+    /// Drills to run: kill, partition-leader, hang-backend, restart-all,
+    /// add-nodes, soak, or all (every one, the soak last).
     #[arg(required = true)]
-    scenarios: Vec<Which>,
+    scenarios: Vec<String>,
     /// Nodes (add-nodes grows from 3 to this).
     #[arg(long, default_value_t = 5)]
     nodes: usize,
@@ -35,38 +36,30 @@ struct Args {
     hold: f64,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
-enum Which {
-    All,
-    Kill,
-    PartitionLeader,
-    HangBackend,
-    RestartAll,
-    AddNodes,
-    Soak,
+/// One drill by name, or every drill for `all`.
+fn parse_drill(name: &str) -> Result<Vec<Scenario>, String> {
+    if name == "all" {
+        return Ok(Scenario::ALL.to_vec());
+    }
+    Scenario::ALL.into_iter().find(|s| s.name() == name).map(|s| vec![s]).ok_or_else(|| {
+        let names: Vec<&str> = Scenario::ALL.iter().map(|s| s.name()).collect();
+        format!("unknown drill '{name}' (one of: {}, all)", names.join(", "))
+    })
 }
 
 fn main() -> ExitCode {
     let args = Args::parse();
     let mut scenarios = Vec::new();
-    for which in &args.scenarios {
-        let add: Vec<Scenario> = match which {
-            Which::All => Scenario::ALL.to_vec(),
-            Which::Kill => vec![Scenario::Kill],
-            Which::PartitionLeader => vec![Scenario::PartitionLeader],
-            Which::HangBackend => vec![Scenario::HangBackend],
-            Which::RestartAll => vec![Scenario::RestartAll],
-            Which::AddNodes => vec![Scenario::AddNodes],
-            Which::Soak => vec![Scenario::Soak],
-        };
-        for s in add {
-            if !scenarios.contains(&s) {
-                scenarios.push(s);
+    for name in &args.scenarios {
+        match parse_drill(name) {
+            Ok(drills) => scenarios.extend(drills.into_iter().filter(|d| !scenarios.contains(d)).collect::<Vec<_>>()),
+            Err(err) => {
+                eprintln!("llmesh-chaos: {err}");
+                return ExitCode::from(2);
             }
         }
     }
     let mut failed = Vec::new();
-    let mut tables = Vec::new();
     for scenario in scenarios {
         let seconds = if scenario == Scenario::Soak { args.soak_duration } else { args.duration };
         let options = Options {
@@ -84,7 +77,6 @@ fn main() -> ExitCode {
                 if !report.passed() {
                     failed.push(scenario.name());
                 }
-                tables.push(table);
             }
             Err(err) => {
                 println!("== chaos: {} — could not run: {err}\n  => FAIL\n", scenario.name());

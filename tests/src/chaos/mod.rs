@@ -24,7 +24,7 @@ use load::{Load, LoadConfig};
 use crate::netns::Lan;
 
 /// The drills.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Scenario {
     /// SIGKILL a random node (agent and backend) every few seconds and
     /// restart it a moment later.
