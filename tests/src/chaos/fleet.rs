@@ -4,7 +4,7 @@
 //! listens everywhere, so clients on the front network (`10.78.0.<i+1>`)
 //! reach it even while its cluster link is cut.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::{Arc, Mutex, PoisonError, RwLock};
 use std::time::{Duration, Instant};
 
@@ -122,11 +122,6 @@ impl<'lan> Fleet<'lan> {
     /// Whether there are no hosts.
     pub fn is_empty(&self) -> bool {
         self.hosts.is_empty()
-    }
-
-    /// The seed's data directory (holds the admin token and the CA key).
-    pub fn seed_dir(&self) -> &Path {
-        &self.seed
     }
 
     /// Base URL of host `i`'s agent on the front network.

@@ -105,21 +105,6 @@ impl Load {
         Load { stop, sent, records, clients, deadline: config.deadline }
     }
 
-    /// Requests started so far.
-    pub fn sent(&self) -> u64 {
-        self.sent.load(Ordering::SeqCst)
-    }
-
-    /// Complete responses so far.
-    pub fn complete(&self) -> usize {
-        self.records
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .iter()
-            .filter(|r| r.outcome == Outcome::Complete)
-            .count()
-    }
-
     /// Stops starting requests, waits for those in flight (each is bounded
     /// by the deadline), and returns the number sent and every record.
     pub async fn finish(self) -> (u64, Vec<Record>) {
