@@ -1,19 +1,17 @@
-//! The llmesh agent: the node's edges. Config, CLI, the HTTP API, backends
-//! (Ollama, OpenAI-compatible, simulated) and the demo. Decisions about
-//! *where* a request runs live in `llmesh-mesh`.
+//! The llmesh agent: the node's edges. Config, the HTTP API, policy (keys,
+//! limits, metering), backends (Ollama, OpenAI-compatible) and the cloud
+//! client; [`app`] composes them with the mesh. Decisions about *where* a
+//! request runs live in `llmesh-mesh`. The `llmesh` binary adds the command
+//! line (its `cli` module), including `demo` and `sim-backend`, the only
+//! places that use the simulator.
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
-pub mod admin_cli;
 pub mod api;
+pub mod app;
 pub mod backend;
-pub mod cli;
 pub mod cloud;
-pub mod cluster;
-pub mod commands;
 pub mod config;
-pub mod demo;
-pub mod dispatch;
 pub mod error;
 pub mod gpu;
 pub mod http_server;
@@ -24,7 +22,5 @@ pub mod local;
 pub mod metrics;
 pub mod node_state;
 pub mod placement;
-pub mod serve;
-pub mod sim;
 pub mod telemetry;
 pub mod usage;

@@ -6,7 +6,10 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use futures::StreamExt;
-use llmesh_mesh::{InferenceRequest, InferenceResponse, RequestHandler, ServeError};
+use llmesh_mesh::route::candidates::same_model;
+use llmesh_mesh::route::prefix::RecentPrefixes;
+use llmesh_mesh::route::{LocalBackend, LocalCapacity};
+use llmesh_mesh::{InferenceRequest, InferenceResponse, RequestHandler, RequestMeta, ServeError};
 
 use crate::backend::Backend;
 use crate::inventory::InventoryHandle;
@@ -18,17 +21,26 @@ pub struct LocalNode {
     inventory: InventoryHandle,
     load: Arc<LoadTracker>,
     response_timeout: Duration,
+    slots: u32,
+    recent_prefixes: Arc<RecentPrefixes>,
 }
 
 impl LocalNode {
-    /// A local handler; `response_timeout` bounds the wait for a response head.
+    /// A local handler; `response_timeout` bounds the wait for a response
+    /// head, `slots` is the backend's parallel slots (0: unknown).
     pub fn new(
         backend: Arc<dyn Backend>,
         inventory: InventoryHandle,
         load: Arc<LoadTracker>,
         response_timeout: Duration,
+        slots: u32,
     ) -> LocalNode {
-        LocalNode { backend, inventory, load, response_timeout }
+        LocalNode { backend, inventory, load, response_timeout, slots, recent_prefixes: Arc::default() }
+    }
+
+    /// The conversations this node served lately (gossiped).
+    pub fn recent_prefixes(&self) -> &Arc<RecentPrefixes> {
+        &self.recent_prefixes
     }
 
     /// The inventory this node serves from.
@@ -53,8 +65,7 @@ impl LocalNode {
         let request = InferenceRequest {
             request_id: format!("preload-{model}"),
             api: llmesh_mesh::ApiKind::OllamaGenerate,
-            model: model.to_string(),
-            stream: false,
+            meta: RequestMeta { model: model.to_string(), ..RequestMeta::default() },
             body: body.to_string().into(),
             deadline: None,
         };
@@ -64,7 +75,7 @@ impl LocalNode {
             let status = response.status;
             let mut body = response.body;
             while let Some(chunk) = body.next().await {
-                chunk.map_err(ServeError::BackendUnavailable)?;
+                chunk.map_err(|e| ServeError::BackendUnavailable(e.to_string()))?;
             }
             if status >= 400 {
                 return Err(ServeError::BackendUnavailable(format!("preload answered {status}")));
@@ -101,12 +112,15 @@ impl LocalNode {
 #[async_trait::async_trait]
 impl RequestHandler for LocalNode {
     async fn serve(&self, req: InferenceRequest) -> Result<InferenceResponse, ServeError> {
-        self.check_model(&req.model).await?;
+        self.check_model(&req.meta.model).await?;
+        if let Some(key) = req.meta.prefix {
+            self.recent_prefixes.record(key);
+        }
         let budget = req
             .deadline
             .map(|d| d.saturating_duration_since(Instant::now()).min(self.response_timeout))
             .unwrap_or(self.response_timeout);
-        let in_flight = self.load.start(&req.model);
+        let in_flight = self.load.start(&req.meta.model);
         let started = Instant::now();
         let mut response = match tokio::time::timeout(budget, self.backend.serve(&req)).await {
             Ok(result) => result?,
@@ -117,10 +131,10 @@ impl RequestHandler for LocalNode {
                 )));
             }
         };
-        self.load.record_ttft(&req.model, started.elapsed());
+        self.load.record_ttft(&req.meta.model, started.elapsed());
         // The request counts as in flight until its body is finished or
         // dropped; a streamed body also yields a decode-speed sample.
-        let mut meter = DecodeMeter::new(self.load.clone(), &req.model, &response.content_type);
+        let mut meter = DecodeMeter::new(self.load.clone(), &req.meta.model, &response.content_type);
         response.body = Box::pin(response.body.map(move |chunk| {
             let _held = &in_flight;
             if let Ok(bytes) = &chunk {
@@ -129,6 +143,33 @@ impl RequestHandler for LocalNode {
             chunk
         }));
         Ok(response)
+    }
+}
+
+impl LocalBackend for LocalNode {
+    fn capacity(&self, model: &str, prefix: Option<u64>) -> Option<LocalCapacity> {
+        let snapshot = self.inventory.current();
+        if !snapshot.healthy {
+            return None;
+        }
+        let entry = snapshot.inventory.resolve(model)?;
+        let stats = self.load.snapshot().into_iter().find(|m| same_model(&m.model, model));
+        Some(LocalCapacity {
+            slots: self.slots,
+            in_flight: self.load.in_flight(),
+            loaded: entry.loaded.is_some(),
+            ttft_ms: stats.as_ref().map(|s| s.ttft_ewma_ms).filter(|t| *t > 0.0),
+            decode_tps: stats.as_ref().map(|s| s.decode_tokens_per_s_ewma).filter(|t| *t > 0.0),
+            holds_prefix: prefix.is_some_and(|key| self.recent_prefixes.contains(key)),
+        })
+    }
+
+    fn has_model(&self, model: &str) -> bool {
+        self.inventory.current().inventory.resolve(model).is_some()
+    }
+
+    fn waiting(&self, model: &str) -> Box<dyn Send + Sync> {
+        Box::new(self.load.enqueue(model))
     }
 }
 

@@ -3,10 +3,13 @@
 use std::io::Write;
 use std::process::ExitCode;
 
+mod cli;
+
 use clap::Parser;
-use llmesh::cli::{Cli, Command};
+use cli::args::{Cli, Command};
+use cli::{admin, demo, status};
 use llmesh::config::{Config, LogConfig};
-use llmesh::{commands, demo, serve, telemetry};
+use llmesh::telemetry;
 use tokio_util::sync::CancellationToken;
 
 fn main() -> ExitCode {
@@ -51,7 +54,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             }
             telemetry::init(&config.log);
             tokio::spawn(cancel_on_signal(shutdown.clone()));
-            serve::run_agent(config, shutdown, |ready| {
+            cli::sim::run_agent(config, shutdown, |ready| {
                 if let Some(p2p) = ready.p2p.first() {
                     print_now(&format!("llmesh mesh listening on {p2p}"));
                 }
@@ -62,17 +65,17 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::SimBackend(args) => {
             telemetry::init(&LogConfig { format: args.log_format, ..LogConfig::default() });
             tokio::spawn(cancel_on_signal(shutdown.clone()));
-            serve::run_sim(args.listen, args.sim, shutdown, |addr| {
+            cli::sim::run_backend(args.listen, args.sim, shutdown, |addr| {
                 print_now(&format!("llmesh sim-backend listening on http://{addr}"));
             })
             .await?;
         }
-        Command::Init(args) => return Ok(commands::init(&args)),
-        Command::Status(args) => return Ok(commands::status(&args).await),
-        Command::Keys { command, admin } => return Ok(llmesh::admin_cli::run_keys(&command, &admin).await),
-        Command::Route { command, admin } => return Ok(llmesh::admin_cli::run_route(&command, &admin).await),
-        Command::Node { command, admin } => return Ok(llmesh::admin_cli::run_node(&command, &admin).await),
-        Command::Token { command, admin } => return Ok(llmesh::admin_cli::run_token(&command, &admin).await),
+        Command::Init(args) => return Ok(status::init(&args)),
+        Command::Status(args) => return Ok(status::status(&args).await),
+        Command::Keys { command, admin: args } => return Ok(admin::run_keys(&command, &args).await),
+        Command::Route { command, admin: args } => return Ok(admin::run_route(&command, &args).await),
+        Command::Node { command, admin: args } => return Ok(admin::run_node(&command, &args).await),
+        Command::Token { command, admin: args } => return Ok(admin::run_token(&command, &args).await),
         Command::Demo(args) => {
             telemetry::init(&LogConfig { filter: "warn".into(), ..LogConfig::default() });
             tokio::spawn(cancel_on_signal(shutdown.clone()));

@@ -29,6 +29,8 @@ pub struct NodeStateBuilder {
     pub inventory: InventoryHandle,
     /// This node's traffic.
     pub load: Arc<LoadTracker>,
+    /// The conversations this node served lately.
+    pub recent_prefixes: Arc<llmesh_mesh::route::prefix::RecentPrefixes>,
     /// GPU telemetry.
     pub gpu: GpuProbe,
     /// `IP:PORT` of this node's data plane, empty without one.
@@ -116,7 +118,7 @@ impl NodeStateBuilder {
             in_flight: self.load.in_flight(),
             queued: self.load.queued(),
             model_load: self.load.snapshot(),
-            recent_prefixes: Vec::new(),
+            recent_prefixes: self.recent_prefixes.snapshot(),
             draining: self.draining.load(std::sync::atomic::Ordering::SeqCst),
             seq: 0,
             timestamp_ms: SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64),

@@ -12,19 +12,52 @@ use crate::ServeError;
 /// Response body bytes as the backend produced them (SSE events, NDJSON
 /// lines or one JSON document). An `Err` item means the stream broke after
 /// it started; the relay turns it into an error event in the API's format.
-pub type BodyStream = Pin<Box<dyn Stream<Item = Result<Bytes, String>> + Send>>;
+pub type BodyStream = Pin<Box<dyn Stream<Item = Result<Bytes, StreamError>> + Send>>;
 
-/// A request ready to run: routing fields parsed, body kept as received.
+/// Why a response body broke after it started.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum StreamError {
+    /// The backend's connection broke or it sent something unreadable.
+    #[error("the backend's stream broke: {0}")]
+    Backend(String),
+    /// The peer serving a forwarded request went away or broke the protocol.
+    #[error("{0}")]
+    Peer(String),
+    /// Nothing arrived for longer than the idle timeout.
+    #[error("backend sent nothing for {0:?}; stream abandoned")]
+    Idle(std::time::Duration),
+    /// The serving node reported an error in its trailer.
+    #[error("{0}")]
+    Remote(String),
+}
+
+/// What the HTTP edge read from a request's body, once: everything that
+/// decides where and how it runs. The body itself is never parsed again.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct RequestMeta {
+    /// The model name (after the cluster's model routes).
+    pub model: String,
+    /// Whether the client asked for a streamed response.
+    pub stream: bool,
+    /// The output length the request asks for, when it says.
+    pub output_tokens: Option<u32>,
+    /// The conversation so far (see [`crate::route::prefix`]), for KV-cache
+    /// affinity; `None` for requests that continue nothing (embeddings).
+    pub prefix: Option<u64>,
+    /// The fairness bucket in the entry queue: the API key's id, or
+    /// `anonymous`.
+    pub tenant: String,
+}
+
+/// A request ready to run: its meta parsed, its body kept as received.
 #[derive(Debug, Clone)]
 pub struct InferenceRequest {
     /// Id that follows the request across hops and into every log line.
     pub request_id: String,
     /// The client-facing API it arrived on.
     pub api: ApiKind,
-    /// The model name as the client wrote it.
-    pub model: String,
-    /// Whether the client asked for a streamed response.
-    pub stream: bool,
+    /// What routing needs to know about it.
+    pub meta: RequestMeta,
     /// The client's body, byte for byte.
     pub body: Bytes,
     /// When the request must be abandoned, if it has a deadline.

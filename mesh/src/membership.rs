@@ -31,7 +31,7 @@ use libp2p::{
 };
 use llmesh_proto::{NodeState, SignedNodeState};
 use prost::Message;
-use tokio::sync::{broadcast, watch};
+use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 
 use crate::peers::{Change, Liveness, LivenessConfig, PeerTable};
@@ -120,7 +120,7 @@ pub struct Membership {
     local_id: PeerId,
     local_state: watch::Sender<Option<NodeState>>,
     view: watch::Receiver<Arc<MeshView>>,
-    changes: broadcast::Sender<Change>,
+    suspects: mpsc::UnboundedSender<String>,
 }
 
 impl Membership {
@@ -150,9 +150,11 @@ impl Membership {
         self.view.clone()
     }
 
-    /// Joins, leaves and liveness changes, for the scheduler.
-    pub fn changes(&self) -> broadcast::Receiver<Change> {
-        self.changes.subscribe()
+    /// Marks a peer suspect now: its data-plane connection broke, which
+    /// says more than a missed heartbeat. Gossip from it clears the mark.
+    pub fn suspect(&self, node_id: &str) {
+        // The event loop gone means membership is shutting down.
+        let _ = self.suspects.send(node_id.to_string());
     }
 }
 
@@ -295,7 +297,7 @@ pub async fn start(
     let initial =
         MeshView { local_id: local_id.to_string(), listen_addrs: listen_addrs.clone(), ..MeshView::default() };
     let (view_tx, view) = watch::channel(Arc::new(initial));
-    let (changes, _) = broadcast::channel(256);
+    let (suspects, suspects_rx) = mpsc::unbounded_channel();
     let event_loop = EventLoop {
         swarm,
         topic,
@@ -308,7 +310,7 @@ pub async fn start(
         published: None,
         seq: 0,
         view: view_tx,
-        changes: changes.clone(),
+        suspects: suspects_rx,
         heartbeat: config.heartbeat,
         kad_bootstrapped: false,
         revoked: config.trust.watch_revoked(),
@@ -319,7 +321,7 @@ pub async fn start(
         join_key: config.join_key,
     };
     let task = tokio::spawn(event_loop.run(shutdown));
-    Ok((Membership { local_id, local_state, view, changes }, task))
+    Ok((Membership { local_id, local_state, view, suspects }, task))
 }
 
 struct EventLoop {
@@ -337,7 +339,8 @@ struct EventLoop {
     published: Option<NodeState>,
     seq: u64,
     view: watch::Sender<Arc<MeshView>>,
-    changes: broadcast::Sender<Change>,
+    /// Peers the data plane lost a connection to.
+    suspects: mpsc::UnboundedReceiver<String>,
     heartbeat: Duration,
     kad_bootstrapped: bool,
     trust: Arc<Trust>,
@@ -378,6 +381,11 @@ impl EventLoop {
                     self.enroll();
                     self.publish(true);
                     let changes = self.table.tick(Instant::now());
+                    self.report(changes);
+                    self.refresh_view();
+                }
+                Some(node) = self.suspects.recv() => {
+                    let changes = self.table.suspect(&node);
                     self.report(changes);
                     self.refresh_view();
                 }
@@ -521,8 +529,6 @@ impl EventLoop {
                 }
                 Change::Forgotten(id) => tracing::info!(node = %id, "peer forgotten"),
             }
-            // Nobody listening is fine.
-            let _ = self.changes.send(change);
         }
     }
 

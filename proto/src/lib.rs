@@ -52,9 +52,9 @@ mod tests {
             model: "qwen2.5:7b".into(),
             stream: true,
             deadline_ms: 30_000,
-            hops: 1,
             tenant: "k1".into(),
             affinity_key: 42,
+            max_tokens: 64,
         };
         let bytes = head.encode_to_vec();
         let back = RequestHead::decode(bytes.as_slice()).expect("decodes");

@@ -96,8 +96,7 @@ pub async fn data_stream(creds: &Credentials, target: &Target, model: &str) -> R
     let request = InferenceRequest {
         request_id: "probe".into(),
         api: ApiKind::OpenaiChat,
-        model: model.into(),
-        stream: false,
+        meta: llmesh_mesh::RequestMeta { model: model.into(), ..Default::default() },
         body: Bytes::from(body),
         deadline: None,
     };
@@ -243,7 +242,6 @@ pub async fn data_stream_reckless(creds: &Credentials, target: &Target, model: &
             request_id: "reckless".into(),
             api: ApiKind::OpenaiChat as i32,
             model: model.into(),
-            hops: 1,
             ..Default::default()
         };
         writer.send(Frame::RequestHead(head)).await.map_err(|e| e.to_string())?;

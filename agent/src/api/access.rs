@@ -10,9 +10,10 @@ use bytes::Bytes;
 use llmesh_mesh::ClusterState;
 
 use super::{AppState, format_for};
-use crate::cloud::{Cloud, CloudPolicy};
-use crate::config::{AnonymousAccess, CloudPolicyName};
+use crate::cloud::Cloud;
+use crate::config::AnonymousAccess;
 use crate::error::ApiError;
+use llmesh_mesh::route::{CloudPolicy, CloudPolicyName};
 use llmesh_proto::CloudPolicy as ProtoCloudPolicy;
 
 /// The caller of a request, put into its extensions by [`authenticate`].
@@ -39,6 +40,14 @@ impl Caller {
         match self {
             Caller::Open => "anonymous".into(),
             Caller::Key { id, .. } => id.clone(),
+        }
+    }
+
+    /// The key's id, when the caller has one.
+    pub fn key_id(&self) -> Option<&String> {
+        match self {
+            Caller::Open => None,
+            Caller::Key { id, .. } => Some(id),
         }
     }
 

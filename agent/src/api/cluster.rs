@@ -66,7 +66,7 @@ pub async fn prometheus(State(app): AppStateRef) -> axum::response::Response {
     let Some(handle) = crate::metrics::handle() else {
         return (axum::http::StatusCode::SERVICE_UNAVAILABLE, "metrics are disabled\n").into_response();
     };
-    set("llmesh_queue_depth", &[], app.dispatcher.queued() as f64);
+    set("llmesh_queue_depth", &[], app.router.queued() as f64);
     set("llmesh_in_flight", &[], f64::from(app.local.load().in_flight()));
     if let Some(coordinator) = &app.coordinator {
         let status = coordinator.status();

@@ -23,10 +23,14 @@ use bytes::Bytes;
 use llmesh_mesh::{ApiKind, Coordinator, InferenceRequest, Membership};
 use tracing::Instrument;
 
-use crate::dispatch::Dispatcher;
 use crate::error::{ApiError, ErrorFormat};
 use crate::local::LocalNode;
 use crate::node_state::NodeStateBuilder;
+use llmesh_mesh::route::{Route, Routed};
+
+/// The Ollama version `/api/version` reports: the API level whose
+/// endpoints and fields this agent serves (clients check it).
+pub const OLLAMA_COMPAT_VERSION: &str = "0.12.0";
 
 /// Header naming the node that served a request.
 pub const NODE_HEADER: &str = "x-llmesh-node";
@@ -44,8 +48,8 @@ pub struct AppState {
     pub node_name: String,
     /// Runs requests on this node.
     pub local: Arc<LocalNode>,
-    /// Chooses this node or a peer for each request.
-    pub dispatcher: Arc<Dispatcher>,
+    /// Chooses this node, a peer or the cloud for each request.
+    pub router: Arc<llmesh_mesh::route::Router>,
     /// Builds this node's state for `/mesh/v1/nodes`.
     pub node: Arc<NodeStateBuilder>,
     /// Membership, when this node is part of a mesh.
@@ -195,6 +199,123 @@ fn stamp(response: &mut Response, node: &str, request_id: &str, route: Option<&s
     }
 }
 
+/// The client's deadline header, if any.
+fn deadline(headers: &HeaderMap) -> Result<Option<Instant>, ApiError> {
+    let Some(value) = headers.get(TIMEOUT_HEADER) else { return Ok(None) };
+    let ms =
+        value.to_str().ok().and_then(|v| v.trim().parse::<u64>().ok()).filter(|ms| *ms > 0).ok_or_else(|| {
+            ApiError::bad_request(format!("{TIMEOUT_HEADER} must be a positive number of milliseconds"))
+        })?;
+    Ok(Some(Instant::now() + Duration::from_millis(ms)))
+}
+
+/// Reads the body into a request: its meta parsed once, the model checked
+/// against the caller's key and the cluster's model routes.
+fn build_request(
+    state: &AppState,
+    api: ApiKind,
+    caller: &access::Caller,
+    headers: &HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+    request_id: &str,
+) -> Result<InferenceRequest, ApiError> {
+    let body = body.map_err(|rejection| {
+        if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
+            ApiError::too_large(state.max_body_bytes)
+        } else {
+            ApiError::bad_request(format!("cannot read request body: {}", rejection.body_text()))
+        }
+    })?;
+    let mut meta = routing::parse(api, &body)?;
+    caller.check_model(&meta.model)?;
+    meta.tenant = caller.tenant();
+    let route = state.coordinator.as_ref().and_then(|c| c.state().route(&meta.model).map(str::to_string));
+    let body = match route {
+        Some(target) => {
+            let body = access::rewrite_model(&body, &target)?;
+            meta.model = target;
+            body
+        }
+        None => body,
+    };
+    Ok(InferenceRequest { request_id: request_id.to_string(), api, meta, body, deadline: deadline(headers)? })
+}
+
+/// Whether the caller's key has a token budget, so its usage is reported.
+fn reports_tokens(state: &AppState, key: Option<&String>) -> bool {
+    let Some(id) = key else { return false };
+    let cluster = state.coordinator.as_ref().map(|c| c.state());
+    cluster
+        .as_ref()
+        .and_then(|c| c.keys.get(id))
+        .and_then(|k| k.limits.as_ref())
+        .is_some_and(|l| l.tokens_per_minute > 0)
+}
+
+/// Routes an admitted request and relays its response, metered.
+async fn run(
+    state: &AppState,
+    request: InferenceRequest,
+    caller: &access::Caller,
+    headers: &HeaderMap,
+    format: ErrorFormat,
+    started: Instant,
+) -> Result<(Response, String, Route), ApiError> {
+    let rate_headers = crate::limits::admit(caller, state.coordinator.as_ref(), &state.usage).await?;
+    let span = tracing::info_span!("request", id = %request.request_id, api = request.api.as_str_name(), model = %request.meta.model);
+    let prompt_bytes = request.body.len();
+    let model = request.meta.model.clone();
+    let cloud = access::cloud_policy(caller, headers, state.cloud.as_deref(), &model)?;
+    let Routed { response: upstream, node, route } = state
+        .router
+        .route(request, cloud)
+        .instrument(span)
+        .await
+        .map_err(|e| ApiError::from(e).with_headers(rate_headers.clone()))?;
+    let ttft = started.elapsed();
+    let response = relay::relay(upstream, state.idle_timeout, state.max_response_bytes, format).await;
+    let key = caller.key_id().cloned();
+    let accounting = metering::Accounting {
+        model,
+        route: route.kind().to_string(),
+        report_tokens: reports_tokens(state, key.as_ref()),
+        key,
+        started,
+        ttft,
+        status: response.status().as_u16(),
+        usage: state.usage.clone(),
+        coordinator: state.coordinator.clone(),
+    };
+    let mut response = metering::account(response, accounting, prompt_bytes);
+    for (name, value) in rate_headers {
+        if let Ok(value) = HeaderValue::from_str(&value) {
+            response.headers_mut().insert(name, value);
+        }
+    }
+    Ok((response, node, route))
+}
+
+/// Counts, logs and renders a refused request.
+fn refuse(
+    state: &AppState,
+    err: ApiError,
+    caller: &access::Caller,
+    request_id: &str,
+    started: Instant,
+    format: ErrorFormat,
+) -> Response {
+    metering::refused(err.code, caller.key_id().map(String::as_str), started);
+    if err.status.is_server_error() || err.status == StatusCode::TOO_MANY_REQUESTS {
+        state.errors.push(&err, request_id);
+    }
+    if err.status.is_server_error() {
+        tracing::warn!(id = %request_id, status = err.status.as_u16(), error = %err.message, "request failed");
+    } else {
+        tracing::debug!(id = %request_id, status = err.status.as_u16(), error = %err.message, "request rejected");
+    }
+    err.with_format(format).into_response()
+}
+
 /// Serves one inference request of kind `api`.
 async fn infer(
     State(state): AppStateRef,
@@ -206,100 +327,21 @@ async fn infer(
     let format = if api.is_ollama_native() { ErrorFormat::Ollama } else { ErrorFormat::OpenAi };
     let request_id = request_id(&headers);
     let started = Instant::now();
-    let result = async {
-        let body = body.map_err(|rejection| {
-            if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
-                ApiError::too_large(state.max_body_bytes)
-            } else {
-                ApiError::bad_request(format!("cannot read request body: {}", rejection.body_text()))
-            }
-        })?;
-        let fields = routing::parse(api, &body)?;
-        caller.check_model(&fields.model)?;
-        let cluster = state.coordinator.as_ref().map(|c| c.state());
-        let (model, body) = match cluster.as_ref().and_then(|c| c.route(&fields.model)) {
-            Some(target) => (target.to_string(), access::rewrite_model(&body, target)?),
-            None => (fields.model, body),
-        };
-        let deadline = match headers.get(TIMEOUT_HEADER) {
-            None => None,
-            Some(value) => {
-                let ms =
-                    value.to_str().ok().and_then(|v| v.trim().parse::<u64>().ok()).filter(|ms| *ms > 0).ok_or_else(
-                        || ApiError::bad_request(format!("{TIMEOUT_HEADER} must be a positive number of milliseconds")),
-                    )?;
-                Some(Instant::now() + Duration::from_millis(ms))
-            }
-        };
-        let rate_headers = crate::limits::admit(&caller, state.coordinator.as_ref(), &state.usage).await?;
-        let span = tracing::info_span!("request", id = %request_id, api = api.as_str_name(), model = %model);
-        let prompt_bytes = body.len();
-        let request =
-            InferenceRequest { request_id: request_id.clone(), api, model, stream: fields.stream, body, deadline };
-        let tenant = caller.tenant();
-        let cloud = access::cloud_policy(&caller, &headers, state.cloud.as_deref(), &request.model)?;
-        let model = request.model.clone();
-        let dispatched = state
-            .dispatcher
-            .dispatch(request, &tenant, &cloud)
-            .instrument(span)
-            .await
-            .map_err(|e| ApiError::from(e).with_headers(rate_headers.clone()))?;
-        let ttft = started.elapsed();
-        let response = relay::relay(dispatched.response, state.idle_timeout, state.max_response_bytes, format).await;
-        let key = match &caller {
-            access::Caller::Key { id, .. } => Some(id.clone()),
-            access::Caller::Open => None,
-        };
-        let report_tokens = key.as_ref().is_some_and(|id| {
-            cluster
-                .as_ref()
-                .and_then(|c| c.keys.get(id))
-                .and_then(|k| k.limits.as_ref())
-                .is_some_and(|l| l.tokens_per_minute > 0)
-        });
-        let route_label =
-            if dispatched.route.starts_with("peer:") { "peer".to_string() } else { dispatched.route.clone() };
-        let accounting = metering::Accounting {
-            model,
-            route: route_label,
-            key,
-            report_tokens,
-            started,
-            ttft,
-            status: response.status().as_u16(),
-            usage: state.usage.clone(),
-            coordinator: state.coordinator.clone(),
-        };
-        let mut response = metering::account(response, accounting, prompt_bytes);
-        for (name, value) in rate_headers {
-            if let Ok(value) = HeaderValue::from_str(&value) {
-                response.headers_mut().insert(name, value);
-            }
+    let result = match build_request(&state, api, &caller, &headers, body, &request_id) {
+        Ok(request) => run(&state, request, &caller, &headers, format, started).await,
+        Err(err) => Err(err),
+    };
+    let response = match result {
+        Ok((mut response, node, route)) => {
+            stamp(&mut response, &node, &request_id, Some(&route.to_string()));
+            response
         }
-        Ok::<_, ApiError>((response, dispatched.node, dispatched.route))
-    }
-    .await;
-    let (mut response, node, route) = match result {
-        Ok((response, node, route)) => (response, node, Some(route)),
         Err(err) => {
-            let key = match &caller {
-                access::Caller::Key { id, .. } => Some(id.as_str()),
-                access::Caller::Open => None,
-            };
-            metering::refused(err.code, key, started);
-            if err.status.is_server_error() || err.status == StatusCode::TOO_MANY_REQUESTS {
-                state.errors.push(&err, &request_id);
-            }
-            if err.status.is_server_error() {
-                tracing::warn!(id = %request_id, status = err.status.as_u16(), error = %err.message, "request failed");
-            } else {
-                tracing::debug!(id = %request_id, status = err.status.as_u16(), error = %err.message, "request rejected");
-            }
-            (err.with_format(format).into_response(), state.node_name.clone(), None)
+            let mut response = refuse(&state, err, &caller, &request_id, started, format);
+            stamp(&mut response, &state.node_name, &request_id, None);
+            response
         }
     };
     tracing::debug!(id = %request_id, status = response.status().as_u16(), head_ms = started.elapsed().as_millis() as u64, "response head sent");
-    stamp(&mut response, &node, &request_id, route.as_deref());
     response
 }

@@ -16,7 +16,6 @@ use super::{AppState, AppStateRef};
 use crate::backend::{Inventory, ModelEntry};
 use crate::error::ApiError;
 use crate::node_state::model_entry;
-use crate::sim::OLLAMA_COMPAT_VERSION;
 
 fn created(entry: &ModelEntry) -> u64 {
     humantime::parse_rfc3339_weak(&entry.modified_at)
@@ -118,7 +117,7 @@ pub async fn ollama_ps(State(state): AppStateRef) -> Json<Value> {
 /// `GET /api/version`: the Ollama API level the agent speaks, so clients
 /// that check a minimum version accept it.
 pub async fn ollama_version() -> Json<Value> {
-    Json(json!({ "version": OLLAMA_COMPAT_VERSION, "llmesh": env!("CARGO_PKG_VERSION") }))
+    Json(json!({ "version": crate::api::OLLAMA_COMPAT_VERSION, "llmesh": env!("CARGO_PKG_VERSION") }))
 }
 
 /// `GET /healthz`: the process is up.

@@ -14,7 +14,7 @@ use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use bytes::{Bytes, BytesMut};
 use futures::StreamExt;
-use llmesh_mesh::{BodyStream, InferenceResponse, ServeError};
+use llmesh_mesh::{BodyStream, InferenceResponse, ServeError, StreamError};
 use serde_json::json;
 
 use crate::error::{ApiError, ErrorFormat};
@@ -68,7 +68,7 @@ struct Guarded {
     finished: bool,
     /// How the backend stream ended while chunks were being combined; it
     /// is reported on the next poll, after the combined chunk.
-    ended: Option<Option<String>>,
+    ended: Option<Option<StreamError>>,
 }
 
 /// Chunks already waiting are sent as one write, up to this size: a burst
@@ -129,10 +129,10 @@ impl futures::Stream for Guarded {
                 this.finished = true;
                 Poll::Ready(None)
             }
-            Poll::Ready(Some(Err(message))) => {
+            Poll::Ready(Some(Err(err))) => {
                 this.finished = true;
-                tracing::warn!(error = %message, "backend stream broke; ending it with an error event");
-                Poll::Ready(Some(Ok(stream_error_event(this.framing, &message))))
+                tracing::warn!(error = %err, "backend stream broke; ending it with an error event");
+                Poll::Ready(Some(Ok(stream_error_event(this.framing, &err.to_string()))))
             }
             Poll::Pending => {
                 if !this.armed {
@@ -141,9 +141,9 @@ impl futures::Stream for Guarded {
                 }
                 if this.timer.as_mut().poll(cx).is_ready() {
                     this.finished = true;
-                    let message = format!("backend sent nothing for {:?}; stream abandoned", this.idle);
-                    tracing::warn!("{message}");
-                    return Poll::Ready(Some(Ok(stream_error_event(this.framing, &message))));
+                    let err = StreamError::Idle(this.idle);
+                    tracing::warn!(error = %err, "stream abandoned");
+                    return Poll::Ready(Some(Ok(stream_error_event(this.framing, &err.to_string()))));
                 }
                 Poll::Pending
             }
@@ -165,7 +165,7 @@ async fn collect(mut body: BodyStream, idle: Duration, limit: usize) -> Result<B
                 buffer.extend_from_slice(&chunk);
             }
             Ok(None) => return Ok(buffer.freeze()),
-            Ok(Some(Err(message))) => return Err(ServeError::BackendUnreachable(message)),
+            Ok(Some(Err(err))) => return Err(ServeError::BackendUnreachable(err.to_string())),
             Err(_) => {
                 return Err(ServeError::Timeout(format!("backend sent nothing for {idle:?} mid-response")));
             }
@@ -211,7 +211,9 @@ mod tests {
 
     fn response(content_type: &str, chunks: Vec<Result<&'static str, &'static str>>) -> InferenceResponse {
         let stream = futures::stream::iter(
-            chunks.into_iter().map(|c| c.map(|s| Bytes::from_static(s.as_bytes())).map_err(str::to_string)),
+            chunks
+                .into_iter()
+                .map(|c| c.map(|s| Bytes::from_static(s.as_bytes())).map_err(|e| StreamError::Backend(e.to_string()))),
         );
         InferenceResponse { status: 200, content_type: content_type.into(), body: Box::pin(stream) }
     }

@@ -1,30 +1,55 @@
-//! Reads only what routing needs from a request body (model and stream
-//! flag); the body itself is forwarded as received.
+//! Reads what routing needs from a request body, once, at the edge: the
+//! model, the stream flag, the output length and the conversation's prefix
+//! key, as a [`RequestMeta`]. The body itself is forwarded as received.
+
+use std::borrow::Cow;
 
 use bytes::Bytes;
-use llmesh_mesh::ApiKind;
+use llmesh_mesh::route::prefix::PrefixKey;
+use llmesh_mesh::{ApiKind, RequestMeta};
 use serde::Deserialize;
+use serde_json::value::RawValue;
 
 use crate::error::ApiError;
 
-/// The fields of a body that decide where and how it is served.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct RoutingFields {
-    /// Requested model.
-    pub model: String,
-    /// Whether the response streams.
-    pub stream: bool,
+/// Ollama's generation options, of which routing reads one.
+#[derive(Deserialize)]
+struct Options<'a> {
+    #[serde(borrow, default)]
+    num_predict: Option<&'a RawValue>,
 }
 
+/// The fields routing reads. Everything but `model`, `name` and `stream`
+/// is read leniently: a field of another shape is the backend's to judge,
+/// not a reason to refuse here.
 #[derive(Deserialize)]
 struct Peek<'a> {
     #[serde(borrow, default)]
-    model: Option<std::borrow::Cow<'a, str>>,
+    model: Option<Cow<'a, str>>,
     /// Older Ollama clients send `name` on `/api/show`.
     #[serde(borrow, default)]
-    name: Option<std::borrow::Cow<'a, str>>,
+    name: Option<Cow<'a, str>>,
     #[serde(default)]
     stream: Option<bool>,
+    #[serde(borrow, default)]
+    max_completion_tokens: Option<&'a RawValue>,
+    #[serde(borrow, default)]
+    max_tokens: Option<&'a RawValue>,
+    #[serde(borrow, default)]
+    options: Option<&'a RawValue>,
+    #[serde(borrow, default)]
+    messages: Option<&'a RawValue>,
+    #[serde(borrow, default)]
+    system: Option<&'a RawValue>,
+    #[serde(borrow, default)]
+    prompt: Option<&'a RawValue>,
+}
+
+/// A message's role, to find the first user turn.
+#[derive(Deserialize)]
+struct Role<'a> {
+    #[serde(borrow, default)]
+    role: Option<Cow<'a, str>>,
 }
 
 /// Whether an API streams when the body does not say: Ollama's generation
@@ -33,8 +58,46 @@ fn streams_by_default(api: ApiKind) -> bool {
     matches!(api, ApiKind::OllamaChat | ApiKind::OllamaGenerate)
 }
 
-/// Parses the routing fields, rejecting what no backend could serve.
-pub fn parse(api: ApiKind, body: &Bytes) -> Result<RoutingFields, ApiError> {
+/// The output length asked for, when it is a number that fits.
+fn output_tokens(peek: &Peek<'_>) -> Option<u32> {
+    let num_predict =
+        peek.options.and_then(|o| serde_json::from_str::<Options<'_>>(o.get()).ok()).and_then(|o| o.num_predict);
+    let raw = peek.max_completion_tokens.or(peek.max_tokens).or(num_predict)?;
+    serde_json::from_str::<u32>(raw.get()).ok()
+}
+
+/// A key for the conversation a request continues: the model and every
+/// message up to and including the first user message (or the system
+/// prompt and the head of a completion prompt). Later turns of the same
+/// conversation share it, so they can go where its KV cache is.
+fn prefix_key(api: ApiKind, model: &str, peek: &Peek<'_>) -> Option<u64> {
+    let key = PrefixKey::new(model);
+    match api {
+        ApiKind::OpenaiChat | ApiKind::OllamaChat => {
+            let messages: Vec<&RawValue> = serde_json::from_str(peek.messages?.get()).ok()?;
+            let is_user = |m: &&RawValue| {
+                serde_json::from_str::<Role<'_>>(m.get()).ok().and_then(|r| r.role).as_deref() == Some("user")
+            };
+            let end = messages.iter().position(is_user)?;
+            Some(messages[..=end].iter().fold(key, |key, m| key.push(m.get().as_bytes())).finish())
+        }
+        ApiKind::OpenaiCompletions | ApiKind::OllamaGenerate => {
+            let text = |raw: Option<&RawValue>| raw.and_then(|r| serde_json::from_str::<Cow<'_, str>>(r.get()).ok());
+            let key = match text(peek.system) {
+                Some(system) => key.push(system.as_bytes()),
+                None => key,
+            };
+            let prompt = text(peek.prompt)?;
+            let head: String = prompt.chars().take(512).collect();
+            Some(key.push(head.as_bytes()).finish())
+        }
+        _ => None,
+    }
+}
+
+/// Parses what routing needs, rejecting what no backend could serve. The
+/// tenant is the caller's, set by the handler.
+pub fn parse(api: ApiKind, body: &Bytes) -> Result<RequestMeta, ApiError> {
     if body.is_empty() {
         return Err(ApiError::bad_request("request body is empty; expected a JSON object"));
     }
@@ -47,8 +110,9 @@ pub fn parse(api: ApiKind, body: &Bytes) -> Result<RoutingFields, ApiError> {
     })?;
     let model = peek
         .model
+        .clone()
         .filter(|m| !m.is_empty())
-        .or(if api == ApiKind::OllamaShow { peek.name } else { None })
+        .or(if api == ApiKind::OllamaShow { peek.name.clone() } else { None })
         .filter(|m| !m.is_empty())
         .ok_or_else(|| ApiError::bad_request("missing required field 'model'"))?;
     if model.len() > 512 {
@@ -58,7 +122,13 @@ pub fn parse(api: ApiKind, body: &Bytes) -> Result<RoutingFields, ApiError> {
         ApiKind::OpenaiEmbeddings | ApiKind::OllamaEmbed | ApiKind::OllamaEmbeddings | ApiKind::OllamaShow => false,
         _ => peek.stream.unwrap_or(streams_by_default(api)),
     };
-    Ok(RoutingFields { model: model.into_owned(), stream })
+    Ok(RequestMeta {
+        output_tokens: output_tokens(&peek),
+        prefix: prefix_key(api, &model, &peek),
+        model: model.into_owned(),
+        stream,
+        tenant: String::new(),
+    })
 }
 
 #[cfg(test)]
@@ -66,7 +136,7 @@ mod tests {
     use super::*;
     use proptest::prelude::*;
 
-    fn fields(api: ApiKind, body: &str) -> Result<RoutingFields, ApiError> {
+    fn fields(api: ApiKind, body: &str) -> Result<RequestMeta, ApiError> {
         parse(api, &Bytes::copy_from_slice(body.as_bytes()))
     }
 
@@ -106,6 +176,37 @@ mod tests {
     }
 
     #[test]
+    fn turns_of_one_conversation_share_a_prefix_key() {
+        let first = r#"{"model":"m","messages":[{"role":"system","content":"s"},{"role":"user","content":"hi"}]}"#;
+        let later = r#"{"model":"m","messages":[{"role":"system","content":"s"},{"role":"user","content":"hi"},{"role":"assistant","content":"yo"},{"role":"user","content":"more"}]}"#;
+        let other = r#"{"model":"m","messages":[{"role":"user","content":"different"}]}"#;
+        let key = |b: &str| fields(ApiKind::OpenaiChat, b).expect("ok").prefix;
+        assert!(key(first).is_some());
+        assert_eq!(key(first), key(later));
+        assert_ne!(key(first), key(other));
+        assert_ne!(key(first), key(&first.replace(r#""model":"m""#, r#""model":"n""#)));
+        assert_eq!(fields(ApiKind::OpenaiEmbeddings, first).expect("ok").prefix, None);
+        // Messages of another shape are the backend's to refuse.
+        assert_eq!(fields(ApiKind::OllamaChat, r#"{"model":"m","messages":"x"}"#).expect("ok").prefix, None);
+        let completion = |p: &str| {
+            fields(ApiKind::OpenaiCompletions, &format!(r#"{{"model":"m","prompt":{p}}}"#)).expect("ok").prefix
+        };
+        assert!(completion(r#""once upon""#).is_some());
+        assert_eq!(completion("[1,2,3]"), None);
+    }
+
+    #[test]
+    fn output_length_comes_from_any_of_its_names() {
+        let tokens = |b: &str| fields(ApiKind::OpenaiChat, b).expect("ok").output_tokens;
+        assert_eq!(tokens(r#"{"model":"m","max_tokens":7}"#), Some(7));
+        assert_eq!(tokens(r#"{"model":"m","max_completion_tokens":8,"max_tokens":7}"#), Some(8));
+        assert_eq!(tokens(r#"{"model":"m","options":{"num_predict":9}}"#), Some(9));
+        assert_eq!(tokens(r#"{"model":"m","options":{"num_predict":-1}}"#), None);
+        assert_eq!(tokens(r#"{"model":"m","max_tokens":null}"#), None);
+        assert_eq!(tokens(r#"{"model":"m","max_tokens":"many"}"#), None);
+    }
+
+    #[test]
     fn escaped_model_names_are_decoded() {
         assert_eq!(fields(ApiKind::OpenaiChat, r#"{"model":"a\u003ab"}"#).expect("ok").model, "a:b");
     }
@@ -120,7 +221,7 @@ mod tests {
         fn finds_any_model_name(model in "[a-zA-Z0-9._:/-]{1,64}", stream in any::<bool>()) {
             let body = serde_json::json!({ "messages": [{"role": "user", "content": "x"}], "model": model, "stream": stream });
             let parsed = parse(ApiKind::OpenaiChat, &Bytes::from(body.to_string())).expect("valid");
-            prop_assert_eq!(parsed, RoutingFields { model, stream });
+            prop_assert_eq!((parsed.model, parsed.stream), (model, stream));
         }
     }
 }

@@ -19,7 +19,7 @@ use hyper_rustls::HttpsConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
-use llmesh_mesh::{InferenceResponse, ServeError};
+use llmesh_mesh::{InferenceResponse, ServeError, StreamError};
 use serde::de::DeserializeOwned;
 
 use crate::config::BackendConfig;
@@ -171,10 +171,8 @@ impl HttpBackend {
             .and_then(|v| v.to_str().ok())
             .unwrap_or("application/json")
             .to_string();
-        let body = response
-            .into_body()
-            .into_data_stream()
-            .map(|chunk| chunk.map_err(|e| format!("backend stream broke: {e}")));
+        let body =
+            response.into_body().into_data_stream().map(|chunk| chunk.map_err(|e| StreamError::Backend(e.to_string())));
         Ok(InferenceResponse { status, content_type, body: Box::pin(body) })
     }
 

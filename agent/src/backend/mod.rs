@@ -4,7 +4,6 @@
 pub mod http;
 mod ollama;
 pub mod openai;
-mod sim;
 pub mod translate;
 
 use std::sync::Arc;
@@ -14,10 +13,8 @@ use serde::{Deserialize, Serialize};
 
 pub use ollama::OllamaBackend;
 pub use openai::OpenAiBackend;
-pub use sim::SimBackend;
 
 use crate::config::{BackendConfig, BackendKind};
-use crate::sim::SimConfig;
 
 /// Ollama's model details block, kept as Ollama reports it.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
@@ -89,7 +86,7 @@ impl Inventory {
 }
 
 /// A stable `modified_at` for backends that report none (OpenAI-compatible
-/// servers, the in-process sim): when this process first saw the model.
+/// servers): when this process first saw the model.
 /// Clients such as the `ollama` Python package require a timestamp there.
 pub(crate) fn first_seen() -> String {
     static STARTED: std::sync::LazyLock<String> =
@@ -110,12 +107,12 @@ pub trait Backend: Send + Sync + 'static {
     async fn serve(&self, req: &InferenceRequest) -> Result<InferenceResponse, ServeError>;
 }
 
-/// Builds the configured backend.
-pub fn build(config: &BackendConfig, sim: &SimConfig) -> Result<Arc<dyn Backend>, ServeError> {
+/// Builds the configured backend. The simulator speaks Ollama's API: the
+/// `llmesh` binary starts it and points `backend.url` at it.
+pub fn build(config: &BackendConfig) -> Result<Arc<dyn Backend>, ServeError> {
     Ok(match config.kind {
-        BackendKind::Ollama => Arc::new(OllamaBackend::new(config)?),
+        BackendKind::Ollama | BackendKind::Sim => Arc::new(OllamaBackend::new(config)?),
         BackendKind::Openai => Arc::new(OpenAiBackend::new(config)?),
-        BackendKind::Sim => Arc::new(SimBackend::new(sim.clone()).map_err(ServeError::Internal)?),
     })
 }
 

@@ -100,7 +100,7 @@ fn json_response(status: u16, value: &Value) -> InferenceResponse {
 async fn collect(mut body: BodyStream) -> Result<Bytes, ServeError> {
     let mut buffer = BytesMut::new();
     while let Some(chunk) = body.next().await {
-        let chunk = chunk.map_err(ServeError::BackendUnreachable)?;
+        let chunk = chunk.map_err(|e| ServeError::BackendUnreachable(e.to_string()))?;
         if buffer.len() + chunk.len() > MAX_TRANSLATED_BYTES {
             return Err(ServeError::BackendUnreachable(format!("backend answer exceeds {MAX_TRANSLATED_BYTES} bytes")));
         }
@@ -118,15 +118,15 @@ impl OpenAiBackend {
     async fn serve_native(&self, req: &InferenceRequest) -> Result<InferenceResponse, ServeError> {
         let started = Instant::now();
         let (translated, field) = match req.api {
-            ApiKind::OllamaChat => (translate::chat_request(&req.body, req.stream)?, Some(TextField::Message)),
-            ApiKind::OllamaGenerate => match translate::generate_request(&req.body, req.stream)? {
+            ApiKind::OllamaChat => (translate::chat_request(&req.body, req.meta.stream)?, Some(TextField::Message)),
+            ApiKind::OllamaGenerate => match translate::generate_request(&req.body, req.meta.stream)? {
                 Some(t) => (t, Some(TextField::Response)),
                 // An OpenAI server has nothing to preload; the model is served as listed.
-                None => return Ok(json_response(200, &translate::load_response(&req.model))),
+                None => return Ok(json_response(200, &translate::load_response(&req.meta.model))),
             },
             ApiKind::OllamaEmbed => (translate::embed_request(&req.body, false)?, None),
             ApiKind::OllamaEmbeddings => (translate::embed_request(&req.body, true)?, None),
-            ApiKind::OllamaShow => return self.show(&req.model).await,
+            ApiKind::OllamaShow => return self.show(&req.meta.model).await,
             _ => return Err(ServeError::BadRequest("not an Ollama API".into())),
         };
         let body = Bytes::from(translated.body.to_string());
@@ -136,9 +136,9 @@ impl OpenAiBackend {
             let message = translate::error_message(&bytes);
             return Ok(json_response(upstream.status, &json!({ "error": message })));
         }
-        let model = req.model.clone();
+        let model = req.meta.model.clone();
         match field {
-            Some(field) if req.stream => {
+            Some(field) if req.meta.stream => {
                 let mut translator = translate::SseToNdjson::new(&model, field);
                 let mut body = upstream.body;
                 let stream = async_stream::stream! {

@@ -7,9 +7,7 @@
 //! provider.
 
 pub mod breaker;
-pub mod policy;
-
-use std::collections::BTreeMap;
+pub use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
@@ -24,8 +22,6 @@ use crate::backend::openai::OpenAiBackend;
 use crate::config::{CloudConfig, Price, ProviderConfig};
 use crate::usage::{Tokens, UsageMeter};
 use breaker::Breaker;
-
-pub use policy::{CloudPolicy, Trigger};
 
 /// Why the cloud layer could not be set up.
 #[derive(Debug, thiserror::Error)]
@@ -191,14 +187,15 @@ impl Cloud {
 
     /// Serves `req` at the first provider that can: returns the response
     /// and the provider's name. Only fails before the first byte.
-    pub async fn serve(&self, req: &InferenceRequest, tenant: &str) -> Result<(InferenceResponse, String), ServeError> {
+    pub async fn serve(&self, req: &InferenceRequest) -> Result<(InferenceResponse, String), ServeError> {
+        let tenant = req.meta.tenant.as_str();
         let mut tried = Vec::new();
-        for provider in self.providers.iter().filter(|p| p.models.contains_key(&req.model)) {
+        for provider in self.providers.iter().filter(|p| p.models.contains_key(&req.meta.model)) {
             if !provider.breaker.lock().unwrap_or_else(PoisonError::into_inner).allow(Instant::now()) {
                 tried.push(format!("{}: circuit open after repeated failures", provider.name));
                 continue;
             }
-            let target = &provider.models[&req.model];
+            let target = &provider.models[&req.meta.model];
             let mut upstream = req.clone();
             upstream.body = with_model(&req.body, target)?;
             let mut backoff = self.config.retry_backoff;
@@ -207,8 +204,8 @@ impl Cloud {
                 match self.attempt(provider, &upstream).await {
                     Attempt::Relay(response) => {
                         provider.breaker.lock().unwrap_or_else(PoisonError::into_inner).success();
-                        tracing::info!(provider = %provider.name, model = %req.model, upstream = %target, "served by the cloud");
-                        let response = self.metered(response, provider, &req.model, tenant, req.body.len());
+                        tracing::info!(provider = %provider.name, model = %req.meta.model, upstream = %target, "served by the cloud");
+                        let response = self.metered(response, provider, &req.meta.model, tenant, req.body.len());
                         return Ok((response, provider.name.clone()));
                     }
                     Attempt::Retry(why) => {
@@ -232,11 +229,11 @@ impl Cloud {
             }
         }
         if tried.is_empty() {
-            return Err(ServeError::ModelNotFound(req.model.clone()));
+            return Err(ServeError::ModelNotFound(req.meta.model.clone()));
         }
         Err(ServeError::BackendUnavailable(format!(
             "no cloud provider could serve '{}' ({})",
-            req.model,
+            req.meta.model,
             tried.join("; ")
         )))
     }
@@ -339,4 +336,19 @@ fn record(ledger: &Mutex<Ledger>, key: (String, String), tokens: Tokens, price: 
         (tokens.prompt as f64 * price.input_per_mtok + tokens.completion as f64 * price.output_per_mtok) / 1_000_000.0;
     spend.cost_usd += cost;
     crate::metrics::cloud_spend(&key.1, &key.0, cost, tokens.prompt + tokens.completion);
+}
+
+#[async_trait::async_trait]
+impl llmesh_mesh::route::Fallback for Cloud {
+    fn maps(&self, model: &str) -> bool {
+        Cloud::maps(self, model)
+    }
+
+    fn overflow_after(&self) -> Duration {
+        Cloud::overflow_after(self)
+    }
+
+    async fn serve(&self, req: &InferenceRequest) -> Result<(InferenceResponse, String), ServeError> {
+        Cloud::serve(self, req).await
+    }
 }

@@ -76,17 +76,7 @@ impl ClusterState {
             return Err(ApplyError::Invalid("empty command".into()));
         };
         match kind {
-            command::Kind::CreateKey(key) => {
-                if key.id.is_empty() || key.secret_sha256.len() != 32 {
-                    return Err(ApplyError::Invalid("a key needs an id and a 32-byte secret hash".into()));
-                }
-                if self.keys.contains_key(&key.id) || self.key_by_hash.contains_key(&key.secret_sha256) {
-                    return Err(ApplyError::Invalid(format!("key {} already exists", key.id)));
-                }
-                self.key_by_hash.insert(key.secret_sha256.clone(), key.id.clone());
-                self.keys.insert(key.id.clone(), key.clone());
-                Ok(format!("created key {}", key.id))
-            }
+            command::Kind::CreateKey(key) => self.create_key(key),
             command::Kind::RevokeKey(revoke) => {
                 let key = self.key_mut(&revoke.id)?;
                 key.revoked = true;
@@ -97,19 +87,7 @@ impl ClusterState {
                 key.limits = Some(update.limits.clone().unwrap_or_default());
                 Ok(format!("set limits of key {}", update.id))
             }
-            command::Kind::SetRoute(route) => {
-                if route.alias.is_empty() || route.model.is_empty() {
-                    return Err(ApplyError::Invalid("a route needs an alias and a model".into()));
-                }
-                if route.alias == route.model || self.routes.contains_key(&route.model) {
-                    return Err(ApplyError::Invalid(format!(
-                        "route {} → {} would chain or loop: routes point at real models",
-                        route.alias, route.model
-                    )));
-                }
-                self.routes.insert(route.alias.clone(), route.model.clone());
-                Ok(format!("route {} → {}", route.alias, route.model))
-            }
+            command::Kind::SetRoute(route) => self.set_route(route),
             command::Kind::RemoveRoute(alias) => match self.routes.remove(alias) {
                 Some(_) => Ok(format!("removed route {alias}")),
                 None => Err(ApplyError::NotFound(format!("no route named {alias}"))),
@@ -147,33 +125,7 @@ impl ClusterState {
                 }
                 Ok(format!("removed {node_id}"))
             }
-            command::Kind::RecordUsage(record) => {
-                let mut counted = 0;
-                for delta in &record.usage {
-                    let Some(key) = self.keys.get(&delta.key_id) else { continue };
-                    let period = match key.limits.as_ref().map(|l| l.budget_period.as_str()) {
-                        Some("day") => record.day.clone(),
-                        Some("month") => record.month.clone(),
-                        _ => String::new(),
-                    };
-                    let usage = self
-                        .usage
-                        .entry(delta.key_id.clone())
-                        .or_insert_with(|| KeyUsage { key_id: delta.key_id.clone(), ..KeyUsage::default() });
-                    // A newer period starts from zero; a batch from an older one still counts where it belongs.
-                    if usage.period < period {
-                        usage.period = period.clone();
-                        usage.tokens = 0;
-                        usage.requests = 0;
-                    }
-                    if usage.period == period {
-                        usage.tokens += delta.tokens;
-                        usage.requests += delta.requests;
-                        counted += 1;
-                    }
-                }
-                Ok(format!("usage of {counted} keys"))
-            }
+            command::Kind::RecordUsage(record) => Ok(self.record_usage(record)),
             command::Kind::SetPlacement(set) => {
                 self.placement = set
                     .placement
@@ -184,6 +136,60 @@ impl ClusterState {
                 Ok(format!("placement for {} models", self.placement.len()))
             }
         }
+    }
+
+    fn create_key(&mut self, key: &ApiKey) -> Result<String, ApplyError> {
+        if key.id.is_empty() || key.secret_sha256.len() != 32 {
+            return Err(ApplyError::Invalid("a key needs an id and a 32-byte secret hash".into()));
+        }
+        if self.keys.contains_key(&key.id) || self.key_by_hash.contains_key(&key.secret_sha256) {
+            return Err(ApplyError::Invalid(format!("key {} already exists", key.id)));
+        }
+        self.key_by_hash.insert(key.secret_sha256.clone(), key.id.clone());
+        self.keys.insert(key.id.clone(), key.clone());
+        Ok(format!("created key {}", key.id))
+    }
+
+    fn set_route(&mut self, route: &Route) -> Result<String, ApplyError> {
+        if route.alias.is_empty() || route.model.is_empty() {
+            return Err(ApplyError::Invalid("a route needs an alias and a model".into()));
+        }
+        if route.alias == route.model || self.routes.contains_key(&route.model) {
+            return Err(ApplyError::Invalid(format!(
+                "route {} → {} would chain or loop: routes point at real models",
+                route.alias, route.model
+            )));
+        }
+        self.routes.insert(route.alias.clone(), route.model.clone());
+        Ok(format!("route {} → {}", route.alias, route.model))
+    }
+
+    fn record_usage(&mut self, record: &llmesh_proto::RecordUsage) -> String {
+        let mut counted = 0;
+        for delta in &record.usage {
+            let Some(key) = self.keys.get(&delta.key_id) else { continue };
+            let period = match key.limits.as_ref().map(|l| l.budget_period.as_str()) {
+                Some("day") => record.day.clone(),
+                Some("month") => record.month.clone(),
+                _ => String::new(),
+            };
+            let usage = self
+                .usage
+                .entry(delta.key_id.clone())
+                .or_insert_with(|| KeyUsage { key_id: delta.key_id.clone(), ..KeyUsage::default() });
+            // A newer period starts from zero; a batch from an older one still counts where it belongs.
+            if usage.period < period {
+                usage.period = period.clone();
+                usage.tokens = 0;
+                usage.requests = 0;
+            }
+            if usage.period == period {
+                usage.tokens += delta.tokens;
+                usage.requests += delta.requests;
+                counted += 1;
+            }
+        }
+        format!("usage of {counted} keys")
     }
 
     fn key_mut(&mut self, id: &str) -> Result<&mut ApiKey, ApplyError> {

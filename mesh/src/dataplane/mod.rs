@@ -26,7 +26,7 @@ use libp2p::PeerId;
 use crate::membership::MeshView;
 use crate::peers::Liveness;
 use crate::pki::{PkiError, Trust};
-use crate::{InferenceRequest, InferenceResponse, RequestHandler, ServeError};
+use crate::{InferenceRequest, InferenceResponse, RequestHandler, RequestMeta, ServeError, StreamError};
 
 /// How long a peer may take to send a request's head and body.
 const REQUEST_READ_TIMEOUT: Duration = Duration::from_secs(30);
@@ -205,6 +205,13 @@ impl DataPlane {
             .collect()
     }
 
+    /// Round-trip time of the pooled connection to `node_id`, when open.
+    pub fn peer_rtt(&self, node_id: &str) -> Option<Duration> {
+        let pool = self.pool.lock().unwrap_or_else(PoisonError::into_inner);
+        let slot = pool.get(node_id)?.try_lock().ok()?;
+        slot.as_ref().filter(|c| c.close_reason().is_none()).map(quinn::Connection::rtt)
+    }
+
     /// Opens the pooled connection to `node_id` now, so the first request
     /// does not pay for the handshake.
     pub async fn warm(&self, node_id: &str) {
@@ -275,12 +282,12 @@ impl DataPlane {
             protocol_version: PROTOCOL_VERSION,
             request_id: req.request_id.clone(),
             api: req.api as i32,
-            model: req.model.clone(),
-            stream: req.stream,
+            model: req.meta.model.clone(),
+            stream: req.meta.stream,
             deadline_ms,
-            hops: 1,
-            tenant: String::new(),
-            affinity_key: 0,
+            tenant: req.meta.tenant.clone(),
+            affinity_key: req.meta.prefix.unwrap_or(0),
+            max_tokens: req.meta.output_tokens.unwrap_or(0),
         };
         let sent = async {
             writer.feed(Frame::RequestHead(head)).await?;
@@ -320,20 +327,20 @@ impl DataPlane {
                     Some(Ok(Frame::Body(bytes))) => yield Ok(bytes),
                     Some(Ok(Frame::Trailer(trailer))) => {
                         if !trailer.error.is_empty() {
-                            yield Err(trailer.error);
+                            yield Err(StreamError::Remote(trailer.error));
                         }
                         return;
                     }
                     Some(Ok(other)) => {
-                        yield Err(format!("protocol error: unexpected {other:?} in a response body"));
+                        yield Err(StreamError::Peer(format!("protocol error: unexpected {other:?} in a response body")));
                         return;
                     }
                     Some(Err(e)) => {
-                        yield Err(format!("peer stream broke: {e}"));
+                        yield Err(StreamError::Peer(format!("peer stream broke: {e}")));
                         return;
                     }
                     None => {
-                        yield Err("peer closed the stream before the response ended".to_string());
+                        yield Err(StreamError::Peer("peer closed the stream before the response ended".to_string()));
                         return;
                     }
                 }
@@ -468,18 +475,7 @@ async fn serve_stream(
         Err(_) => return,
     };
     let refuse = |err: ServeError| refusal(node, &err);
-    let early = if head.protocol_version != PROTOCOL_VERSION {
-        Some(refuse(ServeError::Unsupported(format!(
-            "incompatible llmesh protocol version {} (this node speaks {PROTOCOL_VERSION}); upgrade the older node",
-            head.protocol_version
-        ))))
-    } else if head.hops > 1 {
-        Some(refuse(ServeError::BadRequest("a forwarded request is never forwarded again".into())))
-    } else if plane.draining.load(Ordering::SeqCst) {
-        Some(refuse(ServeError::BackendUnavailable(format!("node {node} is draining"))))
-    } else {
-        None
-    };
+    let early = early_refusal(plane, &head).map(&refuse);
     if let Some(refusal) = early {
         let _ = writer.send(Frame::ResponseHead(refusal)).await;
         finish(&mut writer).await;
@@ -488,15 +484,8 @@ async fn serve_stream(
     let api = ApiKind::try_from(head.api).unwrap_or(ApiKind::Unspecified);
     tracing::debug!(id = %head.request_id, model = %head.model, api = api.as_str_name(), "serving a forwarded request");
     let request_id = head.request_id.clone();
-    let request = InferenceRequest {
-        request_id: head.request_id.clone(),
-        api,
-        model: head.model,
-        stream: head.stream,
-        body,
-        deadline: (head.deadline_ms > 0).then(|| Instant::now() + Duration::from_millis(head.deadline_ms)),
-    };
-    let mut response = match handler.serve(request).await {
+    let request = request_of(head, api, body);
+    let response = match handler.serve(request).await {
         Ok(response) => response,
         Err(err) => {
             let _ = writer.send(Frame::ResponseHead(refuse(err))).await;
@@ -513,11 +502,44 @@ async fn serve_stream(
     if writer.send(Frame::ResponseHead(head)).await.is_err() {
         return;
     }
+    relay_body(&mut writer, response.body).await;
+    tracing::debug!(id = %request_id, "forwarded request finished");
+}
+
+/// Why a request must be refused before it runs: an incompatible peer, or
+/// this node draining.
+fn early_refusal(plane: &DataPlane, head: &RequestHead) -> Option<ServeError> {
+    if head.protocol_version != PROTOCOL_VERSION {
+        Some(ServeError::Unsupported(format!(
+            "incompatible llmesh protocol version {} (this node speaks {PROTOCOL_VERSION}); upgrade the older node",
+            head.protocol_version
+        )))
+    } else if plane.draining.load(Ordering::SeqCst) {
+        Some(ServeError::BackendUnavailable(format!("node {} is draining", plane.config.node_name)))
+    } else {
+        None
+    }
+}
+
+/// The request a head and body describe, as the entry node parsed it.
+fn request_of(head: RequestHead, api: ApiKind, body: Bytes) -> InferenceRequest {
+    let deadline = (head.deadline_ms > 0).then(|| Instant::now() + Duration::from_millis(head.deadline_ms));
+    let meta = RequestMeta {
+        model: head.model,
+        stream: head.stream,
+        output_tokens: (head.max_tokens > 0).then_some(head.max_tokens),
+        prefix: (head.affinity_key != 0).then_some(head.affinity_key),
+        tenant: head.tenant,
+    };
+    InferenceRequest { request_id: head.request_id, api, meta, body, deadline }
+}
+
+/// Sends the body as it comes, then the trailer; stops (dropping the body,
+/// which cancels the backend request) when the entry node goes away.
+async fn relay_body(writer: &mut FramedWrite<quinn::SendStream, FrameCodec>, mut body: crate::BodyStream) {
     loop {
         let next = tokio::select! {
-            next = response.body.next() => next,
-            // The entry node went away (client cancelled): drop the body,
-            // which cancels the backend request.
+            next = body.next() => next,
             _ = writer.get_mut().stopped() => {
                 tracing::debug!("forwarded request cancelled by the entry node");
                 return;
@@ -525,24 +547,21 @@ async fn serve_stream(
         };
         let trailer = match next {
             Some(Ok(bytes)) => {
-                let mut failed = false;
                 for frame in body_frames(bytes) {
                     if writer.feed(frame).await.is_err() {
-                        failed = true;
-                        break;
+                        return;
                     }
                 }
-                if failed || writer.flush().await.is_err() {
+                if writer.flush().await.is_err() {
                     return;
                 }
                 continue;
             }
-            Some(Err(message)) => Trailer { usage: None, error: message },
+            Some(Err(err)) => Trailer { error: err.to_string() },
             None => Trailer::default(),
         };
         let _ = writer.send(Frame::Trailer(trailer)).await;
-        finish(&mut writer).await;
-        tracing::debug!(id = %request_id, "forwarded request finished");
+        finish(writer).await;
         return;
     }
 }
@@ -559,10 +578,19 @@ mod tests {
     #[async_trait::async_trait]
     impl RequestHandler for Echo {
         async fn serve(&self, req: InferenceRequest) -> Result<InferenceResponse, ServeError> {
-            if req.model != "m" {
-                return Err(ServeError::ModelNotFound(req.model));
+            if req.meta.model != "m" {
+                return Err(ServeError::ModelNotFound(req.meta.model));
             }
-            let chunks = vec![Ok(Bytes::from_static(b"one ")), Ok(req.body.clone()), Ok(Bytes::from_static(b" three"))];
+            let mut chunks =
+                vec![Ok(Bytes::from_static(b"one ")), Ok(req.body.clone()), Ok(Bytes::from_static(b" three"))];
+            if !req.meta.tenant.is_empty() {
+                let meta = &req.meta;
+                let echo = format!(
+                    " tenant={} prefix={:?} tokens={:?} stream={}",
+                    meta.tenant, meta.prefix, meta.output_tokens, meta.stream
+                );
+                chunks.push(Ok(Bytes::from(echo)));
+            }
             Ok(InferenceResponse {
                 status: 200,
                 content_type: "text/event-stream".into(),
@@ -604,8 +632,7 @@ mod tests {
         InferenceRequest {
             request_id: "r1".into(),
             api: ApiKind::OpenaiChat,
-            model: model.into(),
-            stream: true,
+            meta: RequestMeta { model: model.into(), stream: true, ..RequestMeta::default() },
             body: Bytes::from_static(body),
             deadline: None,
         }
@@ -615,7 +642,7 @@ mod tests {
         let mut out = Vec::new();
         let mut body = response.body;
         while let Some(chunk) = body.next().await {
-            out.extend_from_slice(&chunk?);
+            out.extend_from_slice(&chunk.map_err(|e| e.to_string())?);
         }
         Ok(out)
     }
@@ -702,17 +729,12 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn a_forwarded_request_is_never_forwarded_again() {
+    async fn the_request_meta_crosses_the_hop() {
         let (a, b, _dirs) = pair();
-        let conn = a.connection(&id(&b)).await.expect("connects");
-        let (send, recv) = conn.open_bi().await.expect("stream");
-        let mut writer = FramedWrite::new(send, FrameCodec::default());
-        let head =
-            RequestHead { protocol_version: PROTOCOL_VERSION, hops: 2, model: "m".into(), ..RequestHead::default() };
-        writer.send(Frame::RequestHead(head)).await.expect("sent");
-        writer.get_mut().finish().expect("finished");
-        let mut reader = FramedRead::new(recv, FrameCodec::default());
-        let Some(Ok(Frame::ResponseHead(answer))) = reader.next().await else { panic!("expected a response head") };
-        assert_eq!(answer.error_code, "invalid_request");
+        let mut req = request("m", b"two");
+        req.meta = RequestMeta { tenant: "key_1".into(), prefix: Some(42), output_tokens: Some(7), ..req.meta };
+        let forwarded = a.forward(&id(&b), &req).await.expect("forwards");
+        let text = String::from_utf8(body_of(forwarded.response).await.expect("complete")).expect("utf-8");
+        assert!(text.ends_with("tenant=key_1 prefix=Some(42) tokens=Some(7) stream=true"), "{text}");
     }
 }

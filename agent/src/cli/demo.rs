@@ -10,10 +10,14 @@ use std::time::Duration;
 use llmesh_mesh::ClusterSecret;
 use tokio_util::sync::CancellationToken;
 
-use crate::cli::DemoArgs;
-use crate::config::{BackendKind, Config, DEFAULT_PORT_BASE};
-use crate::serve::{self, Ready, RunError};
-use crate::sim::SimConfig;
+use crate::cli::args::DemoArgs;
+use llmesh::app::{Ready, RunError};
+use llmesh::config::{BackendKind, Config, DEFAULT_PORT_BASE};
+use llmesh_sim::SimConfig;
+
+fn files(err: impl std::fmt::Display) -> RunError {
+    RunError::Mesh(llmesh_mesh::node::NodeError::Files(err.to_string()))
+}
 
 /// Ports between the demo's nodes.
 const NODE_PORT_STRIDE: u16 = 10;
@@ -37,7 +41,7 @@ pub fn node_config(args: &DemoArgs, index: usize, data_dir: &Path) -> Config {
     config.node.name = name.into();
     config.backend.kind = BackendKind::Sim;
     config.backend.inventory_interval = Duration::from_secs(1);
-    config.sim = SimConfig {
+    config.sim = crate::cli::sim::section(&SimConfig {
         models: strings(models),
         preload: Some(strings(warm)),
         slots: 2,
@@ -47,7 +51,7 @@ pub fn node_config(args: &DemoArgs, index: usize, data_dir: &Path) -> Config {
         load_ms: 1500,
         output_tokens: 24,
         ..SimConfig::default()
-    };
+    });
     config.api.drain_timeout = Duration::from_secs(5);
     let mut listen = args.listen.unwrap_or(config.api.listen);
     if args.listen.is_none() {
@@ -94,7 +98,7 @@ async fn start_node(
 ) -> Result<(Ready, tokio::task::JoinHandle<Result<(), RunError>>), RunError> {
     let (tx, rx) = tokio::sync::oneshot::channel();
     let task = tokio::spawn(async move {
-        serve::run_agent(config, shutdown, move |ready| {
+        crate::cli::sim::run_agent(config, shutdown, move |ready| {
             let _ = tx.send(ready.clone());
         })
         .await
@@ -118,11 +122,11 @@ pub async fn run(args: &DemoArgs, shutdown: CancellationToken, print: impl FnOnc
     // demo-1 created the cluster: it holds the CA, starts the Raft group and
     // keeps the admin token; the others join with its token, as real nodes do.
     let admin_dir = configs[0].mesh.data_dir();
-    secret.store(&admin_dir).map_err(|e| RunError::Mesh(e.to_string()))?;
-    crate::cluster::make_seed(&admin_dir).map_err(|e| RunError::Mesh(e.to_string()))?;
+    secret.store(&admin_dir).map_err(files)?;
+    llmesh_mesh::seed::make_seed(&admin_dir).map_err(files)?;
     let ca = llmesh_mesh::pki::ca_fingerprint(&admin_dir)
-        .map_err(|e| RunError::Mesh(e.to_string()))?
-        .ok_or_else(|| RunError::Mesh("the demo's cluster CA was not created".into()))?;
+        .map_err(files)?
+        .ok_or_else(|| files("the demo's cluster CA was not created"))?;
     let join = secret.initial_join_key();
     let token = llmesh_mesh::JoinToken { secret: secret.clone(), ca, join, bootstrap: Vec::new() }.encode();
     for config in configs.iter_mut().skip(1) {
@@ -155,7 +159,7 @@ pub async fn run(args: &DemoArgs, shutdown: CancellationToken, print: impl FnOnc
 async fn wait_for_mesh(addr: SocketAddr, nodes: usize) {
     let url = format!("http://{addr}/mesh/v1/nodes");
     for _ in 0..100 {
-        if let Ok(view) = crate::commands::fetch(&url).await {
+        if let Ok(view) = crate::cli::status::fetch(&url).await {
             let alive = view["nodes"].as_array().map_or(0, |n| n.iter().filter(|n| n["liveness"] == "alive").count());
             if alive >= nodes {
                 return;

@@ -9,8 +9,8 @@ use hyper_util::rt::TokioExecutor;
 use llmesh_mesh::{ClusterSecret, JoinToken};
 use serde_json::Value;
 
-use crate::cli::{InitArgs, StatusArgs};
-use crate::config::{MeshConfig, parse_peer_addr};
+use crate::cli::args::{InitArgs, StatusArgs};
+use llmesh::config::{MeshConfig, parse_peer_addr};
 
 /// `llmesh init`: creates the cluster secret and node key in the data
 /// directory (keeping existing ones) and prints the join token.
@@ -31,7 +31,7 @@ pub fn init(args: &InitArgs) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    if created && let Err(err) = crate::cluster::make_seed(&dir) {
+    if created && let Err(err) = llmesh_mesh::seed::make_seed(&dir) {
         eprintln!("llmesh init: {err}");
         return ExitCode::FAILURE;
     }
@@ -56,7 +56,7 @@ pub fn init(args: &InitArgs) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    let join = match crate::cluster::join_key(&dir, &secret) {
+    let join = match llmesh_mesh::seed::join_key(&dir, &secret) {
         Ok(join) => join,
         Err(err) => {
             eprintln!("llmesh init: {err}");
@@ -73,7 +73,7 @@ pub fn init(args: &InitArgs) -> ExitCode {
     println!("{token}");
     println!();
     println!("on every other box:  llmesh agent --join {token}");
-    match crate::cluster::admin_token(&dir) {
+    match llmesh_mesh::seed::admin_token(&dir) {
         Ok(Some(_)) => println!(
             "admin credential (for `llmesh keys|route|node`): {}; start this node's agent on {} first: it starts the cluster's Raft group",
             dir.join("admin.token").display(),

@@ -8,8 +8,8 @@ use std::time::Duration;
 use clap::{Args, Parser, Subcommand};
 use serde_json::{Map, Value, json};
 
-use crate::config::{BackendKind, LogFormat};
-use crate::sim::SimConfig;
+use llmesh::config::{BackendKind, LogFormat};
+use llmesh_sim::SimConfig;
 
 /// llmesh: one inference endpoint over a fleet of GPU boxes running Ollama.
 #[derive(Debug, Parser)]
@@ -313,7 +313,7 @@ fn duration(d: Duration) -> Value {
 }
 
 impl AgentArgs {
-    /// The flags the user passed, shaped like [`crate::config::Config`].
+    /// The flags the user passed, shaped like [`llmesh::config::Config`].
     pub fn overrides(&self) -> Value {
         let mut map = Map::new();
         if let Some(base) = self.port_base {

@@ -1,7 +1,38 @@
-//! What one request may do with the cloud, from its API key's policy, the
-//! configured default, and the `x-llmesh-cloud: never` header.
+//! The cloud as the mesh's last resort: which triggers a request's policy
+//! allows, and the [`Fallback`] seam the agent's cloud client plugs into.
 
-use crate::config::CloudPolicyName;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+use crate::{InferenceRequest, InferenceResponse, ServeError};
+
+/// Where a request may go when the mesh cannot serve it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum CloudPolicyName {
+    /// Never: the request stays on the premises.
+    Never,
+    /// When the model is not in the mesh, or every node is busy for longer
+    /// than `cloud.overflow_after`.
+    Overflow,
+    /// When the model is not in the mesh, or every node that has it failed.
+    Failover,
+    /// All of the above.
+    Allowed,
+}
+
+impl CloudPolicyName {
+    /// The name as written in config files.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            CloudPolicyName::Never => "never",
+            CloudPolicyName::Overflow => "overflow",
+            CloudPolicyName::Failover => "failover",
+            CloudPolicyName::Allowed => "allowed",
+        }
+    }
+}
 
 /// Why a request would go to the cloud.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -50,14 +81,21 @@ impl CloudPolicy {
 
     /// Why the cloud was not used, for the client's error message.
     pub fn refusal(&self) -> String {
-        let name = match self.policy {
-            CloudPolicyName::Never => "never",
-            CloudPolicyName::Overflow => "overflow",
-            CloudPolicyName::Failover => "failover",
-            CloudPolicyName::Allowed => "allowed",
-        };
-        format!("the cloud is not allowed for it (cloud policy '{name}' from {})", self.source)
+        format!("the cloud is not allowed for it (cloud policy '{}' from {})", self.policy.as_str(), self.source)
     }
+}
+
+/// Cloud providers the mesh may send a request to (the agent's cloud client).
+#[async_trait::async_trait]
+pub trait Fallback: Send + Sync + 'static {
+    /// Whether some provider serves `model`.
+    fn maps(&self, model: &str) -> bool;
+
+    /// Expected waits in the mesh from which a request may overflow.
+    fn overflow_after(&self) -> Duration;
+
+    /// Runs `req` at a provider; returns the response and the provider's name.
+    async fn serve(&self, req: &InferenceRequest) -> Result<(InferenceResponse, String), ServeError>;
 }
 
 #[cfg(test)]

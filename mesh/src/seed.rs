@@ -8,8 +8,8 @@
 
 use std::path::{Path, PathBuf};
 
-use llmesh_mesh::coordinator::admin::{ADMIN_TOKEN_FILE, new_admin_token};
-use llmesh_mesh::coordinator::state::secret_hash;
+use crate::coordinator::admin::{ADMIN_TOKEN_FILE, new_admin_token};
+use crate::coordinator::state::secret_hash;
 
 const SEED_MARKER: &str = "raft.seed";
 
@@ -37,7 +37,7 @@ fn io(path: &Path) -> impl FnOnce(std::io::Error) -> ClusterFileError + '_ {
 /// for a cluster this directory just created.
 pub fn make_seed(dir: &Path) -> Result<(), ClusterFileError> {
     std::fs::create_dir_all(dir).map_err(io(dir))?;
-    llmesh_mesh::pki::create_ca(dir).map_err(|e| ClusterFileError::Pki(e.to_string()))?;
+    crate::pki::create_ca(dir).map_err(|e| ClusterFileError::Pki(e.to_string()))?;
     let token_path = dir.join(ADMIN_TOKEN_FILE);
     if !token_path.exists() {
         write_private(&token_path, format!("{}\n", new_admin_token()).as_bytes())?;
@@ -63,12 +63,12 @@ const JOIN_KEY_FILE: &str = "join.key";
 pub fn store_join_key(dir: &Path, key: &[u8; 32]) -> Result<(), ClusterFileError> {
     let path = dir.join(JOIN_KEY_FILE);
     let _ = std::fs::remove_file(&path);
-    write_private(&path, format!("{}\n", llmesh_mesh::pki::hex(key)).as_bytes())
+    write_private(&path, format!("{}\n", crate::pki::hex(key)).as_bytes())
 }
 
 /// The join key for tokens printed from `dir`: the last rotated one stored
 /// here, else the cluster's initial key.
-pub fn join_key(dir: &Path, secret: &llmesh_mesh::ClusterSecret) -> Result<[u8; 32], ClusterFileError> {
+pub fn join_key(dir: &Path, secret: &crate::ClusterSecret) -> Result<[u8; 32], ClusterFileError> {
     let path = dir.join(JOIN_KEY_FILE);
     let text = match std::fs::read_to_string(&path) {
         Ok(text) => text,

@@ -19,8 +19,8 @@ use tonic::transport::Channel;
 use llmesh_mesh::pki::Trust;
 use llmesh_mesh::pki::grpc::ChannelOptions;
 
-use crate::cli::{AdminArgs, KeysCommand, LimitArgs, NodeCommand, RouteCommand, TokenCommand};
-use crate::config::MeshConfig;
+use crate::cli::args::{AdminArgs, KeysCommand, LimitArgs, NodeCommand, RouteCommand, TokenCommand};
+use llmesh::config::MeshConfig;
 
 /// Why an admin command failed.
 #[derive(Debug, thiserror::Error)]
@@ -72,7 +72,7 @@ impl Admin {
         let trust = credentials(&dir)?;
         let token = match &args.admin_token {
             Some(token) => token.trim().to_string(),
-            None => crate::cluster::admin_token(&dir)
+            None => llmesh_mesh::seed::admin_token(&dir)
                 .map_err(|e| AdminCliError::Connect(e.to_string()))?
                 .ok_or_else(|| AdminCliError::NoToken(dir.join("admin.token").display().to_string()))?,
         };
@@ -80,8 +80,9 @@ impl Admin {
             Some(addr) => addr.to_string(),
             None => {
                 let base = args.node.trim_end_matches('/');
-                let cluster =
-                    crate::commands::fetch(&format!("{base}/mesh/v1/cluster")).await.map_err(AdminCliError::Connect)?;
+                let cluster = crate::cli::status::fetch(&format!("{base}/mesh/v1/cluster"))
+                    .await
+                    .map_err(AdminCliError::Connect)?;
                 let port = cluster["control_port"].as_u64().ok_or_else(|| {
                     AdminCliError::Connect(format!("{base} is not part of a mesh (it runs with --no-mesh?)"))
                 })?;
@@ -185,7 +186,7 @@ async fn keys(command: &KeysCommand, args: &AdminArgs) -> Result<(), AdminCliErr
         }
         KeysCommand::List => {
             let reply = admin.client.list_keys(admin.request(ListKeysRequest {})).await?.into_inner();
-            let (day, month) = crate::limits::periods(std::time::SystemTime::now());
+            let (day, month) = llmesh::limits::periods(std::time::SystemTime::now());
             // Tokens used in the key's current period, from the ledger.
             let used = |key: &ApiKey| {
                 let period = match key.limits.as_ref().map(|l| l.budget_period.as_str()) {
@@ -337,7 +338,7 @@ async fn token(command: &TokenCommand, args: &AdminArgs) -> Result<(), AdminCliE
     let join = <[u8; 32]>::try_from(reply.join_key.as_slice())
         .map_err(|_| AdminCliError::Connect("the node answered with a malformed join key".into()))?;
     // `llmesh init` on this directory prints the current token from now on.
-    crate::cluster::store_join_key(&dir, &join).map_err(|e| AdminCliError::Connect(e.to_string()))?;
+    llmesh_mesh::seed::store_join_key(&dir, &join).map_err(|e| AdminCliError::Connect(e.to_string()))?;
     let token = llmesh_mesh::JoinToken { secret, ca, join, bootstrap: Vec::new() }.encode();
     print(args.json, &json!({ "index": reply.index, "token": token }), || {
         format!("rotated the join key (index {}); earlier tokens no longer admit new nodes\n{token}", reply.index)

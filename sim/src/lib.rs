@@ -1,0 +1,42 @@
+//! The simulated backend: an Ollama stand-in with configurable models,
+//! slots, speeds, cold loads, a prefix cache and faults. It backs tests,
+//! benchmarks and `llmesh demo` where no GPU is present; the agent talks to
+//! it over HTTP exactly as it talks to a real Ollama, so nothing in the
+//! product knows it exists.
+#![forbid(unsafe_code)]
+#![warn(missing_docs)]
+
+pub mod config;
+pub mod engine;
+pub mod server;
+pub mod text;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+pub use config::{Faults, SimConfig, SimModel};
+pub use engine::SimEngine;
+pub use server::{OLLAMA_COMPAT_VERSION, router};
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+/// A simulated Ollama bound to a socket, serving until its shutdown.
+pub struct SimServer {
+    /// Where it listens.
+    pub addr: SocketAddr,
+    /// Ends when the server stopped.
+    pub task: tokio::task::JoinHandle<std::io::Result<()>>,
+}
+
+/// Starts a simulated Ollama built from `config` on `listener`; it stops when
+/// `shutdown` fires. Fails on a bad model spec.
+pub fn spawn(listener: TcpListener, config: SimConfig, shutdown: CancellationToken) -> Result<SimServer, String> {
+    let engine = Arc::new(SimEngine::new(config)?);
+    let addr = listener.local_addr().map_err(|e| e.to_string())?;
+    tracing::info!(%addr, models = engine.models().len(), "simulated backend listening");
+    let app = router(engine);
+    let task = tokio::spawn(async move {
+        axum::serve(listener, app).with_graceful_shutdown(async move { shutdown.cancelled().await }).await
+    });
+    Ok(SimServer { addr, task })
+}
