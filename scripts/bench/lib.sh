@@ -17,9 +17,15 @@ bench_setup() {
     echo "==> installing oha $OHA_VERSION (cargo install; a few minutes, once)"
     cargo install --locked --quiet oha --version "$OHA_VERSION"
   fi
-  echo "==> building llmesh (release)"
-  cargo build --release --quiet -p llmesh --bin llmesh
-  BIN=$PWD/target/release/llmesh
+  if [ -n "${LLMESH_BIN:-}" ]; then
+    # Another build (say, the previous commit's) measured on the same script.
+    BIN=$LLMESH_BIN
+    echo "==> using $BIN"
+  else
+    echo "==> building llmesh (release)"
+    cargo build --release --quiet -p llmesh --bin llmesh
+    BIN=$PWD/target/release/llmesh
+  fi
   WORK=$(mktemp -d)
   PIDS=()
   trap bench_cleanup EXIT
