@@ -288,7 +288,7 @@ fn follow_mesh(
     tokio::spawn(state.clone().publish(node.membership.clone(), config.mesh.heartbeat, stop.clone()));
     tokio::spawn(usage.clone().run(node.coordinator.clone(), stop.clone()));
     let local_id = node.membership.local_id().to_string();
-    tokio::spawn(crate::placement::follow(node.coordinator.clone(), local.clone(), local_id, stop.clone()));
+    tokio::spawn(crate::preload::follow(node.coordinator.clone(), local.clone(), local_id, stop.clone()));
 }
 
 /// On shutdown, announce at once that this node drains, so peers route

@@ -21,6 +21,6 @@ pub mod load;
 pub mod local;
 pub mod metrics;
 pub mod node_state;
-pub mod placement;
+pub mod preload;
 pub mod telemetry;
 pub mod usage;
