@@ -73,21 +73,6 @@ pub fn request(o: &RequestOutcome<'_>) {
     counter!("llmesh_tokens_total", &tokens("out")).increment(o.tokens_out);
 }
 
-/// Time a request waited in the entry queue.
-pub fn queue_wait(wait: Duration) {
-    histogram!("llmesh_queue_wait_seconds").record(wait.as_secs_f64());
-}
-
-/// A scheduling decision and why.
-pub fn scheduled(reason: &str) {
-    counter!("llmesh_scheduler_decisions_total", "reason" => reason.to_string()).increment(1);
-}
-
-/// A forwarded attempt that failed before its first byte.
-pub fn forward_error(peer: &str) {
-    counter!("llmesh_forward_errors_total", "peer" => peer.to_string()).increment(1);
-}
-
 /// Spend at a cloud provider.
 pub fn cloud_spend(provider: &str, key: &str, cost_usd: f64, tokens: u64) {
     let labels = [("provider", provider.to_string()), ("key", key.to_string())];
