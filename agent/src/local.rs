@@ -68,6 +68,8 @@ impl LocalNode {
             meta: RequestMeta { model: model.to_string(), ..RequestMeta::default() },
             body: body.to_string().into(),
             deadline: None,
+            queue_until: None,
+            forwarded_by: None,
         };
         // Loading a large model takes minutes; the response only comes after.
         let work = async {

@@ -62,6 +62,11 @@ pub struct InferenceRequest {
     pub body: Bytes,
     /// When the request must be abandoned, if it has a deadline.
     pub deadline: Option<Instant>,
+    /// How long the serving node may hold it waiting for a slot (the entry
+    /// node's queue deadline); `None`: the serving node's own queue timeout.
+    pub queue_until: Option<Instant>,
+    /// The peer that forwarded it here; `None` when it entered here.
+    pub forwarded_by: Option<String>,
 }
 
 /// A response whose head is known and whose body is still streaming.

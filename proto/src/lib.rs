@@ -55,6 +55,7 @@ mod tests {
             tenant: "k1".into(),
             affinity_key: 42,
             max_tokens: 64,
+            queue_ms: 5_000,
         };
         let bytes = head.encode_to_vec();
         let back = RequestHead::decode(bytes.as_slice()).expect("decodes");

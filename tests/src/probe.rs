@@ -99,6 +99,8 @@ pub async fn data_stream(creds: &Credentials, target: &Target, model: &str) -> R
         meta: llmesh_mesh::RequestMeta { model: model.into(), ..Default::default() },
         body: Bytes::from(body),
         deadline: None,
+        queue_until: None,
+        forwarded_by: None,
     };
     let result = plane.forward(&target.id, &request).await.map(|f| f.response.status);
     stop.cancel();

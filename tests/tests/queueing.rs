@@ -1,6 +1,7 @@
-//! The mesh-level queue: while every slot is busy, requests wait at the
-//! entry node (not in the backend's own queue) and go out as slots free; a
-//! full queue answers 429 with Retry-After.
+//! The mesh-level queue: while every slot is busy, requests wait in the
+//! queue of the node whose slot they will take (not in the backend's own
+//! queue), fairly whatever node they entered at; a full queue answers 429
+//! with Retry-After.
 
 use std::time::Duration;
 
@@ -88,4 +89,77 @@ async fn a_full_queue_answers_429_with_retry_after() {
         assert_eq!(error["error"]["code"], "mesh_overloaded");
         assert_eq!(error["error"]["type"], "rate_limit_error");
     }
+}
+
+/// Streams `max_tokens: 10` requests for `model` to `url` one after another
+/// until `until`; returns how many completed, and the failures.
+async fn closed_loop_client(url: String, model: &str, until: std::time::Instant) -> (usize, Vec<String>) {
+    let (mut done, mut failures) = (0, Vec::new());
+    let mut i = 0;
+    while std::time::Instant::now() < until {
+        let body = json!({ "model": model, "stream": true, "max_tokens": 10,
+                           "messages": [{ "role": "user", "content": format!("turn {i}") }] });
+        i += 1;
+        match client().post(&url).json(&body).send().await {
+            Ok(response) if response.status() == 200 => match response.text().await {
+                Ok(text) if text.ends_with("data: [DONE]\n\n") => done += 1,
+                Ok(text) => failures.push(text),
+                Err(err) => failures.push(err.to_string()),
+            },
+            Ok(response) => {
+                failures.push(format!("{}: {}", response.status(), response.text().await.unwrap_or_default()))
+            }
+            Err(err) => failures.push(err.to_string()),
+        }
+    }
+    (done, failures)
+}
+
+#[tokio::test]
+async fn no_entry_node_starves_when_one_node_serves_everyone() {
+    // n1 serves the model with 4 slots; n2 does not have it and forwards
+    // everything to n1. Eight closed-loop streaming clients enter at each.
+    // Before the mesh-wide queue, n1's own clients won every freed slot
+    // and n2's completed a twentieth as many.
+    let serving = sim(&["--models", "m:1b", "--slots", "4", "--decode-tps", "50"]).await;
+    let n1 = agent(&serving.url, &["--name", "n1", "--parallel-slots", "4"]).await;
+    let token = llmesh_tests::join_token(n1.data_dir.as_deref().expect("data dir"));
+    let other = sim(&["--models", "other:1b"]).await;
+    let n2 = agent(&other.url, &["--name", "n2", "--join", &token, "--bootstrap", &n1.p2p_addr()]).await;
+    llmesh_tests::eventually("n2 sees n1 serving m:1b", || async {
+        let listed = llmesh_tests::get_json(&format!("{}/mesh/v1/nodes", n2.url)).await;
+        listed["nodes"].as_array().is_some_and(|nodes| {
+            nodes.iter().any(|n| {
+                n["name"] == "n1"
+                    && n["liveness"] == "alive"
+                    && n["models"]["available"][0] == "m:1b"
+                    && n["addresses"]["data"] != ""
+            })
+        })
+    })
+    .await;
+    let until = std::time::Instant::now() + Duration::from_secs(12);
+    let clients = (0..16).map(|i| {
+        let entry = if i % 2 == 0 { &n1.url } else { &n2.url };
+        closed_loop_client(format!("{entry}/v1/chat/completions"), "m:1b", until)
+    });
+    let sample = async {
+        // The backend never queues: the waiting happens in n1's queue.
+        let mut most = 0;
+        while std::time::Instant::now() < until {
+            most = most.max(sim_stats(&serving).await["queued"].as_u64().unwrap_or(0));
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        most
+    };
+    let (results, most_queued) = tokio::join!(futures::future::join_all(clients), sample);
+    assert_eq!(most_queued, 0, "the backend queued requests");
+    let mut at = [0usize; 2];
+    for (i, (done, failures)) in results.iter().enumerate() {
+        assert!(failures.is_empty(), "client {i} failed: {failures:?}");
+        at[i % 2] += done;
+    }
+    println!("completions: n1's clients {}, n2's clients {}", at[0], at[1]);
+    let share = at[1] as f64 / (at[0] + at[1]) as f64;
+    assert!((share - 0.5).abs() <= 0.5 * 0.15, "completions: n1's clients {}, n2's clients {}", at[0], at[1]);
 }

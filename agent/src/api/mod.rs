@@ -238,7 +238,15 @@ fn build_request(
         }
         None => body,
     };
-    Ok(InferenceRequest { request_id: request_id.to_string(), api, meta, body, deadline: deadline(headers)? })
+    Ok(InferenceRequest {
+        request_id: request_id.to_string(),
+        api,
+        meta,
+        body,
+        deadline: deadline(headers)?,
+        queue_until: None,
+        forwarded_by: None,
+    })
 }
 
 /// Whether the caller's key has a token budget, so its usage is reported.

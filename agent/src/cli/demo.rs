@@ -159,8 +159,8 @@ pub async fn run(args: &DemoArgs, shutdown: CancellationToken, print: impl FnOnc
 async fn wait_for_mesh(addr: SocketAddr, nodes: usize) {
     let url = format!("http://{addr}/mesh/v1/nodes");
     for _ in 0..100 {
-        if let Ok(view) = crate::cli::status::fetch(&url).await {
-            let alive = view["nodes"].as_array().map_or(0, |n| n.iter().filter(|n| n["liveness"] == "alive").count());
+        if let Ok(view) = crate::cli::status::fetch_as::<llmesh::api::nodes::NodesView>(&url).await {
+            let alive = view.nodes.iter().filter(|n| n.liveness == "alive").count();
             if alive >= nodes {
                 return;
             }

@@ -10,6 +10,7 @@ use llmesh_mesh::{ClusterSecret, JoinToken};
 use serde_json::Value;
 
 use crate::cli::args::{InitArgs, StatusArgs};
+use llmesh::api::nodes::NodesView;
 use llmesh::config::{MeshConfig, parse_peer_addr};
 
 /// `llmesh init`: creates the cluster secret and node key in the data
@@ -89,6 +90,12 @@ pub fn init(args: &InitArgs) -> ExitCode {
     ExitCode::SUCCESS
 }
 
+/// GETs `url` and parses its JSON body as a `T`.
+pub async fn fetch_as<T: serde::de::DeserializeOwned>(url: &str) -> Result<T, String> {
+    let value = fetch(url).await?;
+    serde_json::from_value(value).map_err(|e| format!("{url} sent an unexpected body: {e}"))
+}
+
 /// GETs `url` and parses its JSON body.
 pub async fn fetch(url: &str) -> Result<Value, String> {
     let client: Client<_, Empty<Bytes>> = Client::builder(TokioExecutor::new()).build_http();
@@ -110,7 +117,7 @@ fn short_id(id: &str) -> String {
 }
 
 /// Renders `/mesh/v1/nodes` as a table.
-pub fn render_table(nodes: &Value) -> String {
+pub fn render_table(view: &NodesView) -> String {
     let mut rows = vec![[
         "NODE".to_string(),
         "ID".into(),
@@ -121,32 +128,20 @@ pub fn render_table(nodes: &Value) -> String {
         "GPUS".into(),
         "MODELS (* = loaded)".into(),
     ]];
-    for node in nodes["nodes"].as_array().into_iter().flatten() {
-        let loaded: Vec<&str> =
-            node["models"]["loaded"].as_array().into_iter().flatten().filter_map(|m| m["name"].as_str()).collect();
-        let models: Vec<String> = node["models"]["available"]
-            .as_array()
-            .into_iter()
-            .flatten()
-            .filter_map(Value::as_str)
-            .map(|m| if loaded.contains(&m) { format!("{m}*") } else { m.to_string() })
-            .collect();
-        let gpus = node["gpus"].as_array().map_or(0, Vec::len);
-        let name =
-            format!("{}{}", node["name"].as_str().unwrap_or("?"), if node["self"] == true { " (this)" } else { "" });
-        let backend = format!(
-            "{} {}",
-            node["backend"]["kind"].as_str().unwrap_or("?"),
-            if node["backend"]["healthy"] == true { "ok" } else { "down" }
-        );
+    for node in &view.nodes {
+        let loaded = |m: &str| node.models.loaded.iter().any(|l| l.name == m);
+        let models: Vec<String> =
+            node.models.available.iter().map(|m| if loaded(m) { format!("{m}*") } else { m.clone() }).collect();
+        let name = format!("{}{}", node.name, if node.is_self { " (this)" } else { "" });
+        let backend = format!("{} {}", node.backend.kind, if node.backend.healthy { "ok" } else { "down" });
         rows.push([
             name,
-            short_id(node["id"].as_str().unwrap_or("")),
-            node["liveness"].as_str().unwrap_or("?").to_string(),
-            node["addresses"]["api"].as_str().unwrap_or("").to_string(),
+            short_id(&node.id),
+            node.liveness.clone(),
+            node.addresses.api.clone(),
             backend,
-            node["load"]["in_flight"].to_string(),
-            if gpus == 0 { "none".into() } else { gpus.to_string() },
+            node.load.in_flight.to_string(),
+            if node.gpus.is_empty() { "none".into() } else { node.gpus.len().to_string() },
             models.join(", "),
         ]);
     }
@@ -194,13 +189,14 @@ pub fn render_cluster(cluster: &Value) -> String {
 /// `llmesh status`: the mesh as one node sees it.
 pub async fn status(args: &StatusArgs) -> ExitCode {
     let base = args.node.trim_end_matches('/');
-    match fetch(&format!("{base}/mesh/v1/nodes")).await {
-        Ok(mut nodes) => {
+    match fetch_as::<NodesView>(&format!("{base}/mesh/v1/nodes")).await {
+        Ok(nodes) => {
             // Older or mesh-less nodes have no cluster view; show the nodes anyway.
             let cluster = fetch(&format!("{base}/mesh/v1/cluster")).await.unwrap_or(Value::Null);
             if args.json {
-                nodes["cluster"] = cluster;
-                println!("{}", serde_json::to_string_pretty(&nodes).unwrap_or_default());
+                let mut json = serde_json::to_value(&nodes).unwrap_or(Value::Null);
+                json["cluster"] = cluster;
+                println!("{}", serde_json::to_string_pretty(&json).unwrap_or_default());
             } else {
                 println!("{}", render_table(&nodes));
                 if cluster["enabled"] == true {
@@ -224,15 +220,23 @@ mod tests {
 
     #[test]
     fn table_marks_loaded_models_and_this_node() {
-        let nodes = json!({ "nodes": [
-            { "name": "a", "self": true, "id": "12D3KooWabcdefghijklmnop", "liveness": "alive",
-              "addresses": { "api": "http://127.0.0.1:1" }, "backend": { "kind": "sim", "healthy": true },
-              "load": { "in_flight": 2 }, "gpus": [],
-              "models": { "loaded": [{ "name": "m1" }], "available": ["m1", "m2"] } },
-            { "name": "b", "self": false, "id": "short", "liveness": "dead",
-              "addresses": { "api": "http://127.0.0.1:2" }, "backend": { "kind": "ollama", "healthy": false },
-              "load": { "in_flight": 0 }, "gpus": [{}], "models": { "loaded": [], "available": [] } },
-        ]});
+        let nodes: NodesView = serde_json::from_value(json!({ "node_id": "a", "connected_peers": 1, "nodes": [
+            { "name": "a", "self": true, "id": "12D3KooWabcdefghijklmnop", "liveness": "alive", "version": "1",
+              "addresses": { "api": "http://127.0.0.1:1", "data": "", "control": "", "p2p": [] },
+              "backend": { "kind": "sim", "healthy": true },
+              "load": { "in_flight": 2, "queued": 0, "slots": 4, "models": [] }, "gpus": [], "draining": false,
+              "last_seen_ms": 0,
+              "models": { "loaded": [{ "name": "m1", "vram_bytes": 0, "context_length": 0, "quantization": "",
+                                       "family": "" }], "available": ["m1", "m2"] } },
+            { "name": "b", "self": false, "id": "short", "liveness": "dead", "version": "1",
+              "addresses": { "api": "http://127.0.0.1:2", "data": "", "control": "", "p2p": [] },
+              "backend": { "kind": "ollama", "healthy": false }, "draining": false, "last_seen_ms": 9000,
+              "load": { "in_flight": 0, "queued": 0, "slots": 1, "models": [] },
+              "gpus": [{ "name": "g", "utilization_percent": 0, "memory_used_bytes": 0, "memory_total_bytes": 0,
+                         "temperature_c": 0 }],
+              "models": { "loaded": [], "available": [] } },
+        ]}))
+        .expect("the endpoint's schema");
         let table = render_table(&nodes);
         let lines: Vec<&str> = table.lines().collect();
         assert_eq!(lines.len(), 3);

@@ -288,6 +288,7 @@ impl DataPlane {
             tenant: req.meta.tenant.clone(),
             affinity_key: req.meta.prefix.unwrap_or(0),
             max_tokens: req.meta.output_tokens.unwrap_or(0),
+            queue_ms: req.queue_until.map_or(0, |q| q.saturating_duration_since(Instant::now()).as_millis() as u64),
         };
         let sent = async {
             writer.feed(Frame::RequestHead(head)).await?;
@@ -301,9 +302,10 @@ impl DataPlane {
         // readable in the other direction.
         writer.get_mut().finish().map_err(|e| ServeError::BackendUnreachable(format!("closing the request: {e}")))?;
         let mut reader = FramedRead::new(recv, FrameCodec::default());
-        let budget = req.deadline.map_or(self.config.head_timeout, |d| {
-            d.saturating_duration_since(Instant::now()).min(self.config.head_timeout)
-        });
+        // The head comes once the backend started, after any wait for a slot.
+        let queue = req.queue_until.map_or(Duration::ZERO, |q| q.saturating_duration_since(Instant::now()));
+        let allowed = self.config.head_timeout + queue;
+        let budget = req.deadline.map_or(allowed, |d| d.saturating_duration_since(Instant::now()).min(allowed));
         let head = match tokio::time::timeout(budget, reader.next()).await {
             Err(_) => return Err(ServeError::Timeout(format!("node {node_id} sent no response within {budget:?}"))),
             Ok(None) => return Err(ServeError::BackendUnreachable("peer closed the stream before answering".into())),
@@ -394,7 +396,8 @@ async fn accept_loop(plane: Arc<DataPlane>, handler: Arc<dyn RequestHandler>, sh
                 }
                 let handler = handler.clone();
                 let plane = plane.clone();
-                plane.tracker.clone().spawn(async move { serve_stream(&plane, handler, send, recv).await });
+                let peer = peer.clone();
+                plane.tracker.clone().spawn(async move { serve_stream(&plane, handler, &peer, send, recv).await });
             }
         });
     }
@@ -458,6 +461,7 @@ async fn read_request(
 async fn serve_stream(
     plane: &DataPlane,
     handler: Arc<dyn RequestHandler>,
+    from: &str,
     send: quinn::SendStream,
     recv: quinn::RecvStream,
 ) {
@@ -484,8 +488,17 @@ async fn serve_stream(
     let api = ApiKind::try_from(head.api).unwrap_or(ApiKind::Unspecified);
     tracing::debug!(id = %head.request_id, model = %head.model, api = api.as_str_name(), "serving a forwarded request");
     let request_id = head.request_id.clone();
-    let request = request_of(head, api, body);
-    let response = match handler.serve(request).await {
+    let request = request_of(head, api, body, from);
+    // A request may wait here for a slot; the entry node giving up (its
+    // client left) must take it out of the queue.
+    let served = tokio::select! {
+        served = handler.serve(request) => served,
+        _ = writer.get_mut().stopped() => {
+            tracing::debug!(id = %request_id, "forwarded request cancelled by the entry node before it started");
+            return;
+        }
+    };
+    let response = match served {
         Ok(response) => response,
         Err(err) => {
             let _ = writer.send(Frame::ResponseHead(refuse(err))).await;
@@ -522,8 +535,10 @@ fn early_refusal(plane: &DataPlane, head: &RequestHead) -> Option<ServeError> {
 }
 
 /// The request a head and body describe, as the entry node parsed it.
-fn request_of(head: RequestHead, api: ApiKind, body: Bytes) -> InferenceRequest {
-    let deadline = (head.deadline_ms > 0).then(|| Instant::now() + Duration::from_millis(head.deadline_ms));
+fn request_of(head: RequestHead, api: ApiKind, body: Bytes, from: &str) -> InferenceRequest {
+    let after = |ms: u64| (ms > 0).then(|| Instant::now() + Duration::from_millis(ms));
+    let deadline = after(head.deadline_ms);
+    let queue_until = after(head.queue_ms);
     let meta = RequestMeta {
         model: head.model,
         stream: head.stream,
@@ -531,7 +546,15 @@ fn request_of(head: RequestHead, api: ApiKind, body: Bytes) -> InferenceRequest 
         prefix: (head.affinity_key != 0).then_some(head.affinity_key),
         tenant: head.tenant,
     };
-    InferenceRequest { request_id: head.request_id, api, meta, body, deadline }
+    InferenceRequest {
+        request_id: head.request_id,
+        api,
+        meta,
+        body,
+        deadline,
+        queue_until,
+        forwarded_by: Some(from.to_string()),
+    }
 }
 
 /// Sends the body as it comes, then the trailer; stops (dropping the body,
@@ -635,6 +658,8 @@ mod tests {
             meta: RequestMeta { model: model.into(), stream: true, ..RequestMeta::default() },
             body: Bytes::from_static(body),
             deadline: None,
+            queue_until: None,
+            forwarded_by: None,
         }
     }
 

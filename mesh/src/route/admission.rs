@@ -1,13 +1,23 @@
-//! The entry node's admission state: the scheduler (with its memory of
-//! where conversations went), the fair queue of waiting requests, and the
-//! requests this node has running on each node. Sans-IO: the router holds
-//! it under one lock, the cluster harness drives it on a virtual clock.
+//! A node's admission state: the scheduler (with its memory of where
+//! conversations went), the requests this node has sent to each node, and
+//! the fair queue of requests waiting for one of this node's own slots,
+//! whether they entered here or were forwarded by a peer. Sans-IO: the
+//! router holds it under one lock, the cluster harness drives it on a
+//! virtual clock.
+//!
+//! The wait happens where the slot is: when every node that could serve a
+//! request is busy, the entry node sends it to the one expected to free a
+//! slot first, and that node queues it beside its own clients' requests.
+//! A freed slot passes straight to the next request in fair order, so a
+//! request that entered at the serving node gets no head start on one
+//! forwarded to it, and none waits in a backend's own queue.
 
 use std::collections::HashMap;
 use std::time::Instant;
 
 use super::plan::{Context, Plan, Step};
-use super::queue::{FairQueue, QueueError};
+use super::queue::{FairQueue, Lane, QueueError};
+use super::router::LOCAL;
 use super::scheduler::{Candidate, Scheduler, SchedulerConfig};
 
 /// Scheduler, queue and outstanding counts of one entry node. `W` is what
@@ -34,9 +44,20 @@ impl<W> Admission<W> {
         self.outstanding.get(node).copied().unwrap_or(0)
     }
 
-    /// Requests waiting in the queue.
+    /// Requests waiting for one of this node's slots.
     pub fn queued(&self) -> usize {
         self.queue.len()
+    }
+
+    /// Takes one of this node's `slots` for a forwarded request if one is
+    /// free (`in_flight` is what the backend itself reports running).
+    /// `false`: the request must queue.
+    pub fn admit_forwarded(&mut self, slots: u32, in_flight: u32) -> bool {
+        let free = self.outstanding(LOCAL).max(in_flight) < slots.max(1);
+        if free {
+            self.take(LOCAL);
+        }
+        free
     }
 
     /// One decision for `plan` among `candidates` (built with this state's
@@ -68,29 +89,31 @@ impl<W> Admission<W> {
         *self.outstanding.entry(node.to_string()).or_default() += 1;
     }
 
-    /// A request on `node` finished (or its attempt failed): its slot is
-    /// free. Returns the waiting request to wake, the next in fair order.
+    /// A request on `node` finished (or its attempt failed). When it held
+    /// one of this node's own slots and a request waits for one, the slot
+    /// passes to that request, the next in fair order, which is returned:
+    /// it now holds the slot. A waiter that cannot take it (it gave up)
+    /// must hand it on with another `release(LOCAL)`.
     pub fn release(&mut self, node: &str, now: Instant) -> Option<W> {
+        if node == LOCAL {
+            let mut expired = Vec::new();
+            if let Some(next) = self.queue.pop(now, &mut expired) {
+                return Some(next);
+            }
+        }
         if let Some(n) = self.outstanding.get_mut(node) {
             *n = n.saturating_sub(1);
             if *n == 0 {
                 self.outstanding.remove(node);
             }
         }
-        self.next_waiter(now)
+        None
     }
 
-    /// Queues a waiting request of `tenant` until `deadline`.
-    pub fn enqueue(&mut self, tenant: &str, waiter: W, deadline: Instant) -> Result<(), QueueError> {
-        self.queue.push(tenant, waiter, deadline)
-    }
-
-    /// The next waiting request in fair order (one per tenant in turn),
-    /// dropping those whose deadline passed: something changed that may let
-    /// it run (a slot freed here, or a peer's gossip).
-    pub fn next_waiter(&mut self, now: Instant) -> Option<W> {
-        let mut expired = Vec::new();
-        self.queue.pop(now, &mut expired)
+    /// Queues a request in `lane` to wait for one of this node's slots
+    /// until `deadline`.
+    pub fn enqueue(&mut self, lane: &Lane, waiter: W, deadline: Instant) -> Result<(), QueueError> {
+        self.queue.push(lane, waiter, deadline)
     }
 
     /// Drops waiters for which `keep` is false (they gave up).

@@ -49,6 +49,8 @@ pub struct Sources<'a> {
     pub cluster: Option<&'a ClusterState>,
     /// Requests this entry node has running on each node.
     pub outstanding: &'a dyn Fn(&str) -> u32,
+    /// Requests waiting for one of this node's own slots.
+    pub local_queued: u32,
     /// Measured round trip to a peer.
     pub rtt: &'a dyn Fn(&str) -> Option<Duration>,
 }
@@ -81,6 +83,7 @@ pub fn build(model: &str, prefix: Option<u64>, sources: &Sources<'_>) -> Vec<Can
             draining: false,
             slots: local.slots,
             in_flight: local.in_flight,
+            queued: sources.local_queued,
             dispatched: (sources.outstanding)(LOCAL),
             loaded: local.loaded,
             ttft_ms: local.ttft_ms,
@@ -116,6 +119,7 @@ fn peer_candidate(
         draining: false,
         slots: state.parallel_slots,
         in_flight: state.in_flight,
+        queued: state.queued,
         dispatched: (sources.outstanding)(&state.node_id),
         loaded: info.loaded,
         ttft_ms: stats.map(|s| s.ttft_ewma_ms).filter(|t| *t > 0.0),
@@ -175,7 +179,7 @@ pub(crate) mod tests {
     }
 
     fn sources<'a>(peers: &'a [PeerSnapshot], cluster: Option<&'a ClusterState>) -> Sources<'a> {
-        Sources { node_id: "me", local: None, peers, cluster, outstanding: &|_| 0, rtt: &|_| None }
+        Sources { node_id: "me", local: None, peers, cluster, outstanding: &|_| 0, local_queued: 0, rtt: &|_| None }
     }
 
     #[test]

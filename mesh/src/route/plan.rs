@@ -2,8 +2,9 @@
 //!
 //! Given what the entry node knows at a decision point (the scheduler's
 //! choice among the candidates the plan has not tried yet, a little
-//! context, and `now`) the plan answers with one [`Step`]: run on a node,
-//! wait in the entry queue, send to the cloud, let the local node explain
+//! context, and `now`) the plan answers with one [`Step`]: run on a node
+//! (or wait in its queue when every node is busy), wait in this node's
+//! queue, send to the cloud, let the local node explain
 //! that nobody serves the model, or fail. The router carries out the step
 //! and reports back what happened ([`Plan::failed`], [`Plan::cloud_failed`]);
 //! the next [`Plan::decide`] takes it into account. No sockets, no clock, no
@@ -12,6 +13,7 @@
 use std::time::{Duration, Instant};
 
 use super::fallback::{CloudPolicy, Trigger};
+use super::router::LOCAL;
 use super::scheduler::{Choice, Reason};
 use crate::ServeError;
 
@@ -59,7 +61,8 @@ pub enum Step {
         /// Why it won.
         reason: Reason,
     },
-    /// Wait in the entry queue until woken or `until`, then decide again.
+    /// Wait in this node's queue for one of its own slots (it is expected
+    /// to free first) until granted one, woken to look again, or `until`.
     Wait {
         /// The request's deadline.
         until: Instant,
@@ -205,7 +208,8 @@ impl Plan {
         }
     }
 
-    /// Every candidate is busy in every slot.
+    /// Every candidate is busy in every slot (or a free one would first
+    /// have to load the model).
     fn busy(&self, choice: &Choice, now: Instant) -> Step {
         let overflow_after = self.facts.cloud.as_ref().map_or(Duration::MAX, |c| c.overflow_after);
         if !self.overflow_failed && choice.estimate >= overflow_after && self.allows(Trigger::Overflow) {
@@ -223,7 +227,12 @@ impl Plan {
         if now >= self.facts.deadline {
             return Step::Fail(ServeError::Timeout("no slot freed before the queue timeout".into()));
         }
-        Step::Wait { until: self.facts.deadline }
+        // The request waits where the slot will free: here, or in the
+        // queue of the peer expected to free one first.
+        match choice.order.first() {
+            Some(node) if node != LOCAL => Step::Run { node: node.clone(), reason: choice.reason },
+            _ => Step::Wait { until: self.facts.deadline },
+        }
     }
 }
 
@@ -305,16 +314,31 @@ mod tests {
     }
 
     #[test]
-    fn a_saturated_mesh_waits_until_the_deadline() {
+    fn a_saturated_mesh_waits_here_until_the_deadline_when_this_node_frees_first() {
         let now = Instant::now();
         let mut plan = Plan::new(facts(now, None));
-        let busy = || choice(&["a"], true, 2 * SEC);
+        let busy = || choice(&[LOCAL, "a"], true, 2 * SEC);
         assert_eq!(plan.decide(busy(), &Context::default(), now), Step::Wait { until: now + 10 * SEC });
         assert_eq!(plan.decide(busy(), &Context::default(), now + 9 * SEC), Step::Wait { until: now + 10 * SEC });
         let late = plan.decide(busy(), &Context::default(), now + 10 * SEC);
         assert!(matches!(late, Step::Fail(ServeError::Timeout(_))), "{late:?}");
         // A slot freed before the deadline: it runs.
         assert_eq!(plan.decide(choice(&["a"], false, Duration::ZERO), &Context::default(), now + 11 * SEC), run("a"));
+    }
+
+    #[test]
+    fn a_saturated_mesh_sends_the_request_to_wait_where_a_slot_frees_first() {
+        let now = Instant::now();
+        let mut plan = Plan::new(facts(now, None));
+        let queued = Some(Choice { reason: Reason::Queued, ..choice(&["b", LOCAL], true, 2 * SEC).expect("choice") });
+        let step = plan.decide(queued.clone(), &Context::default(), now);
+        assert_eq!(step, Step::Run { node: "b".into(), reason: Reason::Queued });
+        // Its queue timed out: the next decision is without it.
+        plan.failed("b", true, ServeError::Timeout("no slot freed on node b".into()));
+        assert!(plan.excludes("b"));
+        // Past the deadline nothing more is tried.
+        let late = plan.decide(queued, &Context::default(), now + 10 * SEC);
+        assert!(matches!(late, Step::Fail(ServeError::Timeout(_))), "{late:?}");
     }
 
     #[test]
@@ -344,14 +368,14 @@ mod tests {
         }
         // Overflow: only overflow/allowed, only past overflow_after, and not
         // again after the cloud failed (the request keeps waiting instead).
-        let busy = choice(&["a"], true, 6 * SEC);
+        let busy = choice(&[LOCAL], true, 6 * SEC);
         let mut plan = Plan::new(facts(now, Some(CloudPolicyName::Overflow)));
         assert_eq!(plan.decide(busy.clone(), &ctx, now), Step::Cloud(Trigger::Overflow));
         plan.cloud_failed(Trigger::Overflow, ServeError::BackendUnreachable("down".into()));
         assert!(matches!(plan.decide(busy.clone(), &ctx, now), Step::Wait { .. }));
         let mut plan = Plan::new(facts(now, Some(CloudPolicyName::Failover)));
         assert!(matches!(plan.decide(busy.clone(), &ctx, now), Step::Wait { .. }));
-        assert!(matches!(plan.decide(choice(&["a"], true, 4 * SEC), &ctx, now), Step::Wait { .. }));
+        assert!(matches!(plan.decide(choice(&[LOCAL], true, 4 * SEC), &ctx, now), Step::Wait { .. }));
         // Failover: once every node failed, then the cloud's own error.
         plan.failed("a", true, ServeError::BackendUnreachable("gone".into()));
         assert_eq!(plan.decide(None, &ctx, now), Step::Cloud(Trigger::Failover));

@@ -13,14 +13,14 @@ use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
 
 use futures::StreamExt;
-use tokio::sync::oneshot;
+use tokio::sync::{Notify, oneshot};
 use tokio_util::sync::CancellationToken;
-use tracing::Instrument;
 
 use super::admission::Admission;
 use super::candidates::{self, LocalCapacity, Sources};
 use super::fallback::{CloudPolicy, Fallback, Trigger};
 use super::plan::{CloudFacts, Context, Facts, Plan, Step};
+use super::queue::Lane;
 use super::scheduler::SchedulerConfig;
 use crate::{Coordinator, DataPlane, InferenceRequest, InferenceResponse, Membership, RequestHandler, ServeError};
 
@@ -108,6 +108,8 @@ pub struct MeshLinks {
     pub coordinator: Coordinator,
 }
 
+/// What a request waiting for one of this node's slots leaves in the
+/// queue: the slot is handed over through it.
 type Waiter = oneshot::Sender<()>;
 type SharedAdmission = Arc<Mutex<Admission<Waiter>>>;
 
@@ -115,23 +117,61 @@ fn lock(admission: &Mutex<Admission<Waiter>>) -> MutexGuard<'_, Admission<Waiter
     admission.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
-/// Frees a node's slot when dropped (the response ended or the attempt
-/// failed) and wakes the next waiting request.
+/// Gives back a slot on `node`: one of this node's own passes to the next
+/// waiting request that still wants it.
+fn give_back(admission: &Mutex<Admission<Waiter>>, node: &str) {
+    let mut admission = lock(admission);
+    while let Some(waiter) = admission.release(node, Instant::now()) {
+        if waiter.send(()).is_ok() {
+            return;
+        }
+        // It gave up waiting; the slot goes on to the next.
+    }
+}
+
+/// Holds a slot on a node until dropped (the response ended or the
+/// attempt failed). A peer's slot freeing lets this node's waiters look
+/// again: the peer may now be the better place.
 struct Slot {
     admission: SharedAdmission,
+    recheck: Arc<Notify>,
     node: String,
 }
 
 impl Drop for Slot {
     fn drop(&mut self) {
-        let mut admission = lock(&self.admission);
-        let mut next = admission.release(&self.node, Instant::now());
-        // A waiter that gave up has dropped its receiver; wake the next.
-        while let Some(waiter) = next {
-            if waiter.send(()).is_ok() {
-                break;
+        give_back(&self.admission, &self.node);
+        if self.node != LOCAL {
+            self.recheck.notify_waiters();
+        }
+    }
+}
+
+/// A request's place in this node's queue. Dropped without the slot it was
+/// granted being used (the request gave up at that instant), it passes
+/// the slot on, so no slot is ever lost.
+struct Ticket {
+    admission: SharedAdmission,
+    granted: oneshot::Receiver<()>,
+}
+
+impl Drop for Ticket {
+    fn drop(&mut self) {
+        use oneshot::error::TryRecvError;
+        match self.granted.try_recv() {
+            Ok(()) => give_back(&self.admission, LOCAL),
+            // Its place was used (or dropped at its deadline) already.
+            Err(TryRecvError::Closed) => {}
+            Err(TryRecvError::Empty) => {
+                self.granted.close();
+                if self.granted.try_recv().is_ok() {
+                    give_back(&self.admission, LOCAL);
+                } else {
+                    // Still in the queue: take the place out, so the queue's
+                    // length (gossiped, and in every estimate) stays true.
+                    lock(&self.admission).retain_waiters(|w| !w.is_closed());
+                }
             }
-            next = admission.next_waiter(Instant::now());
         }
     }
 }
@@ -144,16 +184,6 @@ fn hold_until_end<G: Send + 'static>(mut response: InferenceResponse, guard: G) 
         chunk
     }));
     response
-}
-
-/// Wakes the next waiting request.
-fn wake_next(admission: &Mutex<Admission<Waiter>>) {
-    let mut admission = lock(admission);
-    while let Some(waiter) = admission.next_waiter(Instant::now()) {
-        if waiter.send(()).is_ok() {
-            return;
-        }
-    }
 }
 
 /// The id of this node's own backend among the candidates. Never a peer's
@@ -179,6 +209,9 @@ pub struct Router {
     fallback: Option<Arc<dyn Fallback>>,
     config: RouteConfig,
     admission: SharedAdmission,
+    /// Tells requests waiting here that the mesh changed (a peer's slot
+    /// freed, gossip arrived), so they may run elsewhere sooner.
+    recheck: Arc<Notify>,
 }
 
 impl Router {
@@ -191,7 +224,8 @@ impl Router {
     ) -> Router {
         let seed = super::prefix::PrefixKey::new(&node_name).finish();
         let admission = Arc::new(Mutex::new(Admission::new(config.scheduler, seed, config.queue_capacity)));
-        Router { local, node_name, mesh: std::sync::OnceLock::new(), fallback, config, admission }
+        let recheck = Arc::new(Notify::new());
+        Router { local, node_name, mesh: std::sync::OnceLock::new(), fallback, config, admission, recheck }
     }
 
     /// Routes over the mesh from now on. For `warmup` a model that no known
@@ -215,24 +249,31 @@ impl Router {
     }
 
     /// The handler the data plane serves forwarded requests with: this
-    /// node's backend, counted in the same admission state as local work,
-    /// so requests waiting here are woken when a forwarded one finishes.
+    /// node's backend behind the same slots and the same fair queue as the
+    /// requests that enter here.
     pub fn forwarded_handler(&self) -> Arc<dyn RequestHandler> {
-        Arc::new(CountedLocal { local: self.local.clone(), admission: self.admission.clone() })
+        Arc::new(ForwardedLocal {
+            local: self.local.clone(),
+            admission: self.admission.clone(),
+            recheck: self.recheck.clone(),
+            node_name: self.node_name.clone(),
+            queue_timeout: self.config.queue_timeout,
+            queue_capacity: self.config.queue_capacity,
+        })
     }
 
-    /// Wakes one waiting request whenever the mesh view changes (a peer's
-    /// gossip may show a freed slot) until `shutdown`.
+    /// Lets the requests waiting here look again whenever the mesh view
+    /// changes (a peer's gossip may show a freed slot) until `shutdown`.
     pub fn spawn_nudger(&self, shutdown: CancellationToken) {
         let Some(mesh) = self.links() else { return };
         let mut view = mesh.membership.watch();
-        let admission = self.admission.clone();
+        let recheck = self.recheck.clone();
         tokio::spawn(async move {
             loop {
                 tokio::select! {
                     () = shutdown.cancelled() => return,
                     changed = view.changed() => match changed {
-                        Ok(()) => wake_next(&admission),
+                        Ok(()) => recheck.notify_waiters(),
                         Err(_) => return,
                     },
                 }
@@ -243,15 +284,21 @@ impl Router {
     /// Runs `req` where its plan says: the best node now, after a wait in
     /// the fair queue, on the next node when one fails before its first
     /// byte, or in the cloud where `policy` allows.
-    pub async fn route(&self, req: InferenceRequest, policy: CloudPolicy) -> Result<Routed, ServeError> {
+    pub async fn route(&self, mut req: InferenceRequest, policy: CloudPolicy) -> Result<Routed, ServeError> {
         let mut plan = Plan::new(self.facts(&req, policy));
+        // A peer may keep it waiting for a slot as long as it could wait here.
+        req.queue_until = Some(plan.facts().deadline);
         let mut waiting = Waiting::default();
         loop {
-            let step = self.step(&mut plan, &req);
+            let step = match waiting.granted.take() {
+                // A freed slot here was handed to this request: it is taken.
+                Some(()) => Step::Run { node: LOCAL.to_string(), reason: super::scheduler::Reason::Queued },
+                None => self.step(&mut plan, &req, &mut waiting),
+            };
             match step {
                 Step::Run { node, reason } => {
                     crate::route::metrics::scheduled(reason.as_str());
-                    waiting.finish(&self.admission);
+                    waiting.finish();
                     match self.attempt(&node, &req).await {
                         Ok(routed) => return Ok(routed),
                         Err(err) => {
@@ -290,7 +337,7 @@ impl Router {
 
     /// One decision: the candidates as this node sees them now, then the
     /// admission state's step (which takes the chosen node's slot).
-    fn step(&self, plan: &mut Plan, req: &InferenceRequest) -> Step {
+    fn step(&self, plan: &mut Plan, req: &InferenceRequest, waiting: &mut Waiting) -> Step {
         let meta = &req.meta;
         let links = self.links();
         let view = links.map(|m| m.membership.view());
@@ -301,8 +348,15 @@ impl Router {
         let node_id = self.mesh.get().map_or("", |j| j.node_id.as_str());
         let mut admission = lock(&self.admission);
         let outstanding = |id: &str| admission.outstanding(id);
-        let sources =
-            Sources { node_id, local, peers, cluster: cluster.as_deref(), outstanding: &outstanding, rtt: &rtt };
+        let sources = Sources {
+            node_id,
+            local,
+            peers,
+            cluster: cluster.as_deref(),
+            outstanding: &outstanding,
+            local_queued: admission.queued() as u32,
+            rtt: &rtt,
+        };
         let candidates = candidates::build(&meta.model, meta.prefix, &sources);
         // The context matters only when nobody can take the request.
         let context = if candidates.iter().all(|c| plan.excludes(&c.id)) {
@@ -310,7 +364,24 @@ impl Router {
         } else {
             Context::default()
         };
-        admission.step(plan, candidates, &context, meta.prefix, meta.output_tokens, Instant::now())
+        let step = admission.step(plan, candidates, &context, meta.prefix, meta.output_tokens, Instant::now());
+        if let Step::Wait { until } = step
+            && waiting.ticket.is_none()
+        {
+            // Queued under the same lock: a slot freed in between would
+            // otherwise find the queue empty and not be handed over.
+            let lane = Lane::new(&meta.tenant, LOCAL);
+            match self.enqueue(&mut admission, &lane, until) {
+                Ok(ticket) => waiting.ticket = Some(ticket),
+                Err(err) => return Step::Fail(err),
+            }
+        }
+        step
+    }
+
+    /// Queues a request in `lane` for one of this node's slots.
+    fn enqueue(&self, admission: &mut Admission<Waiter>, lane: &Lane, until: Instant) -> Result<Ticket, ServeError> {
+        enqueue(admission, &self.admission, lane, until, self.config.queue_capacity, &self.node_name)
     }
 
     fn context(&self, model: &str, peers: &[crate::PeerSnapshot], cluster: Option<&crate::ClusterState>) -> Context {
@@ -334,7 +405,7 @@ impl Router {
 
     /// Runs `req` on `node`, whose slot the step took.
     async fn attempt(&self, node: &str, req: &InferenceRequest) -> Result<Routed, ServeError> {
-        let slot = Slot { admission: self.admission.clone(), node: node.to_string() };
+        let slot = Slot { admission: self.admission.clone(), recheck: self.recheck.clone(), node: node.to_string() };
         let routed = if node == LOCAL {
             let response = self.local.serve(req.clone()).await?;
             Routed { response, node: self.node_name.clone(), route: Route::Local }
@@ -372,79 +443,134 @@ impl Router {
         Ok(Routed { response, node: self.node_name.clone(), route: Route::Cloud(provider) })
     }
 
-    /// Waits in the fair queue until a slot may have freed or `until`.
+    /// Waits in this node's queue until a slot here is handed over (then
+    /// `waiting.granted` is set), the mesh changed, or `until`. The place
+    /// in the queue is kept across the looks that find nothing better.
     async fn wait(&self, waiting: &mut Waiting, req: &InferenceRequest, until: Instant) -> Result<(), ServeError> {
-        let since = *waiting.since.get_or_insert_with(Instant::now);
+        waiting.since.get_or_insert_with(Instant::now);
         waiting.mark.get_or_insert_with(|| self.local.waiting(&req.meta.model));
-        let ticket = match &mut waiting.ticket {
-            Some(ticket) => ticket,
-            None => {
-                let (tx, rx) = oneshot::channel();
-                self.enqueue(&req.meta.tenant, tx, until)?;
-                waiting.ticket.insert(rx)
-            }
+        let Some(ticket) = &mut waiting.ticket else {
+            return Err(ServeError::Internal("a request waits without a place in the queue".into()));
         };
-        let woken = tokio::time::timeout_at(until.into(), ticket).instrument(tracing::debug_span!("queued")).await;
-        if woken.is_ok() {
-            // The place in the queue is used up; a new one is taken if the
-            // request must wait again.
-            waiting.ticket = None;
-            waiting.woken = true;
+        let recheck = self.recheck.notified();
+        tokio::select! {
+            granted = &mut ticket.granted => {
+                if granted.is_ok() {
+                    waiting.granted = Some(());
+                }
+                // Handed over or dropped at its deadline: either way the
+                // place is used up.
+                waiting.ticket = None;
+            }
+            () = recheck => {}
+            () = tokio::time::sleep_until(until.into()) => {}
         }
-        tracing::trace!(waited_ms = since.elapsed().as_millis() as u64, "queue wait step");
         Ok(())
-    }
-
-    fn enqueue(&self, tenant: &str, waiter: Waiter, until: Instant) -> Result<(), ServeError> {
-        let mut admission = lock(&self.admission);
-        if admission.queued() >= self.config.queue_capacity {
-            // Requests that gave up leave dead places behind; drop them first.
-            admission.retain_waiters(|w| !w.is_closed());
-        }
-        admission.enqueue(tenant, waiter, until).map_err(|_| {
-            ServeError::Overloaded(format!(
-                "the mesh queue is full ({} requests wait here); retry shortly",
-                self.config.queue_capacity
-            ))
-        })
     }
 }
 
-/// A request's time in the queue.
+/// Queues a request in `lane` for one of this node's slots; `locked` is
+/// `shared`, locked.
+fn enqueue(
+    locked: &mut Admission<Waiter>,
+    shared: &SharedAdmission,
+    lane: &Lane,
+    until: Instant,
+    capacity: usize,
+    node: &str,
+) -> Result<Ticket, ServeError> {
+    let (tx, rx) = oneshot::channel();
+    if locked.queued() >= capacity {
+        // Requests that gave up leave dead places behind; drop them first.
+        locked.retain_waiters(|w| !w.is_closed());
+    }
+    locked.enqueue(lane, tx, until).map_err(|_| {
+        ServeError::Overloaded(format!(
+            "the queue on node {node} is full ({capacity} requests wait there); retry shortly"
+        ))
+    })?;
+    Ok(Ticket { admission: shared.clone(), granted: rx })
+}
+
+/// A request's time in this node's queue.
 #[derive(Default)]
 struct Waiting {
     since: Option<Instant>,
-    ticket: Option<oneshot::Receiver<()>>,
+    ticket: Option<Ticket>,
     mark: Option<Box<dyn Send + Sync>>,
-    woken: bool,
+    /// A slot here was handed to it.
+    granted: Option<()>,
 }
 
 impl Waiting {
-    /// The request leaves the queue to run: record the wait, and pass the
-    /// wake-up on when it came from the queue (more slots may be free).
-    fn finish(&mut self, admission: &Mutex<Admission<Waiter>>) {
+    /// The request leaves the queue to run; a place it still holds (it
+    /// runs elsewhere) is given up (see [`Ticket`]'s drop).
+    fn finish(&mut self) {
         if let Some(since) = self.since.take() {
             crate::route::metrics::queue_wait(since.elapsed());
         }
         self.ticket = None;
         self.mark = None;
-        if std::mem::take(&mut self.woken) {
-            wake_next(admission);
-        }
     }
 }
 
-/// This node's backend serving a forwarded request, counted as running here.
-struct CountedLocal {
+/// This node's backend serving requests peers forwarded: they take a free
+/// slot or wait for one in the same fair queue as requests entering here,
+/// in their entry node's lane.
+struct ForwardedLocal {
     local: Arc<dyn LocalBackend>,
     admission: SharedAdmission,
+    recheck: Arc<Notify>,
+    node_name: String,
+    queue_timeout: Duration,
+    queue_capacity: usize,
+}
+
+impl ForwardedLocal {
+    /// Waits for a slot here; `Ok` once this request holds one.
+    async fn acquire(&self, req: &InferenceRequest) -> Result<(), ServeError> {
+        let capacity = self.local.capacity(&req.meta.model, req.meta.prefix);
+        let (slots, in_flight) = capacity.map_or((0, 0), |c| (c.slots, c.in_flight));
+        let until = req.deadline.unwrap_or_else(|| Instant::now() + self.queue_timeout);
+        let mut ticket = {
+            // Checked and queued under one lock, so a slot freed in between
+            // is handed to this request rather than lost to the count.
+            let mut admission = lock(&self.admission);
+            if admission.admit_forwarded(slots, in_flight) {
+                return Ok(());
+            }
+            let entry = req.forwarded_by.as_deref().unwrap_or("unknown");
+            let lane = Lane::new(&req.meta.tenant, entry);
+            enqueue(&mut admission, &self.admission, &lane, until, self.queue_capacity, &self.node_name)?
+        };
+        let _mark = self.local.waiting(&req.meta.model);
+        let since = Instant::now();
+        tokio::select! {
+            granted = &mut ticket.granted => {
+                crate::route::metrics::queue_wait(since.elapsed());
+                match granted {
+                    Ok(()) => Ok(()),
+                    Err(_) => Err(self.timed_out(since)),
+                }
+            }
+            () = tokio::time::sleep_until(until.into()) => Err(self.timed_out(since)),
+        }
+    }
+
+    fn timed_out(&self, since: Instant) -> ServeError {
+        ServeError::Timeout(format!(
+            "no slot freed on node {} within {:.1} s of waiting",
+            self.node_name,
+            since.elapsed().as_secs_f64()
+        ))
+    }
 }
 
 #[async_trait::async_trait]
-impl RequestHandler for CountedLocal {
+impl RequestHandler for ForwardedLocal {
     async fn serve(&self, req: InferenceRequest) -> Result<InferenceResponse, ServeError> {
-        lock(&self.admission).take(LOCAL);
-        let slot = Slot { admission: self.admission.clone(), node: LOCAL.to_string() };
+        self.acquire(&req).await?;
+        let slot = Slot { admission: self.admission.clone(), recheck: self.recheck.clone(), node: LOCAL.to_string() };
         let response = self.local.serve(req).await?;
         Ok(hold_until_end(response, slot))
     }

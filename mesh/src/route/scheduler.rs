@@ -78,6 +78,8 @@ pub struct Candidate {
     pub slots: u32,
     /// Requests in flight there, from its gossip.
     pub in_flight: u32,
+    /// Requests waiting there for one of its slots, from its gossip.
+    pub queued: u32,
     /// Requests this entry node has sent there and not seen finish.
     pub dispatched: u32,
     /// Whether the model is loaded (else it is on disk and must load).
@@ -101,6 +103,9 @@ pub enum Reason {
     Soonest,
     /// Picked by power of two choices among near-equals.
     TwoChoices,
+    /// Every node is busy: it is expected to free a slot first, and the
+    /// request waits in its queue.
+    Queued,
 }
 
 impl Reason {
@@ -110,6 +115,7 @@ impl Reason {
             Reason::Affinity => "affinity",
             Reason::Soonest => "soonest",
             Reason::TwoChoices => "two_choices",
+            Reason::Queued => "queued",
         }
     }
 }
@@ -121,8 +127,8 @@ pub struct Choice {
     pub order: Vec<String>,
     /// Estimated wait before the first node starts the request.
     pub estimate: Duration,
-    /// Every candidate is busy in every slot: the request should wait at
-    /// the entry node until one frees.
+    /// Every candidate is busy in every slot (or a free one is much slower
+    /// than waiting): the request should wait in the first node's queue.
     pub saturated: bool,
     /// Why the first node won.
     pub reason: Reason,
@@ -155,11 +161,11 @@ impl Scheduler {
         if c.slots == 0 { self.config.default_slots } else { c.slots }
     }
 
-    /// Requests that would be ahead of or beside this one on `c`: its own
-    /// count, corrected upwards by what this entry node has just sent (the
-    /// gossiped count is up to a heartbeat old).
+    /// Requests that would be ahead of or beside this one on `c`: those
+    /// running and waiting there, corrected upwards by what this entry
+    /// node has just sent (the gossiped counts are up to a heartbeat old).
     fn busy(&self, c: &Candidate) -> u32 {
-        c.in_flight.max(c.dispatched)
+        (c.in_flight + c.queued).max(c.dispatched)
     }
 
     /// Estimated wait before `c` would start the request.
@@ -195,55 +201,55 @@ impl Scheduler {
         // Soonest first; the entry node wins ties (no hop), then node id for
         // a stable order.
         scored.sort_by(|a, b| a.0.total_cmp(&b.0).then(b.1.is_local.cmp(&a.1.is_local)).then(a.1.id.cmp(&b.1.id)));
-        // A node with every slot busy would queue the request in its own
-        // backend, where no other node can take it; only nodes with a free
-        // slot are sent work. When none has one, or waiting for a busy warm
-        // node beats every free one (which would have to load the model),
-        // the request waits at the entry node instead.
+        // Only nodes with a free slot are sent work to start at once. When
+        // none has one, or waiting for a busy warm node beats every free
+        // one (which would have to load the model), the request is
+        // saturated: it goes to wait in the queue of the node expected to
+        // free a slot first (never in a backend's own queue).
         let free: Vec<usize> =
             (0..scored.len()).filter(|i| self.busy(scored[*i].1) < self.slots(scored[*i].1)).collect();
         let near = self.config.near_equal_ms;
         let soonest = scored[0].0;
         let saturated = free.first().is_none_or(|i| scored[*i].0 > soonest + near);
-        let mut first = free.first().copied().unwrap_or(0);
-        let mut reason = Reason::Soonest;
-        if !saturated {
-            let best = scored[first].0;
-            let holder = prefix.and_then(|key| {
-                let remembered = self.affinity.get(&key).map(|(id, _)| id.clone());
-                free.iter()
-                    .copied()
-                    .find(|i| remembered.as_deref() == Some(scored[*i].1.id.as_str()))
-                    .or_else(|| free.iter().copied().find(|i| scored[*i].1.holds_prefix))
-            });
-            let allowance = best * self.config.affinity_slack + self.config.affinity_extra_ms;
-            if let Some(i) = holder.filter(|i| scored[*i].0 <= allowance) {
-                first = i;
-                reason = Reason::Affinity;
-            } else {
-                let equals: Vec<usize> = free.iter().copied().filter(|i| scored[*i].0 <= best + near).collect();
-                if equals.len() >= 2 && !scored[first].1.is_local {
-                    // Two distinct draws among the near-equals.
-                    let n = equals.len() as u64;
-                    let ia = (self.next_random() % n) as usize;
-                    let mut ib = (self.next_random() % (n - 1)) as usize;
-                    if ib >= ia {
-                        ib += 1;
-                    }
-                    let (a, b) = (equals[ia], equals[ib]);
-                    let pick = |i: usize| (scored[i].0, !scored[i].1.is_local);
-                    first = if pick(a) <= pick(b) { a } else { b };
-                    reason = Reason::TwoChoices;
+        let pool: Vec<usize> = if saturated { (0..scored.len()).collect() } else { free };
+        let mut first = pool[0];
+        let mut reason = if saturated { Reason::Queued } else { Reason::Soonest };
+        let best = scored[first].0;
+        // The conversation's KV cache is worth a bounded extra wait: the
+        // holder wins while its estimate is within the allowance, so a hot
+        // holder stops collecting conversations once its queue grows.
+        let holder = prefix.and_then(|key| {
+            let remembered = self.affinity.get(&key).map(|(id, _)| id.clone());
+            pool.iter()
+                .copied()
+                .find(|i| remembered.as_deref() == Some(scored[*i].1.id.as_str()))
+                .or_else(|| pool.iter().copied().find(|i| scored[*i].1.holds_prefix))
+        });
+        let allowance = best * self.config.affinity_slack + self.config.affinity_extra_ms;
+        if let Some(i) = holder.filter(|i| scored[*i].0 <= allowance) {
+            first = i;
+            reason = Reason::Affinity;
+        } else if !saturated {
+            let equals: Vec<usize> = pool.iter().copied().filter(|i| scored[*i].0 <= best + near).collect();
+            if equals.len() >= 2 && !scored[first].1.is_local {
+                // Two distinct draws among the near-equals.
+                let n = equals.len() as u64;
+                let ia = (self.next_random() % n) as usize;
+                let mut ib = (self.next_random() % (n - 1)) as usize;
+                if ib >= ia {
+                    ib += 1;
                 }
+                let (a, b) = (equals[ia], equals[ib]);
+                let pick = |i: usize| (scored[i].0, !scored[i].1.is_local);
+                first = if pick(a) <= pick(b) { a } else { b };
+                reason = Reason::TwoChoices;
             }
         }
         let chosen = scored.remove(first);
         let estimate = Duration::from_secs_f64(chosen.0.max(0.0) / 1000.0);
         let mut order = vec![chosen.1.id.clone()];
         order.extend(scored.iter().map(|(_, c)| c.id.clone()));
-        if let Some(key) = prefix
-            && !saturated
-        {
+        if let Some(key) = prefix {
             self.remember(key, &order[0]);
         }
         Some(Choice { order, estimate, saturated, reason })
@@ -274,6 +280,7 @@ mod tests {
             draining: false,
             slots: 2,
             in_flight: 0,
+            queued: 0,
             dispatched: 0,
             loaded: true,
             ttft_ms: Some(100.0),
@@ -337,6 +344,42 @@ mod tests {
         // Every slot busy: it moves rather than queue in that backend.
         nodes[0].in_flight = 2;
         assert_eq!(s.choose(&nodes, Some(42), Some(50)).expect("choice").order[0], other);
+    }
+
+    #[test]
+    fn when_every_node_is_busy_the_request_queues_where_a_slot_frees_first() {
+        let mut s = scheduler();
+        // b has the shorter line (queued work counts, from gossip).
+        let a = Candidate { in_flight: 2, queued: 3, ..node("a") };
+        let b = Candidate { in_flight: 2, queued: 1, ..node("b") };
+        let choice = s.choose(&[a.clone(), b.clone()], None, Some(50)).expect("choice");
+        assert!(choice.saturated);
+        assert_eq!((choice.order[0].as_str(), choice.reason), ("b", Reason::Queued));
+        // A free node that must first load the model loses to a short line
+        // on a warm one: the request queues at the warm one.
+        let cold = Candidate { loaded: false, ..node("cold") };
+        let choice = s.choose(&[a, b, cold], None, Some(50)).expect("choice");
+        assert!(choice.saturated);
+        assert_eq!(choice.order[0], "b");
+    }
+
+    #[test]
+    fn a_busy_conversation_holder_keeps_it_only_within_the_allowance() {
+        let mut s = scheduler();
+        // The holder's line is a little longer than the other's: the
+        // conversation waits for its cache.
+        let holder = Candidate { in_flight: 2, queued: 2, holds_prefix: true, ..node("holder") };
+        let other = Candidate { in_flight: 2, queued: 1, ..node("other") };
+        let choice = s.choose(&[holder.clone(), other.clone()], Some(9), Some(50)).expect("choice");
+        assert_eq!((choice.order[0].as_str(), choice.reason), ("holder", Reason::Affinity));
+        // Its line grew long (a hot node collecting conversations): it goes
+        // elsewhere, and is remembered there.
+        let hot = Candidate { queued: 12, ..holder };
+        let choice = s.choose(&[hot.clone(), other.clone()], Some(9), Some(50)).expect("choice");
+        assert_eq!(choice.order[0], "other");
+        let hot = Candidate { holds_prefix: false, ..hot };
+        let choice = s.choose(&[hot, Candidate { in_flight: 1, ..node("other") }], Some(9), Some(50)).expect("choice");
+        assert_eq!((choice.order[0].as_str(), choice.reason), ("other", Reason::Affinity));
     }
 
     #[test]
