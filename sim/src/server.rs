@@ -35,6 +35,9 @@ pub fn router(engine: Arc<SimEngine>) -> Router {
     }
     Router::new()
         .route("/", get(|| async { "Ollama is running" }))
+        // llama-server's, vLLM's and SGLang's liveness probe, which their
+        // routers poll before sending a worker anything.
+        .route("/health", get(|| async { Json(json!({ "status": "ok" })) }))
         .route("/api/version", get(|| async { Json(json!({ "version": OLLAMA_COMPAT_VERSION })) }))
         .route("/api/tags", get(tags))
         .route("/api/ps", get(ps))

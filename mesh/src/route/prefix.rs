@@ -8,9 +8,10 @@
 use std::collections::VecDeque;
 use std::sync::{Mutex, PoisonError};
 
-/// Keys a node gossips: enough for the conversations a box keeps warm in
-/// its KV cache at once, small enough for every heartbeat (8 bytes each).
-pub const RECENT_PREFIXES: usize = 32;
+/// Keys a node gossips: more than the conversations a box keeps warm in its
+/// KV cache at once (a few slots' worth on llama.cpp, dozens on vLLM's
+/// paged cache), small enough for every heartbeat (8 bytes each, 1 KiB).
+pub const RECENT_PREFIXES: usize = 128;
 
 /// Builds a prefix key. FNV-1a: stable across processes, versions and
 /// machines (keys travel in forwarded requests and in gossip), and fast on

@@ -210,25 +210,29 @@ impl Scheduler {
             (0..scored.len()).filter(|i| self.busy(scored[*i].1) < self.slots(scored[*i].1)).collect();
         let near = self.config.near_equal_ms;
         let soonest = scored[0].0;
-        let saturated = free.first().is_none_or(|i| scored[*i].0 > soonest + near);
+        let mut saturated = free.first().is_none_or(|i| scored[*i].0 > soonest + near);
         let pool: Vec<usize> = if saturated { (0..scored.len()).collect() } else { free };
         let mut first = pool[0];
         let mut reason = if saturated { Reason::Queued } else { Reason::Soonest };
         let best = scored[first].0;
-        // The conversation's KV cache is worth a bounded extra wait: the
-        // holder wins while its estimate is within the allowance, so a hot
-        // holder stops collecting conversations once its queue grows.
+        // The conversation's KV cache is worth a bounded extra wait (it
+        // saves the prompt evaluation of the whole conversation so far): its
+        // holder wins while its estimate is within the allowance, even with
+        // every slot busy (the request then waits in the holder's queue), so
+        // a hot holder stops collecting conversations once its line grows.
         let holder = prefix.and_then(|key| {
             let remembered = self.affinity.get(&key).map(|(id, _)| id.clone());
-            pool.iter()
-                .copied()
+            let all = 0..scored.len();
+            all.clone()
                 .find(|i| remembered.as_deref() == Some(scored[*i].1.id.as_str()))
-                .or_else(|| pool.iter().copied().find(|i| scored[*i].1.holds_prefix))
+                .or_else(|| all.clone().find(|i| scored[*i].1.holds_prefix))
         });
         let allowance = best * self.config.affinity_slack + self.config.affinity_extra_ms;
         if let Some(i) = holder.filter(|i| scored[*i].0 <= allowance) {
             first = i;
             reason = Reason::Affinity;
+            // Busy in every slot: it waits there rather than in the backend.
+            saturated = self.busy(scored[i].1) >= self.slots(scored[i].1);
         } else if !saturated {
             let equals: Vec<usize> = pool.iter().copied().filter(|i| scored[*i].0 <= best + near).collect();
             if equals.len() >= 2 && !scored[first].1.is_local {
@@ -341,8 +345,13 @@ mod tests {
         for _ in 0..10 {
             assert_eq!(s.choose(&nodes, Some(42), Some(50)).expect("choice").order[0], first);
         }
-        // Every slot busy: it moves rather than queue in that backend.
+        // Every slot busy but a short line: it stays, to wait in that node's
+        // queue (saturated), never in its backend.
         nodes[0].in_flight = 2;
+        let choice = s.choose(&nodes, Some(42), Some(50)).expect("choice");
+        assert_eq!((choice.order[0].as_str(), choice.saturated), (first.as_str(), true));
+        // A long line: it moves to the free node.
+        nodes[0].queued = 4;
         assert_eq!(s.choose(&nodes, Some(42), Some(50)).expect("choice").order[0], other);
     }
 
