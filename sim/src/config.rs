@@ -135,6 +135,11 @@ pub struct SimConfig {
     /// byte-identical responses (for relay tests).
     #[arg(long = "deterministic")]
     pub deterministic: bool,
+    /// Close the connection after every streamed response without saying
+    /// so (no `Connection: close`), as llama-server does: a client that
+    /// pools the connection finds it dead on its next request.
+    #[arg(long = "close-after-stream")]
+    pub close_after_stream: bool,
     /// Faults to inject.
     #[command(flatten)]
     pub faults: Faults,
@@ -155,6 +160,7 @@ impl Default for SimConfig {
             embedding_dim: 384,
             seed: 0,
             deterministic: false,
+            close_after_stream: false,
             faults: Faults::default(),
         }
     }

@@ -6,6 +6,7 @@
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
+mod closing;
 pub mod config;
 pub mod engine;
 pub mod server;
@@ -31,12 +32,17 @@ pub struct SimServer {
 /// Starts a simulated Ollama built from `config` on `listener`; it stops when
 /// `shutdown` fires. Fails on a bad model spec.
 pub fn spawn(listener: TcpListener, config: SimConfig, shutdown: CancellationToken) -> Result<SimServer, String> {
+    let close_after_stream = config.close_after_stream;
     let engine = Arc::new(SimEngine::new(config)?);
     let addr = listener.local_addr().map_err(|e| e.to_string())?;
-    tracing::info!(%addr, models = engine.models().len(), "simulated backend listening");
+    tracing::info!(%addr, models = engine.models().len(), close_after_stream, "simulated backend listening");
     let app = router(engine);
-    let task = tokio::spawn(async move {
-        axum::serve(listener, app).with_graceful_shutdown(async move { shutdown.cancelled().await }).await
-    });
+    let task = if close_after_stream {
+        tokio::spawn(closing::serve(listener, app, shutdown))
+    } else {
+        tokio::spawn(async move {
+            axum::serve(listener, app).with_graceful_shutdown(async move { shutdown.cancelled().await }).await
+        })
+    };
     Ok(SimServer { addr, task })
 }

@@ -8,11 +8,12 @@
 //! agent, and reqwest's extra layers (redirects, cookies, proxy checks)
 //! cost measurable CPU per request (see `scripts/bench/overhead`).
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
 use futures::StreamExt;
-use http::header::{ACCEPT, AUTHORIZATION, CONTENT_TYPE};
+use http::header::{ACCEPT, AUTHORIZATION, CONNECTION, CONTENT_TYPE};
 use http::{Method, Request};
 use http_body_util::{BodyExt, Full};
 use hyper_rustls::HttpsConnector;
@@ -26,6 +27,29 @@ use crate::config::BackendConfig;
 
 /// Largest inventory document accepted (model lists are a few KiB).
 const MAX_INVENTORY_BYTES: usize = 16 * 1024 * 1024;
+
+/// Whether `err` is a request lost to a pooled connection that was already
+/// closing: nothing came back, and the backend never read the request (a
+/// connection refused or timed out is not this: nothing was pooled).
+fn is_stale_connection(err: &hyper_util::client::legacy::Error) -> bool {
+    if err.is_connect() {
+        return false;
+    }
+    let mut source = std::error::Error::source(err);
+    while let Some(cause) = source {
+        if let Some(hyper) = cause.downcast_ref::<hyper::Error>()
+            && (hyper.is_incomplete_message() || hyper.is_canceled() || hyper.is_closed())
+        {
+            return true;
+        }
+        if let Some(io) = cause.downcast_ref::<std::io::Error>() {
+            use std::io::ErrorKind::{BrokenPipe, ConnectionAborted, ConnectionReset};
+            return matches!(io.kind(), ConnectionReset | BrokenPipe | ConnectionAborted);
+        }
+        source = cause.source();
+    }
+    false
+}
 
 /// The connection pool: plain HTTP for the backend beside the agent (the
 /// hot path, no TLS layer at all), HTTPS-capable for cloud providers.
@@ -62,8 +86,23 @@ pub struct HttpTarget {
 }
 
 /// A pooled HTTP client bound to one backend base URL.
+///
+/// A pooled connection can be dead by the time a request is written on it:
+/// llama-server closes every connection after a streamed response although
+/// it announced keep-alive, and the close races the next request. hyper-util
+/// retries only a request that failed before any byte of it was written
+/// (`retry_canceled_requests`); one written onto a connection whose close
+/// is already on its way fails with "connection closed before message
+/// completed" or "SendRequest", and the backend never saw it. Such a
+/// failure is retried once on a connection opened for it, and the backend
+/// is then known to close after streams: streamed requests to it say
+/// `Connection: close`, so their connections never return to the pool.
 pub struct HttpBackend {
     client: Transport,
+    /// Never pools: the retry of a request that failed on a stale connection.
+    fresh: Transport,
+    /// The backend closed a pooled connection under a request.
+    closes_after_stream: AtomicBool,
     base: String,
     authorization: Option<String>,
     headers: Vec<(http::HeaderName, http::HeaderValue)>,
@@ -99,8 +138,9 @@ impl HttpBackend {
         connector.set_connect_timeout(Some(target.connect_timeout));
         // Small SSE/NDJSON chunks must not wait for Nagle.
         connector.set_nodelay(true);
-        let builder = Client::builder(TokioExecutor::new()).pool_idle_timeout(Duration::from_secs(90)).clone();
-        let client = if target.allow_https {
+        let pooled = Client::builder(TokioExecutor::new()).pool_idle_timeout(Duration::from_secs(90)).clone();
+        let unpooled = Client::builder(TokioExecutor::new()).pool_max_idle_per_host(0).clone();
+        let (client, fresh) = if target.allow_https {
             connector.enforce_http(false);
             let tls = hyper_rustls::HttpsConnectorBuilder::new()
                 .with_provider_and_native_roots(std::sync::Arc::new(rustls::crypto::ring::default_provider()))
@@ -108,9 +148,9 @@ impl HttpBackend {
                 .https_or_http()
                 .enable_http1()
                 .wrap_connector(connector);
-            Transport::Tls(builder.build(tls))
+            (Transport::Tls(pooled.build(tls.clone())), Transport::Tls(unpooled.build(tls)))
         } else {
-            Transport::Plain(builder.build(connector))
+            (Transport::Plain(pooled.build(connector.clone())), Transport::Plain(unpooled.build(connector)))
         };
         let mut headers = Vec::new();
         for (name, value) in &target.headers {
@@ -122,6 +162,8 @@ impl HttpBackend {
         }
         Ok(HttpBackend {
             client,
+            fresh,
+            closes_after_stream: AtomicBool::new(false),
             base,
             authorization: target.api_key.as_ref().map(|key| format!("Bearer {key}")),
             headers,
@@ -157,13 +199,36 @@ impl HttpBackend {
     }
 
     /// Sends `body` to `path` and returns once the response head arrives;
-    /// the caller bounds how long that may take.
-    pub async fn post(&self, path: &str, body: Bytes, request_id: &str) -> Result<InferenceResponse, ServeError> {
-        let mut request = self.request(Method::POST, path, body)?;
-        if let Ok(id) = http::HeaderValue::from_str(request_id) {
-            request.headers_mut().insert("x-request-id", id);
-        }
-        let response = self.client.request(request).await.map_err(|e| self.classify(path, &e))?;
+    /// the caller bounds how long that may take. `stream`: the response
+    /// streams (a backend that closes after streams closes after this one).
+    pub async fn post(
+        &self,
+        path: &str,
+        body: Bytes,
+        request_id: &str,
+        stream: bool,
+    ) -> Result<InferenceResponse, ServeError> {
+        let build = || -> Result<Request<Full<Bytes>>, ServeError> {
+            let mut request = self.request(Method::POST, path, body.clone())?;
+            if let Ok(id) = http::HeaderValue::from_str(request_id) {
+                request.headers_mut().insert("x-request-id", id);
+            }
+            if stream && self.closes_after_stream.load(Ordering::Relaxed) {
+                request.headers_mut().insert(CONNECTION, http::HeaderValue::from_static("close"));
+            }
+            Ok(request)
+        };
+        let response = match self.client.request(build()?).await {
+            Ok(response) => response,
+            Err(err) if is_stale_connection(&err) => {
+                if !self.closes_after_stream.swap(true, Ordering::Relaxed) {
+                    tracing::info!(backend = %self.base, "the backend closes connections after streamed responses; streamed requests will not reuse them");
+                }
+                tracing::debug!(backend = %self.base, error = %err, "a pooled connection was dead; retrying on a new one");
+                self.fresh.request(build()?).await.map_err(|e| self.classify(path, &e))?
+            }
+            Err(err) => return Err(self.classify(path, &err)),
+        };
         let status = response.status().as_u16();
         let content_type = response
             .headers()

@@ -108,7 +108,7 @@ impl Backend for OllamaBackend {
     }
 
     async fn serve(&self, req: &InferenceRequest) -> Result<InferenceResponse, ServeError> {
-        self.http.post(path_for(req.api)?, req.body.clone(), &req.request_id).await
+        self.http.post(path_for(req.api)?, req.body.clone(), &req.request_id, req.meta.stream).await
     }
 }
 

@@ -81,7 +81,7 @@ impl Backend for OpenAiBackend {
             }
             _ => return self.serve_native(req).await,
         };
-        self.http.post(path, req.body.clone(), &req.request_id).await
+        self.http.post(path, req.body.clone(), &req.request_id, req.meta.stream).await
     }
 }
 
@@ -130,7 +130,7 @@ impl OpenAiBackend {
             _ => return Err(ServeError::BadRequest("not an Ollama API".into())),
         };
         let body = Bytes::from(translated.body.to_string());
-        let upstream = self.http.post(translated.path, body, &req.request_id).await?;
+        let upstream = self.http.post(translated.path, body, &req.request_id, req.meta.stream).await?;
         if !(200..300).contains(&upstream.status) {
             let bytes = collect(upstream.body).await?;
             let message = translate::error_message(&bytes);
