@@ -582,16 +582,20 @@ async fn ollama_generation(engine: Arc<SimEngine>, body: Value, prompt: Prompt, 
         Ok(m) => m,
         Err(r) => return r.into_response(),
     };
-    // Ollama treats an empty generate prompt as "load the model" (preload).
-    if field == "response" && body.get("prompt").and_then(Value::as_str).is_none_or(str::is_empty) {
+    // Ollama treats an empty generate prompt, or a chat without messages,
+    // as "load the model" (preload).
+    let load = match field {
+        "response" => body.get("prompt").and_then(Value::as_str).is_none_or(str::is_empty),
+        _ => body.get("messages").and_then(Value::as_array).is_none_or(Vec::is_empty),
+    };
+    if load {
         let Some(found) = engine.model(&model).map(|m| m.name.clone()) else {
             return sim_error(family, &SimError::ModelNotFound(model)).into_response();
         };
         engine.ensure_loaded(&found).await;
-        return Json(
-            json!({ "model": found, "created_at": rfc3339_now(), "response": "", "done": true, "done_reason": "load" }),
-        )
-        .into_response();
+        let mut answer = json!({ "model": found, "created_at": rfc3339_now(), "done": true, "done_reason": "load" });
+        answer[field] = if field == "response" { json!("") } else { json!({ "role": "assistant", "content": "" }) };
+        return Json(answer).into_response();
     }
     let req = GenRequest { prompt, max_tokens: max_tokens(&body, family), shape: shape(&body, family), model };
     let mut run = match engine.start(req).await {

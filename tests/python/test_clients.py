@@ -177,3 +177,31 @@ def test_ollama_client_against_an_openai_compatible_backend(openai_kind_url):
     parts = list(client.chat(model="qwen2.5:7b", messages=[{"role": "user", "content": "Hi"}], stream=True))
     assert parts[-1].done and parts[-1].eval_count == len("".join(p.message.content for p in parts).split())
     assert len(client.embed(model="nomic-embed-text", input="x").embeddings) == 1
+
+
+def test_ollama_ps_and_durations_against_an_openai_compatible_backend(openai_kind_url):
+    # Ollama's docs: /api/ps's expires_at is a time (an unknown one is left
+    # out, never ""), and the final line's durations are nanoseconds that
+    # clients divide by (prompt speed = prompt_eval_count / prompt_eval_duration).
+    client = ollama.Client(host=openai_kind_url)
+    client.ps()
+    reply = client.chat(model="qwen2.5:7b", messages=[{"role": "user", "content": "Hi"}], options={"num_predict": 3})
+    assert reply.prompt_eval_duration > 0 and reply.eval_duration > 0
+    assert reply.prompt_eval_duration + reply.eval_duration <= reply.total_duration
+    shown = client.show("nomic-embed-text")
+    assert "embedding" in shown.capabilities
+
+
+def test_ollama_refuses_what_ollama_refuses(oll):
+    # Ollama's docs and server: a body field of the wrong type is a 400;
+    # a chat without messages only loads the model.
+    import httpx
+
+    host = oll._client.base_url
+    bad = httpx.post(f"{host}/api/chat", json={"model": "qwen2.5:7b", "messages": "notalist"})
+    assert bad.status_code == 400 and "cannot unmarshal string" in bad.json()["error"]
+    bad = httpx.post(f"{host}/api/generate", json={"model": "qwen2.5:7b", "prompt": 5})
+    assert bad.status_code == 400 and "GenerateRequest.prompt" in bad.json()["error"]
+    loaded = oll.chat(model="qwen2.5:7b", messages=[])
+    assert loaded.done and loaded.done_reason == "load" and loaded.message.content == ""
+    oll.ps()

@@ -106,8 +106,9 @@ async fn hanging_backend_gets_504() {
     .await;
     assert_eq!(status, 504);
     openai_error(&body, "backend_timeout");
-    let (status, body) =
-        send(&format!("{}/api/chat", agent.url), json!({ "model": "qwen2.5:7b", "messages": [] }).to_string()).await;
+    // (Without messages, /api/chat only loads the model, as Ollama's does.)
+    let chat = json!({ "model": "qwen2.5:7b", "messages": [{ "role": "user", "content": "hi" }] });
+    let (status, body) = send(&format!("{}/api/chat", agent.url), chat.to_string()).await;
     assert_eq!(status, 504);
     assert!(body["error"].as_str().is_some_and(|m| m.contains("no response")), "{body}");
 }

@@ -28,11 +28,26 @@ fn openai_entry(entry: &ModelEntry) -> Value {
     json!({ "id": entry.name, "object": "model", "created": created(entry), "owned_by": "llmesh" })
 }
 
+/// Sets `key` to `value` unless the backend did not say (empty): Ollama's
+/// clients parse `modified_at` and `expires_at` as times, so an unknown one
+/// is left out rather than faked.
+fn set_known(object: &mut Value, key: &str, value: &str) {
+    if !value.is_empty() {
+        object[key] = json!(value);
+    }
+}
+
 fn ollama_entry(entry: &ModelEntry) -> Value {
-    json!({
-        "name": entry.name, "model": entry.name, "modified_at": entry.modified_at,
-        "size": entry.size, "digest": entry.digest, "details": entry.details,
-    })
+    let mut value = json!({ "name": entry.name, "model": entry.name, "size": entry.size, "details": entry.details });
+    set_known(&mut value, "modified_at", &entry.modified_at);
+    set_known(&mut value, "digest", &entry.digest);
+    value
+}
+
+/// A model only a cloud provider serves, as Ollama lists its own cloud
+/// models: name and where it runs, nothing local to report.
+fn ollama_cloud_entry(model: &str, provider: &str) -> Value {
+    json!({ "name": model, "model": model, "remote_model": model, "remote_host": provider, "size": 0 })
 }
 
 /// Every model the mesh can serve: this node's first, then those of live
@@ -89,9 +104,12 @@ pub async fn openai_model(State(state): AppStateRef, Path(id): Path<String>) -> 
     }
 }
 
-/// `GET /api/tags`: the union across the mesh.
+/// `GET /api/tags`: the union across the mesh, then models only a cloud
+/// provider serves (as `/v1/models` lists them).
 pub async fn ollama_tags(State(state): AppStateRef) -> Json<Value> {
-    let models: Vec<Value> = mesh_models(&state).models.iter().map(ollama_entry).collect();
+    let mesh = mesh_models(&state);
+    let mut models: Vec<Value> = mesh.models.iter().map(ollama_entry).collect();
+    models.extend(cloud_only(&state, &mesh).iter().map(|(model, provider)| ollama_cloud_entry(model, provider)));
     Json(json!({ "models": models }))
 }
 
@@ -105,7 +123,7 @@ pub async fn ollama_ps(State(state): AppStateRef) -> Json<Value> {
         .filter_map(|entry| {
             let loaded = entry.loaded.as_ref()?;
             let mut value = ollama_entry(entry);
-            value["expires_at"] = json!(loaded.expires_at);
+            set_known(&mut value, "expires_at", &loaded.expires_at);
             value["size_vram"] = json!(loaded.size_vram);
             value["context_length"] = json!(loaded.context_length);
             Some(value)

@@ -95,6 +95,45 @@ fn prefix_key(api: ApiKind, model: &str, peek: &Peek<'_>) -> Option<u64> {
     }
 }
 
+/// JSON's name for the type of `raw`, as Go's decoder words it.
+fn json_type(raw: &RawValue) -> &'static str {
+    match raw.get().trim_start().as_bytes().first() {
+        Some(b'"') => "string",
+        Some(b'[') => "array",
+        Some(b'{') => "object",
+        Some(b't' | b'f') => "bool",
+        Some(b'n') => "null",
+        _ => "number",
+    }
+}
+
+/// Ollama decodes its bodies into typed Go structs and answers 400 for a
+/// field of the wrong type; a body it would refuse must not be served (a
+/// `messages` string would otherwise run as an empty conversation).
+fn check_ollama_types(api: ApiKind, peek: &Peek<'_>) -> Result<(), ApiError> {
+    /// A field: its name, its value, the JSON type and the Go type Ollama wants.
+    type Field<'a> = (&'a str, Option<&'a RawValue>, &'a str, &'a str);
+    let (request, fields): (&str, &[Field<'_>]) = match api {
+        ApiKind::OllamaChat => ("ChatRequest", &[("messages", peek.messages, "array", "[]api.Message")]),
+        ApiKind::OllamaGenerate => (
+            "GenerateRequest",
+            &[("prompt", peek.prompt, "string", "string"), ("system", peek.system, "string", "string")],
+        ),
+        _ => return Ok(()),
+    };
+    for (name, raw, want, go_type) in fields {
+        if let Some(raw) = raw {
+            let found = json_type(raw);
+            if found != *want && found != "null" {
+                return Err(ApiError::bad_request(format!(
+                    "json: cannot unmarshal {found} into Go struct field {request}.{name} of type {go_type}"
+                )));
+            }
+        }
+    }
+    Ok(())
+}
+
 /// Parses what routing needs, rejecting what no backend could serve. The
 /// tenant is the caller's, set by the handler.
 pub fn parse(api: ApiKind, body: &Bytes) -> Result<RequestMeta, ApiError> {
@@ -118,6 +157,7 @@ pub fn parse(api: ApiKind, body: &Bytes) -> Result<RequestMeta, ApiError> {
     if model.len() > 512 {
         return Err(ApiError::bad_request("model name is longer than 512 bytes"));
     }
+    check_ollama_types(api, &peek)?;
     let stream = match api {
         ApiKind::OpenaiEmbeddings | ApiKind::OllamaEmbed | ApiKind::OllamaEmbeddings | ApiKind::OllamaShow => false,
         _ => peek.stream.unwrap_or(streams_by_default(api)),
@@ -176,6 +216,24 @@ mod tests {
     }
 
     #[test]
+    fn ollama_bodies_with_fields_of_the_wrong_type_are_refused_as_ollama_would() {
+        let err = |api, body: &str| fields(api, body).err().map(|e| e.message);
+        assert_eq!(
+            err(ApiKind::OllamaChat, r#"{"model":"m","messages":"notalist"}"#).as_deref(),
+            Some("json: cannot unmarshal string into Go struct field ChatRequest.messages of type []api.Message")
+        );
+        assert_eq!(
+            err(ApiKind::OllamaGenerate, r#"{"model":"m","prompt":5}"#).as_deref(),
+            Some("json: cannot unmarshal number into Go struct field GenerateRequest.prompt of type string")
+        );
+        // Absent or null is Ollama's "load the model"; OpenAI's APIs are the
+        // backend's to judge.
+        assert!(fields(ApiKind::OllamaChat, r#"{"model":"m"}"#).is_ok());
+        assert!(fields(ApiKind::OllamaGenerate, r#"{"model":"m","prompt":null}"#).is_ok());
+        assert!(fields(ApiKind::OpenaiChat, r#"{"model":"m","messages":"x"}"#).is_ok());
+    }
+
+    #[test]
     fn turns_of_one_conversation_share_a_prefix_key() {
         let first = r#"{"model":"m","messages":[{"role":"system","content":"s"},{"role":"user","content":"hi"}]}"#;
         let later = r#"{"model":"m","messages":[{"role":"system","content":"s"},{"role":"user","content":"hi"},{"role":"assistant","content":"yo"},{"role":"user","content":"more"}]}"#;
@@ -186,8 +244,8 @@ mod tests {
         assert_ne!(key(first), key(other));
         assert_ne!(key(first), key(&first.replace(r#""model":"m""#, r#""model":"n""#)));
         assert_eq!(fields(ApiKind::OpenaiEmbeddings, first).expect("ok").prefix, None);
-        // Messages of another shape are the backend's to refuse.
-        assert_eq!(fields(ApiKind::OllamaChat, r#"{"model":"m","messages":"x"}"#).expect("ok").prefix, None);
+        // Messages of another shape (on OpenAI's API) are the backend's to refuse.
+        assert_eq!(fields(ApiKind::OpenaiChat, r#"{"model":"m","messages":"x"}"#).expect("ok").prefix, None);
         let completion = |p: &str| {
             fields(ApiKind::OpenaiCompletions, &format!(r#"{{"model":"m","prompt":{p}}}"#)).expect("ok").prefix
         };

@@ -113,16 +113,30 @@ fn parse_answer(bytes: &[u8]) -> Result<Value, ServeError> {
     serde_json::from_slice(bytes).map_err(|e| ServeError::BackendUnreachable(format!("backend sent invalid JSON: {e}")))
 }
 
+/// What `/api/show` says a model can do. An OpenAI server does not list
+/// capabilities; embedding models carry "embed" in their names by a common
+/// convention (nomic-embed-text, mxbai-embed-large); one that does not is
+/// listed as a completion model.
+fn capability(model: &str) -> &'static str {
+    if model.to_ascii_lowercase().contains("embed") { "embedding" } else { "completion" }
+}
+
 impl OpenAiBackend {
     /// Serves an Ollama-native request by translating it to `/v1/*`.
     async fn serve_native(&self, req: &InferenceRequest) -> Result<InferenceResponse, ServeError> {
         let started = Instant::now();
         let (translated, field) = match req.api {
-            ApiKind::OllamaChat => (translate::chat_request(&req.body, req.meta.stream)?, Some(TextField::Message)),
-            ApiKind::OllamaGenerate => match translate::generate_request(&req.body, req.meta.stream)? {
+            // An OpenAI server has nothing to preload; the model is served as
+            // listed. Generations always stream from the backend, so the
+            // first token's time splits Ollama's durations even when the
+            // client wants one answer.
+            ApiKind::OllamaChat => match translate::chat_request(&req.body, true)? {
+                Some(t) => (t, Some(TextField::Message)),
+                None => return Ok(json_response(200, &translate::load_response(&req.meta.model, true))),
+            },
+            ApiKind::OllamaGenerate => match translate::generate_request(&req.body, true)? {
                 Some(t) => (t, Some(TextField::Response)),
-                // An OpenAI server has nothing to preload; the model is served as listed.
-                None => return Ok(json_response(200, &translate::load_response(&req.meta.model))),
+                None => return Ok(json_response(200, &translate::load_response(&req.meta.model, false))),
             },
             ApiKind::OllamaEmbed => (translate::embed_request(&req.body, false)?, None),
             ApiKind::OllamaEmbeddings => (translate::embed_request(&req.body, true)?, None),
@@ -130,52 +144,58 @@ impl OpenAiBackend {
             _ => return Err(ServeError::BadRequest("not an Ollama API".into())),
         };
         let body = Bytes::from(translated.body.to_string());
-        let upstream = self.http.post(translated.path, body, &req.request_id, req.meta.stream).await?;
+        let streamed = field.is_some();
+        let upstream = self.http.post(translated.path, body, &req.request_id, streamed).await?;
         if !(200..300).contains(&upstream.status) {
             let bytes = collect(upstream.body).await?;
             let message = translate::error_message(&bytes);
             return Ok(json_response(upstream.status, &json!({ "error": message })));
         }
         let model = req.meta.model.clone();
-        match field {
-            Some(field) if req.meta.stream => {
-                let mut translator = translate::SseToNdjson::new(&model, field);
-                let mut body = upstream.body;
-                let stream = async_stream::stream! {
-                    while let Some(chunk) = body.next().await {
-                        match chunk {
-                            Ok(bytes) => {
-                                for line in translator.push(&bytes) {
-                                    yield Ok(line);
-                                }
-                            }
-                            Err(message) => {
-                                yield Err(message);
-                                return;
-                            }
+        let Some(field) = field else {
+            let answer = parse_answer(&collect(upstream.body).await?)?;
+            let legacy = req.api == ApiKind::OllamaEmbeddings;
+            return Ok(json_response(200, &translate::embed_response(&model, &answer, legacy)));
+        };
+        if !upstream.content_type.starts_with("text/event-stream") {
+            // A server that ignored `stream`: one answer, no first-token time.
+            let answer = parse_answer(&collect(upstream.body).await?)?;
+            let timing = translate::Timing { total: started.elapsed(), first_token: None };
+            return Ok(json_response(200, &translate::completion_response(&model, field, &answer, timing)));
+        }
+        let mut translator = translate::SseToNdjson::new(&model, field);
+        let mut body = upstream.body;
+        if !req.meta.stream {
+            let mut lines = Vec::new();
+            while let Some(chunk) = body.next().await {
+                let bytes = chunk.map_err(|e| ServeError::BackendUnreachable(e.to_string()))?;
+                lines.extend(translator.push(&bytes));
+            }
+            lines.extend(translator.finish());
+            let answer = translate::fold_lines(&lines);
+            let status = if answer.get("error").is_some() { 502 } else { 200 };
+            return Ok(json_response(status, &answer));
+        }
+        let stream = async_stream::stream! {
+            while let Some(chunk) = body.next().await {
+                match chunk {
+                    Ok(bytes) => {
+                        for line in translator.push(&bytes) {
+                            yield Ok(line);
                         }
                     }
-                    // A cleanly ended HTTP body without [DONE] is still complete.
-                    for line in translator.finish() {
-                        yield Ok(line);
+                    Err(message) => {
+                        yield Err(message);
+                        return;
                     }
-                };
-                Ok(InferenceResponse {
-                    status: 200,
-                    content_type: "application/x-ndjson".into(),
-                    body: Box::pin(stream),
-                })
+                }
             }
-            Some(field) => {
-                let answer = parse_answer(&collect(upstream.body).await?)?;
-                Ok(json_response(200, &translate::completion_response(&model, field, &answer, started.elapsed())))
+            // A cleanly ended HTTP body without [DONE] is still complete.
+            for line in translator.finish() {
+                yield Ok(line);
             }
-            None => {
-                let answer = parse_answer(&collect(upstream.body).await?)?;
-                let legacy = req.api == ApiKind::OllamaEmbeddings;
-                Ok(json_response(200, &translate::embed_response(&model, &answer, legacy)))
-            }
-        }
+        };
+        Ok(InferenceResponse { status: 200, content_type: "application/x-ndjson".into(), body: Box::pin(stream) })
     }
 
     /// `/api/show` from what an OpenAI server tells: the model's existence.
@@ -186,7 +206,7 @@ impl OpenAiBackend {
             200,
             &json!({
                 "modelfile": "", "parameters": "", "template": "",
-                "details": entry.details, "model_info": {}, "capabilities": ["completion"],
+                "details": entry.details, "model_info": {}, "capabilities": [capability(model)],
             }),
         ))
     }

@@ -121,17 +121,21 @@ fn finish_request(src: &Map<String, Value>, mut out: Map<String, Value>, stream:
     Value::Object(out)
 }
 
-/// `/api/chat` → `/v1/chat/completions`.
-pub fn chat_request(body: &[u8], stream: bool) -> Result<Translated, ServeError> {
+/// `/api/chat` → `/v1/chat/completions`. `None` for no messages, which
+/// Ollama treats as "load the model".
+pub fn chat_request(body: &[u8], stream: bool) -> Result<Option<Translated>, ServeError> {
     let src = object(body)?;
     let messages: Vec<Value> =
         src.get("messages").and_then(Value::as_array).into_iter().flatten().map(message).collect();
+    if messages.is_empty() {
+        return Ok(None);
+    }
     let mut out = Map::new();
     out.insert("messages".into(), Value::Array(messages));
     if let Some(tools) = src.get("tools").filter(|t| t.as_array().is_some_and(|a| !a.is_empty())) {
         out.insert("tools".into(), tools.clone());
     }
-    Ok(Translated { path: "/v1/chat/completions", body: finish_request(&src, out, stream) })
+    Ok(Some(Translated { path: "/v1/chat/completions", body: finish_request(&src, out, stream) }))
 }
 
 /// `/api/generate` → `/v1/chat/completions` (or `/v1/completions` when
@@ -168,9 +172,15 @@ pub fn embed_request(body: &[u8], legacy: bool) -> Result<Translated, ServeError
     })
 }
 
-/// The answer Ollama gives to an empty generate prompt (a preload).
-pub fn load_response(model: &str) -> Value {
-    json!({ "model": model, "created_at": now_rfc3339(), "response": "", "done": true, "done_reason": "load" })
+/// The answer Ollama gives to an empty generate prompt or chat (a preload).
+pub fn load_response(model: &str, chat: bool) -> Value {
+    let mut answer = json!({ "model": model, "created_at": now_rfc3339(), "done": true, "done_reason": "load" });
+    if chat {
+        answer["message"] = json!({ "role": "assistant", "content": "" });
+    } else {
+        answer["response"] = json!("");
+    }
+    answer
 }
 
 /// OpenAI tool calls as Ollama's (arguments as objects, not strings).
@@ -197,22 +207,44 @@ fn text_line(model: &str, field: TextField, text: &str, done: bool) -> Value {
     line
 }
 
-fn final_fields(line: &mut Value, finish: Option<&str>, usage: Option<&Value>, elapsed: Duration) {
+/// When a translated response's parts arrived, for Ollama's durations.
+#[derive(Debug, Clone, Copy)]
+pub struct Timing {
+    /// From sending the request to the end of the answer.
+    pub total: Duration,
+    /// From sending the request to the first generated token, when one
+    /// came (the prompt's evaluation, and any wait and load before it).
+    pub first_token: Option<Duration>,
+}
+
+/// Ollama's final fields. The durations are the backend's own when it
+/// reports them (llama-server's `timings`), else measured here: prompt
+/// evaluation until the first token, evaluation from it to the end.
+fn final_fields(
+    line: &mut Value,
+    finish: Option<&str>,
+    usage: Option<&Value>,
+    reported: Option<&Value>,
+    timing: Timing,
+) {
     let count = |key: &str| usage.and_then(|u| u.get(key)).and_then(Value::as_u64).unwrap_or(0);
     line["done_reason"] = json!(match finish {
         Some("length") => "length",
         _ => "stop",
     });
-    line["total_duration"] = json!(elapsed.as_nanos() as u64);
+    let nanos = |d: Duration| d.as_nanos() as u64;
+    let reported_ms = |key: &str| reported.and_then(|t| t.get(key)).and_then(Value::as_f64).map(|ms| (ms * 1e6) as u64);
+    let first = timing.first_token.unwrap_or(timing.total);
+    line["total_duration"] = json!(nanos(timing.total));
     line["load_duration"] = json!(0);
     line["prompt_eval_count"] = json!(count("prompt_tokens"));
-    line["prompt_eval_duration"] = json!(0);
+    line["prompt_eval_duration"] = json!(reported_ms("prompt_ms").unwrap_or(nanos(first)));
     line["eval_count"] = json!(count("completion_tokens"));
-    line["eval_duration"] = json!(elapsed.as_nanos() as u64);
+    line["eval_duration"] = json!(reported_ms("predicted_ms").unwrap_or(nanos(timing.total.saturating_sub(first))));
 }
 
 /// A non-streaming OpenAI chat/completions answer in Ollama's shape.
-pub fn completion_response(model: &str, field: TextField, answer: &Value, elapsed: Duration) -> Value {
+pub fn completion_response(model: &str, field: TextField, answer: &Value, timing: Timing) -> Value {
     let choice = answer.pointer("/choices/0").cloned().unwrap_or(Value::Null);
     let text =
         choice.pointer("/message/content").or_else(|| choice.get("text")).and_then(Value::as_str).unwrap_or_default();
@@ -220,7 +252,8 @@ pub fn completion_response(model: &str, field: TextField, answer: &Value, elapse
     if let Some(calls) = choice.pointer("/message/tool_calls").and_then(Value::as_array) {
         line["message"]["tool_calls"] = json!(tool_calls(calls));
     }
-    final_fields(&mut line, choice.get("finish_reason").and_then(Value::as_str), answer.get("usage"), elapsed);
+    let finish = choice.get("finish_reason").and_then(Value::as_str);
+    final_fields(&mut line, finish, answer.get("usage"), answer.get("timings"), timing);
     line
 }
 
@@ -261,6 +294,9 @@ pub struct SseToNdjson {
     calls: Vec<Value>,
     done: bool,
     started: std::time::Instant,
+    first_token: Option<Duration>,
+    /// The backend's own timings (llama-server sends them).
+    timings: Option<Value>,
 }
 
 impl SseToNdjson {
@@ -275,6 +311,8 @@ impl SseToNdjson {
             calls: Vec::new(),
             done: false,
             started: std::time::Instant::now(),
+            first_token: None,
+            timings: None,
         }
     }
 
@@ -318,13 +356,25 @@ impl SseToNdjson {
         if let Some(usage) = value.get("usage").filter(|u| !u.is_null()) {
             self.usage = Some(usage.clone());
         }
+        if let Some(timings) = value.get("timings").filter(|t| t.is_object()) {
+            self.timings = Some(timings.clone());
+        }
         let Some(choice) = value.pointer("/choices/0") else {
             return Vec::new();
         };
         if let Some(reason) = choice.get("finish_reason").and_then(Value::as_str) {
             self.finish = Some(reason.to_string());
         }
-        for fragment in choice.pointer("/delta/tool_calls").and_then(Value::as_array).into_iter().flatten() {
+        let fragments = choice.pointer("/delta/tool_calls").and_then(Value::as_array);
+        let has_text = choice
+            .pointer("/delta/content")
+            .or_else(|| choice.get("text"))
+            .and_then(Value::as_str)
+            .is_some_and(|t| !t.is_empty());
+        if self.first_token.is_none() && (has_text || fragments.is_some_and(|f| !f.is_empty())) {
+            self.first_token = Some(self.started.elapsed());
+        }
+        for fragment in fragments.into_iter().flatten() {
             let index = fragment.get("index").and_then(Value::as_u64).unwrap_or(0) as usize;
             while self.calls.len() <= index {
                 self.calls.push(json!({ "function": { "name": "", "arguments": "" } }));
@@ -359,10 +409,43 @@ impl SseToNdjson {
             out.push(Self::line(&line));
         }
         let mut last = text_line(&self.model, self.field, "", true);
-        final_fields(&mut last, self.finish.as_deref(), self.usage.as_ref(), self.started.elapsed());
+        let timing = Timing { total: self.started.elapsed(), first_token: self.first_token };
+        final_fields(&mut last, self.finish.as_deref(), self.usage.as_ref(), self.timings.as_ref(), timing);
         out.push(Self::line(&last));
         out
     }
+}
+
+/// Folds the NDJSON lines of a translated stream into Ollama's one
+/// non-streaming answer: the text joined, tool calls kept, the final
+/// line's counts and durations. An error line is the answer.
+pub fn fold_lines(lines: &[Bytes]) -> Value {
+    let mut text = String::new();
+    let mut calls = None;
+    let mut last = Value::Null;
+    for line in lines {
+        let Ok(value) = serde_json::from_slice::<Value>(line) else { continue };
+        if value.get("error").is_some() {
+            return value;
+        }
+        if let Some(piece) = value.pointer("/message/content").or_else(|| value.get("response")).and_then(Value::as_str)
+        {
+            text.push_str(piece);
+        }
+        if let Some(found) = value.pointer("/message/tool_calls") {
+            calls = Some(found.clone());
+        }
+        last = value;
+    }
+    if last.get("message").is_some() {
+        last["message"]["content"] = json!(text);
+        if let Some(calls) = calls {
+            last["message"]["tool_calls"] = calls;
+        }
+    } else if last.is_object() {
+        last["response"] = json!(text);
+    }
+    last
 }
 
 #[cfg(test)]
@@ -381,7 +464,7 @@ mod tests {
             "messages": [{ "role": "user", "content": "what is this", "images": ["AAAA"] }],
             "tools": [{ "type": "function", "function": { "name": "f", "parameters": {} } }],
         });
-        let t = chat_request(body.to_string().as_bytes(), true).expect("translates");
+        let t = chat_request(body.to_string().as_bytes(), true).expect("translates").expect("messages");
         assert_eq!(t.path, "/v1/chat/completions");
         assert_eq!(t.body["max_tokens"], 7);
         assert_eq!(t.body["temperature"], 0.2);
@@ -447,11 +530,12 @@ mod tests {
     fn non_streaming_answers_convert() {
         let answer = json!({ "choices": [{ "message": { "content": "hi there" }, "finish_reason": "stop" }],
                              "usage": { "prompt_tokens": 2, "completion_tokens": 2 } });
-        let chat = completion_response("m", TextField::Message, &answer, Duration::from_millis(5));
+        let timing = |ms| Timing { total: Duration::from_millis(ms), first_token: None };
+        let chat = completion_response("m", TextField::Message, &answer, timing(5));
         assert_eq!(chat["message"]["content"], "hi there");
         assert_eq!(chat["eval_count"], 2);
         let gen_answer = json!({ "choices": [{ "text": "once", "finish_reason": "length" }] });
-        let generated = completion_response("m", TextField::Response, &gen_answer, Duration::ZERO);
+        let generated = completion_response("m", TextField::Response, &gen_answer, timing(0));
         assert_eq!(generated["response"], "once");
         assert_eq!(generated["done_reason"], "length");
         let embed = json!({ "data": [{ "embedding": [0.5, 0.5] }], "usage": { "prompt_tokens": 1 } });
@@ -459,5 +543,31 @@ mod tests {
         assert_eq!(embed_response("m", &embed, true)["embedding"][0], 0.5);
         assert_eq!(error_message(br#"{"error":{"message":"nope"}}"#), "nope");
         assert_eq!(error_message(b"plain"), "plain");
+    }
+
+    #[test]
+    fn durations_split_at_the_first_token_or_come_from_the_backend() {
+        let mut t = SseToNdjson::new("m", TextField::Message);
+        std::thread::sleep(Duration::from_millis(20));
+        let mut lines = t.push(b"data: {\"choices\":[{\"delta\":{\"content\":\"hi\"}}]}\n\n");
+        std::thread::sleep(Duration::from_millis(20));
+        lines.extend(t.push(b"data: {\"choices\":[{\"delta\":{\"content\":\" there\"},\"finish_reason\":\"stop\"}],\"usage\":{\"prompt_tokens\":3,\"completion_tokens\":2}}\n\ndata: [DONE]\n\n"));
+        let last: Value = serde_json::from_slice(lines.last().expect("final line")).expect("json");
+        let n = |k: &str| last[k].as_u64().expect(k);
+        assert!(n("prompt_eval_duration") >= 20_000_000, "{last}");
+        assert!(n("eval_duration") >= 20_000_000, "{last}");
+        assert!(n("prompt_eval_duration") + n("eval_duration") <= n("total_duration"));
+        // Folded into one answer for a client that does not stream.
+        let answer = fold_lines(&lines);
+        assert_eq!(answer["message"]["content"], "hi there");
+        assert_eq!((answer["done"].as_bool(), answer["eval_count"].as_u64()), (Some(true), Some(2)));
+        // llama-server's own timings win.
+        let mut t = SseToNdjson::new("m", TextField::Response);
+        let lines = t.push(b"data: {\"choices\":[{\"text\":\"x\",\"finish_reason\":\"length\"}],\"timings\":{\"prompt_ms\":12.5,\"predicted_ms\":40.0}}\n\ndata: [DONE]\n\n");
+        let last: Value = serde_json::from_slice(lines.last().expect("final line")).expect("json");
+        assert_eq!(
+            (last["prompt_eval_duration"].as_u64(), last["eval_duration"].as_u64()),
+            (Some(12_500_000), Some(40_000_000))
+        );
     }
 }
