@@ -15,6 +15,37 @@ pub enum ErrorFormat {
     OpenAi,
     /// Ollama-style string.
     Ollama,
+    /// Anthropic's `{"type":"error","error":{type,message}}`.
+    Anthropic,
+}
+
+impl ErrorFormat {
+    /// The error format of `api`'s clients.
+    pub fn of(api: llmesh_mesh::ApiKind) -> ErrorFormat {
+        if api.is_ollama_native() {
+            ErrorFormat::Ollama
+        } else if api.is_anthropic() {
+            ErrorFormat::Anthropic
+        } else {
+            ErrorFormat::OpenAi
+        }
+    }
+}
+
+/// Anthropic's error type for an HTTP status (what its SDKs map to
+/// exception classes).
+pub fn anthropic_type(status: StatusCode) -> &'static str {
+    match status.as_u16() {
+        400 | 422 => "invalid_request_error",
+        401 => "authentication_error",
+        403 => "permission_error",
+        404 => "not_found_error",
+        413 => "request_too_large",
+        429 => "rate_limit_error",
+        503 | 529 => "overloaded_error",
+        504 => "timeout_error",
+        _ => "api_error",
+    }
 }
 
 /// An error response waiting to be rendered.
@@ -95,6 +126,9 @@ impl IntoResponse for ApiError {
                 "error": { "message": self.message, "type": self.kind(), "param": null, "code": self.code }
             }),
             ErrorFormat::Ollama => json!({ "error": self.message }),
+            ErrorFormat::Anthropic => json!({
+                "type": "error", "error": { "type": anthropic_type(self.status), "message": self.message }
+            }),
         };
         let mut response = (self.status, Json(body)).into_response();
         if self.status == StatusCode::SERVICE_UNAVAILABLE {

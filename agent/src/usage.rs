@@ -28,11 +28,13 @@ pub struct UsageMeter {
     prompt_bytes: usize,
 }
 
+/// OpenAI's usage object; Anthropic's and the Responses API's name the
+/// same counts `input_tokens` and `output_tokens`.
 #[derive(Deserialize)]
 struct UsageObject {
-    #[serde(default)]
+    #[serde(default, alias = "input_tokens")]
     prompt_tokens: u64,
-    #[serde(default)]
+    #[serde(default, alias = "output_tokens")]
     completion_tokens: u64,
 }
 
@@ -78,7 +80,10 @@ impl UsageMeter {
         if let Some(at) = find(line, b"\"usage\":") {
             let mut objects = serde_json::Deserializer::from_slice(&line[at + 8..]).into_iter::<UsageObject>();
             if let Some(Ok(usage)) = objects.next() {
-                self.reported = Some((usage.prompt_tokens, usage.completion_tokens));
+                // Anthropic reports input at the start and output at the end
+                // of a stream: keep the largest of each.
+                let (prompt, completion) = self.reported.unwrap_or_default();
+                self.reported = Some((prompt.max(usage.prompt_tokens), completion.max(usage.completion_tokens)));
             }
         } else if let Some(completion) = number_after(line, b"\"eval_count\":") {
             let prompt = number_after(line, b"\"prompt_eval_count\":").unwrap_or(0);

@@ -22,10 +22,16 @@ impl ApiKind {
     /// Whether a streamed response of this API uses Server-Sent Events
     /// (OpenAI) rather than newline-delimited JSON (Ollama).
     pub fn streams_sse(self) -> bool {
-        matches!(self, ApiKind::OpenaiChat | ApiKind::OpenaiCompletions | ApiKind::OpenaiEmbeddings)
+        !self.is_ollama_native() && self != ApiKind::Unspecified
     }
 
-    /// Whether this API is one of Ollama's native `/api/*` endpoints.
+    /// Whether this API is Anthropic's (`/v1/messages*`), whose errors
+    /// have Anthropic's shape.
+    pub fn is_anthropic(self) -> bool {
+        matches!(self, ApiKind::AnthropicMessages | ApiKind::AnthropicCountTokens)
+    }
+
+    /// Whether the API is one of Ollama's own (`/api/*`).
     pub fn is_ollama_native(self) -> bool {
         matches!(
             self,

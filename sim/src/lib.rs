@@ -6,6 +6,7 @@
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
+mod apis;
 mod closing;
 pub mod config;
 pub mod engine;

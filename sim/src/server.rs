@@ -51,6 +51,9 @@ pub fn router(engine: Arc<SimEngine>) -> Router {
         .route("/v1/chat/completions", post(openai_chat))
         .route("/v1/completions", post(openai_completions))
         .route("/v1/embeddings", post(openai_embeddings))
+        .route("/v1/messages", post(crate::apis::anthropic_messages))
+        .route("/v1/messages/count_tokens", post(crate::apis::anthropic_count_tokens))
+        .route("/v1/responses", post(crate::apis::openai_responses))
         .route("/sim/stats", get(stats))
         .route("/sim/faults", get(get_faults).post(set_faults))
         .route("/sim/last-request", get(last_request))
@@ -58,17 +61,18 @@ pub fn router(engine: Arc<SimEngine>) -> Router {
         .with_state(engine)
 }
 
-type Sim = State<Arc<SimEngine>>;
+pub(crate) type Sim = State<Arc<SimEngine>>;
 
 /// Which error body shape a route speaks.
 #[derive(Clone, Copy)]
-enum Family {
+pub(crate) enum Family {
     OpenAi,
     Ollama,
+    Anthropic,
 }
 
 /// An error answer, rendered in the route's family's shape.
-struct Fail {
+pub(crate) struct Fail {
     family: Family,
     status: StatusCode,
     message: String,
@@ -81,16 +85,20 @@ impl IntoResponse for Fail {
                 "error": { "message": self.message, "type": "api_error", "param": null, "code": null }
             }),
             Family::Ollama => json!({ "error": self.message }),
+            Family::Anthropic => json!({
+                "type": "error",
+                "error": { "type": if self.status == StatusCode::NOT_FOUND { "not_found_error" } else { "api_error" }, "message": self.message },
+            }),
         };
         (self.status, Json(body)).into_response()
     }
 }
 
-fn error(family: Family, status: StatusCode, message: &str) -> Fail {
+pub(crate) fn error(family: Family, status: StatusCode, message: &str) -> Fail {
     Fail { family, status, message: message.to_string() }
 }
 
-fn sim_error(family: Family, err: &SimError) -> Fail {
+pub(crate) fn sim_error(family: Family, err: &SimError) -> Fail {
     let status = match err {
         SimError::ModelNotFound(_) => StatusCode::NOT_FOUND,
         SimError::Injected => StatusCode::INTERNAL_SERVER_ERROR,
@@ -98,7 +106,7 @@ fn sim_error(family: Family, err: &SimError) -> Fail {
     error(family, status, &err.to_string())
 }
 
-fn parse(family: Family, uri: &Uri, engine: &SimEngine, body: &Bytes) -> Result<Value, Fail> {
+pub(crate) fn parse(family: Family, uri: &Uri, engine: &SimEngine, body: &Bytes) -> Result<Value, Fail> {
     engine.record(uri.path(), body);
     let value: Value = serde_json::from_slice(body)
         .map_err(|e| error(family, StatusCode::BAD_REQUEST, &format!("invalid JSON: {e}")))?;
@@ -108,7 +116,7 @@ fn parse(family: Family, uri: &Uri, engine: &SimEngine, body: &Bytes) -> Result<
     Ok(value)
 }
 
-fn model_of(family: Family, body: &Value) -> Result<String, Fail> {
+pub(crate) fn model_of(family: Family, body: &Value) -> Result<String, Fail> {
     body.get("model")
         .or_else(|| body.get("name"))
         .and_then(Value::as_str)
@@ -118,7 +126,7 @@ fn model_of(family: Family, body: &Value) -> Result<String, Fail> {
 }
 
 /// Text of a message's content: a string, or OpenAI's array of parts.
-fn content_text(content: Option<&Value>) -> String {
+pub(crate) fn content_text(content: Option<&Value>) -> String {
     match content {
         Some(Value::String(s)) => s.clone(),
         Some(Value::Array(parts)) => {
@@ -169,19 +177,21 @@ fn shape(body: &Value, family: Family) -> OutputShape {
         Family::Ollama => {
             !matches!(body.get("format"), None | Some(Value::Null)) && body.get("format") != Some(&json!(""))
         }
+        Family::Anthropic => false,
     };
     if json_mode { OutputShape::Json } else { OutputShape::Text }
 }
 
-fn max_tokens(body: &Value, family: Family) -> Option<u32> {
+pub(crate) fn max_tokens(body: &Value, family: Family) -> Option<u32> {
     let value = match family {
         Family::OpenAi => body.get("max_completion_tokens").or_else(|| body.get("max_tokens")),
         Family::Ollama => body.pointer("/options/num_predict"),
+        Family::Anthropic => body.get("max_tokens").or_else(|| body.get("max_output_tokens")),
     };
     value.and_then(Value::as_i64).filter(|n| *n > 0).map(|n| u32::try_from(n).unwrap_or(u32::MAX))
 }
 
-fn stream_flag(body: &Value, default: bool) -> bool {
+pub(crate) fn stream_flag(body: &Value, default: bool) -> bool {
     body.get("stream").and_then(Value::as_bool).unwrap_or(default)
 }
 
@@ -193,7 +203,7 @@ fn deterministic() -> bool {
     DETERMINISTIC.load(Ordering::Relaxed)
 }
 
-fn unix_now() -> u64 {
+pub(crate) fn unix_now() -> u64 {
     if deterministic() {
         return 1_700_000_000;
     }
@@ -208,7 +218,7 @@ fn rfc3339_now() -> String {
 }
 
 /// A response id: a counter, or in deterministic mode a hash of the body.
-fn next_id(prefix: &str, body: &[u8]) -> String {
+pub(crate) fn next_id(prefix: &str, body: &[u8]) -> String {
     if deterministic() {
         return format!("{prefix}-sim{:x}", text::fnv1a(0, body));
     }
@@ -229,7 +239,7 @@ fn ndjson(value: &Value) -> Bytes {
     Bytes::from(line)
 }
 
-fn streaming(
+pub(crate) fn streaming(
     content_type: &'static str,
     stream: impl Stream<Item = Result<Bytes, std::io::Error>> + Send + 'static,
 ) -> Response {
@@ -242,13 +252,13 @@ fn streaming(
 
 /// Lets the server flush the tokens already produced before the drop
 /// fault cuts the connection, so a client really receives N tokens first.
-async fn drop_pause() {
+pub(crate) async fn drop_pause() {
     tokio::time::sleep(std::time::Duration::from_millis(20)).await;
 }
 
 /// A 200 whose body breaks at once: how the drop fault looks to a client
 /// of a non-streaming request.
-fn dropped_connection() -> Response {
+pub(crate) fn dropped_connection() -> Response {
     streaming(
         "application/json",
         futures::stream::once(async { Err(std::io::Error::other("connection dropped (injected fault)")) }),

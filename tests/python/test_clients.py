@@ -205,3 +205,40 @@ def test_ollama_refuses_what_ollama_refuses(oll):
     loaded = oll.chat(model="qwen2.5:7b", messages=[])
     assert loaded.done and loaded.done_reason == "load" and loaded.message.content == ""
     oll.ps()
+
+
+def test_anthropic_messages_plain_streamed_and_a_tool_round_trip(agent_url):
+    import anthropic
+
+    client = anthropic.Anthropic(base_url=agent_url, api_key="unused")
+    reply = client.messages.create(
+        model="qwen2.5:7b", max_tokens=5, system="be brief", messages=[{"role": "user", "content": "Hi"}]
+    )
+    assert reply.role == "assistant" and reply.stop_reason == "max_tokens"
+    assert len(reply.content[0].text.split()) == 5 and reply.usage.output_tokens == 5
+    with client.messages.stream(model="qwen2.5:7b", max_tokens=4, messages=[{"role": "user", "content": "Hi"}]) as s:
+        text = "".join(s.text_stream)
+        final = s.get_final_message()
+    assert len(text.split()) == 4 and final.content[0].text == text
+    tools = [{"name": "get_time", "description": "the time", "input_schema": {"type": "object", "properties": {}}}]
+    asked = [{"role": "user", "content": "What time is it?"}]
+    call = client.messages.create(model="qwen2.5:7b", max_tokens=8, tools=tools, messages=asked)
+    assert call.stop_reason == "tool_use" and call.content[0].name == "get_time"
+    result = [{"type": "tool_result", "tool_use_id": call.content[0].id, "content": "noon"}]
+    answer = client.messages.create(
+        model="qwen2.5:7b", max_tokens=3, tools=tools,
+        messages=asked + [{"role": "assistant", "content": call.content}, {"role": "user", "content": result}],
+    )
+    assert answer.stop_reason == "max_tokens" and answer.content[0].type == "text"
+    assert client.messages.count_tokens(model="qwen2.5:7b", messages=asked).input_tokens > 0
+    with pytest.raises(anthropic.NotFoundError):
+        client.messages.create(model="missing:1b", max_tokens=3, messages=asked)
+
+
+def test_openai_responses_plain_and_streamed(oai):
+    response = oai.responses.create(model="qwen2.5:7b", input="Hello there", max_output_tokens=6)
+    assert response.status == "completed" and len(response.output_text.split()) == 6
+    events = list(oai.responses.create(model="qwen2.5:7b", input="Hello", max_output_tokens=3, stream=True))
+    deltas = "".join(e.delta for e in events if e.type == "response.output_text.delta")
+    assert events[-1].type == "response.completed" and events[-1].response.output_text == deltas
+    assert len(deltas.split()) == 3

@@ -89,7 +89,18 @@ async fn every_api_is_served_by_the_node_that_has_the_model() {
     let generate = json!({ "model": M, "prompt": "once", "options": { "num_predict": 3 } });
     let mut generate_once = generate.clone();
     generate_once["stream"] = json!(false);
+    let messages = json!({ "model": M, "max_tokens": 4, "messages": [{ "role": "user", "content": "hi" }] });
+    let mut messages_stream = messages.clone();
+    messages_stream["stream"] = json!(true);
+    let responses = json!({ "model": M, "input": "hi", "max_output_tokens": 4 });
+    let mut responses_stream = responses.clone();
+    responses_stream["stream"] = json!(true);
     let cases: Vec<(&str, Value, &str)> = vec![
+        ("/v1/messages", messages.clone(), "json"),
+        ("/v1/messages", messages_stream, "events"),
+        ("/v1/messages/count_tokens", messages, "json"),
+        ("/v1/responses", responses, "json"),
+        ("/v1/responses", responses_stream, "events"),
         ("/v1/chat/completions", chat, "json"),
         ("/v1/chat/completions", chat_stream, "sse"),
         ("/v1/completions", completion, "json"),
@@ -115,15 +126,21 @@ async fn every_api_is_served_by_the_node_that_has_the_model() {
             let text = response.text().await.expect("body");
             match *kind {
                 "sse" => assert_eq!(sse_events(&text).last().map(String::as_str), Some("[DONE]"), "{path}: {text}"),
+                "events" => {
+                    // Anthropic's and the Responses API's named events end
+                    // with message_stop and response.completed.
+                    let last: Value = serde_json::from_str(sse_events(&text).last().expect("events")).expect("JSON");
+                    assert!(matches!(last["type"].as_str(), Some("message_stop" | "response.completed")), "{text}");
+                }
                 "ndjson" => {
                     assert_eq!(ndjson_lines(&text).last().map(|l| l["done"].clone()), Some(json!(true)), "{path}")
                 }
                 _ => {
                     let parsed: Value = serde_json::from_str(&text).expect("JSON");
-                    assert!(parsed.get("error").is_none(), "{path}: {parsed}");
+                    assert!(parsed.get("error").is_none_or(Value::is_null), "{path}: {parsed}");
                 }
             }
-            if *path != "/api/show" {
+            if !matches!(*path, "/api/show" | "/v1/messages/count_tokens") {
                 sent += 1;
             }
         }

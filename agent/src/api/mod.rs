@@ -88,6 +88,12 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/v1/chat/completions", post(|s: AppStateRef, c, h, b| infer(s, ApiKind::OpenaiChat, c, h, b)))
         .route("/v1/completions", post(|s: AppStateRef, c, h, b| infer(s, ApiKind::OpenaiCompletions, c, h, b)))
         .route("/v1/embeddings", post(|s: AppStateRef, c, h, b| infer(s, ApiKind::OpenaiEmbeddings, c, h, b)))
+        .route("/v1/responses", post(|s: AppStateRef, c, h, b| infer(s, ApiKind::OpenaiResponses, c, h, b)))
+        .route("/v1/messages", post(|s: AppStateRef, c, h, b| infer(s, ApiKind::AnthropicMessages, c, h, b)))
+        .route(
+            "/v1/messages/count_tokens",
+            post(|s: AppStateRef, c, h, b| infer(s, ApiKind::AnthropicCountTokens, c, h, b)),
+        )
         .route("/api/chat", post(|s: AppStateRef, c, h, b| infer(s, ApiKind::OllamaChat, c, h, b)))
         .route("/api/generate", post(|s: AppStateRef, c, h, b| infer(s, ApiKind::OllamaGenerate, c, h, b)))
         .route("/api/embed", post(|s: AppStateRef, c, h, b| infer(s, ApiKind::OllamaEmbed, c, h, b)))
@@ -150,7 +156,13 @@ async fn recent_errors(State(state): AppStateRef) -> axum::Json<serde_json::Valu
 
 /// The error format a path speaks.
 pub fn format_for(path: &str) -> ErrorFormat {
-    if path.starts_with("/api/") { ErrorFormat::Ollama } else { ErrorFormat::OpenAi }
+    if path.starts_with("/api/") {
+        ErrorFormat::Ollama
+    } else if path.starts_with("/v1/messages") {
+        ErrorFormat::Anthropic
+    } else {
+        ErrorFormat::OpenAi
+    }
 }
 
 async fn no_route(method: Method, uri: Uri) -> Response {
@@ -332,7 +344,7 @@ async fn infer(
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Response {
-    let format = if api.is_ollama_native() { ErrorFormat::Ollama } else { ErrorFormat::OpenAi };
+    let format = ErrorFormat::of(api);
     let request_id = request_id(&headers);
     let started = Instant::now();
     let result = match build_request(&state, api, &caller, &headers, body, &request_id) {

@@ -24,6 +24,8 @@ use crate::error::{ApiError, ErrorFormat};
 pub enum Framing {
     /// `text/event-stream`: OpenAI streaming.
     Sse,
+    /// `text/event-stream` of Anthropic's Messages API (named events).
+    AnthropicSse,
     /// `application/x-ndjson`: Ollama streaming.
     Ndjson,
     /// Anything else: one document.
@@ -50,6 +52,10 @@ pub fn stream_error_event(framing: Framing, message: &str) -> Bytes {
         Framing::Sse => {
             let event = json!({ "error": { "message": message, "type": "server_error", "param": null, "code": "stream_interrupted" } });
             Bytes::from(format!("data: {event}\n\n"))
+        }
+        Framing::AnthropicSse => {
+            let event = json!({ "type": "error", "error": { "type": "api_error", "message": message } });
+            Bytes::from(format!("event: error\ndata: {event}\n\n"))
         }
         _ => Bytes::from(format!("{}\n", json!({ "error": message }))),
     }
@@ -183,9 +189,14 @@ pub async fn relay(
     let status = StatusCode::from_u16(response.status).unwrap_or(StatusCode::BAD_GATEWAY);
     let content_type =
         HeaderValue::from_str(&response.content_type).unwrap_or_else(|_| HeaderValue::from_static("application/json"));
-    let framing = Framing::of(&response.content_type);
+    let framing = match Framing::of(&response.content_type) {
+        Framing::Sse if error_format == ErrorFormat::Anthropic => Framing::AnthropicSse,
+        framing => framing,
+    };
     let body = match framing {
-        Framing::Sse | Framing::Ndjson => Body::from_stream(Guarded::new(response.body, framing, idle)),
+        Framing::Sse | Framing::AnthropicSse | Framing::Ndjson => {
+            Body::from_stream(Guarded::new(response.body, framing, idle))
+        }
         Framing::Document => match collect(response.body, idle, max_response_bytes).await {
             Ok(bytes) => Body::from(bytes),
             Err(err) => {

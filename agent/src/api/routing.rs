@@ -43,6 +43,13 @@ struct Peek<'a> {
     system: Option<&'a RawValue>,
     #[serde(borrow, default)]
     prompt: Option<&'a RawValue>,
+    /// The Responses API's prompt, its system prompt and output length.
+    #[serde(borrow, default)]
+    input: Option<&'a RawValue>,
+    #[serde(borrow, default)]
+    instructions: Option<&'a RawValue>,
+    #[serde(borrow, default)]
+    max_output_tokens: Option<&'a RawValue>,
 }
 
 /// A message's role, to find the first user turn.
@@ -62,7 +69,7 @@ fn streams_by_default(api: ApiKind) -> bool {
 fn output_tokens(peek: &Peek<'_>) -> Option<u32> {
     let num_predict =
         peek.options.and_then(|o| serde_json::from_str::<Options<'_>>(o.get()).ok()).and_then(|o| o.num_predict);
-    let raw = peek.max_completion_tokens.or(peek.max_tokens).or(num_predict)?;
+    let raw = peek.max_completion_tokens.or(peek.max_tokens).or(peek.max_output_tokens).or(num_predict)?;
     serde_json::from_str::<u32>(raw.get()).ok()
 }
 
@@ -72,14 +79,20 @@ fn output_tokens(peek: &Peek<'_>) -> Option<u32> {
 /// conversation share it, so they can go where its KV cache is.
 fn prefix_key(api: ApiKind, model: &str, peek: &Peek<'_>) -> Option<u64> {
     let key = PrefixKey::new(model);
+    let with = |key: PrefixKey, raw: Option<&RawValue>| match raw {
+        Some(raw) => key.push(raw.get().as_bytes()),
+        None => key,
+    };
     match api {
-        ApiKind::OpenaiChat | ApiKind::OllamaChat => {
-            let messages: Vec<&RawValue> = serde_json::from_str(peek.messages?.get()).ok()?;
-            let is_user = |m: &&RawValue| {
-                serde_json::from_str::<Role<'_>>(m.get()).ok().and_then(|r| r.role).as_deref() == Some("user")
-            };
-            let end = messages.iter().position(is_user)?;
-            Some(messages[..=end].iter().fold(key, |key, m| key.push(m.get().as_bytes())).finish())
+        ApiKind::OpenaiChat | ApiKind::OllamaChat => through_first_user(key, peek.messages?),
+        // Anthropic's system prompt is a field of its own.
+        ApiKind::AnthropicMessages => through_first_user(with(key, peek.system), peek.messages?),
+        ApiKind::OpenaiResponses => {
+            let key = with(key, peek.instructions);
+            match serde_json::from_str::<Cow<'_, str>>(peek.input?.get()) {
+                Ok(text) => Some(key.push(head(&text).as_bytes()).finish()),
+                Err(_) => through_first_user(key, peek.input?),
+            }
         }
         ApiKind::OpenaiCompletions | ApiKind::OllamaGenerate => {
             let text = |raw: Option<&RawValue>| raw.and_then(|r| serde_json::from_str::<Cow<'_, str>>(r.get()).ok());
@@ -88,11 +101,25 @@ fn prefix_key(api: ApiKind, model: &str, peek: &Peek<'_>) -> Option<u64> {
                 None => key,
             };
             let prompt = text(peek.prompt)?;
-            let head: String = prompt.chars().take(512).collect();
-            Some(key.push(head.as_bytes()).finish())
+            Some(key.push(head(&prompt).as_bytes()).finish())
         }
         _ => None,
     }
+}
+
+/// The first 512 characters of a prompt: enough to tell conversations apart.
+fn head(text: &str) -> String {
+    text.chars().take(512).collect()
+}
+
+/// `key` extended with every message up to and including the first user
+/// message of the array `messages`.
+fn through_first_user(key: PrefixKey, messages: &RawValue) -> Option<u64> {
+    let messages: Vec<&RawValue> = serde_json::from_str(messages.get()).ok()?;
+    let is_user =
+        |m: &&RawValue| serde_json::from_str::<Role<'_>>(m.get()).ok().and_then(|r| r.role).as_deref() == Some("user");
+    let end = messages.iter().position(is_user)?;
+    Some(messages[..=end].iter().fold(key, |key, m| key.push(m.get().as_bytes())).finish())
 }
 
 /// JSON's name for the type of `raw`, as Go's decoder words it.
@@ -159,7 +186,11 @@ pub fn parse(api: ApiKind, body: &Bytes) -> Result<RequestMeta, ApiError> {
     }
     check_ollama_types(api, &peek)?;
     let stream = match api {
-        ApiKind::OpenaiEmbeddings | ApiKind::OllamaEmbed | ApiKind::OllamaEmbeddings | ApiKind::OllamaShow => false,
+        ApiKind::OpenaiEmbeddings
+        | ApiKind::OllamaEmbed
+        | ApiKind::OllamaEmbeddings
+        | ApiKind::OllamaShow
+        | ApiKind::AnthropicCountTokens => false,
         _ => peek.stream.unwrap_or(streams_by_default(api)),
     };
     Ok(RequestMeta {
@@ -213,6 +244,24 @@ mod tests {
     fn show_accepts_the_legacy_name_field() {
         assert_eq!(fields(ApiKind::OllamaShow, r#"{"name":"llama3"}"#).expect("ok").model, "llama3");
         assert!(fields(ApiKind::OllamaChat, r#"{"name":"llama3"}"#).is_err());
+    }
+
+    #[test]
+    fn anthropic_and_responses_turns_share_a_key_and_give_their_output_length() {
+        let first = r#"{"model":"m","system":"be brief","max_tokens":9,"messages":[{"role":"user","content":"hi"}]}"#;
+        let later = r#"{"model":"m","system":"be brief","max_tokens":5,"messages":[{"role":"user","content":"hi"},
+            {"role":"assistant","content":"hello"},{"role":"user","content":"more"}]}"#;
+        let a = fields(ApiKind::AnthropicMessages, first).expect("ok");
+        assert_eq!((a.output_tokens, a.stream), (Some(9), false));
+        assert_eq!(a.prefix, fields(ApiKind::AnthropicMessages, later).expect("ok").prefix);
+        let other_system = first.replace("be brief", "be long");
+        assert_ne!(a.prefix, fields(ApiKind::AnthropicMessages, &other_system).expect("ok").prefix);
+        let r =
+            fields(ApiKind::OpenaiResponses, r#"{"model":"m","input":"tell me","max_output_tokens":7,"stream":true}"#)
+                .expect("ok");
+        assert_eq!((r.output_tokens, r.stream, r.prefix.is_some()), (Some(7), true, true));
+        let counted = fields(ApiKind::AnthropicCountTokens, first).expect("ok");
+        assert!(!counted.stream);
     }
 
     #[test]

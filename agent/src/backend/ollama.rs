@@ -68,6 +68,9 @@ pub(crate) fn path_for(api: ApiKind) -> Result<&'static str, ServeError> {
         ApiKind::OllamaEmbed => "/api/embed",
         ApiKind::OllamaEmbeddings => "/api/embeddings",
         ApiKind::OllamaShow => "/api/show",
+        ApiKind::AnthropicMessages => "/v1/messages",
+        ApiKind::AnthropicCountTokens => "/v1/messages/count_tokens",
+        ApiKind::OpenaiResponses => "/v1/responses",
         ApiKind::Unspecified => return Err(ServeError::BadRequest("request names no API".into())),
     })
 }

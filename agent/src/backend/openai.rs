@@ -76,6 +76,10 @@ impl Backend for OpenAiBackend {
             ApiKind::OpenaiChat => "/v1/chat/completions",
             ApiKind::OpenaiCompletions => "/v1/completions",
             ApiKind::OpenaiEmbeddings => "/v1/embeddings",
+            // llama-server and vLLM serve these natively; passed through.
+            ApiKind::AnthropicMessages => "/v1/messages",
+            ApiKind::AnthropicCountTokens => "/v1/messages/count_tokens",
+            ApiKind::OpenaiResponses => "/v1/responses",
             ApiKind::Unspecified => {
                 return Err(ServeError::BadRequest("request names no API".into()));
             }
