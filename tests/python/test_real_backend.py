@@ -201,6 +201,45 @@ def test_ollama_streaming_chat(url):
     assert "".join(p.message.content for p in parts).strip()
 
 
+def test_anthropic_messages(url):
+    import anthropic
+
+    client = anthropic.Anthropic(base_url=url, api_key="unused", max_retries=0, timeout=60)
+    reply = client.messages.create(model=MODEL, max_tokens=16, messages=[{"role": "user", "content": "Name a colour."}])
+    assert reply.content[0].text.strip() and reply.stop_reason in ("end_turn", "max_tokens")
+    assert 0 < reply.usage.output_tokens <= 16
+    with client.messages.stream(model=MODEL, max_tokens=24, messages=[{"role": "user", "content": "Count."}]) as s:
+        text = "".join(s.text_stream)
+    assert text.strip()
+
+
+def test_openai_responses(url):
+    client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=60)
+    response = client.responses.create(model=MODEL, input="Name a fruit.", max_output_tokens=16)
+    assert response.output_text.strip()
+    events = list(client.responses.create(model=MODEL, input="Say hello.", max_output_tokens=16, stream=True))
+    assert events[-1].type == "response.completed"
+    assert "".join(e.delta for e in events if e.type == "response.output_text.delta").strip()
+
+
+def test_llama_server_closing_after_streams_fails_no_request(url):
+    # llama-server closes its connection after every streamed response; the
+    # agent must not hand the next request a dead pooled connection.
+    client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=60)
+    messages = [{"role": "user", "content": "Hi"}]
+    for _ in range(200):
+        for _chunk in client.chat.completions.create(model=MODEL, messages=messages, max_tokens=2, stream=True):
+            pass
+        assert client.chat.completions.create(model=MODEL, messages=messages, max_tokens=2).choices
+    import concurrent.futures
+
+    def stream_once(_):
+        return sum(1 for _ in client.chat.completions.create(model=MODEL, messages=messages, max_tokens=4, stream=True))
+
+    with concurrent.futures.ThreadPoolExecutor(16) as pool:
+        assert all(n > 0 for n in pool.map(stream_once, range(48)))
+
+
 def test_a_drained_node_forwards_to_the_other_over_the_mesh(mesh):
     url1, url2 = mesh["urls"]
     admin = [BIN, "node", "--node", url1, "--data-dir", mesh["seed"]]
@@ -222,5 +261,13 @@ def test_a_drained_node_forwards_to_the_other_over_the_mesh(mesh):
             )
         )
         assert parts[-1].done and "".join(p.message.content for p in parts).strip()
+        # Anthropic's and the Responses API pass through the hop too.
+        import anthropic
+
+        reply = anthropic.Anthropic(base_url=url2, api_key="unused", max_retries=0, timeout=60).messages.create(
+            model=MODEL, max_tokens=8, messages=[{"role": "user", "content": "Hi"}]
+        )
+        assert reply.content[0].text.strip()
+        assert client.responses.create(model=MODEL, input="Hi", max_output_tokens=8).output_text.strip()
     finally:
         subprocess.run([*admin[:2], "undrain", "real-2", *admin[2:]], check=True, stdout=subprocess.DEVNULL)
