@@ -127,11 +127,12 @@ pub fn account(response: Response, accounting: Accounting, prompt_bytes: usize) 
     Response::from_parts(parts, Body::new(Metered { inner, meter }))
 }
 
-/// Records a request refused before any backend answered. Its model is
-/// not a label: a client could send any number of made-up names.
-pub fn refused(code: &str, key: Option<&str>, started: Instant) {
+/// Records a request that failed before any backend answered. `model` is
+/// a label only once the mesh found it served (a failure on the way to a
+/// node): a client could send any number of made-up names.
+pub fn refused(code: &str, model: Option<&str>, key: Option<&str>, started: Instant) {
     request(&RequestOutcome {
-        model: "none",
+        model: model.unwrap_or("none"),
         route: "none",
         outcome: code,
         key: key.unwrap_or("anonymous"),

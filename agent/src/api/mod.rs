@@ -315,7 +315,8 @@ async fn run(
     Ok((response, node, route))
 }
 
-/// Counts, logs and renders a refused request.
+/// Counts, logs and renders a refused request; `model` when the request
+/// got as far as the router.
 fn refuse(
     state: &AppState,
     err: ApiError,
@@ -323,8 +324,11 @@ fn refuse(
     request_id: &str,
     started: Instant,
     format: ErrorFormat,
+    model: Option<&str>,
 ) -> Response {
-    metering::refused(err.code, caller.key_id().map(String::as_str), started);
+    // Only failures on the way to a node that serves the model label it.
+    let served = err.status.is_server_error() && err.code != "model_not_found";
+    metering::refused(err.code, model.filter(|_| served), caller.key_id().map(String::as_str), started);
     if err.status.is_server_error() || err.status == StatusCode::TOO_MANY_REQUESTS {
         state.errors.push(&err, request_id);
     }
@@ -347,8 +351,12 @@ async fn infer(
     let format = ErrorFormat::of(api);
     let request_id = request_id(&headers);
     let started = Instant::now();
+    let mut model = None;
     let result = match build_request(&state, api, &caller, &headers, body, &request_id) {
-        Ok(request) => run(&state, request, &caller, &headers, format, started).await,
+        Ok(request) => {
+            model = Some(request.meta.model.clone());
+            run(&state, request, &caller, &headers, format, started).await
+        }
         Err(err) => Err(err),
     };
     let response = match result {
@@ -357,7 +365,7 @@ async fn infer(
             response
         }
         Err(err) => {
-            let mut response = refuse(&state, err, &caller, &request_id, started, format);
+            let mut response = refuse(&state, err, &caller, &request_id, started, format, model.as_deref());
             stamp(&mut response, &state.node_name, &request_id, None);
             response
         }
