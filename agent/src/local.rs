@@ -70,6 +70,7 @@ impl LocalNode {
             deadline: None,
             queue_until: None,
             forwarded_by: None,
+            on_slot: None,
         };
         // Loading a large model takes minutes; the response only comes after.
         let work = async {

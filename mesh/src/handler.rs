@@ -67,6 +67,9 @@ pub struct InferenceRequest {
     pub queue_until: Option<Instant>,
     /// The peer that forwarded it here; `None` when it entered here.
     pub forwarded_by: Option<String>,
+    /// Told the moment the request takes a slot here, when the entry node
+    /// queued it at other nodes too (they are then cancelled).
+    pub on_slot: Option<std::sync::Arc<tokio::sync::Notify>>,
 }
 
 /// A response whose head is known and whose body is still streaming.

@@ -21,6 +21,7 @@ const REQUEST_HEAD: u8 = 1;
 const RESPONSE_HEAD: u8 = 2;
 const BODY: u8 = 3;
 const TRAILER: u8 = 4;
+const STARTED: u8 = 5;
 
 /// One frame of the data-plane protocol.
 #[derive(Debug, Clone, PartialEq)]
@@ -33,6 +34,10 @@ pub enum Frame {
     Body(Bytes),
     /// Ends a response: usage, or the error that cut it short.
     Trailer(Trailer),
+    /// A reserved request just took a slot on the serving node and runs
+    /// (server to client, before the response head): the entry node
+    /// cancels its other reservations.
+    Started,
 }
 
 /// A frame that breaks the protocol.
@@ -103,6 +108,8 @@ fn decode_payload(mut frame: BytesMut) -> Result<Frame, FrameError> {
             small(&payload)?;
             Frame::Trailer(Trailer::decode(payload).map_err(malformed)?)
         }
+        STARTED if payload.is_empty() => Frame::Started,
+        STARTED => return Err(FrameError::Malformed("a started frame carries nothing".into())),
         other => return Err(FrameError::UnknownType(other)),
     })
 }
@@ -133,6 +140,7 @@ impl Encoder<Frame> for FrameCodec {
                 payload.put_u8(TRAILER);
                 trailer.encode(&mut payload).map_err(|e| FrameError::Malformed(e.to_string()))?;
             }
+            Frame::Started => payload.put_u8(STARTED),
         }
         self.inner.encode(payload.freeze(), dst).map_err(FrameError::Io)
     }
@@ -183,6 +191,7 @@ mod tests {
                 content_type: "text/event-stream".into(),
                 ..Default::default()
             }),
+            Frame::Started,
             Frame::Body(Bytes::from_static(b"data: x\n\n")),
             Frame::Trailer(Trailer { error: "cut short".into() }),
         ];
@@ -200,6 +209,11 @@ mod tests {
         wire.put_u32(1);
         wire.put_u8(9);
         assert!(matches!(FrameCodec::default().decode(&mut wire), Err(FrameError::UnknownType(9))));
+        let mut wire = BytesMut::new();
+        wire.put_u32(2);
+        wire.put_u8(STARTED);
+        wire.put_u8(1);
+        assert!(matches!(FrameCodec::default().decode(&mut wire), Err(FrameError::Malformed(_))));
         let mut wire = BytesMut::new();
         wire.put_u32(3);
         wire.put_u8(REQUEST_HEAD);

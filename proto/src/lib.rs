@@ -62,6 +62,7 @@ mod tests {
             affinity_key: 42,
             max_tokens: 64,
             queue_ms: 5_000,
+            reserve: true,
         };
         let bytes = head.encode_to_vec();
         let back = RequestHead::decode(bytes.as_slice()).expect("decodes");

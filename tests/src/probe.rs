@@ -101,6 +101,7 @@ pub async fn data_stream(creds: &Credentials, target: &Target, model: &str) -> R
         deadline: None,
         queue_until: None,
         forwarded_by: None,
+        on_slot: None,
     };
     let result = plane.forward(&target.id, &request).await.map(|f| f.response.status);
     stop.cancel();

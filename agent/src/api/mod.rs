@@ -258,6 +258,7 @@ fn build_request(
         deadline: deadline(headers)?,
         queue_until: None,
         forwarded_by: None,
+        on_slot: None,
     })
 }
 

@@ -26,7 +26,7 @@ use libp2p::PeerId;
 use crate::membership::MeshView;
 use crate::peers::Liveness;
 use crate::pki::{PkiError, Trust};
-use crate::{InferenceRequest, InferenceResponse, RequestHandler, RequestMeta, ServeError, StreamError};
+use crate::{InferenceRequest, InferenceResponse, RequestHandler, RequestMeta, ServeError};
 
 /// How long a peer may take to send a request's head and body.
 const REQUEST_READ_TIMEOUT: Duration = Duration::from_secs(30);
@@ -81,6 +81,10 @@ struct PeerAddr {
     addr: SocketAddr,
     node: PeerId,
 }
+
+pub use exchange::Pending;
+
+mod exchange;
 
 /// A response from a peer, and which node produced it.
 #[derive(Debug)]
@@ -273,22 +277,31 @@ impl DataPlane {
 
     /// Sends `req` to `node_id` and returns once its response head arrives.
     pub async fn forward(&self, node_id: &str, req: &InferenceRequest) -> Result<Forwarded, ServeError> {
+        self.send(node_id, req, false).await?.response().await
+    }
+
+    /// Sends `req` to `node_id`; the answer is read through the returned
+    /// [`Pending`]. `reserve`: the request is queued elsewhere too, and the
+    /// peer says when it gives it a slot ([`Pending::started`]).
+    pub async fn send(&self, node_id: &str, req: &InferenceRequest, reserve: bool) -> Result<Pending, ServeError> {
         let conn = self.connection(node_id).await?;
         let (send, recv) =
             conn.open_bi().await.map_err(|e| ServeError::BackendUnreachable(format!("cannot open a stream: {e}")))?;
         let mut writer = FramedWrite::new(send, FrameCodec::default());
-        let deadline_ms = req.deadline.map_or(0, |d| d.saturating_duration_since(Instant::now()).as_millis() as u64);
+        let left =
+            |at: Option<Instant>| at.map_or(0, |d| d.saturating_duration_since(Instant::now()).as_millis() as u64);
         let head = RequestHead {
             protocol_version: PROTOCOL_VERSION,
             request_id: req.request_id.clone(),
             api: req.api as i32,
             model: req.meta.model.clone(),
             stream: req.meta.stream,
-            deadline_ms,
+            deadline_ms: left(req.deadline),
             tenant: req.meta.tenant.clone(),
             affinity_key: req.meta.prefix.unwrap_or(0),
             max_tokens: req.meta.output_tokens.unwrap_or(0),
-            queue_ms: req.queue_until.map_or(0, |q| q.saturating_duration_since(Instant::now()).as_millis() as u64),
+            queue_ms: left(req.queue_until),
+            reserve,
         };
         let sent = async {
             writer.feed(Frame::RequestHead(head)).await?;
@@ -301,56 +314,7 @@ impl DataPlane {
         // Tell the peer the request is complete; a finished stream stays
         // readable in the other direction.
         writer.get_mut().finish().map_err(|e| ServeError::BackendUnreachable(format!("closing the request: {e}")))?;
-        let mut reader = FramedRead::new(recv, FrameCodec::default());
-        // The head comes once the backend started, after any wait for a slot.
-        let queue = req.queue_until.map_or(Duration::ZERO, |q| q.saturating_duration_since(Instant::now()));
-        let allowed = self.config.head_timeout + queue;
-        let budget = req.deadline.map_or(allowed, |d| d.saturating_duration_since(Instant::now()).min(allowed));
-        let head = match tokio::time::timeout(budget, reader.next()).await {
-            Err(_) => return Err(ServeError::Timeout(format!("node {node_id} sent no response within {budget:?}"))),
-            Ok(None) => return Err(ServeError::BackendUnreachable("peer closed the stream before answering".into())),
-            Ok(Some(Err(e))) => return Err(ServeError::BackendUnreachable(format!("peer stream failed: {e}"))),
-            Ok(Some(Ok(Frame::ResponseHead(head)))) => head,
-            Ok(Some(Ok(other))) => {
-                return Err(ServeError::BackendUnreachable(format!(
-                    "protocol error: expected a response head, got {other:?}"
-                )));
-            }
-        };
-        if !head.error_code.is_empty() {
-            return Err(ServeError::from_code(&head.error_code, head.error_message));
-        }
-        let body = async_stream::stream! {
-            // Keep the send half until the response ends: dropping it early
-            // is harmless after finish(), but this documents the pairing.
-            let _writer = writer;
-            loop {
-                match reader.next().await {
-                    Some(Ok(Frame::Body(bytes))) => yield Ok(bytes),
-                    Some(Ok(Frame::Trailer(trailer))) => {
-                        if !trailer.error.is_empty() {
-                            yield Err(StreamError::Remote(trailer.error));
-                        }
-                        return;
-                    }
-                    Some(Ok(other)) => {
-                        yield Err(StreamError::Peer(format!("protocol error: unexpected {other:?} in a response body")));
-                        return;
-                    }
-                    Some(Err(e)) => {
-                        yield Err(StreamError::Peer(format!("peer stream broke: {e}")));
-                        return;
-                    }
-                    None => {
-                        yield Err(StreamError::Peer("peer closed the stream before the response ended".to_string()));
-                        return;
-                    }
-                }
-            }
-        };
-        let response =
-            InferenceResponse { status: head.status as u16, content_type: head.content_type, body: Box::pin(body) };
-        Ok(Forwarded { response, node: head.node })
+        Ok(Pending::new(node_id, writer, FramedRead::new(recv, FrameCodec::default()), req, self.config.head_timeout))
     }
 }
 
@@ -488,14 +452,31 @@ async fn serve_stream(
     let api = ApiKind::try_from(head.api).unwrap_or(ApiKind::Unspecified);
     tracing::debug!(id = %head.request_id, model = %head.model, api = api.as_str_name(), "serving a forwarded request");
     let request_id = head.request_id.clone();
-    let request = request_of(head, api, body, from);
+    let reserved = head.reserve;
+    let mut request = request_of(head, api, body, from);
+    let on_slot = Arc::new(tokio::sync::Notify::new());
+    if reserved {
+        request.on_slot = Some(on_slot.clone());
+    }
     // A request may wait here for a slot; the entry node giving up (its
-    // client left) must take it out of the queue.
-    let served = tokio::select! {
-        served = handler.serve(request) => served,
-        _ = writer.get_mut().stopped() => {
-            tracing::debug!(id = %request_id, "forwarded request cancelled by the entry node before it started");
-            return;
+    // client left, or another node started it first) takes it out of the
+    // queue.
+    let serve = handler.serve(request);
+    tokio::pin!(serve);
+    let mut told = !reserved;
+    let served = loop {
+        tokio::select! {
+            served = &mut serve => break served,
+            () = on_slot.notified(), if !told => {
+                told = true;
+                if writer.send(Frame::Started).await.is_err() {
+                    return;
+                }
+            }
+            _ = writer.get_mut().stopped() => {
+                tracing::debug!(id = %request_id, "forwarded request cancelled by the entry node before it started");
+                return;
+            }
         }
     };
     let response = match served {
@@ -554,6 +535,7 @@ fn request_of(head: RequestHead, api: ApiKind, body: Bytes, from: &str) -> Infer
         deadline,
         queue_until,
         forwarded_by: Some(from.to_string()),
+        on_slot: None,
     }
 }
 
@@ -660,6 +642,7 @@ mod tests {
             deadline: None,
             queue_until: None,
             forwarded_by: None,
+            on_slot: None,
         }
     }
 

@@ -63,8 +63,9 @@ impl<W> Admission<W> {
     /// One decision for `plan` among `candidates` (built with this state's
     /// outstanding counts). Choosing and taking the chosen node's slot
     /// happen in this one call, so concurrent requests cannot all see the
-    /// last free slot and all take it. On [`Step::Run`] the slot is taken:
-    /// give it back with [`Admission::release`] when the attempt ends.
+    /// last free slot and all take it. On [`Step::Run`] the slot is taken
+    /// (on [`Step::Reserve`], each peer's): give it back with
+    /// [`Admission::release`] when the attempt ends.
     pub fn step(
         &mut self,
         plan: &mut Plan,
@@ -77,8 +78,12 @@ impl<W> Admission<W> {
         candidates.retain(|c| !plan.excludes(&c.id));
         let choice = self.scheduler.choose(&candidates, prefix, output_tokens);
         let step = plan.decide(choice, context, now);
-        if let Step::Run { node, .. } = &step {
-            self.take(node);
+        match &step {
+            Step::Run { node, .. } => self.take(node),
+            // Each peer place counts as sent there until it is cancelled;
+            // this node's own place is a place in its queue.
+            Step::Reserve { nodes } => nodes.iter().filter(|n| *n != LOCAL).for_each(|n| self.take(n)),
+            _ => {}
         }
         step
     }

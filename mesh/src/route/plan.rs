@@ -67,6 +67,13 @@ pub enum Step {
         /// The request's deadline.
         until: Instant,
     },
+    /// Every node is busy: queue the request at each of `nodes` (this node
+    /// and peers) and run it at the first that gives it a slot, cancelling
+    /// the others (late binding); report failures with [`Plan::failed`].
+    Reserve {
+        /// Node ids, the soonest first.
+        nodes: Vec<String>,
+    },
     /// Send to the cloud; report a failure with [`Plan::cloud_failed`].
     Cloud(Trigger),
     /// No node is known to serve the model: let the local node say why
@@ -75,6 +82,9 @@ pub enum Step {
     /// Give up with this error.
     Fail(ServeError),
 }
+
+/// Nodes a request for a busy mesh is queued at.
+pub const RESERVATIONS: usize = 2;
 
 /// One request's journey.
 #[derive(Debug)]
@@ -227,11 +237,17 @@ impl Plan {
         if now >= self.facts.deadline {
             return Step::Fail(ServeError::Timeout("no slot freed before the queue timeout".into()));
         }
-        // The request waits where the slot will free: here, or in the
-        // queue of the peer expected to free one first.
-        match choice.order.first() {
-            Some(node) if node != LOCAL => Step::Run { node: node.clone(), reason: choice.reason },
-            _ => Step::Wait { until: self.facts.deadline },
+        // The request waits where a slot will free: at the two nodes
+        // expected to free one first, running at whichever does (late
+        // binding: estimates of busy nodes are often off), or only at the
+        // conversation's holder, whose cache is worth the wait.
+        let places = if choice.reason == Reason::Affinity { 1 } else { RESERVATIONS };
+        let nodes: Vec<String> = choice.order.iter().take(places).cloned().collect();
+        match nodes.as_slice() {
+            [] => Step::Wait { until: self.facts.deadline },
+            [only] if only == LOCAL => Step::Wait { until: self.facts.deadline },
+            [only] => Step::Run { node: only.clone(), reason: choice.reason },
+            _ => Step::Reserve { nodes },
         }
     }
 }
@@ -317,7 +333,7 @@ mod tests {
     fn a_saturated_mesh_waits_here_until_the_deadline_when_this_node_frees_first() {
         let now = Instant::now();
         let mut plan = Plan::new(facts(now, None));
-        let busy = || choice(&[LOCAL, "a"], true, 2 * SEC);
+        let busy = || choice(&[LOCAL], true, 2 * SEC);
         assert_eq!(plan.decide(busy(), &Context::default(), now), Step::Wait { until: now + 10 * SEC });
         assert_eq!(plan.decide(busy(), &Context::default(), now + 9 * SEC), Step::Wait { until: now + 10 * SEC });
         let late = plan.decide(busy(), &Context::default(), now + 10 * SEC);
@@ -327,12 +343,21 @@ mod tests {
     }
 
     #[test]
-    fn a_saturated_mesh_sends_the_request_to_wait_where_a_slot_frees_first() {
+    fn a_saturated_mesh_queues_the_request_where_slots_free_first_and_runs_it_at_the_first() {
         let now = Instant::now();
         let mut plan = Plan::new(facts(now, None));
-        let queued = Some(Choice { reason: Reason::Queued, ..choice(&["b", LOCAL], true, 2 * SEC).expect("choice") });
-        let step = plan.decide(queued.clone(), &Context::default(), now);
-        assert_eq!(step, Step::Run { node: "b".into(), reason: Reason::Queued });
+        let with = |order: &[&str], reason| Some(Choice { reason, ..choice(order, true, 2 * SEC).expect("choice") });
+        // Late binding: the two soonest places, this node's among them.
+        let step = plan.decide(with(&["b", LOCAL, "c"], Reason::Queued), &Context::default(), now);
+        assert_eq!(step, Step::Reserve { nodes: vec!["b".into(), LOCAL.into()] });
+        // A conversation waits only at its holder, for its cache.
+        let step = plan.decide(with(&["b", "c"], Reason::Affinity), &Context::default(), now);
+        assert_eq!(step, Step::Run { node: "b".into(), reason: Reason::Affinity });
+        let queued = with(&["b"], Reason::Queued);
+        assert_eq!(
+            plan.decide(queued.clone(), &Context::default(), now),
+            Step::Run { node: "b".into(), reason: Reason::Queued }
+        );
         // Its queue timed out: the next decision is without it.
         plan.failed("b", true, ServeError::Timeout("no slot freed on node b".into()));
         assert!(plan.excludes("b"));

@@ -13,6 +13,7 @@ use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
 
 use futures::StreamExt;
+use futures::stream::FuturesUnordered;
 use tokio::sync::{Notify, oneshot};
 use tokio_util::sync::CancellationToken;
 
@@ -22,6 +23,7 @@ use super::fallback::{CloudPolicy, Fallback, Trigger};
 use super::plan::{CloudFacts, Context, Facts, Plan, Step};
 use super::queue::Lane;
 use super::scheduler::SchedulerConfig;
+use crate::dataplane::Pending;
 use crate::{Coordinator, DataPlane, InferenceRequest, InferenceResponse, Membership, RequestHandler, ServeError};
 
 /// Where a request ran, as the `x-llmesh-route` header says it.
@@ -308,6 +310,11 @@ impl Router {
                     }
                 }
                 Step::Wait { until } => self.wait(&mut waiting, &req, until).await?,
+                Step::Reserve { nodes } => {
+                    if let Some(routed) = self.race(&mut plan, &req, &mut waiting, &nodes).await {
+                        return Ok(routed);
+                    }
+                }
                 Step::Cloud(trigger) => match self.cloud(&req, trigger).await {
                     Ok(routed) => return Ok(routed),
                     Err(err) => {
@@ -365,7 +372,12 @@ impl Router {
             Context::default()
         };
         let step = admission.step(plan, candidates, &context, meta.prefix, meta.output_tokens, Instant::now());
-        if let Step::Wait { until } = step
+        let queue_here = match &step {
+            Step::Wait { until } => Some(*until),
+            Step::Reserve { nodes } if nodes.iter().any(|n| n == LOCAL) => Some(plan.facts().deadline),
+            _ => None,
+        };
+        if let Some(until) = queue_here
             && waiting.ticket.is_none()
         {
             // Queued under the same lock: a slot freed in between would
@@ -443,6 +455,101 @@ impl Router {
         Ok(Routed { response, node: self.node_name.clone(), route: Route::Cloud(provider) })
     }
 
+    /// Queues `req` at each of `nodes` (this node's place is the queue
+    /// ticket [`Router::step`] took) and runs it at the first that gives it
+    /// a slot; the other places are cancelled: dropped, a peer's pending
+    /// request leaves that peer's queue, and this node's ticket passes on a
+    /// slot granted meanwhile. `None`: every place failed or the deadline
+    /// passed, and the plan decides again.
+    async fn race(
+        &self,
+        plan: &mut Plan,
+        req: &InferenceRequest,
+        waiting: &mut Waiting,
+        nodes: &[String],
+    ) -> Option<Routed> {
+        let until = plan.facts().deadline;
+        waiting.since.get_or_insert_with(Instant::now);
+        waiting.mark.get_or_insert_with(|| self.local.waiting(&req.meta.model));
+        let mut places: FuturesUnordered<_> =
+            nodes.iter().filter(|n| *n != LOCAL).map(|node| self.place(node.clone(), req)).collect();
+        loop {
+            let event = tokio::select! {
+                granted = async {
+                    match &mut waiting.ticket {
+                        Some(ticket) => (&mut ticket.granted).await.is_ok(),
+                        None => std::future::pending().await,
+                    }
+                } => Race::Here(granted),
+                Some((node, slot, result)) = places.next() => Race::There(node, slot, result),
+                () = tokio::time::sleep_until(until.into()) => return None,
+            };
+            match event {
+                Race::Here(false) => waiting.ticket = None,
+                Race::Here(true) => {
+                    waiting.ticket = None;
+                    drop(places);
+                    crate::route::metrics::scheduled(super::scheduler::Reason::Queued.as_str());
+                    waiting.finish();
+                    return match self.attempt(LOCAL, req).await {
+                        Ok(routed) => Some(routed),
+                        Err(err) => {
+                            plan.failed(LOCAL, false, err);
+                            None
+                        }
+                    };
+                }
+                Race::There(node, slot, Ok(pending)) => {
+                    drop(places);
+                    crate::route::metrics::scheduled(super::scheduler::Reason::Queued.as_str());
+                    waiting.finish();
+                    return match pending.response().await {
+                        Ok(forwarded) => Some(Routed {
+                            response: hold_until_end(forwarded.response, slot),
+                            route: Route::Peer(forwarded.node.clone()),
+                            node: forwarded.node,
+                        }),
+                        Err(err) => {
+                            plan.failed(&node, true, err);
+                            None
+                        }
+                    };
+                }
+                Race::There(node, _slot, Err(err)) => {
+                    tracing::warn!(id = %req.request_id, target = %node, error = %err, "a place in a peer's queue failed");
+                    plan.failed(&node, true, err);
+                }
+            }
+            if places.is_empty() && waiting.ticket.is_none() {
+                return None;
+            }
+        }
+    }
+
+    /// Sends `req` to wait in `node`'s queue; resolves once it has a slot
+    /// there. Its slot guard counts it as sent there meanwhile.
+    fn place<'a>(
+        &'a self,
+        node: String,
+        req: &'a InferenceRequest,
+    ) -> impl std::future::Future<Output = (String, Slot, Result<Box<Pending>, ServeError>)> + 'a {
+        let slot = Slot { admission: self.admission.clone(), recheck: self.recheck.clone(), node: node.clone() };
+        async move {
+            let result = async {
+                let Some(mesh) = self.links() else { return Err(ServeError::Internal("no data plane".into())) };
+                let sent = mesh.dataplane.send(&node, req, true).await;
+                if let Err(ServeError::BackendUnreachable(_)) = &sent {
+                    mesh.membership.suspect(&node);
+                }
+                let mut pending = sent?;
+                pending.started().await?;
+                Ok(Box::new(pending))
+            }
+            .await;
+            (node, slot, result)
+        }
+    }
+
     /// Waits in this node's queue until a slot here is handed over (then
     /// `waiting.granted` is set), the mesh changed, or `until`. The place
     /// in the queue is kept across the looks that find nothing better.
@@ -490,6 +597,14 @@ fn enqueue(
         ))
     })?;
     Ok(Ticket { admission: shared.clone(), granted: rx })
+}
+
+/// What ended one wait of a race between places.
+enum Race {
+    /// This node's place: granted a slot, or dropped at its deadline.
+    Here(bool),
+    /// A peer's place: it has a slot, or failed.
+    There(String, Slot, Result<Box<Pending>, ServeError>),
 }
 
 /// A request's time in this node's queue.
@@ -571,6 +686,10 @@ impl RequestHandler for ForwardedLocal {
     async fn serve(&self, req: InferenceRequest) -> Result<InferenceResponse, ServeError> {
         self.acquire(&req).await?;
         let slot = Slot { admission: self.admission.clone(), recheck: self.recheck.clone(), node: LOCAL.to_string() };
+        if let Some(started) = &req.on_slot {
+            // The entry node cancels the request's places at other nodes.
+            started.notify_one();
+        }
         let response = self.local.serve(req).await?;
         Ok(hold_until_end(response, slot))
     }
