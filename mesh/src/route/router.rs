@@ -474,7 +474,9 @@ impl Router {
         let mut places: FuturesUnordered<_> =
             nodes.iter().filter(|n| *n != LOCAL).map(|node| self.place(node.clone(), req)).collect();
         loop {
+            let recheck = self.recheck.notified();
             let event = tokio::select! {
+                () = recheck => Race::Look,
                 granted = async {
                     match &mut waiting.ticket {
                         Some(ticket) => (&mut ticket.granted).await.is_ok(),
@@ -485,6 +487,32 @@ impl Router {
                 () = tokio::time::sleep_until(until.into()) => return None,
             };
             match event {
+                Race::Look => {
+                    // A slot may have freed elsewhere (gossip, or a request
+                    // this node sent finished): take it rather than wait.
+                    match self.step(plan, req, waiting) {
+                        Step::Run { node, reason } => {
+                            drop(places);
+                            crate::route::metrics::scheduled(reason.as_str());
+                            waiting.finish();
+                            return match self.attempt(&node, req).await {
+                                Ok(routed) => Some(routed),
+                                Err(err) => {
+                                    plan.failed(&node, node != LOCAL, err);
+                                    None
+                                }
+                            };
+                        }
+                        // Still busy everywhere: keep the places held.
+                        Step::Reserve { nodes } => {
+                            let mut admission = lock(&self.admission);
+                            for node in nodes.iter().filter(|n| *n != LOCAL) {
+                                let _ = admission.release(node, Instant::now());
+                            }
+                        }
+                        _ => {}
+                    }
+                }
                 Race::Here(false) => waiting.ticket = None,
                 Race::Here(true) => {
                     waiting.ticket = None;
@@ -601,6 +629,8 @@ fn enqueue(
 
 /// What ended one wait of a race between places.
 enum Race {
+    /// The mesh changed: look again.
+    Look,
     /// This node's place: granted a slot, or dropped at its deadline.
     Here(bool),
     /// A peer's place: it has a slot, or failed.
