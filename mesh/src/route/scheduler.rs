@@ -227,7 +227,14 @@ impl Scheduler {
                 .find(|i| remembered.as_deref() == Some(scored[*i].1.id.as_str()))
                 .or_else(|| all.clone().find(|i| scored[*i].1.holds_prefix))
         });
-        let allowance = best * self.config.affinity_slack + self.config.affinity_extra_ms;
+        // With every node busy the estimates are waits, not service times:
+        // the cache is worth a fixed extra wait, not a multiple of a long one
+        // (else a slow, busy holder keeps conversations for seconds).
+        let allowance = if saturated {
+            best + self.config.affinity_extra_ms
+        } else {
+            best * self.config.affinity_slack + self.config.affinity_extra_ms
+        };
         if let Some(i) = holder.filter(|i| scored[*i].0 <= allowance) {
             first = i;
             reason = Reason::Affinity;
