@@ -124,13 +124,20 @@ fn through_first_user(key: PrefixKey, messages: &RawValue) -> Option<u64> {
 
 /// JSON's name for the type of `raw`, as Go's decoder words it.
 fn json_type(raw: &RawValue) -> &'static str {
-    match raw.get().trim_start().as_bytes().first() {
-        Some(b'"') => "string",
-        Some(b'[') => "array",
-        Some(b'{') => "object",
-        Some(b't' | b'f') => "bool",
-        Some(b'n') => "null",
-        _ => "number",
+    let text = raw.get().trim_start();
+    if text.starts_with('"') {
+        "string"
+    } else if text.starts_with('[') {
+        "array"
+    } else if text.starts_with(char::is_alphabetic) {
+        match text.as_bytes()[0] {
+            b't' | b'f' => "bool",
+            _ => "null",
+        }
+    } else if text.starts_with(|c: char| c == '-' || c.is_ascii_digit()) {
+        "number"
+    } else {
+        "object"
     }
 }
 

@@ -493,23 +493,10 @@ impl Router {
                     match self.step(plan, req, waiting) {
                         Step::Run { node, reason } => {
                             drop(places);
-                            crate::route::metrics::scheduled(reason.as_str());
-                            waiting.finish();
-                            return match self.attempt(&node, req).await {
-                                Ok(routed) => Some(routed),
-                                Err(err) => {
-                                    plan.failed(&node, node != LOCAL, err);
-                                    None
-                                }
-                            };
+                            return self.run_now(plan, req, waiting, &node, reason).await;
                         }
                         // Still busy everywhere: keep the places held.
-                        Step::Reserve { nodes } => {
-                            let mut admission = lock(&self.admission);
-                            for node in nodes.iter().filter(|n| *n != LOCAL) {
-                                let _ = admission.release(node, Instant::now());
-                            }
-                        }
+                        Step::Reserve { nodes } => self.unreserve(&nodes),
                         _ => {}
                     }
                 }
@@ -517,15 +504,7 @@ impl Router {
                 Race::Here(true) => {
                     waiting.ticket = None;
                     drop(places);
-                    crate::route::metrics::scheduled(super::scheduler::Reason::Queued.as_str());
-                    waiting.finish();
-                    return match self.attempt(LOCAL, req).await {
-                        Ok(routed) => Some(routed),
-                        Err(err) => {
-                            plan.failed(LOCAL, false, err);
-                            None
-                        }
-                    };
+                    return self.run_now(plan, req, waiting, LOCAL, super::scheduler::Reason::Queued).await;
                 }
                 Race::There(node, slot, Ok(pending)) => {
                     drop(places);
@@ -551,6 +530,34 @@ impl Router {
             if places.is_empty() && waiting.ticket.is_none() {
                 return None;
             }
+        }
+    }
+
+    /// Runs `req` on `node`, whose slot it holds, leaving the race.
+    async fn run_now(
+        &self,
+        plan: &mut Plan,
+        req: &InferenceRequest,
+        waiting: &mut Waiting,
+        node: &str,
+        reason: super::scheduler::Reason,
+    ) -> Option<Routed> {
+        crate::route::metrics::scheduled(reason.as_str());
+        waiting.finish();
+        match self.attempt(node, req).await {
+            Ok(routed) => Some(routed),
+            Err(err) => {
+                plan.failed(node, node != LOCAL, err);
+                None
+            }
+        }
+    }
+
+    /// Gives back the peer places a look took and did not use.
+    fn unreserve(&self, nodes: &[String]) {
+        let mut admission = lock(&self.admission);
+        for node in nodes.iter().filter(|n| *n != LOCAL) {
+            let _ = admission.release(node, Instant::now());
         }
     }
 

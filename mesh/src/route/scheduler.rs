@@ -240,19 +240,10 @@ impl Scheduler {
             reason = Reason::Affinity;
             // Busy in every slot: it waits there rather than in the backend.
             saturated = self.busy(scored[i].1) >= self.slots(scored[i].1);
-        } else if !saturated {
+        } else if !saturated && !scored[first].1.is_local {
             let equals: Vec<usize> = pool.iter().copied().filter(|i| scored[*i].0 <= best + near).collect();
-            if equals.len() >= 2 && !scored[first].1.is_local {
-                // Two distinct draws among the near-equals.
-                let n = equals.len() as u64;
-                let ia = (self.next_random() % n) as usize;
-                let mut ib = (self.next_random() % (n - 1)) as usize;
-                if ib >= ia {
-                    ib += 1;
-                }
-                let (a, b) = (equals[ia], equals[ib]);
-                let pick = |i: usize| (scored[i].0, !scored[i].1.is_local);
-                first = if pick(a) <= pick(b) { a } else { b };
+            if let Some(picked) = self.two_choices(&scored, &equals) {
+                first = picked;
                 reason = Reason::TwoChoices;
             }
         }
@@ -264,6 +255,24 @@ impl Scheduler {
             self.remember(key, &order[0]);
         }
         Some(Choice { order, estimate, saturated, reason })
+    }
+
+    /// Power of two choices among near-equal candidates (indices into
+    /// `scored`): two distinct draws, the better kept. `None` for fewer
+    /// than two.
+    fn two_choices(&mut self, scored: &[(f64, &Candidate)], equals: &[usize]) -> Option<usize> {
+        if equals.len() < 2 {
+            return None;
+        }
+        let n = equals.len() as u64;
+        let ia = (self.next_random() % n) as usize;
+        let mut ib = (self.next_random() % (n - 1)) as usize;
+        if ib >= ia {
+            ib += 1;
+        }
+        let (a, b) = (equals[ia], equals[ib]);
+        let pick = |i: usize| (scored[i].0, !scored[i].1.is_local);
+        Some(if pick(a) <= pick(b) { a } else { b })
     }
 
     fn remember(&mut self, key: u64, node: &str) {
