@@ -681,8 +681,13 @@ struct ForwardedLocal {
 impl ForwardedLocal {
     /// Waits for a slot here; `Ok` once this request holds one.
     async fn acquire(&self, req: &InferenceRequest) -> Result<(), ServeError> {
-        let capacity = self.local.capacity(&req.meta.model, req.meta.prefix);
-        let (slots, in_flight) = capacity.map_or((0, 0), |c| (c.slots, c.in_flight));
+        let Some(capacity) = self.local.capacity(&req.meta.model, req.meta.prefix) else {
+            // The backend is down or lacks the model: it says so at once,
+            // and the entry node fails over; nothing to wait for.
+            lock(&self.admission).take(LOCAL);
+            return Ok(());
+        };
+        let (slots, in_flight) = (capacity.slots, capacity.in_flight);
         let until = req.deadline.unwrap_or_else(|| Instant::now() + self.queue_timeout);
         let mut ticket = {
             // Checked and queued under one lock, so a slot freed in between
