@@ -11,7 +11,7 @@ use serde_json::{Value, json};
 
 use crate::engine::{GenRequest, OutputShape, Prompt, Run};
 use crate::server::{
-    Family, Sim, content_text, dropped_connection, max_tokens, model_of, next_id, parse, sim_error, stream_flag,
+    Family, Sim, body_and_model, content_text, dropped_connection, max_tokens, next_id, parse, sim_error, stream_flag,
     streaming, unix_now,
 };
 
@@ -98,12 +98,8 @@ fn tool_use_id(run: &Run) -> String {
 /// `POST /v1/messages`
 pub async fn anthropic_messages(State(engine): Sim, uri: Uri, raw: Bytes) -> Response {
     let family = Family::Anthropic;
-    let body = match parse(family, &uri, &engine, &raw) {
-        Ok(b) => b,
-        Err(r) => return r.into_response(),
-    };
-    let model = match model_of(family, &body) {
-        Ok(m) => m,
+    let (body, model) = match body_and_model(family, &uri, &engine, &raw) {
+        Ok(parsed) => parsed,
         Err(r) => return r.into_response(),
     };
     let req = GenRequest {
@@ -230,12 +226,8 @@ fn message_item(item_id: &str, status: &str, text: Option<&str>) -> Value {
 /// `POST /v1/responses` (stateless: `previous_response_id` is not kept).
 pub async fn openai_responses(State(engine): Sim, uri: Uri, raw: Bytes) -> Response {
     let family = Family::OpenAi;
-    let body = match parse(family, &uri, &engine, &raw) {
-        Ok(b) => b,
-        Err(r) => return r.into_response(),
-    };
-    let model = match model_of(family, &body) {
-        Ok(m) => m,
+    let (body, model) = match body_and_model(family, &uri, &engine, &raw) {
+        Ok(parsed) => parsed,
         Err(r) => return r.into_response(),
     };
     let max = body.get("max_output_tokens").and_then(Value::as_u64).map(|n| u32::try_from(n).unwrap_or(u32::MAX));

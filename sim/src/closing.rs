@@ -32,6 +32,9 @@ pub async fn serve(listener: TcpListener, app: Router, shutdown: CancellationTok
             () = shutdown.cancelled() => return Ok(()),
             accepted = listener.accept() => accepted?,
         };
+        if let Err(err) = stream.set_nodelay(true) {
+            tracing::debug!(error = %err, "cannot set TCP_NODELAY");
+        }
         let ended = StreamEnded(Arc::new(Notify::new()));
         let service = TowerToHyperService::new(app.clone().layer(axum::Extension(ended.clone())));
         let shutdown = shutdown.clone();

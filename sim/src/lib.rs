@@ -41,6 +41,14 @@ pub fn spawn(listener: TcpListener, config: SimConfig, shutdown: CancellationTok
     let task = if close_after_stream {
         tokio::spawn(closing::serve(listener, app, shutdown))
     } else {
+        // Small SSE/NDJSON chunks must leave at once: without TCP_NODELAY a
+        // proxy in front (the agent, nginx) waits out delayed ACKs, 40 ms a
+        // chunk.
+        let listener = axum::serve::ListenerExt::tap_io(listener, |tcp| {
+            if let Err(err) = tcp.set_nodelay(true) {
+                tracing::debug!(error = %err, "cannot set TCP_NODELAY");
+            }
+        });
         tokio::spawn(async move {
             axum::serve(listener, app).with_graceful_shutdown(async move { shutdown.cancelled().await }).await
         })

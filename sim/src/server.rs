@@ -116,6 +116,18 @@ pub(crate) fn parse(family: Family, uri: &Uri, engine: &SimEngine, body: &Bytes)
     Ok(value)
 }
 
+/// A generation request's body and model, or the error to answer.
+pub(crate) fn body_and_model(
+    family: Family,
+    uri: &Uri,
+    engine: &SimEngine,
+    raw: &Bytes,
+) -> Result<(Value, String), Fail> {
+    let body = parse(family, uri, engine, raw)?;
+    let model = model_of(family, &body)?;
+    Ok((body, model))
+}
+
 pub(crate) fn model_of(family: Family, body: &Value) -> Result<String, Fail> {
     body.get("model")
         .or_else(|| body.get("name"))
@@ -288,12 +300,8 @@ fn tool_call_id(run: &Run) -> String {
 
 async fn openai_chat(State(engine): Sim, uri: Uri, raw: Bytes) -> Response {
     let family = Family::OpenAi;
-    let body = match parse(family, &uri, &engine, &raw) {
-        Ok(b) => b,
-        Err(r) => return r.into_response(),
-    };
-    let model = match model_of(family, &body) {
-        Ok(m) => m,
+    let (body, model) = match body_and_model(family, &uri, &engine, &raw) {
+        Ok(parsed) => parsed,
         Err(r) => return r.into_response(),
     };
     let req = GenRequest {
@@ -368,12 +376,8 @@ async fn openai_chat(State(engine): Sim, uri: Uri, raw: Bytes) -> Response {
 
 async fn openai_completions(State(engine): Sim, uri: Uri, raw: Bytes) -> Response {
     let family = Family::OpenAi;
-    let body = match parse(family, &uri, &engine, &raw) {
-        Ok(b) => b,
-        Err(r) => return r.into_response(),
-    };
-    let model = match model_of(family, &body) {
-        Ok(m) => m,
+    let (body, model) = match body_and_model(family, &uri, &engine, &raw) {
+        Ok(parsed) => parsed,
         Err(r) => return r.into_response(),
     };
     let req = GenRequest {
