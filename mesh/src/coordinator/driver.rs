@@ -77,6 +77,9 @@ pub(super) struct Driver {
     directory: HashMap<u64, SocketAddr>,
     config: CoordinatorConfig,
     planner: Planner,
+    /// When this driver started: a member the leader has not heard from at
+    /// all has been gone at most this long as far as it knows.
+    started: Instant,
     shutdown: CancellationToken,
 }
 
@@ -133,6 +136,7 @@ impl Driver {
             membership,
             directory: HashMap::new(),
             planner: Planner::new(config.placement.clone()),
+            started: Instant::now(),
             config: config.clone(),
             shutdown,
         })
@@ -435,6 +439,14 @@ impl Driver {
             name: self.config.name.clone(),
             gone_for: None,
         });
+        let unheard_for = self.started.elapsed();
+        for id in self.state.voters.iter().chain(self.state.learners.iter()) {
+            if seen.iter().all(|s| s.raft_id != *id) {
+                let (node_id, name) =
+                    self.state.members.get(id).map(|m| (m.node_id.clone(), m.name.clone())).unwrap_or_default();
+                seen.push(Seen { raft_id: *id, node_id, name, gone_for: Some(unheard_for) });
+            }
+        }
         let removed: BTreeSet<u64> = self.state.removed.iter().map(|n| raft_id(n)).collect();
         let plan = Plan {
             leader,
@@ -443,6 +455,7 @@ impl Driver {
             seen: &seen,
             removed: &removed,
             target: self.config.target_voters,
+            promote_after: self.config.replace_after / 3,
             replace_after: self.config.replace_after,
         };
         let Some(change) = plan.next() else { return };

@@ -45,6 +45,12 @@ pub struct Plan<'a> {
     pub removed: &'a BTreeSet<u64>,
     /// How many voters to keep (1, 3 or 5).
     pub target: usize,
+    /// How long a voter may be gone before a learner is promoted in its
+    /// place. Shorter than `replace_after`, longer than a restart: a voter
+    /// the leader has not heard from for a moment (its own restart, the
+    /// whole mesh restarting) is still counted, so the group does not grow
+    /// a spare voter every time the fleet restarts.
+    pub promote_after: Duration,
     /// How long a member may be gone before it is replaced.
     pub replace_after: Duration,
 }
@@ -54,15 +60,19 @@ impl Plan<'_> {
         id == self.leader || self.seen.iter().any(|s| s.raft_id == id && s.gone_for.is_none())
     }
 
-    fn gone_too_long(&self, id: u64) -> bool {
+    fn gone_for_at_least(&self, id: u64, limit: Duration) -> bool {
         if id == self.leader {
             return false;
         }
         match self.seen.iter().find(|s| s.raft_id == id) {
-            Some(seen) => seen.gone_for.is_some_and(|d| d >= self.replace_after),
+            Some(seen) => seen.gone_for.is_some_and(|d| d >= limit),
             // Forgotten by membership altogether: long gone.
             None => true,
         }
+    }
+
+    fn gone_too_long(&self, id: u64) -> bool {
+        self.gone_for_at_least(id, self.replace_after)
     }
 
     /// The one change to make now, if any.
@@ -79,8 +89,8 @@ impl Plan<'_> {
         }) {
             return Some(VoterChange::AddLearner(seen.raft_id));
         }
-        let live_voters = self.voters.iter().filter(|id| self.alive(**id)).count();
-        if live_voters < self.target
+        let counted = self.voters.iter().filter(|id| !self.gone_for_at_least(**id, self.promote_after)).count();
+        if counted < self.target
             && let Some(id) = self.learners.iter().find(|id| self.alive(**id))
         {
             return Some(VoterChange::Promote(*id));
@@ -99,6 +109,7 @@ mod tests {
     use super::*;
     use proptest::prelude::*;
 
+    const SHORT: Duration = Duration::from_secs(5);
     const LONG: Duration = Duration::from_secs(10);
 
     fn seen(id: u64, gone: Option<u64>) -> Seen {
@@ -112,7 +123,7 @@ mod tests {
         removed: &'a BTreeSet<u64>,
         target: usize,
     ) -> Plan<'a> {
-        Plan { leader: 1, voters, learners, seen, removed, target, replace_after: LONG }
+        Plan { leader: 1, voters, learners, seen, removed, target, promote_after: SHORT, replace_after: LONG }
     }
 
     fn set(ids: &[u64]) -> BTreeSet<u64> {
@@ -143,6 +154,19 @@ mod tests {
         let blip = [seen(1, None), seen(2, Some(2)), seen(3, None)];
         let (v, l) = (set(&[1, 2, 3]), set(&[]));
         assert_eq!(plan(&v, &l, &blip, &none, 3).next(), None);
+    }
+
+    #[test]
+    fn a_voter_missing_for_a_moment_is_not_replaced_even_with_a_learner_at_hand() {
+        // The whole fleet restarted: the new leader has not heard from one
+        // voter yet, and a learner is alive. Promoting it would leave four
+        // voters after every restart.
+        let none = set(&[]);
+        let (v, l) = (set(&[1, 2, 3]), set(&[4]));
+        let blip = [seen(1, None), seen(2, Some(2)), seen(3, None), seen(4, None)];
+        assert_eq!(plan(&v, &l, &blip, &none, 3).next(), None);
+        let gone = [seen(1, None), seen(2, Some(6)), seen(3, None), seen(4, None)];
+        assert_eq!(plan(&v, &l, &gone, &none, 3).next(), Some(VoterChange::Promote(4)));
     }
 
     #[test]
