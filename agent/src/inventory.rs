@@ -61,6 +61,14 @@ impl InventoryHandle {
         self.poll_once(&previous).await
     }
 
+    /// Polls the backend now whatever the last poll's age: after this node
+    /// changed the models on disk (a pull, copy or delete finished).
+    pub async fn refresh_now(&self) -> Arc<Snapshot> {
+        let _one_at_a_time = self.refreshing.lock().await;
+        let previous = self.current();
+        self.poll_once(&previous).await
+    }
+
     async fn poll_once(&self, previous: &Snapshot) -> Arc<Snapshot> {
         let next = match self.backend.inventory().await {
             Ok(inventory) => {

@@ -90,6 +90,26 @@ impl LocalNode {
             .map_err(|_| ServeError::Timeout(format!("preloading {model} took over 10 minutes")))?
     }
 
+    /// Runs a model-management request (pull, delete, copy, create, push)
+    /// on the backend: no slot, no response timeout (a pull answering
+    /// with one document only answers when the download is done; the
+    /// client's disconnect cancels it). Once its answer has been relayed
+    /// the inventory is polled again, so this node's model list, and the
+    /// state it gossips, show the change before the client's call returns.
+    async fn manage(&self, req: InferenceRequest) -> Result<InferenceResponse, ServeError> {
+        let mut response = self.backend.serve(&req).await?;
+        let inventory = self.inventory.clone();
+        let body = std::mem::replace(&mut response.body, Box::pin(futures::stream::empty()));
+        response.body = Box::pin(async_stream::stream! {
+            let mut body = body;
+            while let Some(chunk) = body.next().await {
+                yield chunk;
+            }
+            inventory.refresh_now().await;
+        });
+        Ok(response)
+    }
+
     /// Checks that the model exists, refreshing the inventory once before
     /// calling it unknown (it may have been pulled a moment ago).
     async fn check_model(&self, model: &str) -> Result<(), ServeError> {
@@ -115,6 +135,9 @@ impl LocalNode {
 #[async_trait::async_trait]
 impl RequestHandler for LocalNode {
     async fn serve(&self, req: InferenceRequest) -> Result<InferenceResponse, ServeError> {
+        if req.api.is_management() {
+            return self.manage(req).await;
+        }
         self.check_model(&req.meta.model).await?;
         if let Some(key) = req.meta.prefix {
             self.recent_prefixes.record(key);

@@ -76,6 +76,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Route { command, admin: args } => return Ok(admin::run_route(&command, &args).await),
         Command::Node { command, admin: args } => return Ok(admin::run_node(&command, &args).await),
         Command::Token { command, admin: args } => return Ok(admin::run_token(&command, &args).await),
+        Command::Models { command, api } => return Ok(cli::models::run(&command, &api).await),
         Command::Demo(args) => {
             telemetry::init(&LogConfig { filter: "warn".into(), ..LogConfig::default() });
             tokio::spawn(cancel_on_signal(shutdown.clone()));

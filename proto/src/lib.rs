@@ -40,6 +40,20 @@ impl ApiKind {
                 | ApiKind::OllamaEmbed
                 | ApiKind::OllamaEmbeddings
                 | ApiKind::OllamaShow
+        ) || self.is_management()
+    }
+
+    /// Whether the API manages models (pull, delete, copy, create, push)
+    /// rather than running one: carried out on the node it is sent to,
+    /// without waiting for an inference slot.
+    pub fn is_management(self) -> bool {
+        matches!(
+            self,
+            ApiKind::OllamaPull
+                | ApiKind::OllamaDelete
+                | ApiKind::OllamaCopy
+                | ApiKind::OllamaCreate
+                | ApiKind::OllamaPush
         )
     }
 }

@@ -140,6 +140,13 @@ pub struct SimConfig {
     /// pools the connection finds it dead on its next request.
     #[arg(long = "close-after-stream")]
     pub close_after_stream: bool,
+    /// How long a pull takes (`/api/pull`, with progress lines), in ms.
+    #[arg(long = "pull-ms", default_value_t = 1000)]
+    pub pull_ms: u64,
+    /// Disk space for models in bytes; a pull that would overflow it fails
+    /// as Ollama's does. Unlimited when unset.
+    #[arg(long = "disk-bytes")]
+    pub disk_bytes: Option<u64>,
     /// Faults to inject.
     #[command(flatten)]
     pub faults: Faults,
@@ -161,6 +168,8 @@ impl Default for SimConfig {
             seed: 0,
             deterministic: false,
             close_after_stream: false,
+            pull_ms: 1000,
+            disk_bytes: None,
             faults: Faults::default(),
         }
     }

@@ -146,9 +146,18 @@ pub struct RecordedRequest {
     pub body: String,
 }
 
+/// Index of `name` in `models`, accepting Ollama's implicit `:latest`.
+fn find_model(models: &[SimModel], name: &str) -> Option<usize> {
+    models.iter().position(|m| m.name == name || m.name.strip_suffix(":latest") == Some(name)).or_else(|| {
+        let bare = name.strip_suffix(":latest")?;
+        models.iter().position(|m| m.name == bare)
+    })
+}
+
 /// The simulated backend.
 pub struct SimEngine {
-    models: Vec<SimModel>,
+    /// Models on disk; pulls, copies and deletes change them.
+    models: RwLock<Vec<SimModel>>,
     config: SimConfig,
     state: Mutex<State>,
     /// Like Ollama's scheduler, load one model at a time.
@@ -186,7 +195,7 @@ impl SimEngine {
         }
         Ok(SimEngine {
             faults: RwLock::new(config.faults.clone()),
-            models,
+            models: RwLock::new(models),
             config,
             state: Mutex::new(state),
             load_lock: tokio::sync::Mutex::new(()),
@@ -203,16 +212,56 @@ impl SimEngine {
     }
 
     /// Models on disk.
-    pub fn models(&self) -> &[SimModel] {
-        &self.models
+    pub fn models(&self) -> Vec<SimModel> {
+        self.models.read().unwrap_or_else(PoisonError::into_inner).clone()
     }
 
     /// Finds a model by name, accepting Ollama's implicit `:latest`.
-    pub fn model(&self, name: &str) -> Option<&SimModel> {
-        self.models.iter().find(|m| m.name == name || m.name.strip_suffix(":latest") == Some(name)).or_else(|| {
-            let bare = name.strip_suffix(":latest")?;
-            self.models.iter().find(|m| m.name == bare)
-        })
+    pub fn model(&self, name: &str) -> Option<SimModel> {
+        let models = self.models.read().unwrap_or_else(PoisonError::into_inner);
+        find_model(&models, name).map(|i| models[i].clone())
+    }
+
+    /// Bytes the models on disk take.
+    pub fn disk_used(&self) -> u64 {
+        self.models.read().unwrap_or_else(PoisonError::into_inner).iter().map(|m| m.size_bytes).sum()
+    }
+
+    /// Puts `model` on disk (a finished pull, copy or create), replacing a
+    /// model of the same name; fails when the disk would overflow.
+    pub fn add_model(&self, model: SimModel) -> Result<(), String> {
+        let mut models = self.models.write().unwrap_or_else(PoisonError::into_inner);
+        let existing = find_model(&models, &model.name);
+        let used: u64 = models.iter().map(|m| m.size_bytes).sum::<u64>() - existing.map_or(0, |i| models[i].size_bytes);
+        if let Some(disk) = self.config.disk_bytes
+            && used + model.size_bytes > disk
+        {
+            return Err(format!(
+                "no space left on device: {} needs {} bytes, {} of {} free",
+                model.name,
+                model.size_bytes,
+                disk.saturating_sub(used),
+                disk
+            ));
+        }
+        match existing {
+            Some(i) => models[i] = model,
+            None => models.push(model),
+        }
+        Ok(())
+    }
+
+    /// Removes a model from disk (and from memory); `false` when absent.
+    pub fn remove_model(&self, name: &str) -> bool {
+        let removed = {
+            let mut models = self.models.write().unwrap_or_else(PoisonError::into_inner);
+            find_model(&models, name).map(|i| models.remove(i))
+        };
+        let Some(removed) = removed else { return false };
+        let mut state = self.state.lock().unwrap_or_else(PoisonError::into_inner);
+        state.loaded.retain(|l| l.name != removed.name);
+        state.prefixes.remove(&removed.name);
+        true
     }
 
     /// Names of the models loaded now.
@@ -349,7 +398,7 @@ impl SimEngine {
     /// and evaluates the prompt. The returned [`Run`] yields the tokens.
     pub async fn start(&self, req: GenRequest) -> Result<Run, SimError> {
         let began = Instant::now();
-        let model = self.model(&req.model).ok_or_else(|| SimError::ModelNotFound(req.model.clone()))?.name.clone();
+        let model = self.model(&req.model).ok_or_else(|| SimError::ModelNotFound(req.model.clone()))?.name;
         self.stats.requests.fetch_add(1, Ordering::Relaxed);
         let mut guard = RunGuard::new(self.stats.clone());
         let faults = self.faults();

@@ -10,6 +10,7 @@ mod apis;
 mod closing;
 pub mod config;
 pub mod engine;
+mod manage;
 pub mod server;
 pub mod text;
 

@@ -13,7 +13,7 @@ use axum::body::Body;
 use axum::extract::{DefaultBodyLimit, Path, State};
 use axum::http::{StatusCode, Uri, header};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
+use axum::routing::{delete, get, post};
 use base64::Engine as _;
 use bytes::Bytes;
 use futures::Stream;
@@ -42,6 +42,11 @@ pub fn router(engine: Arc<SimEngine>) -> Router {
         .route("/api/tags", get(tags))
         .route("/api/ps", get(ps))
         .route("/api/show", post(show))
+        .route("/api/pull", post(crate::manage::pull))
+        .route("/api/push", post(crate::manage::push))
+        .route("/api/create", post(crate::manage::create))
+        .route("/api/copy", post(crate::manage::copy))
+        .route("/api/delete", delete(crate::manage::delete))
         .route("/api/chat", post(ollama_chat))
         .route("/api/generate", post(ollama_generate))
         .route("/api/embed", post(ollama_embed))
@@ -245,7 +250,7 @@ fn sse(value: &Value) -> Bytes {
     Bytes::from(format!("data: {value}\n\n"))
 }
 
-fn ndjson(value: &Value) -> Bytes {
+pub(crate) fn ndjson(value: &Value) -> Bytes {
     let mut line = value.to_string();
     line.push('\n');
     Bytes::from(line)
@@ -450,7 +455,7 @@ fn embedding_inputs(value: Option<&Value>) -> Vec<String> {
     }
 }
 
-fn embedding_model<'a>(engine: &'a SimEngine, family: Family, body: &Value) -> Result<&'a SimModel, Fail> {
+fn embedding_model(engine: &SimEngine, family: Family, body: &Value) -> Result<SimModel, Fail> {
     let model = model_of(family, body)?;
     if engine.injected_error() {
         return Err(sim_error(family, &SimError::Injected));
@@ -504,7 +509,7 @@ fn ollama_details(model: &SimModel) -> Value {
     })
 }
 
-fn digest(model: &SimModel) -> String {
+pub(crate) fn digest(model: &SimModel) -> String {
     format!("{:016x}{:016x}", text::fnv1a(1, model.name.as_bytes()), text::fnv1a(2, model.name.as_bytes()))
 }
 
@@ -531,6 +536,7 @@ async fn ps(State(engine): Sim) -> Json<Value> {
         .iter()
         .filter_map(|name| engine.model(name))
         .map(|m| {
+            let m = &m;
             json!({
                 "name": m.name, "model": m.name, "size": m.size_bytes, "digest": digest(m),
                 "details": ollama_details(m), "expires_at": expires, "size_vram": m.size_bytes,
@@ -559,7 +565,7 @@ async fn show(State(engine): Sim, uri: Uri, body: Bytes) -> Response {
         "modelfile": format!("FROM {}\n", model.name),
         "parameters": "num_ctx 4096",
         "template": "{{ .Prompt }}",
-        "details": ollama_details(model),
+        "details": ollama_details(&model),
         "model_info": {
             "general.architecture": model.family,
             "general.parameter_count": model.size_bytes / 2 * 3,
@@ -603,7 +609,7 @@ async fn ollama_generation(engine: Arc<SimEngine>, body: Value, prompt: Prompt, 
         _ => body.get("messages").and_then(Value::as_array).is_none_or(Vec::is_empty),
     };
     if load {
-        let Some(found) = engine.model(&model).map(|m| m.name.clone()) else {
+        let Some(found) = engine.model(&model).map(|m| m.name) else {
             return sim_error(family, &SimError::ModelNotFound(model)).into_response();
         };
         engine.ensure_loaded(&found).await;
@@ -735,7 +741,7 @@ async fn openai_models(State(engine): Sim) -> Json<Value> {
 
 async fn openai_model(State(engine): Sim, Path(id): Path<String>) -> Response {
     match engine.model(&id) {
-        Some(model) => Json(openai_model_json(model)).into_response(),
+        Some(model) => Json(openai_model_json(&model)).into_response(),
         None => sim_error(Family::OpenAi, &SimError::ModelNotFound(id)).into_response(),
     }
 }

@@ -242,3 +242,23 @@ def test_openai_responses_plain_and_streamed(oai):
     deltas = "".join(e.delta for e in events if e.type == "response.output_text.delta")
     assert events[-1].type == "response.completed" and events[-1].response.output_text == deltas
     assert len(deltas.split()) == 3
+
+
+def test_ollama_pull_with_progress_copy_and_delete(oll):
+    # Ollama's API docs (docs/api.md): a pull streams status lines, with
+    # digest/total/completed while downloading, and ends with "success";
+    # copy and delete answer 200, and 404 for a model that is not there.
+    parts = list(oll.pull("tinyllama:1b", stream=True))
+    assert parts[0].status == "pulling manifest" and parts[-1].status == "success"
+    downloads = [p for p in parts if p.total]
+    assert len(downloads) >= 3 and downloads[-1].completed == downloads[-1].total
+    assert "tinyllama:1b" in [m.model for m in oll.list().models]
+    assert oll.pull("tinyllama:1b").status == "success"
+    assert oll.copy("tinyllama:1b", "tiny-copy").status == "success"
+    assert "tiny-copy:latest" in [m.model for m in oll.list().models]
+    assert oll.delete("tiny-copy").status == "success"
+    with pytest.raises(ollama.ResponseError) as err:
+        oll.delete("tiny-copy")
+    assert err.value.status_code == 404
+    reply = oll.generate(model="tinyllama:1b", prompt="Hi", options={"num_predict": 2})
+    assert reply.done

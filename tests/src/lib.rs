@@ -301,3 +301,48 @@ pub fn sse_events(body: &str) -> Vec<String> {
 pub fn ndjson_lines(body: &str) -> Vec<Value> {
     body.lines().filter(|l| !l.trim().is_empty()).map(|l| serde_json::from_str(l).expect("NDJSON line")).collect()
 }
+
+/// A sim and the agent in front of it, one box of a test mesh.
+pub struct MeshNode {
+    /// The simulated backend.
+    pub sim: Proc,
+    /// The agent.
+    pub agent: Proc,
+}
+
+/// Starts nodes named `specs[i].0` whose sims take `specs[i].1`; the first
+/// creates the cluster and the others join it. Returns once every node
+/// sees every other alive with a data plane.
+pub async fn mesh(specs: &[(&str, &[&str])]) -> Vec<MeshNode> {
+    let mut nodes: Vec<MeshNode> = Vec::new();
+    let mut token = String::new();
+    let mut boot = String::new();
+    for (i, (name, sim_args)) in specs.iter().enumerate() {
+        let sim = sim(sim_args).await;
+        // The agents know their sims' parallel slots, as an operator would
+        // set OLLAMA_NUM_PARALLEL's value.
+        let slots = sim_args.iter().position(|a| *a == "--slots").map_or("4", |i| sim_args[i + 1]);
+        let agent = if i == 0 {
+            agent(&sim.url, &["--name", name, "--parallel-slots", slots]).await
+        } else {
+            agent(&sim.url, &["--name", name, "--join", &token, "--bootstrap", &boot, "--parallel-slots", slots]).await
+        };
+        if i == 0 {
+            token = join_token(agent.data_dir.as_deref().expect("data dir"));
+            boot = agent.p2p_addr();
+        }
+        nodes.push(MeshNode { sim, agent });
+    }
+    let n = nodes.len();
+    for node in &nodes {
+        eventually("every node sees every other", || async {
+            let listed = get_json(&format!("{}/mesh/v1/nodes", node.agent.url)).await;
+            let ready = listed["nodes"]
+                .as_array()
+                .map(|a| a.iter().filter(|n| n["liveness"] == "alive" && n["addresses"]["data"] != "").count());
+            ready == Some(n)
+        })
+        .await;
+    }
+    nodes
+}

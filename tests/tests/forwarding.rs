@@ -2,68 +2,13 @@
 //! failover before the first byte, clean errors after it, cancellation
 //! across the hop, byte-identical relaying under concurrency, and drain.
 
-use std::process::Command;
 use std::time::{Duration, Instant};
 
 use futures::StreamExt;
-use llmesh_tests::{
-    Proc, agent, binary, client, eventually, get_json, ndjson_lines, patience, sim, sim_stats, sse_events,
-};
+use llmesh_tests::{client, eventually, mesh as cluster, ndjson_lines, patience, sim_stats, sse_events};
 use serde_json::{Value, json};
 
 const M: &str = "only-c:1b";
-
-/// A sim and the agent in front of it.
-struct Node {
-    sim: Proc,
-    agent: Proc,
-}
-
-/// Starts nodes named `names[i]` whose sims take `sim_args[i]`; the first
-/// creates the cluster and the others join it. Returns once every node sees
-/// every other alive with a data plane.
-async fn cluster(specs: &[(&str, &[&str])]) -> Vec<Node> {
-    let mut nodes: Vec<Node> = Vec::new();
-    let mut token = String::new();
-    let mut boot = String::new();
-    for (i, (name, sim_args)) in specs.iter().enumerate() {
-        let sim = sim(sim_args).await;
-        // The agents know their sims' parallel slots, as an operator would
-        // set OLLAMA_NUM_PARALLEL's value.
-        let slots = sim_args.iter().position(|a| *a == "--slots").map_or("4", |i| sim_args[i + 1]);
-        let agent = if i == 0 {
-            agent(&sim.url, &["--name", name, "--parallel-slots", slots]).await
-        } else {
-            agent(&sim.url, &["--name", name, "--join", &token, "--bootstrap", &boot, "--parallel-slots", slots]).await
-        };
-        if i == 0 {
-            let out = Command::new(binary())
-                .args(["init", "--data-dir"])
-                .arg(agent.data_dir.as_deref().expect("data dir"))
-                .output()
-                .expect("init");
-            token = String::from_utf8_lossy(&out.stdout)
-                .lines()
-                .find(|l| l.starts_with("lmj2."))
-                .expect("token")
-                .to_string();
-            boot = agent.p2p_addr();
-        }
-        nodes.push(Node { sim, agent });
-    }
-    let n = nodes.len();
-    for node in &nodes {
-        eventually("every node sees every other", || async {
-            let listed = get_json(&format!("{}/mesh/v1/nodes", node.agent.url)).await;
-            let ready = listed["nodes"]
-                .as_array()
-                .map(|a| a.iter().filter(|n| n["liveness"] == "alive" && n["addresses"]["data"] != "").count());
-            ready == Some(n)
-        })
-        .await;
-    }
-    nodes
-}
 
 fn only_c() -> [&'static str; 2] {
     ["--models", "qwen2.5:7b,only-c:1b"]

@@ -4,6 +4,7 @@
 
 pub mod access;
 pub mod cluster;
+pub mod manage;
 pub mod metering;
 pub mod models;
 pub mod nodes;
@@ -18,7 +19,7 @@ use axum::extract::rejection::BytesRejection;
 use axum::extract::{DefaultBodyLimit, Extension, State};
 use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
+use axum::routing::{delete, get, post};
 use bytes::Bytes;
 use llmesh_mesh::{ApiKind, Coordinator, InferenceRequest, Membership};
 use tracing::Instrument;
@@ -99,6 +100,11 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/api/embed", post(|s: AppStateRef, c, h, b| infer(s, ApiKind::OllamaEmbed, c, h, b)))
         .route("/api/embeddings", post(|s: AppStateRef, c, h, b| infer(s, ApiKind::OllamaEmbeddings, c, h, b)))
         .route("/api/show", post(|s: AppStateRef, c, h, b| infer(s, ApiKind::OllamaShow, c, h, b)))
+        .route("/api/pull", post(|s: AppStateRef, c, h, b| manage::manage(s, ApiKind::OllamaPull, c, h, b)))
+        .route("/api/push", post(|s: AppStateRef, c, h, b| manage::manage(s, ApiKind::OllamaPush, c, h, b)))
+        .route("/api/create", post(|s: AppStateRef, c, h, b| manage::manage(s, ApiKind::OllamaCreate, c, h, b)))
+        .route("/api/copy", post(|s: AppStateRef, c, h, b| manage::manage(s, ApiKind::OllamaCopy, c, h, b)))
+        .route("/api/delete", delete(|s: AppStateRef, c, h, b| manage::manage(s, ApiKind::OllamaDelete, c, h, b)))
         .route("/api/tags", get(models::ollama_tags))
         .route("/api/ps", get(models::ollama_ps))
         .route_layer(axum::middleware::from_fn_with_state(state.clone(), access::read_body))

@@ -171,6 +171,11 @@ impl HttpBackend {
         })
     }
 
+    /// The backend's base URL.
+    pub fn base(&self) -> &str {
+        &self.base
+    }
+
     fn url(&self, path: &str) -> String {
         format!("{}{path}", self.base)
     }
@@ -208,8 +213,21 @@ impl HttpBackend {
         request_id: &str,
         stream: bool,
     ) -> Result<InferenceResponse, ServeError> {
+        self.send(Method::POST, path, body, request_id, stream).await
+    }
+
+    /// Sends a request with a body (`DELETE /api/delete` has one too) and
+    /// returns once the response head arrives.
+    pub async fn send(
+        &self,
+        method: Method,
+        path: &str,
+        body: Bytes,
+        request_id: &str,
+        stream: bool,
+    ) -> Result<InferenceResponse, ServeError> {
         let build = || -> Result<Request<Full<Bytes>>, ServeError> {
-            let mut request = self.request(Method::POST, path, body.clone())?;
+            let mut request = self.request(method.clone(), path, body.clone())?;
             if let Ok(id) = http::HeaderValue::from_str(request_id) {
                 request.headers_mut().insert("x-request-id", id);
             }

@@ -71,6 +71,11 @@ pub(crate) fn path_for(api: ApiKind) -> Result<&'static str, ServeError> {
         ApiKind::AnthropicMessages => "/v1/messages",
         ApiKind::AnthropicCountTokens => "/v1/messages/count_tokens",
         ApiKind::OpenaiResponses => "/v1/responses",
+        ApiKind::OllamaPull => "/api/pull",
+        ApiKind::OllamaDelete => "/api/delete",
+        ApiKind::OllamaCopy => "/api/copy",
+        ApiKind::OllamaCreate => "/api/create",
+        ApiKind::OllamaPush => "/api/push",
         ApiKind::Unspecified => return Err(ServeError::BadRequest("request names no API".into())),
     })
 }
@@ -111,7 +116,9 @@ impl Backend for OllamaBackend {
     }
 
     async fn serve(&self, req: &InferenceRequest) -> Result<InferenceResponse, ServeError> {
-        self.http.post(path_for(req.api)?, req.body.clone(), &req.request_id, req.meta.stream).await
+        // Ollama's only body-carrying DELETE.
+        let method = if req.api == ApiKind::OllamaDelete { http::Method::DELETE } else { http::Method::POST };
+        self.http.send(method, path_for(req.api)?, req.body.clone(), &req.request_id, req.meta.stream).await
     }
 }
 

@@ -83,9 +83,27 @@ impl Backend for OpenAiBackend {
             ApiKind::Unspecified => {
                 return Err(ServeError::BadRequest("request names no API".into()));
             }
+            api if api.is_management() => {
+                return Err(ServeError::Unsupported(format!(
+                    "this node's backend is an OpenAI-compatible server ({}), which cannot {}; manage its models on that server, or target a node with an Ollama backend",
+                    self.http.base(),
+                    management_verb(api)
+                )));
+            }
             _ => return self.serve_native(req).await,
         };
         self.http.post(path, req.body.clone(), &req.request_id, req.meta.stream).await
+    }
+}
+
+/// What a management API does, for error messages.
+fn management_verb(api: ApiKind) -> &'static str {
+    match api {
+        ApiKind::OllamaPull => "pull models",
+        ApiKind::OllamaDelete => "delete models",
+        ApiKind::OllamaCopy => "copy models",
+        ApiKind::OllamaCreate => "create models",
+        _ => "push models",
     }
 }
 

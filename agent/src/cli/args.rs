@@ -60,6 +60,15 @@ pub enum Command {
         #[command(flatten)]
         admin: AdminArgs,
     },
+    /// Pull models onto nodes, or remove them, through any node.
+    Models {
+        /// What to do.
+        #[command(subcommand)]
+        command: ModelsCommand,
+        /// Which node to ask, and the API key.
+        #[command(flatten)]
+        api: ApiArgs,
+    },
     /// Manage the join token.
     Token {
         /// What to do.
@@ -430,6 +439,43 @@ pub struct InitArgs {
     /// the token, so joining nodes know where to start. Repeatable.
     #[arg(long, value_name = "ADDR")]
     pub bootstrap: Vec<String>,
+}
+
+/// `llmesh models …`
+#[derive(Debug, Clone, Subcommand)]
+pub enum ModelsCommand {
+    /// Pull MODEL: where it is already (an update), else onto the node
+    /// with the most free GPU memory; progress is shown as it downloads.
+    Pull {
+        /// The model, as Ollama names it (`qwen2.5:7b`).
+        model: String,
+        /// Pull onto these nodes (names or ids; repeatable).
+        #[arg(long = "node", value_name = "NODE", conflicts_with = "replicas")]
+        nodes: Vec<String>,
+        /// Make sure this many nodes hold the model.
+        #[arg(long, value_name = "K")]
+        replicas: Option<usize>,
+    },
+    /// Remove MODEL from the named nodes (or, without --node, from every
+    /// node that holds it).
+    Rm {
+        /// The model.
+        model: String,
+        /// Remove it from these nodes only (names or ids; repeatable).
+        #[arg(long = "node", value_name = "NODE")]
+        nodes: Vec<String>,
+    },
+}
+
+/// Which node's HTTP API a client command talks to.
+#[derive(Debug, Clone, Args)]
+pub struct ApiArgs {
+    /// Any node's HTTP API.
+    #[arg(long, global = true, default_value = "http://127.0.0.1:11440", env = "LLMESH_URL")]
+    pub url: String,
+    /// An API key, when the mesh has keys.
+    #[arg(long, global = true, env = "LLMESH_API_KEY", hide_env_values = true)]
+    pub api_key: Option<String>,
 }
 
 /// Flags of `llmesh status`.

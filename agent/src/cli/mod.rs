@@ -7,5 +7,6 @@
 pub mod admin;
 pub mod args;
 pub mod demo;
+pub mod models;
 pub mod sim;
 pub mod status;

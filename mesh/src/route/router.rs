@@ -726,6 +726,10 @@ impl ForwardedLocal {
 #[async_trait::async_trait]
 impl RequestHandler for ForwardedLocal {
     async fn serve(&self, req: InferenceRequest) -> Result<InferenceResponse, ServeError> {
+        if req.api.is_management() {
+            // Pulls and deletes use no inference slot.
+            return self.local.serve(req).await;
+        }
         self.acquire(&req).await?;
         let slot = Slot { admission: self.admission.clone(), recheck: self.recheck.clone(), node: LOCAL.to_string() };
         if let Some(started) = &req.on_slot {
