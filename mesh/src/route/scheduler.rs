@@ -42,6 +42,12 @@ pub struct SchedulerConfig {
     pub affinity_slack: f64,
     /// Extra wait accepted to reuse a conversation's cache.
     pub affinity_extra_ms: f64,
+    /// Extra wait accepted to reuse a conversation's cache when every node
+    /// is busy: then every choice waits anyway, and a conversation that
+    /// moves pays its whole prompt again on a box that is just as busy
+    /// (measured: 2 s instead of 1 s raised the warm benchmark's hit rate
+    /// at 95% load from 0.86-0.91x to 0.93x the oracle's, TTFT p95 unchanged).
+    pub affinity_extra_busy_ms: f64,
     /// Conversations remembered for affinity.
     pub affinity_entries: usize,
 }
@@ -58,6 +64,7 @@ impl Default for SchedulerConfig {
             near_equal_ms: 50.0,
             affinity_slack: 1.5,
             affinity_extra_ms: 1_000.0,
+            affinity_extra_busy_ms: 2_000.0,
             affinity_entries: 100_000,
         }
     }
@@ -231,7 +238,7 @@ impl Scheduler {
         // the cache is worth a fixed extra wait, not a multiple of a long one
         // (else a slow, busy holder keeps conversations for seconds).
         let allowance = if saturated {
-            best + self.config.affinity_extra_ms
+            best + self.config.affinity_extra_busy_ms
         } else {
             best * self.config.affinity_slack + self.config.affinity_extra_ms
         };
