@@ -140,6 +140,10 @@ pub struct SimConfig {
     /// pools the connection finds it dead on its next request.
     #[arg(long = "close-after-stream")]
     pub close_after_stream: bool,
+    /// Serve no Anthropic Messages or OpenAI Responses API (404 on their
+    /// paths), as Ollama before 0.13.3 and older vLLM releases.
+    #[arg(long = "chat-only")]
+    pub chat_only: bool,
     /// How long a pull takes (`/api/pull`, with progress lines), in ms.
     #[arg(long = "pull-ms", default_value_t = 1000)]
     pub pull_ms: u64,
@@ -168,6 +172,7 @@ impl Default for SimConfig {
             seed: 0,
             deterministic: false,
             close_after_stream: false,
+            chat_only: false,
             pull_ms: 1000,
             disk_bytes: None,
             faults: Faults::default(),

@@ -33,7 +33,8 @@ pub fn router(engine: Arc<SimEngine>) -> Router {
     if engine.config().deterministic {
         DETERMINISTIC.store(true, Ordering::Relaxed);
     }
-    Router::new()
+    let chat_only = engine.config().chat_only;
+    let router = Router::new()
         .route("/", get(|| async { "Ollama is running" }))
         // llama-server's, vLLM's and SGLang's liveness probe, which their
         // routers poll before sending a worker anything.
@@ -56,12 +57,21 @@ pub fn router(engine: Arc<SimEngine>) -> Router {
         .route("/v1/chat/completions", post(openai_chat))
         .route("/v1/completions", post(openai_completions))
         .route("/v1/embeddings", post(openai_embeddings))
-        .route("/v1/messages", post(crate::apis::anthropic_messages))
-        .route("/v1/messages/count_tokens", post(crate::apis::anthropic_count_tokens))
-        .route("/v1/responses", post(crate::apis::openai_responses))
         .route("/sim/stats", get(stats))
         .route("/sim/faults", get(get_faults).post(set_faults))
-        .route("/sim/last-request", get(last_request))
+        .route("/sim/last-request", get(last_request));
+    // Without the newer APIs (Ollama before 0.13.3, older vLLM): their
+    // paths are unknown routes, answered as Ollama's router does.
+    let router = if chat_only {
+        router
+    } else {
+        router
+            .route("/v1/messages", post(crate::apis::anthropic_messages))
+            .route("/v1/messages/count_tokens", post(crate::apis::anthropic_count_tokens))
+            .route("/v1/responses", post(crate::apis::openai_responses))
+    };
+    router
+        .fallback(|| async { (StatusCode::NOT_FOUND, "404 page not found") })
         .layer(DefaultBodyLimit::max(256 * 1024 * 1024))
         .with_state(engine)
 }
@@ -175,8 +185,14 @@ fn text_prompt(body: &Value, field: &str) -> Prompt {
     prompt
 }
 
+/// The tool to call: the first offered, unless tools are off or the last
+/// turn is already a tool's result (so a tool round trip ends in text).
 fn tool_name(body: &Value) -> Option<String> {
     if body.get("tool_choice").and_then(Value::as_str) == Some("none") {
+        return None;
+    }
+    let last_role = body.get("messages").and_then(Value::as_array).and_then(|m| m.last()).and_then(|m| m.get("role"));
+    if last_role.and_then(Value::as_str) == Some("tool") {
         return None;
     }
     let tool = body.get("tools")?.as_array()?.first()?;

@@ -207,10 +207,33 @@ def test_ollama_refuses_what_ollama_refuses(oll):
     oll.ps()
 
 
+@pytest.fixture(scope="module", params=["ollama", "openai"])
+def chat_only_url(request):
+    """An agent in front of a backend without /v1/messages and /v1/responses
+    (Ollama before 0.13.3, older vLLM): the agent translates both to chat
+    completions, for either backend kind."""
+    sim, sim_url = start("sim-backend", "--listen", "127.0.0.1:0", "--chat-only")
+    agent, url = start(
+        "agent", "--listen", "127.0.0.1:0", "--backend", sim_url, "--backend-kind", request.param, "--no-mesh"
+    )
+    yield url
+    for proc in (agent, sim):
+        proc.terminate()
+        proc.wait(timeout=10)
+
+
 def test_anthropic_messages_plain_streamed_and_a_tool_round_trip(agent_url):
+    check_anthropic_messages(agent_url)
+
+
+def test_anthropic_messages_translated_for_a_backend_without_them(chat_only_url):
+    check_anthropic_messages(chat_only_url)
+
+
+def check_anthropic_messages(url):
     import anthropic
 
-    client = anthropic.Anthropic(base_url=agent_url, api_key="unused")
+    client = anthropic.Anthropic(base_url=url, api_key="unused")
     reply = client.messages.create(
         model="qwen2.5:7b", max_tokens=5, system="be brief", messages=[{"role": "user", "content": "Hi"}]
     )
@@ -236,6 +259,21 @@ def test_anthropic_messages_plain_streamed_and_a_tool_round_trip(agent_url):
 
 
 def test_openai_responses_plain_and_streamed(oai):
+    check_openai_responses(oai)
+
+
+def test_openai_responses_translated_for_a_backend_without_them(chat_only_url):
+    client = openai.OpenAI(base_url=f"{chat_only_url}/v1", api_key="unused", max_retries=0)
+    check_openai_responses(client)
+    tools = [{"type": "function", "name": "get_time", "parameters": {"type": "object", "properties": {}}}]
+    call = client.responses.create(model="qwen2.5:7b", input="What time is it?", tools=tools, max_output_tokens=8)
+    calls = [item for item in call.output if item.type == "function_call"]
+    assert calls and calls[0].name == "get_time"
+    with pytest.raises(openai.BadRequestError):
+        client.responses.create(model="qwen2.5:7b", input="x", previous_response_id="resp_1")
+
+
+def check_openai_responses(oai):
     response = oai.responses.create(model="qwen2.5:7b", input="Hello there", max_output_tokens=6)
     assert response.status == "completed" and len(response.output_text.split()) == 6
     events = list(oai.responses.create(model="qwen2.5:7b", input="Hello", max_output_tokens=3, stream=True))

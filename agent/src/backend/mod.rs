@@ -1,9 +1,12 @@
 //! Backends: what actually runs inference beside this agent. Each kind sits
 //! behind [`Backend`]; the rest of the agent never knows which it talks to.
 
+pub mod anthropic;
+pub mod foreign;
 pub mod http;
 mod ollama;
 pub mod openai;
+pub mod responses;
 pub mod translate;
 
 use std::sync::Arc;

@@ -4,6 +4,7 @@
 use llmesh_mesh::{ApiKind, InferenceRequest, InferenceResponse, ServeError};
 use serde::Deserialize;
 
+use super::foreign::ForeignApis;
 use super::http::HttpBackend;
 use super::{Backend, Inventory, LoadedInfo, ModelDetails, ModelEntry};
 use crate::config::{BackendConfig, BackendKind};
@@ -11,6 +12,7 @@ use crate::config::{BackendConfig, BackendKind};
 /// A local (or remote) Ollama server.
 pub struct OllamaBackend {
     http: HttpBackend,
+    foreign: ForeignApis,
 }
 
 #[derive(Deserialize)]
@@ -52,7 +54,7 @@ struct Running {
 impl OllamaBackend {
     /// An Ollama backend at `config.url`.
     pub fn new(config: &BackendConfig) -> Result<OllamaBackend, ServeError> {
-        Ok(OllamaBackend { http: HttpBackend::new(config)? })
+        Ok(OllamaBackend { http: HttpBackend::new(config)?, foreign: ForeignApis::default() })
     }
 }
 
@@ -116,6 +118,10 @@ impl Backend for OllamaBackend {
     }
 
     async fn serve(&self, req: &InferenceRequest) -> Result<InferenceResponse, ServeError> {
+        if matches!(req.api, ApiKind::AnthropicMessages | ApiKind::AnthropicCountTokens | ApiKind::OpenaiResponses) {
+            // Native since Ollama 0.14 and 0.13.3; translated before.
+            return self.foreign.serve(&self.http, req).await;
+        }
         // Ollama's only body-carrying DELETE.
         let method = if req.api == ApiKind::OllamaDelete { http::Method::DELETE } else { http::Method::POST };
         self.http.send(method, path_for(req.api)?, req.body.clone(), &req.request_id, req.meta.stream).await

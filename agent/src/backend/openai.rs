@@ -4,20 +4,22 @@
 
 use std::time::Instant;
 
-use bytes::{Bytes, BytesMut};
+use bytes::Bytes;
 use futures::StreamExt;
-use llmesh_mesh::{ApiKind, BodyStream, InferenceRequest, InferenceResponse, ServeError};
+use llmesh_mesh::{ApiKind, InferenceRequest, InferenceResponse, ServeError};
 use serde::Deserialize;
-use serde_json::{Value, json};
+use serde_json::json;
 
+use super::foreign::ForeignApis;
 use super::http::HttpBackend;
-use super::translate::{self, TextField};
+use super::translate::{self, TextField, collect, json_response, parse_answer};
 use super::{Backend, Inventory, LoadedInfo, ModelDetails, ModelEntry};
 use crate::config::{BackendConfig, BackendKind};
 
 /// An OpenAI-compatible server.
 pub struct OpenAiBackend {
     http: HttpBackend,
+    foreign: ForeignApis,
 }
 
 #[derive(Deserialize)]
@@ -34,12 +36,12 @@ struct ModelObject {
 impl OpenAiBackend {
     /// A backend at `config.url` (the base, without `/v1`).
     pub fn new(config: &BackendConfig) -> Result<OpenAiBackend, ServeError> {
-        Ok(OpenAiBackend { http: HttpBackend::new(config)? })
+        Ok(OpenAiBackend::from_http(HttpBackend::new(config)?))
     }
 
     /// A backend over an already configured client (cloud providers).
     pub fn from_http(http: HttpBackend) -> OpenAiBackend {
-        OpenAiBackend { http }
+        OpenAiBackend { http, foreign: ForeignApis::default() }
     }
 }
 
@@ -76,10 +78,11 @@ impl Backend for OpenAiBackend {
             ApiKind::OpenaiChat => "/v1/chat/completions",
             ApiKind::OpenaiCompletions => "/v1/completions",
             ApiKind::OpenaiEmbeddings => "/v1/embeddings",
-            // llama-server and vLLM serve these natively; passed through.
-            ApiKind::AnthropicMessages => "/v1/messages",
-            ApiKind::AnthropicCountTokens => "/v1/messages/count_tokens",
-            ApiKind::OpenaiResponses => "/v1/responses",
+            // llama-server and vLLM serve these natively; translated for
+            // servers that do not.
+            ApiKind::AnthropicMessages | ApiKind::AnthropicCountTokens | ApiKind::OpenaiResponses => {
+                return self.foreign.serve(&self.http, req).await;
+            }
             ApiKind::Unspecified => {
                 return Err(ServeError::BadRequest("request names no API".into()));
             }
@@ -105,34 +108,6 @@ fn management_verb(api: ApiKind) -> &'static str {
         ApiKind::OllamaCreate => "create models",
         _ => "push models",
     }
-}
-
-/// Largest translated non-streaming answer; these are small JSON documents.
-const MAX_TRANSLATED_BYTES: usize = 64 * 1024 * 1024;
-
-fn json_response(status: u16, value: &Value) -> InferenceResponse {
-    let bytes = Bytes::from(value.to_string());
-    InferenceResponse {
-        status,
-        content_type: "application/json".into(),
-        body: Box::pin(futures::stream::once(async move { Ok(bytes) })),
-    }
-}
-
-async fn collect(mut body: BodyStream) -> Result<Bytes, ServeError> {
-    let mut buffer = BytesMut::new();
-    while let Some(chunk) = body.next().await {
-        let chunk = chunk.map_err(|e| ServeError::BackendUnreachable(e.to_string()))?;
-        if buffer.len() + chunk.len() > MAX_TRANSLATED_BYTES {
-            return Err(ServeError::BackendUnreachable(format!("backend answer exceeds {MAX_TRANSLATED_BYTES} bytes")));
-        }
-        buffer.extend_from_slice(&chunk);
-    }
-    Ok(buffer.freeze())
-}
-
-fn parse_answer(bytes: &[u8]) -> Result<Value, ServeError> {
-    serde_json::from_slice(bytes).map_err(|e| ServeError::BackendUnreachable(format!("backend sent invalid JSON: {e}")))
 }
 
 /// What `/api/show` says a model can do. An OpenAI server does not list
@@ -198,26 +173,11 @@ impl OpenAiBackend {
             let status = if answer.get("error").is_some() { 502 } else { 200 };
             return Ok(json_response(status, &answer));
         }
-        let stream = async_stream::stream! {
-            while let Some(chunk) = body.next().await {
-                match chunk {
-                    Ok(bytes) => {
-                        for line in translator.push(&bytes) {
-                            yield Ok(line);
-                        }
-                    }
-                    Err(message) => {
-                        yield Err(message);
-                        return;
-                    }
-                }
-            }
-            // A cleanly ended HTTP body without [DONE] is still complete.
-            for line in translator.finish() {
-                yield Ok(line);
-            }
-        };
-        Ok(InferenceResponse { status: 200, content_type: "application/x-ndjson".into(), body: Box::pin(stream) })
+        Ok(InferenceResponse {
+            status: 200,
+            content_type: "application/x-ndjson".into(),
+            body: translate::translated(body, translator),
+        })
     }
 
     /// `/api/show` from what an OpenAI server tells: the model's existence.

@@ -6,7 +6,8 @@
 use std::time::Duration;
 
 use bytes::Bytes;
-use llmesh_mesh::ServeError;
+use futures::StreamExt;
+use llmesh_mesh::{BodyStream, InferenceResponse, ServeError};
 use serde_json::{Map, Value, json};
 
 /// Which Ollama field carries generated text.
@@ -283,11 +284,34 @@ pub fn error_message(body: &[u8]) -> String {
         .unwrap_or_else(|| String::from_utf8_lossy(body).into_owned())
 }
 
+/// Splits an SSE stream into its `data:` payloads as bytes arrive, however
+/// the bytes are cut.
+#[derive(Debug, Default)]
+pub struct SseReader {
+    buffer: Vec<u8>,
+}
+
+impl SseReader {
+    /// Feeds bytes; returns the payloads of the `data:` lines they complete.
+    pub fn push(&mut self, chunk: &[u8]) -> Vec<String> {
+        self.buffer.extend_from_slice(chunk);
+        let mut out = Vec::new();
+        while let Some(end) = self.buffer.iter().position(|b| *b == b'\n') {
+            let raw: Vec<u8> = self.buffer.drain(..=end).collect();
+            let text = String::from_utf8_lossy(&raw);
+            if let Some(data) = text.trim_end_matches(['\r', '\n']).strip_prefix("data:") {
+                out.push(data.trim().to_string());
+            }
+        }
+        out
+    }
+}
+
 /// Turns an OpenAI SSE stream into Ollama NDJSON as bytes arrive.
 pub struct SseToNdjson {
     model: String,
     field: TextField,
-    buffer: Vec<u8>,
+    reader: SseReader,
     finish: Option<String>,
     usage: Option<Value>,
     /// Streamed tool calls arrive in fragments; collected by index.
@@ -305,7 +329,7 @@ impl SseToNdjson {
         SseToNdjson {
             model: model.to_string(),
             field,
-            buffer: Vec::new(),
+            reader: SseReader::default(),
             finish: None,
             usage: None,
             calls: Vec::new(),
@@ -324,15 +348,9 @@ impl SseToNdjson {
 
     /// Feeds bytes; returns the NDJSON lines they complete.
     pub fn push(&mut self, chunk: &[u8]) -> Vec<Bytes> {
-        self.buffer.extend_from_slice(chunk);
         let mut out = Vec::new();
-        while let Some(end) = self.buffer.iter().position(|b| *b == b'\n') {
-            let raw: Vec<u8> = self.buffer.drain(..=end).collect();
-            let text = String::from_utf8_lossy(&raw);
-            let Some(data) = text.trim_end_matches(['\r', '\n']).strip_prefix("data:") else {
-                continue;
-            };
-            out.extend(self.event(data.trim()));
+        for data in self.reader.push(chunk) {
+            out.extend(self.event(&data));
         }
         out
     }
@@ -446,6 +464,79 @@ pub fn fold_lines(lines: &[Bytes]) -> Value {
         last["response"] = json!(text);
     }
     last
+}
+
+/// Largest translated non-streaming answer; these are small JSON documents.
+const MAX_TRANSLATED_BYTES: usize = 64 * 1024 * 1024;
+
+/// A whole JSON answer with `status`.
+pub(crate) fn json_response(status: u16, value: &Value) -> InferenceResponse {
+    let bytes = Bytes::from(value.to_string());
+    InferenceResponse {
+        status,
+        content_type: "application/json".into(),
+        body: Box::pin(futures::stream::once(async move { Ok(bytes) })),
+    }
+}
+
+/// Reads a whole (small) backend answer.
+pub(crate) async fn collect(mut body: BodyStream) -> Result<Bytes, ServeError> {
+    let mut buffer = bytes::BytesMut::new();
+    while let Some(chunk) = body.next().await {
+        let chunk = chunk.map_err(|e| ServeError::BackendUnreachable(e.to_string()))?;
+        if buffer.len() + chunk.len() > MAX_TRANSLATED_BYTES {
+            return Err(ServeError::BackendUnreachable(format!("backend answer exceeds {MAX_TRANSLATED_BYTES} bytes")));
+        }
+        buffer.extend_from_slice(&chunk);
+    }
+    Ok(buffer.freeze())
+}
+
+/// Parses a backend's JSON answer.
+pub(crate) fn parse_answer(bytes: &[u8]) -> Result<Value, ServeError> {
+    serde_json::from_slice(bytes).map_err(|e| ServeError::BackendUnreachable(format!("backend sent invalid JSON: {e}")))
+}
+
+/// A translator of a streamed answer: bytes in as they arrive, the
+/// client's format out.
+pub(crate) trait StreamTranslator: Send + 'static {
+    /// Feeds bytes; returns what they complete.
+    fn push(&mut self, chunk: &[u8]) -> Vec<Bytes>;
+    /// Ends the answer (the backend's body ended cleanly).
+    fn finish(&mut self) -> Vec<Bytes>;
+}
+
+impl StreamTranslator for SseToNdjson {
+    fn push(&mut self, chunk: &[u8]) -> Vec<Bytes> {
+        SseToNdjson::push(self, chunk)
+    }
+    fn finish(&mut self) -> Vec<Bytes> {
+        SseToNdjson::finish(self)
+    }
+}
+
+/// `body` translated chunk by chunk; a broken body is passed on as broken
+/// (the relay turns it into the client format's error event).
+pub(crate) fn translated(mut body: BodyStream, mut translator: impl StreamTranslator) -> BodyStream {
+    Box::pin(async_stream::stream! {
+        while let Some(chunk) = body.next().await {
+            match chunk {
+                Ok(bytes) => {
+                    for out in translator.push(&bytes) {
+                        yield Ok(out);
+                    }
+                }
+                Err(err) => {
+                    yield Err(err);
+                    return;
+                }
+            }
+        }
+        // A cleanly ended HTTP body without [DONE] is still complete.
+        for out in translator.finish() {
+            yield Ok(out);
+        }
+    })
 }
 
 #[cfg(test)]
