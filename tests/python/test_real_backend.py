@@ -178,6 +178,16 @@ def test_ollama_lists_the_model(url):
     assert MODEL in [m.model for m in ollama.Client(host=url).list().models]
 
 
+def test_ollama_list_and_show_carry_what_llama_server_says(url):
+    # llama-server's /v1/models `meta` (size, parameters, quantization,
+    # context) and /props (chat template) reach Ollama's shapes.
+    client = ollama.Client(host=url)
+    listed = next(m for m in client.list().models if m.model == MODEL)
+    assert listed.size > 0 and listed.details.quantization_level and listed.details.parameter_size
+    shown = client.show(MODEL)
+    assert shown.template and "completion" in shown.capabilities
+
+
 def test_ollama_chat(url):
     reply = ollama.Client(host=url, timeout=60).chat(
         model=MODEL, messages=[{"role": "user", "content": "Name a fruit."}], options={"num_predict": 16}

@@ -8,7 +8,7 @@ use bytes::Bytes;
 use futures::StreamExt;
 use llmesh_mesh::{ApiKind, InferenceRequest, InferenceResponse, ServeError};
 use serde::Deserialize;
-use serde_json::json;
+use serde_json::{Value, json};
 
 use super::foreign::ForeignApis;
 use super::http::HttpBackend;
@@ -31,6 +31,24 @@ struct ModelList {
 #[derive(Deserialize)]
 struct ModelObject {
     id: String,
+    /// llama-server describes the model it serves here.
+    #[serde(default)]
+    meta: Option<ModelMeta>,
+}
+
+/// llama-server's `meta` of a listed model.
+#[derive(Deserialize, Default)]
+#[serde(default)]
+struct ModelMeta {
+    n_params: Option<u64>,
+    size: Option<u64>,
+    n_ctx: Option<u32>,
+    ftype: Option<String>,
+}
+
+/// A parameter count as Ollama prints it (`134.52M`, `7.6B`).
+fn parameter_size(n: u64) -> String {
+    if n >= 1_000_000_000 { format!("{:.1}B", n as f64 / 1e9) } else { format!("{:.2}M", n as f64 / 1e6) }
 }
 
 impl OpenAiBackend {
@@ -49,15 +67,30 @@ fn to_inventory(list: ModelList) -> Inventory {
     let models = list
         .data
         .into_iter()
-        .map(|m| ModelEntry {
-            name: m.id,
-            size: 0,
-            digest: String::new(),
-            modified_at: super::first_seen(),
-            details: ModelDetails::default(),
-            // An OpenAI-compatible server lists what it serves now, so every
-            // model it lists counts as loaded.
-            loaded: Some(LoadedInfo::default()),
+        .map(|m| {
+            // What the server says about the model (llama-server does);
+            // nothing is made up for one that says nothing.
+            let meta = m.meta.unwrap_or_default();
+            let details = ModelDetails {
+                format: if meta.ftype.is_some() { "gguf".into() } else { String::new() },
+                parameter_size: meta.n_params.map(parameter_size).unwrap_or_default(),
+                quantization_level: meta.ftype.clone().unwrap_or_default(),
+                ..ModelDetails::default()
+            };
+            ModelEntry {
+                name: m.id,
+                size: meta.size.unwrap_or(0),
+                digest: String::new(),
+                modified_at: super::first_seen(),
+                details,
+                // An OpenAI-compatible server lists what it serves now, so
+                // every model it lists counts as loaded.
+                loaded: Some(LoadedInfo {
+                    size_vram: meta.size.unwrap_or(0),
+                    context_length: meta.n_ctx.unwrap_or(0),
+                    ..LoadedInfo::default()
+                }),
+            }
         })
         .collect();
     Inventory { models }
@@ -184,11 +217,21 @@ impl OpenAiBackend {
     async fn show(&self, model: &str) -> Result<InferenceResponse, ServeError> {
         let inventory = self.inventory().await?;
         let entry = inventory.resolve(model).ok_or_else(|| ServeError::ModelNotFound(model.to_string()))?;
+        // llama-server's `/props` has the chat template; other servers
+        // have no such endpoint, and the template stays empty.
+        let template = match self.http.get_json::<Value>("/props").await {
+            Ok(props) => props.get("chat_template").and_then(Value::as_str).unwrap_or_default().to_string(),
+            Err(_) => String::new(),
+        };
+        let mut model_info = serde_json::Map::new();
+        if let Some(context) = entry.loaded.as_ref().map(|l| l.context_length).filter(|c| *c > 0) {
+            model_info.insert("general.context_length".into(), json!(context));
+        }
         Ok(json_response(
             200,
             &json!({
-                "modelfile": "", "parameters": "", "template": "",
-                "details": entry.details, "model_info": {}, "capabilities": [capability(model)],
+                "modelfile": "", "parameters": "", "template": template,
+                "details": entry.details, "model_info": model_info, "capabilities": [capability(model)],
             }),
         ))
     }
@@ -206,5 +249,24 @@ mod tests {
         .expect("parses");
         let inventory = to_inventory(list);
         assert!(inventory.resolve("SmolLM2-135M-Instruct").is_some_and(|m| m.loaded.is_some()));
+    }
+
+    #[test]
+    fn llama_servers_model_meta_fills_size_and_details() {
+        // As llama-server (b7xxx) lists its model.
+        let list: ModelList = serde_json::from_str(
+            r#"{"object":"list","data":[{"id":"smol.gguf","object":"model","owned_by":"llamacpp",
+                "meta":{"vocab_type":2,"n_vocab":49152,"n_ctx":8192,"n_ctx_train":8192,"n_embd":576,
+                "n_params":134515008,"size":96576768,"ftype":"Q4_1"}}]}"#,
+        )
+        .expect("parses");
+        let inventory = to_inventory(list);
+        let entry = inventory.resolve("smol.gguf").expect("listed");
+        assert_eq!(entry.size, 96_576_768);
+        assert_eq!(
+            (entry.details.parameter_size.as_str(), entry.details.quantization_level.as_str()),
+            ("134.52M", "Q4_1")
+        );
+        assert_eq!(entry.loaded.as_ref().map(|l| l.context_length), Some(8192));
     }
 }
