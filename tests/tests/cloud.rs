@@ -85,9 +85,11 @@ async fn a_model_only_the_cloud_has_is_listed_served_mapped_and_billed() {
     let (status, body, route) = chat(&node, "cloud-only:70b", None, &[], false).await;
     assert_eq!((status, route.as_str()), (200, "cloud:prov-a"), "{body}");
     assert_eq!(body["choices"][0]["message"]["content"], "the cloud answers");
+    assert_eq!(body["model"], "cloud-only:70b", "named as the client asked, not by the provider's id");
     let (status, body, route) = chat(&node, "cloud-only:70b", None, &[], true).await;
     assert_eq!((status, route.as_str()), (200, "cloud:prov-a"));
     let events = sse_events(body["sse"].as_str().expect("text"));
+    assert!(events.iter().all(|e| !e.contains("vendor/cloud-70b")), "no event names the provider's id: {events:?}");
     assert_eq!(events.last().map(String::as_str), Some("[DONE]"), "the stream arrives whole");
     assert_eq!(events.len(), 5);
 

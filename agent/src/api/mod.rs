@@ -6,6 +6,7 @@ pub mod access;
 pub mod cluster;
 pub mod manage;
 pub mod metering;
+pub mod model_name;
 pub mod models;
 pub mod nodes;
 pub mod relay;
@@ -228,7 +229,8 @@ fn deadline(headers: &HeaderMap) -> Result<Option<Instant>, ApiError> {
 }
 
 /// Reads the body into a request: its meta parsed once, the model checked
-/// against the caller's key and the cluster's model routes.
+/// against the caller's key and the cluster's model routes. Also returns
+/// the model the client asked for (before a route renamed it).
 fn build_request(
     state: &AppState,
     api: ApiKind,
@@ -236,7 +238,7 @@ fn build_request(
     headers: &HeaderMap,
     body: Result<Bytes, BytesRejection>,
     request_id: &str,
-) -> Result<InferenceRequest, ApiError> {
+) -> Result<(InferenceRequest, String), ApiError> {
     let body = body.map_err(|rejection| {
         if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
             ApiError::too_large(state.max_body_bytes)
@@ -246,6 +248,7 @@ fn build_request(
     })?;
     let mut meta = routing::parse(api, &body)?;
     caller.check_model(&meta.model)?;
+    let asked = meta.model.clone();
     meta.tenant = caller.tenant();
     let route = state.coordinator.as_ref().and_then(|c| c.state().route(&meta.model).map(str::to_string));
     let body = match route {
@@ -256,7 +259,7 @@ fn build_request(
         }
         None => body,
     };
-    Ok(InferenceRequest {
+    let request = InferenceRequest {
         request_id: request_id.to_string(),
         api,
         meta,
@@ -265,7 +268,8 @@ fn build_request(
         queue_until: None,
         forwarded_by: None,
         on_slot: None,
-    })
+    };
+    Ok((request, asked))
 }
 
 /// Whether the caller's key has a token budget, so its usage is reported.
@@ -283,6 +287,7 @@ fn reports_tokens(state: &AppState, key: Option<&String>) -> bool {
 async fn run(
     state: &AppState,
     request: InferenceRequest,
+    asked: String,
     caller: &access::Caller,
     headers: &HeaderMap,
     format: ErrorFormat,
@@ -293,12 +298,13 @@ async fn run(
     let prompt_bytes = request.body.len();
     let model = request.meta.model.clone();
     let cloud = access::cloud_policy(caller, headers, state.cloud.as_deref(), &model)?;
-    let Routed { response: upstream, node, route } = state
+    let Routed { response: mut upstream, node, route } = state
         .router
         .route(request, cloud)
         .instrument(span)
         .await
         .map_err(|e| ApiError::from(e).with_headers(rate_headers.clone()))?;
+    upstream.body = model_name::rename(upstream.body, model.clone(), asked);
     let ttft = started.elapsed();
     let response = relay::relay(upstream, state.idle_timeout, state.max_response_bytes, format).await;
     let key = caller.key_id().cloned();
@@ -360,9 +366,9 @@ async fn infer(
     let started = Instant::now();
     let mut model = None;
     let result = match build_request(&state, api, &caller, &headers, body, &request_id) {
-        Ok(request) => {
+        Ok((request, asked)) => {
             model = Some(request.meta.model.clone());
-            run(&state, request, &caller, &headers, format, started).await
+            run(&state, request, asked, &caller, &headers, format, started).await
         }
         Err(err) => Err(err),
     };

@@ -202,8 +202,11 @@ impl Cloud {
             let attempts = self.config.attempts.max(1);
             for attempt in 1..=attempts {
                 match self.attempt(provider, &upstream).await {
-                    Attempt::Relay(response) => {
+                    Attempt::Relay(mut response) => {
                         provider.breaker.lock().unwrap_or_else(PoisonError::into_inner).success();
+                        // The answer names the mesh's model, not the provider's id.
+                        response.body =
+                            crate::api::model_name::rename(response.body, target.clone(), req.meta.model.clone());
                         tracing::info!(provider = %provider.name, model = %req.meta.model, upstream = %target, "served by the cloud");
                         let response = self.metered(response, provider, &req.meta.model, tenant, req.body.len());
                         return Ok((response, provider.name.clone()));
