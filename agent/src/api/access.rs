@@ -194,7 +194,32 @@ pub async fn authenticate(State(app): State<std::sync::Arc<AppState>>, mut reque
         .extensions()
         .get::<axum::extract::ConnectInfo<std::net::SocketAddr>>()
         .is_none_or(|info| info.0.ip().is_loopback());
-    match caller(state.as_deref(), request.headers(), app.anonymous, loopback) {
+    let mut result = caller(state.as_deref(), request.headers(), app.anonymous, loopback);
+    if let (Err(err), Some(coordinator)) = (&result, &app.coordinator)
+        && err.code == "cluster_state_pending"
+    {
+        // Wait, don't refuse: a node that has just joined gets the
+        // cluster's state (the keys) from the leader within moments.
+        let mut updates = coordinator.watch_state();
+        let headers = request.headers().clone();
+        let waited = tokio::time::timeout(STATE_WAIT, async {
+            loop {
+                let state = updates.borrow_and_update().clone();
+                let checked = caller(Some(&state), &headers, app.anonymous, loopback);
+                if checked.as_ref().err().is_none_or(|e| e.code != "cluster_state_pending") {
+                    return checked;
+                }
+                if updates.changed().await.is_err() {
+                    return checked;
+                }
+            }
+        })
+        .await;
+        if let Ok(checked) = waited {
+            result = checked;
+        }
+    }
+    match result {
         Ok(caller) => {
             request.extensions_mut().insert(caller);
             next.run(request).await
@@ -202,6 +227,10 @@ pub async fn authenticate(State(app): State<std::sync::Arc<AppState>>, mut reque
         Err(err) => err.with_format(format_for(request.uri().path())).into_response(),
     }
 }
+
+/// How long a request waits for a joining node to receive the cluster's
+/// state before it is answered 503 `cluster_state_pending`.
+const STATE_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// Reads the whole request body within `api.body_read_timeout` (a client
 /// trickling its body gets 408 instead of holding a task forever) and at

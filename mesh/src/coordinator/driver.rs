@@ -26,7 +26,17 @@ use crate::peers::Liveness;
 
 /// Proposal ids travel in the entry's context so the proposing node can
 /// match the applied entry to its waiting caller.
-type Pending = HashMap<u64, oneshot::Sender<Result<Applied, ProposeError>>>;
+type Pending = HashMap<u64, PendingWrite>;
+
+/// A write waiting to be applied: kept whole so it can be proposed again
+/// when the leader changes (a proposal forwarded to a leader that was cut
+/// off is lost; re-proposing it to the new one commits it within the
+/// election time instead of failing at the write timeout).
+struct PendingWrite {
+    reply: oneshot::Sender<Result<Applied, ProposeError>>,
+    command: Vec<u8>,
+    deadline_ms: u64,
+}
 
 /// A forwarded proposal this close to its caller's deadline is refused by
 /// the leader: the caller is about to hear "not committed".
@@ -77,6 +87,8 @@ pub(super) struct Driver {
     directory: HashMap<u64, SocketAddr>,
     config: CoordinatorConfig,
     planner: Planner,
+    /// The leader as of the last Ready (0: none known).
+    last_leader: u64,
     /// When this driver started: a member the leader has not heard from at
     /// all has been gone at most this long as far as it knows.
     started: Instant,
@@ -137,6 +149,7 @@ impl Driver {
             directory: HashMap::new(),
             planner: Planner::new(config.placement.clone()),
             started: Instant::now(),
+            last_leader: 0,
             config: config.clone(),
             shutdown,
         })
@@ -183,16 +196,17 @@ impl Driver {
                 tracing::error!(error = %err, "raft store failed; this node stops taking part in the Raft group");
                 break;
             }
+            self.follow_leader();
             if last_duties.elapsed() >= Duration::from_millis(250) {
                 last_duties = Instant::now();
-                self.pending.retain(|_, reply| !reply.is_closed());
+                self.pending.retain(|_, write| !write.reply.is_closed());
                 if self.raw.raft.state == StateRole::Leader {
                     self.leader_duties();
                 }
             }
         }
-        for (_, reply) in self.pending.drain() {
-            let _ = reply.send(Err(ProposeError::Stopped));
+        for (_, write) in self.pending.drain() {
+            let _ = write.reply.send(Err(ProposeError::Stopped));
         }
         tracing::debug!("raft driver stopped");
     }
@@ -210,10 +224,11 @@ impl Driver {
             }
             Input::Propose { command, reply } => {
                 let id = rand::random::<u64>();
-                let deadline = unix_ms().saturating_add(self.config.write_timeout.as_millis() as u64);
-                match self.raw.propose(proposal_context(id, deadline), command.encode_to_vec()) {
+                let deadline_ms = unix_ms().saturating_add(self.config.write_timeout.as_millis() as u64);
+                let command = command.encode_to_vec();
+                match self.raw.propose(proposal_context(id, deadline_ms), command.clone()) {
                     Ok(()) => {
-                        self.pending.insert(id, reply);
+                        self.pending.insert(id, PendingWrite { reply, command, deadline_ms });
                     }
                     Err(raft::Error::ProposalDropped) => {
                         let _ = reply.send(Err(ProposeError::NoLeader));
@@ -230,6 +245,29 @@ impl Driver {
                 self.raw.report_snapshot(to, status);
             }
         }
+    }
+
+    /// Proposes the waiting writes again when a new leader is known: those
+    /// forwarded to the old one may never have reached it.
+    fn follow_leader(&mut self) {
+        let leader = self.raw.raft.leader_id;
+        if leader == self.last_leader {
+            return;
+        }
+        self.last_leader = leader;
+        if leader == raft::INVALID_ID || self.pending.is_empty() {
+            return;
+        }
+        let now = unix_ms();
+        let mut again = 0;
+        for (id, write) in &self.pending {
+            if write.deadline_ms > now
+                && self.raw.propose(proposal_context(*id, write.deadline_ms), write.command.clone()).is_ok()
+            {
+                again += 1;
+            }
+        }
+        tracing::info!(leader, writes = again, "a new leader: proposed the waiting writes again");
     }
 
     fn refresh_directory(&mut self, view: &MeshView) {
@@ -315,6 +353,12 @@ impl Driver {
         for entry in entries {
             let outcome = match entry.get_entry_type() {
                 EntryType::EntryNormal if entry.data.is_empty() => None,
+                EntryType::EntryNormal
+                    if context_id(&entry.context).is_some_and(|id| !self.state.first_application(id)) =>
+                {
+                    // A re-proposed write whose first copy committed too.
+                    None
+                }
                 EntryType::EntryNormal => Some(match Command::decode(&entry.data[..]) {
                     Ok(command) => self.state.apply(&command).map_err(ProposeError::from),
                     Err(err) => {
@@ -346,9 +390,9 @@ impl Driver {
             };
             self.state.applied_index = entry.index;
             if let (Some(outcome), Some(id)) = (outcome, context_id(&entry.context))
-                && let Some(reply) = self.pending.remove(&id)
+                && let Some(write) = self.pending.remove(&id)
             {
-                let _ = reply.send(outcome.map(|message| Applied { index: entry.index, message }));
+                let _ = write.reply.send(outcome.map(|message| Applied { index: entry.index, message }));
             }
         }
         let (index, data) = (self.state.applied_index, self.state.encode());

@@ -50,8 +50,16 @@ pub struct ClusterState {
     pub usage: BTreeMap<String, KeyUsage>,
     /// The last log index applied to this state.
     pub applied_index: u64,
+    /// Ids of the last proposals applied, oldest first (see
+    /// [`RECENT_PROPOSALS`]); part of the replicated state, so every node
+    /// skips the same duplicates.
+    pub recent_proposals: std::collections::VecDeque<u64>,
     key_by_hash: HashMap<Vec<u8>, String>,
 }
+
+/// Proposal ids remembered for de-duplication: far more than the writes
+/// in flight across one leader change.
+pub const RECENT_PROPOSALS: usize = 1024;
 
 /// SHA-256 of a bearer secret, as stored in [`ApiKey::secret_sha256`].
 pub fn secret_hash(secret: &str) -> Vec<u8> {
@@ -269,7 +277,21 @@ impl ClusterState {
                 .collect(),
             members: self.members.values().cloned().collect(),
             usage: self.usage.values().cloned().collect(),
+            recent_proposals: self.recent_proposals.iter().copied().collect(),
         }
+    }
+
+    /// Notes that the proposal `id` is being applied; `false` when it was
+    /// applied before (a re-proposal whose first copy also committed).
+    pub fn first_application(&mut self, id: u64) -> bool {
+        if self.recent_proposals.contains(&id) {
+            return false;
+        }
+        if self.recent_proposals.len() == RECENT_PROPOSALS {
+            self.recent_proposals.pop_front();
+        }
+        self.recent_proposals.push_back(id);
+        true
     }
 
     /// Encodes the snapshot payload.
@@ -296,6 +318,7 @@ impl ClusterState {
             placement: snapshot.placement.into_iter().map(|p| (p.model, p.node_ids.into_iter().collect())).collect(),
             members: snapshot.members.into_iter().map(|m| (m.raft_id, m)).collect(),
             usage: snapshot.usage.into_iter().map(|u| (u.key_id.clone(), u)).collect(),
+            recent_proposals: snapshot.recent_proposals.into_iter().collect(),
             applied_index: index,
             ..ClusterState::default()
         };
@@ -331,6 +354,20 @@ mod tests {
                 limits: Some(unlimited()),
             })),
         }
+    }
+
+    #[test]
+    fn a_proposal_applies_once_and_the_memory_survives_a_snapshot() {
+        let mut state = ClusterState::default();
+        assert!(state.first_application(7));
+        assert!(!state.first_application(7), "the re-proposed copy is skipped");
+        let restored = ClusterState::from_snapshot(&state.encode(), 1, &[1], &[]).expect("decodes");
+        let mut restored = restored;
+        assert!(!restored.first_application(7), "a node restored from the snapshot skips it too");
+        for id in 100..100 + RECENT_PROPOSALS as u64 {
+            assert!(restored.first_application(id));
+        }
+        assert!(restored.first_application(7), "bounded: the oldest ids are forgotten");
     }
 
     #[test]

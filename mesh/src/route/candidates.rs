@@ -144,6 +144,21 @@ pub fn why_unavailable(model: &str, peers: &[PeerSnapshot], cluster: Option<&Clu
         .then(|| format!("no node can serve '{model}' now: {} serve it; retry shortly", holders.join(", ")))
 }
 
+/// How long a lost peer that served a model is waited for: a restart or a
+/// healed partition is back within this; a box gone longer is not counted on.
+pub const EXPECTED_BACK_WITHIN: Duration = Duration::from_secs(60);
+
+/// Whether a node that serves `model` but cannot take it now is expected
+/// back: lost lately, suspect, starting or restarting, its backend down.
+/// Drained and removed nodes are not (an operator put them out).
+pub fn expected_back(model: &str, peers: &[PeerSnapshot], cluster: Option<&ClusterState>) -> bool {
+    peers.iter().filter(|p| p.state.models.iter().any(|m| same_model(&m.name, model))).any(|p| {
+        let operator_out = cluster.is_some_and(|c| c.is_out_of_service(&p.state.node_id));
+        let lately = p.liveness != Liveness::Dead || p.last_seen_ago < EXPECTED_BACK_WITHIN;
+        !operator_out && lately
+    })
+}
+
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;

@@ -34,6 +34,10 @@ const SERVICE: Duration = Duration::from_secs(1);
 enum Status {
     /// In its entry node's own queue.
     Waiting,
+    /// No node could take it; it looks again at `until`.
+    Awaiting {
+        until: Instant,
+    },
     /// In `node`'s queue, forwarded there to wait for a slot.
     Queued {
         node: usize,
@@ -295,6 +299,10 @@ impl Cluster {
                     self.requests[id].status = Status::Failed(err);
                     return;
                 }
+                Step::Await { until } => {
+                    self.requests[id].status = Status::Awaiting { until };
+                    return;
+                }
                 Step::Cloud(_) | Step::Explain => unreachable!("no cloud and the model is served"),
             }
         }
@@ -416,6 +424,7 @@ impl Cluster {
             let expired = self.requests[id].plan.facts().deadline <= self.now;
             match self.requests[id].status {
                 Status::Waiting if expired => self.drive(id),
+                Status::Awaiting { until } if until <= self.now => self.drive(id),
                 Status::Queued { .. } if expired => {
                     self.requests[id].status = Status::Failed(ServeError::Timeout("no slot freed".into()));
                 }
@@ -562,6 +571,11 @@ mod tests {
         c.kill(1);
         c.kill(2);
         let id = c.submit(0, "t", LONG);
+        // Unreachable nodes are tried again after a pause until the deadline.
+        assert!(matches!(c.status(id), Status::Awaiting { .. }), "{:?}", c.status(id));
+        for _ in 0..LONG.as_millis() / 250 + 2 {
+            c.advance(Duration::from_millis(250));
+        }
         assert_eq!(c.status(id), &Status::Failed(ServeError::BackendUnreachable("connection lost".into())));
         assert_eq!(c.requests[id].plan.tried().len(), 2);
         // Both slots came back.

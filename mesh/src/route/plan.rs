@@ -49,7 +49,15 @@ pub struct Context {
     /// Why the nodes that serve the model cannot take it now, or that this
     /// node has only just joined and has not heard from every peer.
     pub unavailable: Option<String>,
+    /// Whether one of them is expected back soon (suspect or lately lost,
+    /// starting, its backend down, or this node still listening), so the
+    /// request may wait for it rather than fail.
+    pub expected_back: bool,
 }
+
+/// How often a request that waits for a node to come back looks again
+/// even when nothing changed in the view.
+pub const LOOK_AGAIN: Duration = Duration::from_millis(250);
 
 /// What to do next.
 #[derive(Debug, Clone, PartialEq)]
@@ -73,6 +81,12 @@ pub enum Step {
     Reserve {
         /// Node ids, the soonest first.
         nodes: Vec<String>,
+    },
+    /// No node can take it now but one is expected back: look again when
+    /// the view changes, or at `until` at the latest.
+    Await {
+        /// When to look again at the latest.
+        until: Instant,
     },
     /// Send to the cloud; report a failure with [`Plan::cloud_failed`].
     Cloud(Trigger),
@@ -139,11 +153,11 @@ impl Plan {
         }
         let choice = choice.filter(|_| self.tried.len() < self.facts.max_attempts.max(1));
         match choice {
-            None if !self.tried.is_empty() => self.exhausted(),
-            None => self.nobody(context),
+            None if !self.tried.is_empty() => self.exhausted(now),
+            None => self.nobody(context, now),
             Some(choice) if !choice.saturated => match choice.order.into_iter().next() {
                 Some(node) => Step::Run { node, reason: choice.reason },
-                None => self.nobody(context),
+                None => self.nobody(context, now),
             },
             Some(choice) => self.busy(&choice, now),
         }
@@ -184,10 +198,19 @@ impl Plan {
     }
 
     /// Every node that could serve it failed (or the attempts are used up).
-    fn exhausted(&mut self) -> Step {
+    /// Nodes that could not be reached are tried again after a pause while
+    /// the deadline allows (a peer reconnecting, a backend restarting);
+    /// other failures end the journey.
+    fn exhausted(&mut self, now: Instant) -> Step {
         if !self.failover_sent && self.allows(Trigger::Failover) {
             self.failover_sent = true;
             return Step::Cloud(Trigger::Failover);
+        }
+        let unreachable =
+            matches!(self.last_error, Some(ServeError::BackendUnreachable(_) | ServeError::BackendUnavailable(_)));
+        if unreachable && now + LOOK_AGAIN * 2 < self.facts.deadline {
+            self.tried.clear();
+            return Step::Await { until: now + LOOK_AGAIN * 2 };
         }
         let last = self.last_error.take().unwrap_or_else(|| ServeError::Internal("no attempt was made".into()));
         Step::Fail(match self.cloud_refusal() {
@@ -197,7 +220,7 @@ impl Plan {
     }
 
     /// No node can take the model now, and none was tried.
-    fn nobody(&self, context: &Context) -> Step {
+    fn nobody(&self, context: &Context, now: Instant) -> Step {
         let model = &self.facts.model;
         if context.drained_here {
             return Step::Fail(ServeError::Saturated(format!(
@@ -213,6 +236,10 @@ impl Plan {
             )));
         }
         match &context.unavailable {
+            // Wait, don't refuse: a node that serves it is expected back.
+            Some(_) if context.expected_back && now + LOOK_AGAIN < self.facts.deadline => {
+                Step::Await { until: self.facts.deadline }
+            }
             Some(why) => Step::Fail(ServeError::BackendUnavailable(why.clone())),
             None => Step::Explain,
         }
@@ -409,7 +436,12 @@ mod tests {
         // Failover refused: the node's error says why the cloud was not used.
         let mut plan = Plan::new(facts(now, Some(CloudPolicyName::Overflow)));
         plan.failed("a", true, ServeError::BackendUnreachable("gone".into()));
-        let Step::Fail(err) = plan.decide(None, &ctx, now) else { panic!("fails") };
+        // Unreachable: tried again after a pause while the deadline allows.
+        assert!(matches!(plan.decide(None, &ctx, now), Step::Await { .. }));
+        assert!(plan.tried().is_empty());
+        plan.failed("a", true, ServeError::BackendUnreachable("gone".into()));
+        let deadline = plan.facts().deadline;
+        let Step::Fail(err) = plan.decide(None, &ctx, deadline) else { panic!("fails") };
         assert_eq!(err.code(), "backend_unreachable");
         assert!(err.message().contains("gone; the cloud is not allowed"), "{err}");
     }
@@ -433,13 +465,22 @@ mod tests {
         let now = Instant::now();
         let mut plan = Plan::new(facts(now, None));
         assert_eq!(plan.decide(None, &Context::default(), now), Step::Explain);
-        let drained = Context { drained_here: true, unavailable: None };
+        let drained = Context { drained_here: true, ..Context::default() };
         let Step::Fail(err) = plan.decide(None, &drained, now) else { panic!("fails") };
         assert!(err.message().contains("llmesh node undrain"));
-        let down = Context { drained_here: false, unavailable: Some("b (backend down) serve it".into()) };
+        let down = Context { unavailable: Some("b (backend down) serve it".into()), ..Context::default() };
         assert_eq!(
             plan.decide(None, &down, now),
             Step::Fail(ServeError::BackendUnavailable("b (backend down) serve it".into()))
+        );
+        // Expected back: the request waits for it until its deadline.
+        let coming = Context { expected_back: true, ..down.clone() };
+        let deadline = plan.facts().deadline;
+        assert_eq!(plan.decide(None, &coming, now), Step::Await { until: deadline });
+        assert_eq!(
+            plan.decide(None, &coming, deadline),
+            Step::Fail(ServeError::BackendUnavailable("b (backend down) serve it".into())),
+            "past the deadline it fails with the reason"
         );
     }
 }

@@ -310,6 +310,15 @@ impl Router {
                     }
                 }
                 Step::Wait { until } => self.wait(&mut waiting, &req, until).await?,
+                Step::Await { until } => {
+                    // Nothing can take it now; a node is expected back.
+                    waiting.finish();
+                    let look = until.min(Instant::now() + super::plan::LOOK_AGAIN);
+                    tokio::select! {
+                        () = self.recheck.notified() => {}
+                        () = tokio::time::sleep_until(look.into()) => {}
+                    }
+                }
                 Step::Reserve { nodes } => {
                     if let Some(routed) = self.race(&mut plan, &req, &mut waiting, &nodes).await {
                         return Ok(routed);
@@ -401,7 +410,7 @@ impl Router {
         let Some(joined) = self.mesh.get() else { return Context::default() };
         let drained_here = has_model && cluster.is_some_and(|c| c.is_out_of_service(&joined.node_id));
         if has_model {
-            return Context { drained_here, unavailable: None };
+            return Context { drained_here, ..Context::default() };
         }
         let left = joined.listening_until.saturating_duration_since(Instant::now());
         let unavailable = candidates::why_unavailable(model, peers, cluster).or_else(|| {
@@ -412,7 +421,8 @@ impl Router {
                 )
             })
         });
-        Context { drained_here, unavailable }
+        let expected_back = !left.is_zero() || candidates::expected_back(model, peers, cluster);
+        Context { drained_here, unavailable, expected_back }
     }
 
     /// Runs `req` on `node`, whose slot the step took.
