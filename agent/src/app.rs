@@ -111,12 +111,17 @@ async fn start_local(config: &Config, stop: &CancellationToken) -> Result<LocalP
     }
     let poller = tokio::spawn(inventory.clone().poll(config.backend.inventory_interval, stop.clone()));
     let load = Arc::new(LoadTracker::default());
+    let stall = crate::stall::StallConfig {
+        probe_after: config.backend.stall_probe_after,
+        probe_timeout: config.backend.stall_probe_timeout,
+    };
     let local = Arc::new(LocalNode::new(
         backend,
         inventory.clone(),
         load.clone(),
         config.backend.response_timeout,
         config.backend.slots(),
+        stall,
     ));
     Ok(LocalParts { local, inventory, load, poller })
 }

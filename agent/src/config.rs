@@ -237,6 +237,14 @@ pub struct BackendConfig {
     /// How often the model inventory is polled.
     #[serde(with = "humantime_serde")]
     pub inventory_interval: Duration,
+    /// Silence (no response head, or no next chunk) after which the backend
+    /// is probed; if it does not answer the probe it has stalled: the
+    /// request fails over, or its stream ends with an error. 0s: off.
+    #[serde(with = "humantime_serde")]
+    pub stall_probe_after: Duration,
+    /// How long that probe may take.
+    #[serde(with = "humantime_serde")]
+    pub stall_probe_timeout: Duration,
     /// Requests the backend runs at once (Ollama's OLLAMA_NUM_PARALLEL);
     /// more wait in the mesh queue instead of the backend's. 0: unknown,
     /// assume 4 (the simulated backend reports its own).
@@ -299,6 +307,8 @@ impl Default for BackendConfig {
             response_timeout: Duration::from_secs(300),
             idle_timeout: Duration::from_secs(120),
             inventory_interval: Duration::from_secs(2),
+            stall_probe_after: Duration::from_secs(1),
+            stall_probe_timeout: Duration::from_secs(1),
             parallel_slots: 0,
         }
     }

@@ -61,6 +61,16 @@ impl InventoryHandle {
         self.poll_once(&previous).await
     }
 
+    /// Marks the backend unhealthy now (it stalled); the next successful
+    /// poll clears it.
+    pub fn mark_unhealthy(&self, why: String) {
+        let mut snapshot = self.snapshot.write().unwrap_or_else(PoisonError::into_inner);
+        let mut next = (**snapshot).clone();
+        next.healthy = false;
+        next.last_error = Some(why);
+        *snapshot = Arc::new(next);
+    }
+
     /// Polls the backend now whatever the last poll's age: after this node
     /// changed the models on disk (a pull, copy or delete finished).
     pub async fn refresh_now(&self) -> Arc<Snapshot> {

@@ -22,5 +22,6 @@ pub mod local;
 pub mod metrics;
 pub mod node_state;
 pub mod preload;
+pub mod stall;
 pub mod telemetry;
 pub mod usage;

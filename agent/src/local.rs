@@ -14,6 +14,7 @@ use llmesh_mesh::{InferenceRequest, InferenceResponse, RequestHandler, RequestMe
 use crate::backend::Backend;
 use crate::inventory::InventoryHandle;
 use crate::load::LoadTracker;
+use crate::stall::{StallConfig, StallWatch};
 
 /// Runs requests on the local backend.
 pub struct LocalNode {
@@ -23,19 +24,24 @@ pub struct LocalNode {
     response_timeout: Duration,
     slots: u32,
     recent_prefixes: Arc<RecentPrefixes>,
+    /// Finds a backend that stopped answering; `None`: off.
+    stall: Option<StallWatch>,
 }
 
 impl LocalNode {
     /// A local handler; `response_timeout` bounds the wait for a response
-    /// head, `slots` is the backend's parallel slots (0: unknown).
+    /// head, `slots` is the backend's parallel slots (0: unknown), `stall`
+    /// says when to probe a silent backend (`probe_after` zero: never).
     pub fn new(
         backend: Arc<dyn Backend>,
         inventory: InventoryHandle,
         load: Arc<LoadTracker>,
         response_timeout: Duration,
         slots: u32,
+        stall: StallConfig,
     ) -> LocalNode {
-        LocalNode { backend, inventory, load, response_timeout, slots, recent_prefixes: Arc::default() }
+        let stall = (!stall.probe_after.is_zero()).then(|| StallWatch::new(backend.clone(), inventory.clone(), stall));
+        LocalNode { backend, inventory, load, response_timeout, slots, recent_prefixes: Arc::default(), stall }
     }
 
     /// The conversations this node served lately (gossiped).
@@ -148,15 +154,22 @@ impl RequestHandler for LocalNode {
             .unwrap_or(self.response_timeout);
         let in_flight = self.load.start(&req.meta.model);
         let started = Instant::now();
-        let mut response = match tokio::time::timeout(budget, self.backend.serve(&req)).await {
-            Ok(result) => result?,
-            Err(_) => {
-                return Err(ServeError::Timeout(format!(
-                    "the {} backend sent no response within {budget:?}",
-                    self.backend.kind().as_str()
-                )));
-            }
+        let mut response = match &self.stall {
+            Some(watch) => watch.first_byte(self.backend.serve(&req), budget).await?,
+            None => match tokio::time::timeout(budget, self.backend.serve(&req)).await {
+                Ok(result) => result?,
+                Err(_) => {
+                    return Err(ServeError::Timeout(format!(
+                        "the {} backend sent no response within {budget:?}",
+                        self.backend.kind().as_str()
+                    )));
+                }
+            },
         };
+        if let Some(watch) = &self.stall {
+            let body = std::mem::replace(&mut response.body, Box::pin(futures::stream::empty()));
+            response.body = watch.watch_body(body);
+        }
         self.load.record_ttft(&req.meta.model, started.elapsed());
         // The request counts as in flight until its body is finished or
         // dropped; a streamed body also yields a decode-speed sample.

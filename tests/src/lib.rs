@@ -150,6 +150,15 @@ impl Proc {
         self.child.id()
     }
 
+    /// Freezes (SIGSTOP) or thaws (SIGCONT) the process: a backend that
+    /// stops answering without closing its sockets.
+    pub fn freeze(&self, frozen: bool) {
+        if let Some(pid) = self.pid() {
+            let signal = if frozen { "-STOP" } else { "-CONT" };
+            let _ = std::process::Command::new("kill").args([signal, &pid.to_string()]).status();
+        }
+    }
+
     /// The process's log so far.
     pub fn logs(&self) -> String {
         std::fs::read_to_string(self.log.path()).unwrap_or_default()

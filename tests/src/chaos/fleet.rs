@@ -209,7 +209,7 @@ impl<'lan> Fleet<'lan> {
         }
         if let Some(mut sim) = host.sim.take() {
             if host.stopped_sim {
-                signal(&sim, "CONT");
+                sim.freeze(false);
                 host.stopped_sim = false;
             }
             sim.kill().await;
@@ -231,7 +231,7 @@ impl<'lan> Fleet<'lan> {
     pub fn hang_backend(&mut self, i: usize, hang: bool) {
         let host = &mut self.hosts[i];
         if let Some(sim) = &host.sim {
-            signal(sim, if hang { "STOP" } else { "CONT" });
+            sim.freeze(hang);
             host.stopped_sim = hang;
         }
     }
@@ -323,11 +323,5 @@ impl<'lan> Fleet<'lan> {
         for i in 0..self.len() {
             self.kill(i).await;
         }
-    }
-}
-
-fn signal(proc: &Proc, name: &str) {
-    if let Some(pid) = proc.pid() {
-        let _ = std::process::Command::new("kill").args([&format!("-{name}"), &pid.to_string()]).status();
     }
 }
