@@ -3,7 +3,7 @@
 //!
 //! A request that has no first byte (or a stream with no next chunk) after
 //! `probe_after` makes the agent ask the backend a cheap question (its
-//! model list) with a short timeout. A backend that answers is busy, not
+//! version, or its model list) with a short timeout. A backend that answers is busy, not
 //! stalled (a long prompt's evaluation sends nothing for a while), and the
 //! request keeps waiting up to its outer bound (`backend.response_timeout`,
 //! `backend.idle_timeout`); one that does not is stalled: the request fails
@@ -32,7 +32,7 @@ pub struct StallConfig {
 
 impl Default for StallConfig {
     fn default() -> Self {
-        StallConfig { probe_after: Duration::from_secs(1), probe_timeout: Duration::from_millis(750) }
+        StallConfig { probe_after: Duration::from_secs(1), probe_timeout: Duration::from_secs(2) }
     }
 }
 
@@ -53,7 +53,7 @@ impl StallWatch {
     /// Whether the backend answers a probe in time; marks it unhealthy when
     /// it does not.
     async fn answers(&self, silent_for: Duration) -> bool {
-        let probe = tokio::time::timeout(self.config.probe_timeout, self.backend.inventory()).await;
+        let probe = tokio::time::timeout(self.config.probe_timeout, self.backend.probe()).await;
         if matches!(probe, Ok(Ok(_))) {
             return true;
         }

@@ -378,7 +378,10 @@ impl SimEngine {
         let cache = state.prefixes.entry(model.to_string()).or_default();
         let cached =
             prompt.segments.iter().rev().find(|(hash, _)| cache.contains_key(hash)).map_or(0, |(_, tokens)| *tokens);
-        for (hash, _) in &prompt.segments {
+        // Only the last `capacity` prefixes can stay (they all get the same
+        // tick), so a prompt of 200k messages does not evict 200k times.
+        let skip = prompt.segments.len().saturating_sub(capacity);
+        for (hash, _) in prompt.segments.iter().skip(skip) {
             remember(cache, *hash, tick, capacity);
         }
         cached

@@ -259,6 +259,19 @@ impl HttpBackend {
         Ok(InferenceResponse { status, content_type, body: Box::pin(body) })
     }
 
+    /// Asks `path` on a new connection and reads the answer's head: a
+    /// liveness probe. Not pooled: a pooled connection can sit behind a
+    /// busy one, and a new connection proves the server still accepts and
+    /// answers.
+    pub async fn probe(&self, path: &str) -> Result<(), ServeError> {
+        let request = self.request(Method::GET, path, Bytes::new())?;
+        let response = self.fresh.request(request).await.map_err(|e| self.classify(path, &e))?;
+        if response.status().is_server_error() {
+            return Err(ServeError::BackendUnavailable(format!("{} answered {}", self.url(path), response.status())));
+        }
+        Ok(())
+    }
+
     /// Fetches and decodes a JSON document (inventory endpoints).
     pub async fn get_json<T: DeserializeOwned>(&self, path: &str) -> Result<T, ServeError> {
         let mut request = self.request(Method::GET, path, Bytes::new())?;

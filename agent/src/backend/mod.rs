@@ -108,6 +108,12 @@ pub trait Backend: Send + Sync + 'static {
 
     /// Runs one request, returning once the response head is known.
     async fn serve(&self, req: &InferenceRequest) -> Result<InferenceResponse, ServeError>;
+
+    /// The cheapest question the backend answers: whether it is alive at
+    /// all (stall detection). By default, its model list.
+    async fn probe(&self) -> Result<(), ServeError> {
+        self.inventory().await.map(drop)
+    }
 }
 
 /// Builds the configured backend. The simulator speaks Ollama's API: the

@@ -117,6 +117,10 @@ impl Backend for OllamaBackend {
         Ok(merge(tags, ps))
     }
 
+    async fn probe(&self) -> Result<(), ServeError> {
+        self.http.probe("/api/version").await
+    }
+
     async fn serve(&self, req: &InferenceRequest) -> Result<InferenceResponse, ServeError> {
         if matches!(req.api, ApiKind::AnthropicMessages | ApiKind::AnthropicCountTokens | ApiKind::OpenaiResponses) {
             // Native since Ollama 0.14 and 0.13.3; translated before.

@@ -106,6 +106,10 @@ impl Backend for OpenAiBackend {
         Ok(to_inventory(self.http.get_json::<ModelList>("/v1/models").await?))
     }
 
+    async fn probe(&self) -> Result<(), ServeError> {
+        self.http.probe("/v1/models").await
+    }
+
     async fn serve(&self, req: &InferenceRequest) -> Result<InferenceResponse, ServeError> {
         let path = match req.api {
             ApiKind::OpenaiChat => "/v1/chat/completions",

@@ -148,14 +148,20 @@ pub fn why_unavailable(model: &str, peers: &[PeerSnapshot], cluster: Option<&Clu
 /// healed partition is back within this; a box gone longer is not counted on.
 pub const EXPECTED_BACK_WITHIN: Duration = Duration::from_secs(60);
 
-/// Whether a node that serves `model` but cannot take it now is expected
-/// back: lost lately, suspect, starting or restarting, its backend down.
-/// Drained and removed nodes are not (an operator put them out).
+/// Whether a node that serves `model` but cannot be reached now is
+/// expected back: suspect (its connection just broke, or a heartbeat is
+/// late), lost within [`EXPECTED_BACK_WITHIN`], or still starting (no data
+/// plane yet). A node whose backend is down, or that an operator drained
+/// or removed, is not: nothing says when it returns.
 pub fn expected_back(model: &str, peers: &[PeerSnapshot], cluster: Option<&ClusterState>) -> bool {
     peers.iter().filter(|p| p.state.models.iter().any(|m| same_model(&m.name, model))).any(|p| {
         let operator_out = cluster.is_some_and(|c| c.is_out_of_service(&p.state.node_id));
-        let lately = p.liveness != Liveness::Dead || p.last_seen_ago < EXPECTED_BACK_WITHIN;
-        !operator_out && lately
+        let transient = match p.liveness {
+            Liveness::Suspect => true,
+            Liveness::Dead => p.last_seen_ago < EXPECTED_BACK_WITHIN,
+            Liveness::Alive => p.state.data_addr.is_empty(),
+        };
+        !operator_out && p.state.backend_healthy && transient
     })
 }
 

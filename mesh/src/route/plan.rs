@@ -153,7 +153,7 @@ impl Plan {
         }
         let choice = choice.filter(|_| self.tried.len() < self.facts.max_attempts.max(1));
         match choice {
-            None if !self.tried.is_empty() => self.exhausted(now),
+            None if !self.tried.is_empty() => self.exhausted(context, now),
             None => self.nobody(context, now),
             Some(choice) if !choice.saturated => match choice.order.into_iter().next() {
                 Some(node) => Step::Run { node, reason: choice.reason },
@@ -198,17 +198,17 @@ impl Plan {
     }
 
     /// Every node that could serve it failed (or the attempts are used up).
-    /// Nodes that could not be reached are tried again after a pause while
-    /// the deadline allows (a peer reconnecting, a backend restarting);
-    /// other failures end the journey.
-    fn exhausted(&mut self, now: Instant) -> Step {
+    /// When a node that serves it is expected back (a peer whose
+    /// connection just broke is suspect now), they are all tried again
+    /// after a pause while the deadline allows; otherwise the journey ends.
+    fn exhausted(&mut self, context: &Context, now: Instant) -> Step {
         if !self.failover_sent && self.allows(Trigger::Failover) {
             self.failover_sent = true;
             return Step::Cloud(Trigger::Failover);
         }
         let unreachable =
             matches!(self.last_error, Some(ServeError::BackendUnreachable(_) | ServeError::BackendUnavailable(_)));
-        if unreachable && now + LOOK_AGAIN * 2 < self.facts.deadline {
+        if unreachable && context.expected_back && now + LOOK_AGAIN * 2 < self.facts.deadline {
             self.tried.clear();
             return Step::Await { until: now + LOOK_AGAIN * 2 };
         }
@@ -230,19 +230,20 @@ impl Plan {
         if self.allows(Trigger::Absent) {
             return Step::Cloud(Trigger::Absent);
         }
+        if let Some(why) = &context.unavailable {
+            // Wait, don't refuse: a node that serves it is expected back.
+            if context.expected_back && now + LOOK_AGAIN < self.facts.deadline {
+                return Step::Await { until: self.facts.deadline };
+            }
+            let refusal = self.cloud_refusal().map(|r| format!("; {r}")).unwrap_or_default();
+            return Step::Fail(ServeError::BackendUnavailable(format!("{why}{refusal}")));
+        }
         if let Some(refusal) = self.cloud_refusal() {
             return Step::Fail(ServeError::CloudNotAllowed(format!(
                 "no node of the mesh serves '{model}' and only a cloud provider does, but {refusal}"
             )));
         }
-        match &context.unavailable {
-            // Wait, don't refuse: a node that serves it is expected back.
-            Some(_) if context.expected_back && now + LOOK_AGAIN < self.facts.deadline => {
-                Step::Await { until: self.facts.deadline }
-            }
-            Some(why) => Step::Fail(ServeError::BackendUnavailable(why.clone())),
-            None => Step::Explain,
-        }
+        Step::Explain
     }
 
     /// Every candidate is busy in every slot (or a free one would first
@@ -436,12 +437,16 @@ mod tests {
         // Failover refused: the node's error says why the cloud was not used.
         let mut plan = Plan::new(facts(now, Some(CloudPolicyName::Overflow)));
         plan.failed("a", true, ServeError::BackendUnreachable("gone".into()));
-        // Unreachable: tried again after a pause while the deadline allows.
-        assert!(matches!(plan.decide(None, &ctx, now), Step::Await { .. }));
+        // Unreachable and expected back: tried again after a pause while
+        // the deadline allows.
+        let coming = Context { expected_back: true, ..ctx.clone() };
+        assert!(matches!(plan.decide(None, &coming, now), Step::Await { .. }));
         assert!(plan.tried().is_empty());
         plan.failed("a", true, ServeError::BackendUnreachable("gone".into()));
         let deadline = plan.facts().deadline;
-        let Step::Fail(err) = plan.decide(None, &ctx, deadline) else { panic!("fails") };
+        assert!(matches!(plan.decide(None, &coming, deadline), Step::Fail(_)), "not past the deadline");
+        plan.failed("a", true, ServeError::BackendUnreachable("gone".into()));
+        let Step::Fail(err) = plan.decide(None, &ctx, now) else { panic!("not expected back: fails at once") };
         assert_eq!(err.code(), "backend_unreachable");
         assert!(err.message().contains("gone; the cloud is not allowed"), "{err}");
     }

@@ -410,7 +410,10 @@ impl Router {
         let Some(joined) = self.mesh.get() else { return Context::default() };
         let drained_here = has_model && cluster.is_some_and(|c| c.is_out_of_service(&joined.node_id));
         if has_model {
-            return Context { drained_here, ..Context::default() };
+            // Its own backend cannot take it (down, or stalled): say so.
+            let unavailable = (!drained_here && self.local.capacity(model, None).is_none())
+                .then(|| format!("this node's backend, which serves '{model}', is down or not answering"));
+            return Context { drained_here, unavailable, expected_back: false };
         }
         let left = joined.listening_until.saturating_duration_since(Instant::now());
         let unavailable = candidates::why_unavailable(model, peers, cluster).or_else(|| {
