@@ -195,28 +195,24 @@ pub async fn authenticate(State(app): State<std::sync::Arc<AppState>>, mut reque
         .get::<axum::extract::ConnectInfo<std::net::SocketAddr>>()
         .is_none_or(|info| info.0.ip().is_loopback());
     let mut result = caller(state.as_deref(), request.headers(), app.anonymous, loopback);
-    if let (Err(err), Some(coordinator)) = (&result, &app.coordinator)
-        && err.code == "cluster_state_pending"
-    {
-        // Wait, don't refuse: a node that has just joined gets the
-        // cluster's state (the keys) from the leader within moments.
-        let mut updates = coordinator.watch_state();
+    if let Some(coordinator) = &app.coordinator {
+        // Wait, don't refuse: a node that has just joined, or restarted and
+        // not yet heard from the leader, gets the cluster's state (the keys)
+        // within moments; a key it does not know yet may be a new one.
         let headers = request.headers().clone();
-        let waited = tokio::time::timeout(STATE_WAIT, async {
-            loop {
-                let state = updates.borrow_and_update().clone();
-                let checked = caller(Some(&state), &headers, app.anonymous, loopback);
-                if checked.as_ref().err().is_none_or(|e| e.code != "cluster_state_pending") {
-                    return checked;
-                }
-                if updates.changed().await.is_err() {
-                    return checked;
-                }
+        let stale = |err: &ApiError| {
+            let status = coordinator.status();
+            let behind = status.leader == 0 || status.applied < status.commit;
+            err.code == "cluster_state_pending"
+                || (behind && bearer(&headers).is_some() && matches!(err.code, "missing_api_key" | "invalid_api_key"))
+        };
+        let until = tokio::time::Instant::now() + STATE_WAIT;
+        while let Err(err) = &result {
+            if !stale(err) || tokio::time::Instant::now() >= until {
+                break;
             }
-        })
-        .await;
-        if let Ok(checked) = waited {
-            result = checked;
+            tokio::time::sleep(STATE_LOOK_AGAIN).await;
+            result = caller(Some(&coordinator.state()), &headers, app.anonymous, loopback);
         }
     }
     match result {
@@ -228,9 +224,12 @@ pub async fn authenticate(State(app): State<std::sync::Arc<AppState>>, mut reque
     }
 }
 
-/// How long a request waits for a joining node to receive the cluster's
-/// state before it is answered 503 `cluster_state_pending`.
+/// How long a request waits for a joining (or restarted) node to receive
+/// the cluster's state before it is answered 503 `cluster_state_pending`
+/// (or 401 for a key the cluster really does not know).
 const STATE_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
+/// How often the waiting request looks at the state again.
+const STATE_LOOK_AGAIN: std::time::Duration = std::time::Duration::from_millis(100);
 
 /// Reads the whole request body within `api.body_read_timeout` (a client
 /// trickling its body gets 408 instead of holding a task forever) and at
