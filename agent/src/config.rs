@@ -34,6 +34,9 @@ pub enum BackendKind {
     /// The simulated Ollama (tests and demos): the `llmesh` binary starts
     /// one on loopback and the agent talks to it as to Ollama.
     Sim,
+    /// No backend: a pure entry node that forwards every request to the
+    /// mesh (run one beside a client, or several behind a load balancer).
+    None,
 }
 
 impl BackendKind {
@@ -43,6 +46,7 @@ impl BackendKind {
             BackendKind::Ollama => "ollama",
             BackendKind::Openai => "openai",
             BackendKind::Sim => "sim",
+            BackendKind::None => "none",
         }
     }
 }

@@ -97,6 +97,31 @@ pub(crate) fn first_seen() -> String {
     STARTED.clone()
 }
 
+/// No backend (`backend.kind = "none"`): serves no model, so the scheduler
+/// sends every request to a peer; always reachable, so the node is ready
+/// as soon as it is in the mesh.
+pub struct NoBackend;
+
+#[async_trait::async_trait]
+impl Backend for NoBackend {
+    fn kind(&self) -> BackendKind {
+        BackendKind::None
+    }
+
+    async fn inventory(&self) -> Result<Inventory, ServeError> {
+        Ok(Inventory::default())
+    }
+
+    async fn serve(&self, req: &InferenceRequest) -> Result<InferenceResponse, ServeError> {
+        if req.api.is_management() {
+            return Err(ServeError::Unsupported(
+                "this node is a pure entry node (backend kind none) and has no models to manage".into(),
+            ));
+        }
+        Err(ServeError::ModelNotFound(req.meta.model.clone()))
+    }
+}
+
 /// An inference server this agent fronts.
 #[async_trait::async_trait]
 pub trait Backend: Send + Sync + 'static {
@@ -122,6 +147,7 @@ pub fn build(config: &BackendConfig) -> Result<Arc<dyn Backend>, ServeError> {
     Ok(match config.kind {
         BackendKind::Ollama | BackendKind::Sim => Arc::new(OllamaBackend::new(config)?),
         BackendKind::Openai => Arc::new(OpenAiBackend::new(config)?),
+        BackendKind::None => Arc::new(NoBackend),
     })
 }
 
