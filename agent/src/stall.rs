@@ -102,31 +102,44 @@ impl StallWatch {
     }
 
     /// `body` ended with an error as soon as the backend stalls in the
-    /// middle of it (a chunk overdue and a probe unanswered).
+    /// middle of it (a chunk overdue and a probe unanswered). One timer for
+    /// the whole body, moved on only when it fires: no timer work per chunk.
     pub fn watch_body(&self, body: BodyStream) -> BodyStream {
         let watch = self.clone();
         Box::pin(async_stream::stream! {
             let mut body = body;
+            let quiet = watch.config.probe_after;
             let mut last = Instant::now();
+            let timer = tokio::time::sleep(quiet);
+            tokio::pin!(timer);
             loop {
-                let next = tokio::time::timeout(watch.config.probe_after, body.next()).await;
-                match next {
-                    Ok(Some(chunk)) => {
-                        last = Instant::now();
-                        let failed = chunk.is_err();
-                        yield chunk;
-                        if failed {
+                tokio::select! {
+                    biased;
+                    next = body.next() => match next {
+                        Some(chunk) => {
+                            last = Instant::now();
+                            let failed = chunk.is_err();
+                            yield chunk;
+                            if failed {
+                                return;
+                            }
+                        }
+                        None => return,
+                    },
+                    () = &mut timer => {
+                        let due = last + quiet;
+                        if Instant::now() < due {
+                            timer.as_mut().reset(due.into());
+                            continue;
+                        }
+                        if !watch.answers(last.elapsed()).await {
+                            yield Err(StreamError::Backend(format!(
+                                "the backend stalled mid-response: nothing for {:.1} s and no answer to a health probe",
+                                last.elapsed().as_secs_f64()
+                            )));
                             return;
                         }
-                    }
-                    Ok(None) => return,
-                    Err(_) if watch.answers(last.elapsed()).await => {}
-                    Err(_) => {
-                        yield Err(StreamError::Backend(format!(
-                            "the backend stalled mid-response: nothing for {:.1} s and no answer to a health probe",
-                            last.elapsed().as_secs_f64()
-                        )));
-                        return;
+                        timer.as_mut().reset((Instant::now() + quiet).into());
                     }
                 }
             }
