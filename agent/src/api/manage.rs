@@ -21,7 +21,7 @@ use futures::StreamExt;
 use llmesh_mesh::{ApiKind, InferenceRequest, InferenceResponse, Liveness, RequestMeta, ServeError};
 use serde_json::Value;
 
-use super::{AppState, AppStateRef, NODE_HEADER, access, relay, request_id};
+use super::{AppState, AppStateRef, NODE_HEADER, access, read_body, relay, request_id};
 use crate::error::{ApiError, ErrorFormat};
 
 /// Header naming the nodes a management call is for (names or ids,
@@ -266,13 +266,7 @@ fn plan(
     headers: &HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<(Operation, Vec<Node>, Bytes), ApiError> {
-    let body = body.map_err(|rejection| {
-        if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
-            ApiError::too_large(state.max_body_bytes)
-        } else {
-            ApiError::bad_request(format!("cannot read request body: {}", rejection.body_text()))
-        }
-    })?;
+    let body = read_body(state, body)?;
     let op = parse_operation(api, &body)?;
     caller.check_model(&op.model)?;
     if let Some(source) = &op.source {

@@ -228,6 +228,18 @@ fn deadline(headers: &HeaderMap) -> Result<Option<Instant>, ApiError> {
     Ok(Some(Instant::now() + Duration::from_millis(ms)))
 }
 
+/// The request body, or the error for one that could not be read (too
+/// large, or broken off).
+fn read_body(state: &AppState, body: Result<Bytes, BytesRejection>) -> Result<Bytes, ApiError> {
+    body.map_err(|rejection| {
+        if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
+            ApiError::too_large(state.max_body_bytes)
+        } else {
+            ApiError::bad_request(format!("cannot read request body: {}", rejection.body_text()))
+        }
+    })
+}
+
 /// Reads the body into a request: its meta parsed once, the model checked
 /// against the caller's key and the cluster's model routes. Also returns
 /// the model the client asked for (before a route renamed it).
@@ -239,13 +251,7 @@ fn build_request(
     body: Result<Bytes, BytesRejection>,
     request_id: &str,
 ) -> Result<(InferenceRequest, String), ApiError> {
-    let body = body.map_err(|rejection| {
-        if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
-            ApiError::too_large(state.max_body_bytes)
-        } else {
-            ApiError::bad_request(format!("cannot read request body: {}", rejection.body_text()))
-        }
-    })?;
+    let body = read_body(state, body)?;
     let mut meta = routing::parse(api, &body)?;
     caller.check_model(&meta.model)?;
     let asked = meta.model.clone();
