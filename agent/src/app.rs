@@ -219,6 +219,7 @@ pub async fn run_agent(
         max_response_bytes: config.api.max_response_bytes,
         max_body_bytes: config.api.max_body_bytes,
         body_read_timeout: config.api.body_read_timeout,
+        resume_streams: config.api.resume_streams,
     });
     let ready = Ready {
         http: addr,

@@ -201,6 +201,9 @@ pub struct ApiConfig {
     pub drain_timeout: Duration,
     /// Who may call the API without an API key.
     pub anonymous: AnonymousAccess,
+    /// Resume a streamed chat completion that breaks after its first token
+    /// on another node (clients opt out with `x-llmesh-resume: off`).
+    pub resume_streams: bool,
 }
 
 /// Who may call the client API without an API key.
@@ -297,6 +300,7 @@ impl Default for ApiConfig {
             body_read_timeout: Duration::from_secs(30),
             drain_timeout: Duration::from_secs(30),
             anonymous: AnonymousAccess::Loopback,
+            resume_streams: true,
         }
     }
 }

@@ -10,6 +10,7 @@ pub mod model_name;
 pub mod models;
 pub mod nodes;
 pub mod relay;
+pub mod resume;
 pub mod routing;
 
 use std::sync::Arc;
@@ -76,6 +77,9 @@ pub struct AppState {
     pub max_body_bytes: usize,
     /// Time a client has to send its whole request body.
     pub body_read_timeout: Duration,
+    /// Whether a streamed chat that breaks after its first token is
+    /// resumed on another node (see [`resume`]).
+    pub resume_streams: bool,
 }
 
 type AppStateRef = State<Arc<AppState>>;
@@ -304,12 +308,21 @@ async fn run(
     let prompt_bytes = request.body.len();
     let model = request.meta.model.clone();
     let cloud = access::cloud_policy(caller, headers, state.cloud.as_deref(), &model)?;
-    let Routed { response: mut upstream, node, route } = state
+    let resumable = state.resume_streams
+        && request.api == ApiKind::OpenaiChat
+        && request.meta.stream
+        && headers.get(resume::RESUME_HEADER).is_none_or(|v| v != "off");
+    let resume = resumable.then(|| (request.clone(), cloud.clone()));
+    let Routed { response: mut upstream, node, node_id, route } = state
         .router
         .route(request, cloud)
         .instrument(span)
         .await
         .map_err(|e| ApiError::from(e).with_headers(rate_headers.clone()))?;
+    if let Some((request, policy)) = resume.filter(|_| !matches!(route, Route::Cloud(_)) && upstream.status == 200) {
+        let resume = resume::Resume { router: state.router.clone(), request, policy, node_id };
+        upstream.body = resume::resumable(upstream.body, resume);
+    }
     upstream.body = model_name::rename(upstream.body, model.clone(), asked);
     let ttft = started.elapsed();
     let response = relay::relay(upstream, state.idle_timeout, state.max_response_bytes, format).await;

@@ -127,6 +127,11 @@ impl Plan {
         }
     }
 
+    /// Leaves `node` out of this journey from the start.
+    pub fn avoid(&mut self, node: &str) {
+        self.tried.push(node.to_string());
+    }
+
     /// Whether the scheduler must leave `node` out: it failed this request.
     pub fn excludes(&self, node: &str) -> bool {
         self.tried.iter().any(|t| t == node)

@@ -65,6 +65,9 @@ pub struct Routed {
     pub response: InferenceResponse,
     /// Name of the node that served it (this node's for the cloud).
     pub node: String,
+    /// Id of that node as the scheduler knows it ([`LOCAL`] for this node,
+    /// empty for the cloud): what [`Router::route_avoiding`] takes.
+    pub node_id: String,
     /// How it was served.
     pub route: Route,
 }
@@ -286,8 +289,22 @@ impl Router {
     /// Runs `req` where its plan says: the best node now, after a wait in
     /// the fair queue, on the next node when one fails before its first
     /// byte, or in the cloud where `policy` allows.
-    pub async fn route(&self, mut req: InferenceRequest, policy: CloudPolicy) -> Result<Routed, ServeError> {
+    pub async fn route(&self, req: InferenceRequest, policy: CloudPolicy) -> Result<Routed, ServeError> {
+        self.route_avoiding(req, policy, None).await
+    }
+
+    /// [`Self::route`], never on the node `avoid` (a [`Routed::node_id`]):
+    /// the rest of a stream that node broke goes elsewhere.
+    pub async fn route_avoiding(
+        &self,
+        mut req: InferenceRequest,
+        policy: CloudPolicy,
+        avoid: Option<&str>,
+    ) -> Result<Routed, ServeError> {
         let mut plan = Plan::new(self.facts(&req, policy));
+        if let Some(node) = avoid {
+            plan.avoid(node);
+        }
         // A peer may keep it waiting for a slot as long as it could wait here.
         req.queue_until = Some(plan.facts().deadline);
         let mut waiting = Waiting::default();
@@ -333,7 +350,12 @@ impl Router {
                 },
                 Step::Explain => {
                     let response = self.local.serve(req).await?;
-                    return Ok(Routed { response, node: self.node_name.clone(), route: Route::Local });
+                    return Ok(Routed {
+                        response,
+                        node: self.node_name.clone(),
+                        node_id: LOCAL.into(),
+                        route: Route::Local,
+                    });
                 }
                 Step::Fail(err) => return Err(err),
             }
@@ -433,7 +455,7 @@ impl Router {
         let slot = Slot { admission: self.admission.clone(), recheck: self.recheck.clone(), node: node.to_string() };
         let routed = if node == LOCAL {
             let response = self.local.serve(req.clone()).await?;
-            Routed { response, node: self.node_name.clone(), route: Route::Local }
+            Routed { response, node: self.node_name.clone(), node_id: LOCAL.into(), route: Route::Local }
         } else {
             self.forward(node, req).await?
         };
@@ -448,6 +470,7 @@ impl Router {
                 response: forwarded.response,
                 route: Route::Peer(forwarded.node.clone()),
                 node: forwarded.node,
+                node_id: node.to_string(),
             }),
             Err(err) => {
                 crate::route::metrics::forward_error(node);
@@ -465,7 +488,7 @@ impl Router {
         let Some(fallback) = &self.fallback else { return Err(ServeError::Internal("no cloud provider".into())) };
         tracing::info!(id = %req.request_id, model = %req.meta.model, ?trigger, "sending to the cloud");
         let (response, provider) = fallback.serve(req).await?;
-        Ok(Routed { response, node: self.node_name.clone(), route: Route::Cloud(provider) })
+        Ok(Routed { response, node: self.node_name.clone(), node_id: String::new(), route: Route::Cloud(provider) })
     }
 
     /// Queues `req` at each of `nodes` (this node's place is the queue
@@ -528,6 +551,7 @@ impl Router {
                             response: hold_until_end(forwarded.response, slot),
                             route: Route::Peer(forwarded.node.clone()),
                             node: forwarded.node,
+                            node_id: node.clone(),
                         }),
                         Err(err) => {
                             plan.failed(&node, true, err);
