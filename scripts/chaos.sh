@@ -7,7 +7,8 @@
 #   scripts/chaos.sh kill --duration 120      # one drill
 #   scripts/chaos.sh soak --soak-duration 600 --nodes 3
 #
-# Drills: kill, partition-leader, hang-backend, restart-all, add-nodes, soak.
+# Drills: kill, kill-mid-stream, partition-leader, hang-backend, restart-all,
+# add-nodes, soak. --no-resume: clients turn stream resuming off.
 # Flags: --nodes N (5), --duration S (60), --soak-duration S (600),
 # --clients N (8), --every S (4), --hold S (6). See `llmesh-chaos --help`.
 set -euo pipefail

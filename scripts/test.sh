@@ -51,7 +51,7 @@ else
 fi
 
 # --- chaos ---------------------------------------------------------------------
-step "chaos drills on namespaced hosts: kill, partition-leader, hang-backend, restart-all, add-nodes, soak"
+step "chaos drills on namespaced hosts: kill, kill-mid-stream, partition-leader, hang-backend, restart-all, add-nodes, soak"
 scripts/chaos.sh all --duration "${CHAOS_SECONDS:-30}" --soak-duration "${SOAK_SECONDS:-120}"
 
 # --- real clients --------------------------------------------------------------

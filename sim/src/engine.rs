@@ -31,6 +31,10 @@ pub enum SimError {
 pub struct Prompt {
     /// `(hash of segments 0..=i, tokens in segments 0..=i)` for each segment.
     segments: Vec<(u64, u32)>,
+    /// The last segment is a partial assistant reply that the output
+    /// continues (as Ollama and llama-server continue a final assistant
+    /// message).
+    continues: bool,
 }
 
 impl Prompt {
@@ -39,6 +43,7 @@ impl Prompt {
         let (prev_hash, prev_tokens) = self.segments.last().copied().unwrap_or((0, 0));
         let hash = text::fnv1a(text::fnv1a(prev_hash, role.as_bytes()), content.as_bytes());
         self.segments.push((hash, prev_tokens + text::count_tokens(content)));
+        self.continues = role == "assistant" && !content.is_empty();
     }
 
     /// Total prompt tokens.
@@ -434,6 +439,14 @@ impl SimEngine {
         let seed = self.config.seed ^ req.prompt.hash() ^ text::fnv1a(0, model.as_bytes());
         let n = req.max_tokens.unwrap_or(self.config.output_tokens);
         let tokens = match &req.shape {
+            // A continued reply goes on after its last word.
+            OutputShape::Text if req.prompt.continues => {
+                let mut tokens = text::generate_tokens(seed, n);
+                if let Some(first) = tokens.first_mut().filter(|t| !t.starts_with(' ')) {
+                    first.insert(0, ' ');
+                }
+                tokens
+            }
             OutputShape::Text => text::generate_tokens(seed, n),
             OutputShape::Json => {
                 let mut words = text::generate_tokens(seed, n.saturating_sub(2).max(1));

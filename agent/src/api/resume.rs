@@ -5,6 +5,7 @@
 //! and splices the continuation into the same stream: the client sees one
 //! answer with one `[DONE]`.
 //!
+//! A stream that broke before its first token is simply asked for again.
 //! Limits: OpenAI chat completions only; the continuation is sampled
 //! afresh from the partial text (no sampler state crosses nodes); a stream
 //! that broke inside a tool call is not resumed (it ends with the error
@@ -42,6 +43,8 @@ struct Sent {
     text: String,
     tokens: u64,
     in_tool_call: bool,
+    /// The stream's `id`, kept by the continuation's events.
+    id: Option<String>,
 }
 
 impl Sent {
@@ -49,6 +52,9 @@ impl Sent {
     fn note(&mut self, event: &[u8]) {
         let Some(data) = std::str::from_utf8(event).ok().and_then(|e| e.trim().strip_prefix("data:")) else { return };
         let Ok(value) = serde_json::from_str::<Value>(data.trim()) else { return };
+        if self.id.is_none() {
+            self.id = value.get("id").and_then(Value::as_str).map(str::to_string);
+        }
         let delta = value.pointer("/choices/0/delta");
         if let Some(text) = delta.and_then(|d| d.get("content")).and_then(Value::as_str).filter(|t| !t.is_empty()) {
             self.text.push_str(text);
@@ -65,7 +71,9 @@ impl Sent {
 fn continuation(body: &[u8], sent: &Sent) -> Option<Bytes> {
     let mut value: Value = serde_json::from_slice(body).ok()?;
     let object = value.as_object_mut()?;
-    object.get_mut("messages")?.as_array_mut()?.push(json!({ "role": "assistant", "content": sent.text }));
+    if !sent.text.is_empty() {
+        object.get_mut("messages")?.as_array_mut()?.push(json!({ "role": "assistant", "content": sent.text }));
+    }
     for key in ["max_tokens", "max_completion_tokens"] {
         if let Some(limit) = object.get(key).and_then(Value::as_u64) {
             let left = limit.checked_sub(sent.tokens).filter(|n| *n > 0)?;
@@ -84,6 +92,19 @@ fn preamble(event: &[u8]) -> bool {
     let delta = choice.get("delta");
     let content = delta.and_then(|d| d.get("content")).and_then(Value::as_str).unwrap_or_default();
     content.is_empty() && delta.and_then(|d| d.get("tool_calls")).is_none() && choice["finish_reason"].is_null()
+}
+
+/// A continuation's event under the original stream's `id`, so the client
+/// sees one completion.
+fn with_id(event: Vec<u8>, id: Option<&str>) -> Vec<u8> {
+    let Some(id) = id else { return event };
+    let Some(data) = std::str::from_utf8(&event).ok().and_then(|e| e.trim().strip_prefix("data:")) else {
+        return event;
+    };
+    let Ok(mut value) = serde_json::from_str::<Value>(data.trim()) else { return event };
+    let Some(object) = value.as_object_mut().filter(|o| o.contains_key("id")) else { return event };
+    object.insert("id".into(), json!(id));
+    format!("data: {value}\n\n").into_bytes()
 }
 
 /// Splits whole SSE events (ending in a blank line) off `pending`.
@@ -124,6 +145,7 @@ pub fn resumable(body: BodyStream, resume: Resume) -> BodyStream {
                             continue;
                         }
                         skipping = false;
+                        let event = if resumed { with_id(event, sent.id.as_deref()) } else { event };
                         sent.note(&event);
                         out.extend_from_slice(&event);
                     }
@@ -132,7 +154,12 @@ pub fn resumable(body: BodyStream, resume: Resume) -> BodyStream {
                     }
                 }
                 Some(Err(err)) => {
-                    let next = if resumed || sent.tokens == 0 || sent.in_tool_call { None } else { resume_body(&resume, &sent).await };
+                    if !resumed && !sent.in_tool_call {
+                        // An SSE comment (clients skip it): the client, and
+                        // the relay's idle timer, hear that the stream lives.
+                        yield Ok(Bytes::from_static(b": resuming on another node\n\n"));
+                    }
+                    let next = if resumed || sent.in_tool_call { None } else { resume_body(&resume, &sent).await };
                     match next {
                         Some(next) => {
                             body = next;

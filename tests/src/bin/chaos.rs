@@ -12,8 +12,8 @@ use llmesh_tests::chaos::{Options, Scenario, run};
 #[derive(Parser)]
 #[command(name = "llmesh-chaos")]
 struct Args {
-    /// Drills to run: kill, partition-leader, hang-backend, restart-all,
-    /// add-nodes, soak, or all (every one, the soak last).
+    /// Drills to run: kill, kill-mid-stream, partition-leader, hang-backend,
+    /// restart-all, add-nodes, soak, or all (every one, the soak last).
     #[arg(required = true)]
     scenarios: Vec<String>,
     /// Nodes (add-nodes grows from 3 to this).
@@ -34,6 +34,9 @@ struct Args {
     /// Seconds a fault lasts.
     #[arg(long, default_value_t = 6.0)]
     hold: f64,
+    /// Clients ask that broken streams not be resumed on another node.
+    #[arg(long)]
+    no_resume: bool,
 }
 
 /// One drill by name, or every drill for `all`.
@@ -68,6 +71,7 @@ fn main() -> ExitCode {
             clients: args.clients,
             every: Duration::from_secs_f64(args.every),
             hold: Duration::from_secs_f64(args.hold),
+            resume_off: args.no_resume,
         };
         eprintln!("chaos: running {} ({seconds} s of load)…", scenario.name());
         match run(scenario, &options) {

@@ -31,6 +31,10 @@ pub struct LoadConfig {
     pub think: Duration,
     /// API key the clients send (clients off the node's machine need one).
     pub api_key: Option<String>,
+    /// Every request streams (else half do).
+    pub all_streamed: bool,
+    /// Clients ask that broken streams not be resumed (`x-llmesh-resume: off`).
+    pub resume_off: bool,
 }
 
 impl Default for LoadConfig {
@@ -44,6 +48,8 @@ impl Default for LoadConfig {
             tokens: (8, 48),
             think: Duration::from_millis(20),
             api_key: None,
+            all_streamed: false,
+            resume_off: false,
         }
     }
 }
@@ -125,7 +131,8 @@ async fn one_request(http: &reqwest::Client, config: &LoadConfig, entries: &Entr
         let entries = entries.read().unwrap_or_else(PoisonError::into_inner);
         let mut rng = rand::thread_rng();
         let (entry, url) = entries[rng.gen_range(0..entries.len())].clone();
-        (entry, url, rng.gen_bool(0.5), rng.gen_range(config.tokens.0..=config.tokens.1), rng.r#gen::<u64>())
+        let stream = config.all_streamed || rng.gen_bool(0.5);
+        (entry, url, stream, rng.gen_range(config.tokens.0..=config.tokens.1), rng.r#gen::<u64>())
     };
     let body = json!({
         "model": config.model,
@@ -159,6 +166,9 @@ async fn send(
         .json(body);
     if let Some(key) = &config.api_key {
         request = request.bearer_auth(key);
+    }
+    if config.resume_off {
+        request = request.header("x-llmesh-resume", "off");
     }
     let sent = request.send().await;
     let mut response = match sent {

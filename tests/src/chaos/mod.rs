@@ -41,12 +41,16 @@ pub enum Scenario {
     /// Plain load for a long time; agents' memory and descriptors must not
     /// grow.
     Soak,
+    /// Long streams (200+ tokens) while nodes that serve the model are
+    /// SIGKILLed: every stream whose entry stayed up must complete.
+    KillMidStream,
 }
 
 impl Scenario {
     /// Every drill, in the order `all` runs them.
-    pub const ALL: [Scenario; 6] = [
+    pub const ALL: [Scenario; 7] = [
         Scenario::Kill,
+        Scenario::KillMidStream,
         Scenario::PartitionLeader,
         Scenario::HangBackend,
         Scenario::RestartAll,
@@ -63,6 +67,7 @@ impl Scenario {
             Scenario::RestartAll => "restart-all",
             Scenario::AddNodes => "add-nodes",
             Scenario::Soak => "soak",
+            Scenario::KillMidStream => "kill-mid-stream",
         }
     }
 }
@@ -80,6 +85,8 @@ pub struct Options {
     pub every: Duration,
     /// How long a fault lasts (a node down, a link cut, a backend frozen).
     pub hold: Duration,
+    /// Clients turn stream resuming off (`x-llmesh-resume: off`).
+    pub resume_off: bool,
 }
 
 /// What a drill found.
@@ -177,12 +184,16 @@ async fn drill_on(fleet: &mut Fleet<'_>, scenario: Scenario, options: &Options) 
     // admission depend on the replicated key table.
     let key = fleet.admin(0, &["keys", "create", "--name", "chaos-load"])?;
     let secret = key["secret"].as_str().ok_or_else(|| format!("no secret in {key}"))?.to_string();
+    let long_streams = scenario == Scenario::KillMidStream;
     let load_config = LoadConfig {
         clients: options.clients,
         duration: options.duration,
         deadline: Duration::from_secs(45),
         api_key: Some(secret),
         model: fleet::MODEL.into(),
+        tokens: if long_streams { (200, 240) } else { (8, 48) },
+        all_streamed: long_streams,
+        resume_off: options.resume_off,
         ..LoadConfig::default()
     };
     let mut checks = Vec::new();
@@ -196,6 +207,29 @@ async fn drill_on(fleet: &mut Fleet<'_>, scenario: Scenario, options: &Options) 
     use rand::SeedableRng as _;
     let summary;
     match scenario {
+        Scenario::KillMidStream => {
+            while Instant::now() + options.every < ends {
+                tokio::time::sleep(options.every).await;
+                let servers: Vec<usize> = fleet.up().into_iter().filter(|i| fleet::serves_model(*i)).collect();
+                // Keep one server up: the rest of every stream needs a home.
+                if servers.len() < 2 {
+                    continue;
+                }
+                let Some(&victim) = servers.choose(&mut rng) else { break };
+                fleet.kill(victim).await;
+                faults += 1;
+                tokio::time::sleep(options.hold).await;
+                fleet.start(victim).await;
+            }
+            summary = format!(
+                "{} nodes, {} clients, {:?}; streams of 200-240 tokens; SIGKILLed a node that serves the model every {:?}, restarted {:?} later ({faults} kills)",
+                fleet.len(),
+                options.clients,
+                options.duration,
+                options.every,
+                options.hold
+            );
+        }
         Scenario::Kill => {
             while Instant::now() + options.every < ends {
                 tokio::time::sleep(options.every).await;
@@ -425,6 +459,14 @@ async fn drill_on(fleet: &mut Fleet<'_>, scenario: Scenario, options: &Options) 
             .map(node_name)
             .collect();
         checks.push(("every added node took or served requests".into(), idle.is_empty(), idle.join(", ")));
+    }
+    if scenario == Scenario::KillMidStream && !options.resume_off {
+        let reached = tally.sent - tally.entry_down;
+        checks.push((
+            "every stream whose entry node stayed up completed, resumed on another node where its own died".into(),
+            tally.complete == reached,
+            format!("{} of {reached}", tally.complete),
+        ));
     }
     // A drill where nothing got through proves nothing.
     let reached = tally.sent - tally.entry_down;
