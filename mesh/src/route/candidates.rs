@@ -92,6 +92,7 @@ pub fn build(model: &str, prefix: Option<u64>, sources: &Sources<'_>) -> Vec<Can
             holds_prefix: local.holds_prefix,
         });
     }
+    let first = candidates.len();
     for peer in sources.peers {
         if unusable(peer, sources.cluster).is_some() {
             continue;
@@ -100,8 +101,24 @@ pub fn build(model: &str, prefix: Option<u64>, sources: &Sources<'_>) -> Vec<Can
             candidates.push(candidate);
         }
     }
+    // A peer not measured yet (its connection is still being made) counts
+    // as far as the median measured peer.
+    let mut measured: Vec<f64> =
+        candidates[first..].iter().filter_map(|c| c.rtt_ms.is_finite().then_some(c.rtt_ms)).collect();
+    measured.sort_by(f64::total_cmp);
+    let typical = measured.get(measured.len() / 2).copied().unwrap_or(UNMEASURED_RTT_MS);
+    for candidate in &mut candidates[first..] {
+        if !candidate.rtt_ms.is_finite() {
+            candidate.rtt_ms = typical;
+        }
+    }
     candidates
 }
+
+/// The round trip assumed when no peer has been measured at all (the first
+/// moments after start-up): a LAN's, a fraction of a millisecond; the
+/// scheduler's near-equal margin (50 ms) dwarfs the error.
+const UNMEASURED_RTT_MS: f64 = 0.5;
 
 fn peer_candidate(
     state: &NodeState,
@@ -124,10 +141,8 @@ fn peer_candidate(
         loaded: info.loaded,
         ttft_ms: stats.map(|s| s.ttft_ewma_ms).filter(|t| *t > 0.0),
         decode_tps: stats.map(|s| s.decode_tokens_per_s_ewma).filter(|t| *t > 0.0),
-        // Before the first connection there is no measurement: a LAN
-        // round trip is a fraction of a millisecond, and the scheduler's
-        // near-equal margin (50 ms) dwarfs the error.
-        rtt_ms: (sources.rtt)(&state.node_id).map_or(0.5, |d| d.as_secs_f64() * 1000.0),
+        // Not measured yet: filled in by `build` from the measured peers.
+        rtt_ms: (sources.rtt)(&state.node_id).map_or(f64::INFINITY, |d| d.as_secs_f64() * 1000.0),
         holds_prefix: prefix.is_some_and(|key| state.recent_prefixes.contains(&key)),
     })
 }
@@ -201,6 +216,22 @@ pub(crate) mod tests {
 
     fn sources<'a>(peers: &'a [PeerSnapshot], cluster: Option<&'a ClusterState>) -> Sources<'a> {
         Sources { node_id: "me", local: None, peers, cluster, outstanding: &|_| 0, local_queued: 0, rtt: &|_| None }
+    }
+
+    #[test]
+    fn a_peer_not_measured_yet_counts_as_far_as_the_measured_ones() {
+        let peers = [peer("a", &["m"], 1), peer("b", &["m"], 1), peer("c", &["m"], 1)];
+        let rtt = |id: &str| match id {
+            "a" => Some(Duration::from_millis(3)),
+            "b" => Some(Duration::from_millis(7)),
+            _ => None,
+        };
+        let s = Sources { rtt: &rtt, ..sources(&peers, None) };
+        let rtts: Vec<f64> = build("m", None, &s).iter().map(|c| c.rtt_ms).collect();
+        assert_eq!(rtts, [3.0, 7.0, 7.0], "the median of 3 and 7 ms is taken as 7 (upper middle)");
+        let none = |_: &str| None;
+        let s = Sources { rtt: &none, ..sources(&peers, None) };
+        assert!(build("m", None, &s).iter().all(|c| c.rtt_ms == UNMEASURED_RTT_MS), "nothing measured yet");
     }
 
     #[test]
