@@ -190,13 +190,12 @@ pub async fn run_agent(
     let fallback = cloud.clone().map(|c| c as Arc<dyn Fallback>);
     let route =
         Arc::new(Router::new(parts.local.clone(), config.node.name.clone(), fallback, route_config(&config.mesh)));
-    let node = match config.mesh.enabled {
-        true => match join_mesh(&config, &route, &shutdown, &stop_mesh).await? {
-            Some(node) => Some(node),
-            // Stopped before this node got its certificate.
-            None => return Ok(()),
-        },
-        false => None,
+    let node = if config.mesh.enabled {
+        // None: stopped before this node got its certificate.
+        let Some(node) = join_mesh(&config, &route, &shutdown, &stop_mesh).await? else { return Ok(()) };
+        Some(node)
+    } else {
+        None
     };
     let state_builder = node_state(&config, addr, &parts, node.as_ref());
     let usage = Arc::new(crate::limits::UsageBatcher::default());
