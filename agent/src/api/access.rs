@@ -201,8 +201,7 @@ pub async fn authenticate(State(app): State<std::sync::Arc<AppState>>, mut reque
         // within moments; a key it does not know yet may be a new one.
         let headers = request.headers().clone();
         let stale = |err: &ApiError| {
-            let status = coordinator.status();
-            let behind = status.leader == 0 || status.applied < status.commit;
+            let behind = coordinator.status().behind();
             err.code == "cluster_state_pending"
                 || (behind && bearer(&headers).is_some() && matches!(err.code, "missing_api_key" | "invalid_api_key"))
         };

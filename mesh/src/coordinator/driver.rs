@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use llmesh_proto::{Command, Member};
 use prost::Message as _;
 use protobuf::Message as _;
-use raft::eraftpb::{ConfChange, ConfChangeType, Entry, EntryType, HardState, Message, Snapshot};
+use raft::eraftpb::{ConfChange, ConfChangeType, Entry, EntryType, HardState, Message, MessageType, Snapshot};
 use raft::{RawNode, SnapshotStatus, StateRole};
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio_util::sync::CancellationToken;
@@ -89,6 +89,9 @@ pub(super) struct Driver {
     planner: Planner,
     /// The leader as of the last Ready (0: none known).
     last_leader: u64,
+    /// Highest commit index seen in a leader's appends (see
+    /// [`RaftStatus::leader_commit`]).
+    leader_commit: u64,
     /// When this driver started: a member the leader has not heard from at
     /// all has been gone at most this long as far as it knows.
     started: Instant,
@@ -150,6 +153,7 @@ impl Driver {
             planner: Planner::new(config.placement.clone()),
             started: Instant::now(),
             last_leader: 0,
+            leader_commit: 0,
             config: config.clone(),
             shutdown,
         })
@@ -217,6 +221,9 @@ impl Driver {
                 if expired(&message, unix_ms()) {
                     tracing::info!(from = message.from, "dropped a forwarded proposal past its caller's deadline");
                     return;
+                }
+                if message.get_msg_type() == MessageType::MsgAppend {
+                    self.leader_commit = self.leader_commit.max(message.commit);
                 }
                 if let Err(err) = self.raw.step(*message) {
                     tracing::debug!(error = %err, "raft message ignored");
@@ -429,6 +436,7 @@ impl Driver {
             term: raft.term,
             commit: raft.raft_log.committed,
             applied: self.state.applied_index,
+            leader_commit: self.leader_commit,
             leader_addr: (raft.leader_id != raft.id).then(|| self.directory.get(&raft.leader_id).copied()).flatten(),
         };
         self.status_tx.send_if_modified(|current| {

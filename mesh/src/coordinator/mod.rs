@@ -159,8 +159,21 @@ pub struct RaftStatus {
     pub commit: u64,
     /// Highest applied index.
     pub applied: u64,
+    /// Highest commit index a leader has announced to this node. Ahead of
+    /// `commit` while this node's log is still catching up: Raft clamps a
+    /// follower's commit to the entries it holds, so `applied == commit`
+    /// alone does not mean up to date.
+    pub leader_commit: u64,
     /// The leader's control address, when it is another node.
     pub leader_addr: Option<SocketAddr>,
+}
+
+impl RaftStatus {
+    /// Whether this node may serve a stale view of the replicated state:
+    /// no leader known, or committed entries it has not applied yet.
+    pub fn behind(&self) -> bool {
+        self.leader == 0 || self.applied < self.commit.max(self.leader_commit)
+    }
 }
 
 /// Messages into the driver task.
@@ -335,4 +348,20 @@ pub async fn start(
     });
     tracing::info!(addr = %local_addr, raft_id = raft_id(&config.node_id), "control plane listening");
     Ok(coordinator)
+}
+
+#[cfg(test)]
+mod status_tests {
+    use super::RaftStatus;
+
+    #[test]
+    fn a_follower_whose_log_lags_the_leaders_commit_is_behind() {
+        let caught_up = RaftStatus { leader: 1, commit: 10, applied: 10, leader_commit: 10, ..RaftStatus::default() };
+        assert!(!caught_up.behind());
+        // Raft clamps a follower's commit to what its log holds: applied
+        // equals commit while the leader has committed more.
+        assert!(RaftStatus { leader_commit: 14, ..caught_up.clone() }.behind());
+        assert!(RaftStatus { applied: 9, ..caught_up.clone() }.behind());
+        assert!(RaftStatus { leader: 0, ..caught_up }.behind(), "no leader known");
+    }
 }
