@@ -135,25 +135,43 @@ fn start_cloud(config: &Config) -> Result<Option<Arc<crate::cloud::Cloud>>, RunE
     Ok(cloud)
 }
 
-/// Joins the mesh and lets the router use it; `None` (with the mesh's
-/// tasks stopped) when stopped before this node got its certificate.
-async fn join_mesh(
+/// Starts this node's membership (fast: no wait for a certificate).
+async fn begin_mesh(
     config: &Config,
     router: &Router,
-    shutdown: &CancellationToken,
     stop_mesh: &CancellationToken,
-) -> Result<Option<Node>, RunError> {
+) -> Result<llmesh_mesh::node::Joining, RunError> {
     let settings = NodeSettings {
         name: config.node.name.clone(),
         http_port: config.api.listen.port(),
         head_timeout: config.backend.response_timeout,
         max_body_bytes: config.api.max_body_bytes,
     };
-    let handler = router.forwarded_handler();
-    let Some(node) = llmesh_mesh::node::start(&config.mesh, settings, handler, shutdown, stop_mesh.clone()).await?
-    else {
-        stop_mesh.cancel();
-        return Ok(None);
+    let joining = llmesh_mesh::node::begin(&config.mesh, settings, stop_mesh.clone()).await?;
+    // Until it is a member, a request for a model only peers serve waits
+    // (within its deadline) rather than being told no node serves it.
+    router.expect_mesh();
+    Ok(joining)
+}
+
+/// Waits until this node is a member of its cluster, then lets the router
+/// and the API use the mesh and starts the tasks that keep this node and
+/// the mesh in step. Ends early on `shutdown`.
+async fn finish_join(
+    joining: llmesh_mesh::node::Joining,
+    config: Config,
+    app: Arc<AppState>,
+    stop_mesh: CancellationToken,
+    shutdown: CancellationToken,
+) {
+    let handler = app.router.forwarded_handler();
+    let node = match joining.finish(handler, &shutdown).await {
+        Ok(Some(node)) => node,
+        Ok(None) => return,
+        Err(err) => {
+            tracing::error!(error = %err, "cannot start the mesh planes; this node serves only its own backend");
+            return;
+        }
     };
     // A node that joins others (or rejoins its cluster) has peers it has
     // not heard from yet; a lone first node does not. The mesh's dead-after
@@ -166,13 +184,20 @@ async fn join_mesh(
         dataplane: node.dataplane.clone(),
         coordinator: node.coordinator.clone(),
     };
-    router.join(links, warmup);
-    router.spawn_nudger(stop_mesh.clone());
-    Ok(Some(node))
+    let _ = app.node.data_addr.set(node.data_addr.to_string());
+    let _ = app.node.control_addr.set(node.control_addr.to_string());
+    app.router.join(links, warmup);
+    app.router.spawn_nudger(stop_mesh.clone());
+    follow_mesh(&config, &node, &app.node, &app.usage, &app.local, &stop_mesh);
+    tracing::info!(data = %node.data_addr, control = %node.control_addr, "this node is a member of its cluster");
+    if app.mesh_node.set(node).is_err() {
+        tracing::warn!("joined the mesh twice; keeping the first");
+    }
 }
 
 /// Runs the agent until `shutdown` fires. `on_ready` learns the bound
-/// addresses once requests can be accepted.
+/// addresses once requests can be accepted: at once, even while this node
+/// still waits for its cluster certificate (`/readyz` says so).
 pub async fn run_agent(
     config: Config,
     shutdown: CancellationToken,
@@ -190,51 +215,22 @@ pub async fn run_agent(
     let fallback = cloud.clone().map(|c| c as Arc<dyn Fallback>);
     let route =
         Arc::new(Router::new(parts.local.clone(), config.node.name.clone(), fallback, route_config(&config.mesh)));
-    let node = if config.mesh.enabled {
-        // None: stopped before this node got its certificate.
-        let Some(node) = join_mesh(&config, &route, &shutdown, &stop_mesh).await? else { return Ok(()) };
-        Some(node)
-    } else {
-        None
-    };
-    let state_builder = node_state(&config, addr, &parts, node.as_ref());
-    let usage = Arc::new(crate::limits::UsageBatcher::default());
-    if let Some(node) = &node {
-        follow_mesh(&config, node, &state_builder, &usage, &parts.local, &stop_mesh);
-    }
-    let state = Arc::new(AppState {
-        node_name: config.node.name.clone(),
-        local: parts.local.clone(),
-        router: route,
-        node: state_builder.clone(),
-        mesh: node.as_ref().map(|n| n.membership.clone()),
-        coordinator: node.as_ref().map(|n| n.coordinator.clone()),
-        cloud,
-        anonymous: config.api.anonymous,
-        usage,
-        dataplane: node.as_ref().map(|n| n.dataplane.clone()),
-        errors: Default::default(),
-        idle_timeout: config.backend.idle_timeout,
-        max_response_bytes: config.api.max_response_bytes,
-        max_body_bytes: config.api.max_body_bytes,
-        body_read_timeout: config.api.body_read_timeout,
-        resume_streams: config.api.resume_streams,
-    });
+    let joining = if config.mesh.enabled { Some(begin_mesh(&config, &route, &stop_mesh).await?) } else { None };
+    let state = app_state(&config, addr, &parts, route, cloud, joining.as_ref());
     let ready = Ready {
         http: addr,
-        node_id: state_builder.node_id.clone(),
-        p2p: node.as_ref().map(Node::p2p_addrs).unwrap_or_default(),
+        node_id: state.node.node_id.clone(),
+        p2p: joining.as_ref().map(|j| j.membership().view().listen_addrs.clone()).unwrap_or_default(),
     };
-    tracing::info!(%addr, node = %config.node.name, node_id = %ready.node_id, data = %state_builder.data_addr, "llmesh agent listening");
+    tracing::info!(%addr, node = %config.node.name, node_id = %ready.node_id, "llmesh agent listening");
     on_ready(&ready);
-    tokio::spawn(announce_drain(
-        shutdown.clone(),
-        state_builder,
-        node.as_ref().map(|n| (n.membership.clone(), n.dataplane.clone())),
-    ));
+    if let Some(joining) = joining {
+        tokio::spawn(finish_join(joining, config.clone(), state.clone(), stop_mesh.clone(), shutdown.clone()));
+    }
+    tokio::spawn(announce_drain(shutdown.clone(), state.clone()));
     let result = crate::http_server::serve(
         listener,
-        router(state),
+        router(state.clone()),
         config.api.max_connections,
         shutdown.clone(),
         config.api.drain_timeout,
@@ -242,7 +238,7 @@ pub async fn run_agent(
     .await
     .map_err(RunError::Serve);
     shutdown.cancel();
-    if let Some(node) = &node {
+    if let Some(node) = state.mesh_node.get() {
         finish_forwarded(node, config.api.drain_timeout).await;
     }
     stop_mesh.cancel();
@@ -251,6 +247,35 @@ pub async fn run_agent(
     }
     tracing::info!("llmesh agent stopped");
     result
+}
+
+/// The API's shared state; the mesh planes are added when this node
+/// becomes a member.
+fn app_state(
+    config: &Config,
+    addr: SocketAddr,
+    parts: &LocalParts,
+    router: Arc<Router>,
+    cloud: Option<Arc<crate::cloud::Cloud>>,
+    joining: Option<&llmesh_mesh::node::Joining>,
+) -> Arc<AppState> {
+    Arc::new(AppState {
+        node_name: config.node.name.clone(),
+        local: parts.local.clone(),
+        router,
+        node: node_state(config, addr, parts, joining),
+        mesh_node: std::sync::OnceLock::new(),
+        trust: joining.map(|j| j.trust().clone()),
+        cloud,
+        anonymous: config.api.anonymous,
+        usage: Arc::new(crate::limits::UsageBatcher::default()),
+        errors: Default::default(),
+        idle_timeout: config.backend.idle_timeout,
+        max_response_bytes: config.api.max_response_bytes,
+        max_body_bytes: config.api.max_body_bytes,
+        body_read_timeout: config.api.body_read_timeout,
+        resume_streams: config.api.resume_streams,
+    })
 }
 
 /// Lets requests peers forwarded here finish, then closes the data plane.
@@ -262,9 +287,14 @@ async fn finish_forwarded(node: &Node, limit: Duration) {
 }
 
 /// What this node gossips about itself.
-fn node_state(config: &Config, addr: SocketAddr, parts: &LocalParts, node: Option<&Node>) -> Arc<NodeStateBuilder> {
+fn node_state(
+    config: &Config,
+    addr: SocketAddr,
+    parts: &LocalParts,
+    joining: Option<&llmesh_mesh::node::Joining>,
+) -> Arc<NodeStateBuilder> {
     Arc::new(NodeStateBuilder {
-        node_id: node.map(|n| n.membership.local_id().to_string()).unwrap_or_default(),
+        node_id: joining.map(|j| j.membership().local_id().to_string()).unwrap_or_default(),
         name: config.node.name.clone(),
         api_addr: format!("http://{addr}"),
         backend_kind: config.backend.kind,
@@ -273,8 +303,8 @@ fn node_state(config: &Config, addr: SocketAddr, parts: &LocalParts, node: Optio
         load: parts.load.clone(),
         recent_prefixes: parts.local.recent_prefixes().clone(),
         gpu: GpuProbe::new(),
-        data_addr: node.map(|n| n.data_addr.to_string()).unwrap_or_default(),
-        control_addr: node.map(|n| n.control_addr.to_string()).unwrap_or_default(),
+        data_addr: Default::default(),
+        control_addr: Default::default(),
         draining: Default::default(),
     })
 }
@@ -298,16 +328,12 @@ fn follow_mesh(
 
 /// On shutdown, announce at once that this node drains, so peers route
 /// around it, and refuse new forwarded work (it fails over to other nodes).
-async fn announce_drain(
-    shutdown: CancellationToken,
-    state: Arc<NodeStateBuilder>,
-    mesh: Option<(llmesh_mesh::Membership, Arc<llmesh_mesh::DataPlane>)>,
-) {
+async fn announce_drain(shutdown: CancellationToken, app: Arc<AppState>) {
     shutdown.cancelled().await;
-    state.draining.store(true, Ordering::SeqCst);
-    if let Some((membership, dataplane)) = &mesh {
-        membership.set_local_state(state.build());
-        dataplane.start_drain();
+    app.node.draining.store(true, Ordering::SeqCst);
+    if let Some(node) = app.mesh_node.get() {
+        node.membership.set_local_state(app.node.build());
+        node.dataplane.start_drain();
     }
     tracing::info!("draining: finishing in-flight requests");
 }

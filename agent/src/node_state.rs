@@ -33,10 +33,11 @@ pub struct NodeStateBuilder {
     pub recent_prefixes: Arc<llmesh_mesh::route::prefix::RecentPrefixes>,
     /// GPU telemetry.
     pub gpu: GpuProbe,
-    /// `IP:PORT` of this node's data plane, empty without one.
-    pub data_addr: String,
-    /// Where peers reach this node's control plane (Raft, Admin).
-    pub control_addr: String,
+    /// `IP:PORT` of this node's data plane, set once it runs.
+    pub data_addr: std::sync::OnceLock<String>,
+    /// Where peers reach this node's control plane (Raft, Admin), set once
+    /// it runs.
+    pub control_addr: std::sync::OnceLock<String>,
     /// Set once the node starts draining.
     pub draining: std::sync::atomic::AtomicBool,
 }
@@ -108,8 +109,8 @@ impl NodeStateBuilder {
             name: self.name.clone(),
             version: env!("CARGO_PKG_VERSION").to_string(),
             api_addr: self.api_addr.clone(),
-            data_addr: self.data_addr.clone(),
-            control_addr: self.control_addr.clone(),
+            data_addr: self.data_addr.get().cloned().unwrap_or_default(),
+            control_addr: self.control_addr.get().cloned().unwrap_or_default(),
             backend_kind: self.backend_kind.as_str().to_string(),
             backend_healthy: snapshot.healthy,
             models: snapshot.inventory.models.iter().map(model_info).collect(),

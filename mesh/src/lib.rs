@@ -17,6 +17,7 @@
 pub mod config;
 pub mod coordinator;
 pub mod dataplane;
+mod enroll;
 pub mod error;
 pub mod handler;
 pub mod identity;

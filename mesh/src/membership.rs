@@ -42,8 +42,10 @@ use crate::secret::ClusterSecret;
 const STATE_TOPIC: &str = "llmesh/state/2";
 /// Protocol on which a node without a certificate asks for one.
 const ENROLL_PROTOCOL: &str = "/llmesh/enroll/1";
+/// Tells a node, before its connections close for good, that the cluster
+/// revoked it: it cannot learn it otherwise, since every plane shuts it out.
+const NOTICE_PROTOCOL: &str = "/llmesh/notice/1";
 /// How often the wait for a certificate is reported.
-const ENROLL_REPORT_EVERY: Duration = Duration::from_secs(10);
 /// Largest gossip message accepted; a NodeState is a few KiB.
 const MAX_GOSSIP_BYTES: usize = 256 * 1024;
 /// How often unreachable bootstrap peers are dialled again.
@@ -172,11 +174,19 @@ enum EnrollResponse {
     Refused(String),
 }
 
+/// What one node tells another outside gossip.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+enum Notice {
+    /// The cluster revoked the receiver (at this RFC 3339 time).
+    Revoked { at: String },
+}
+
 #[derive(NetworkBehaviour)]
 struct Behaviour {
     blocked: allow_block_list::Behaviour<BlockedPeers>,
     gossipsub: gossipsub::Behaviour,
     enroll: request_response::json::Behaviour<EnrollRequest, EnrollResponse>,
+    notice: request_response::json::Behaviour<Notice, ()>,
     identify: identify::Behaviour,
     kad: kad::Behaviour<kad::store::MemoryStore>,
     mdns: Toggle<mdns::tokio::Behaviour>,
@@ -234,10 +244,15 @@ fn build_swarm(config: &MembershipConfig) -> Result<Swarm<Behaviour>, MeshError>
                 [(StreamProtocol::new(ENROLL_PROTOCOL), ProtocolSupport::Full)],
                 request_response::Config::default().with_request_timeout(Duration::from_secs(10)),
             );
+            let notice = request_response::json::Behaviour::new(
+                [(StreamProtocol::new(NOTICE_PROTOCOL), ProtocolSupport::Full)],
+                request_response::Config::default().with_request_timeout(Duration::from_secs(2)),
+            );
             Ok(Behaviour {
                 blocked: allow_block_list::Behaviour::default(),
                 gossipsub,
                 enroll,
+                notice,
                 identify,
                 kad,
                 mdns: Toggle::from(mdns),
@@ -315,9 +330,9 @@ pub async fn start(
         kad_bootstrapped: false,
         revoked: config.trust.watch_revoked(),
         trust: config.trust.clone(),
-        enrolling: None,
-        enroll_reported: None,
-        enroll_attempts: 0,
+        enrollment: crate::enroll::Enrollment::new(Instant::now()),
+        notified: std::collections::HashSet::new(),
+        mdns: config.mdns,
         join_key: config.join_key,
     };
     let task = tokio::spawn(event_loop.run(shutdown));
@@ -345,12 +360,11 @@ struct EventLoop {
     kad_bootstrapped: bool,
     trust: Arc<Trust>,
     revoked: watch::Receiver<Arc<BTreeSet<String>>>,
-    /// The peer asked for a certificate, while waiting for its answer.
-    enrolling: Option<PeerId>,
-    /// When the wait for a certificate was last reported.
-    enroll_reported: Option<Instant>,
-    /// Certificate requests sent so far.
-    enroll_attempts: usize,
+    /// Where the wait for this node's certificate stands.
+    enrollment: crate::enroll::Enrollment,
+    /// Revoked peers told so, waiting to be blocked.
+    notified: std::collections::HashSet<PeerId>,
+    mdns: bool,
     join_key: Option<[u8; 32]>,
 }
 
@@ -427,51 +441,102 @@ impl EventLoop {
     /// and drops them from the view.
     fn block_revoked(&mut self) {
         let revoked = self.revoked.borrow_and_update().clone();
+        let me = *self.swarm.local_peer_id();
         for id in revoked.iter() {
             let Ok(peer) = id.parse::<PeerId>() else { continue };
-            if self.swarm.behaviour_mut().blocked.block_peer(peer) {
-                tracing::info!(node = %id, "blocked a revoked node");
+            if peer == me {
+                continue;
             }
             let changes = self.table.forget(id);
             self.report(changes);
+            if self.swarm.behaviour().blocked.blocked_peers().contains(&peer) {
+                continue;
+            }
+            if self.swarm.is_connected(&peer) && !self.notified.contains(&peer) {
+                // Tell it first; it is blocked once the notice is answered
+                // or times out (on_notice).
+                let at = humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string();
+                self.swarm.behaviour_mut().notice.send_request(&peer, Notice::Revoked { at });
+                self.notified.insert(peer);
+                continue;
+            }
+            if self.swarm.behaviour_mut().blocked.block_peer(peer) {
+                tracing::info!(node = %id, "blocked a revoked node");
+            }
         }
         self.refresh_view();
     }
 
-    /// Without a certificate, asks one connected peer at a time for one.
+    /// Without a certificate, asks every connected peer for one (any voter
+    /// may hold the CA key), and says plainly why when no one can be asked.
     fn enroll(&mut self) {
-        if self.trust.is_enrolled() || self.enrolling.is_some() {
+        if self.trust.is_enrolled() {
             return;
         }
-        let peers: Vec<PeerId> = self.swarm.connected_peers().copied().collect();
         let now = Instant::now();
-        if self.enroll_reported.is_none_or(|at| now.duration_since(at) >= ENROLL_REPORT_EVERY) {
-            self.enroll_reported = Some(now);
-            tracing::info!(
-                connected = peers.len(),
-                "waiting for a certificate from a node holding the cluster CA (the node where `llmesh init` ran)"
-            );
-        }
-        if peers.is_empty() {
+        let peers: Vec<PeerId> = self.swarm.connected_peers().copied().collect();
+        let tried: Vec<String> = self.bootstrap.iter().map(ToString::to_string).collect();
+        if let Some(problem) = self.enrollment.no_peers(peers.len(), &tried, self.mdns, now) {
+            if self.enrollment.should_report(&problem, now) {
+                tracing::warn!("cannot enroll: {}", problem.detail());
+            }
+            self.trust.set_problem(Some(problem));
             return;
         }
         let Some(join_key) = self.join_key else {
-            if self.enroll_attempts == 0 {
-                self.enroll_attempts = 1;
-                tracing::warn!("this node has no certificate and no join token: start it with --join TOKEN");
+            let problem = crate::pki::MemberProblem::TokenRefused(
+                "this node has no certificate and no join token: start it with --join-file FILE (or LLMESH_MESH__JOIN)"
+                    .into(),
+            );
+            if self.enrollment.should_report(&problem, now) {
+                tracing::warn!("{}", problem.detail());
             }
+            self.trust.set_problem(Some(problem));
             return;
         };
-        // Every other attempt goes to a bootstrap peer (usually the node
-        // where `llmesh init` ran); the rest rotate through everyone, since
-        // any peer may be the one holding the CA key.
-        self.enroll_attempts += 1;
-        let bootstrap: Vec<PeerId> = self.dialled.values().filter(|p| peers.contains(p)).copied().collect();
-        let pool = if self.enroll_attempts % 2 == 1 && !bootstrap.is_empty() { &bootstrap } else { &peers };
-        let peer = pool[self.enroll_attempts / 2 % pool.len()];
+        let round = self.enrollment.round(&peers, now);
+        if round.is_empty() {
+            return;
+        }
+        tracing::debug!(peers = round.len(), "asking every connected peer for a cluster certificate");
         let proof = Trust::join_proof(&join_key, &self.trust.node_id());
-        self.swarm.behaviour_mut().enroll.send_request(&peer, EnrollRequest { proof });
-        self.enrolling = Some(peer);
+        for peer in round {
+            self.swarm.behaviour_mut().enroll.send_request(&peer, EnrollRequest { proof: proof.clone() });
+        }
+    }
+
+    fn enroll_refused(&mut self, peer: &PeerId, reason: Option<&str>) {
+        let now = Instant::now();
+        if let Some(problem) = self.enrollment.refused(peer, reason, now) {
+            if self.enrollment.should_report(&problem, now) {
+                tracing::warn!("{}", problem.detail());
+            }
+            self.trust.set_problem(Some(problem));
+        } else if self.trust.problem().is_some_and(|p| p.code() == "no_peers") {
+            self.trust.set_problem(None);
+        }
+    }
+
+    fn on_notice(&mut self, event: request_response::Event<Notice, ()>) {
+        match event {
+            request_response::Event::Message {
+                peer,
+                message: request_response::Message::Request { channel, request: Notice::Revoked { at }, .. },
+                ..
+            } => {
+                // Only a member this node heard in gossip may say so.
+                if self.table.entries().any(|e| e.state.node_id == peer.to_string()) {
+                    self.trust.revoke_self(&at);
+                }
+                let _ = self.swarm.behaviour_mut().notice.send_response(channel, ());
+            }
+            request_response::Event::Message { peer, message: request_response::Message::Response { .. }, .. }
+            | request_response::Event::OutboundFailure { peer, .. } => {
+                let newly = self.swarm.behaviour_mut().blocked.block_peer(peer);
+                tracing::info!(node = %peer, newly, "told a revoked node and blocked it");
+            }
+            _ => {}
+        }
     }
 
     fn on_enroll(&mut self, event: request_response::Event<EnrollRequest, EnrollResponse>) {
@@ -499,22 +564,27 @@ impl EventLoop {
                 peer,
                 message: request_response::Message::Response { response, .. },
                 ..
-            } => {
-                self.enrolling = None;
-                match response {
-                    EnrollResponse::Issued { ca, cert } => match self.trust.accept_enrollment(&ca, &cert) {
-                        Ok(()) => {
-                            tracing::info!(issuer = %peer, "enrolled: this node has its cluster certificate");
-                            self.publish(false);
-                        }
-                        Err(err) => tracing::warn!(issuer = %peer, error = %err, "rejected the certificate offered"),
-                    },
-                    EnrollResponse::Refused(reason) => tracing::debug!(%peer, %reason, "no certificate from this peer"),
+            } => match response {
+                EnrollResponse::Issued { .. } if self.trust.is_enrolled() => {}
+                EnrollResponse::Issued { ca, cert } => match self.trust.accept_enrollment(&ca, &cert) {
+                    Ok(()) => {
+                        tracing::info!(issuer = %peer, "enrolled: this node has its cluster certificate");
+                        self.trust.set_problem(None);
+                        self.publish(false);
+                    }
+                    Err(err) => {
+                        tracing::warn!(issuer = %peer, error = %err, "rejected the certificate offered");
+                        self.enroll_refused(&peer, None);
+                    }
+                },
+                EnrollResponse::Refused(reason) => {
+                    tracing::debug!(%peer, %reason, "no certificate from this peer");
+                    self.enroll_refused(&peer, Some(&reason));
                 }
-            }
+            },
             request_response::Event::OutboundFailure { peer, error, .. } => {
-                self.enrolling = None;
                 tracing::debug!(%peer, %error, "enrollment request failed");
+                self.enroll_refused(&peer, None);
             }
             _ => {}
         }
@@ -593,6 +663,7 @@ impl EventLoop {
                 self.on_state(message.source, &message.data);
             }
             SwarmEvent::Behaviour(BehaviourEvent::Enroll(event)) => self.on_enroll(event),
+            SwarmEvent::Behaviour(BehaviourEvent::Notice(event)) => self.on_notice(event),
             SwarmEvent::Behaviour(BehaviourEvent::Identify(identify::Event::Received { peer_id, info, .. })) => {
                 for addr in info.listen_addrs {
                     self.swarm.behaviour_mut().kad.add_address(&peer_id, addr);
@@ -624,6 +695,7 @@ impl EventLoop {
             }
             SwarmEvent::ConnectionEstablished { peer_id, endpoint, .. } => {
                 tracing::debug!(peer = %peer_id, addr = %endpoint.get_remote_address(), "connected");
+                self.enrollment.peers_changed(Instant::now());
                 if endpoint.is_dialer() {
                     let addr = endpoint.get_remote_address().clone();
                     if let Some(bootstrap) = self.bootstrap.iter().find(|b| strip_p2p(b) == strip_p2p(&addr)) {
@@ -645,6 +717,9 @@ impl EventLoop {
             }
             SwarmEvent::OutgoingConnectionError { peer_id, error, .. } => {
                 tracing::debug!(peer = ?peer_id, error = %error, "dial failed");
+                if !self.trust.is_enrolled() {
+                    self.enrollment.last_dial_error = Some(error.to_string());
+                }
             }
             SwarmEvent::IncomingConnectionError { send_back_addr, error, .. } => {
                 // Outsiders without the cluster secret end here.

@@ -71,6 +71,8 @@ pub struct Node {
     pub data_addr: SocketAddr,
     /// The control-plane address peers dial.
     pub control_addr: SocketAddr,
+    /// Held while the node runs: no second agent on its data directory.
+    _lock: std::fs::File,
 }
 
 impl Node {
@@ -177,10 +179,111 @@ async fn start_coordinator(
     crate::coordinator::start(coordinator, membership.clone(), shutdown.clone()).await.map_err(plane)
 }
 
-/// Joins the mesh: membership, then (once this node holds its cluster
-/// certificate) the coordinator and the data plane, which serves forwarded
-/// requests with `handler`. `None` when `cancel` fires before the
-/// certificate arrives. The planes run until `shutdown`.
+/// A node whose membership runs and which may still wait for its
+/// certificate: what the agent can report on (and serve its own backend
+/// beside) from its first second.
+pub struct Joining {
+    config: MeshConfig,
+    settings: NodeSettings,
+    membership: Membership,
+    secret: ClusterSecret,
+    trust: Arc<Trust>,
+    shutdown: CancellationToken,
+    lock: std::fs::File,
+}
+
+impl Joining {
+    /// This node's certificates, enrollment problem and revocation.
+    pub fn trust(&self) -> &Arc<Trust> {
+        &self.trust
+    }
+
+    /// Peers and gossip.
+    pub fn membership(&self) -> &Membership {
+        &self.membership
+    }
+
+    /// Waits for this node's certificate, then starts the coordinator and
+    /// the data plane, which serves forwarded requests with `handler`.
+    /// `None` when `cancel` fires first. A revoked node never gets further.
+    pub async fn finish(
+        self,
+        handler: Arc<dyn RequestHandler>,
+        cancel: &CancellationToken,
+    ) -> Result<Option<Node>, NodeError> {
+        let Joining { config, settings, membership, secret, trust, shutdown, lock } = self;
+        tokio::select! {
+            () = wait_until_member(&trust) => {}
+            () = cancel.cancelled() => {
+                tracing::info!("stopped before this node became a working member of its cluster");
+                return Ok(None);
+            }
+        }
+        let coordinator = start_coordinator(&config, &settings, &membership, secret, trust.clone(), &shutdown).await?;
+        let dp_config = DataPlaneConfig {
+            listen: config.data_listen_addr(settings.http_port),
+            node_name: settings.name.clone(),
+            connect_timeout: config.connect_timeout,
+            head_timeout: settings.head_timeout,
+            max_body_bytes: settings.max_body_bytes,
+        };
+        let dataplane = DataPlane::bind(dp_config, trust.clone(), handler, shutdown.clone()).map_err(plane)?;
+        let listen_addrs = membership.view().listen_addrs.clone();
+        let data_addr = advertised(dataplane.local_addr().map_err(plane)?, &listen_addrs);
+        let control_addr = advertised(coordinator.local_addr(), &listen_addrs);
+        tokio::spawn(follow_peers(membership.clone(), dataplane.clone(), shutdown));
+        Ok(Some(Node { membership, coordinator, dataplane, trust, data_addr, control_addr, _lock: lock }))
+    }
+}
+
+/// Returns once this node holds its certificate and is not revoked; a
+/// revoked node waits forever (its caller's cancel ends the wait).
+async fn wait_until_member(trust: &Trust) {
+    if matches!(trust.problem(), Some(crate::pki::MemberProblem::Revoked(_))) {
+        // Said once at start: the marker outlives restarts.
+        tracing::error!("{}: this node stays out of the mesh", trust.problem().map(|p| p.detail()).unwrap_or_default());
+        std::future::pending::<()>().await;
+    }
+    // The membership task asks for the certificate and logs the wait.
+    trust.enrolled().await;
+}
+
+/// Takes the data directory for this process: a second agent on the same
+/// directory would corrupt the Raft store.
+fn lock_data_dir(dir: &std::path::Path) -> Result<std::fs::File, NodeError> {
+    std::fs::create_dir_all(dir).map_err(|e| NodeError::Files(format!("cannot create {}: {e}", dir.display())))?;
+    let path = dir.join("agent.lock");
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .map_err(|e| NodeError::Files(format!("{}: {e}", path.display())))?;
+    match file.try_lock() {
+        Ok(()) => Ok(file),
+        Err(std::fs::TryLockError::WouldBlock) => Err(NodeError::Config(format!(
+            "another llmesh agent already uses the data directory {}: stop it first, or give this one its own --data-dir",
+            dir.display()
+        ))),
+        Err(std::fs::TryLockError::Error(e)) => Err(NodeError::Files(format!("cannot lock {}: {e}", path.display()))),
+    }
+}
+
+/// Starts this node's membership (after taking its data directory); the
+/// rest follows with [`Joining::finish`]. Returns within moments.
+pub async fn begin(
+    config: &MeshConfig,
+    settings: NodeSettings,
+    shutdown: CancellationToken,
+) -> Result<Joining, NodeError> {
+    let lock = lock_data_dir(&config.data_dir())?;
+    let (membership, secret, trust) = start_membership(config, settings.http_port, &shutdown).await?;
+    Ok(Joining { config: config.clone(), settings, membership, secret, trust, shutdown, lock })
+}
+
+/// Joins the mesh: [`begin`], then [`Joining::finish`]. `None` when
+/// `cancel` fires before this node is a member. The planes run until
+/// `shutdown`.
 pub async fn start(
     config: &MeshConfig,
     settings: NodeSettings,
@@ -188,32 +291,7 @@ pub async fn start(
     cancel: &CancellationToken,
     shutdown: CancellationToken,
 ) -> Result<Option<Node>, NodeError> {
-    let (membership, secret, trust) = start_membership(config, settings.http_port, &shutdown).await?;
-    if !trust.is_enrolled() {
-        // The data and control planes need the certificate; the membership
-        // task asks for it and logs the wait.
-        tokio::select! {
-            () = trust.enrolled() => {}
-            () = cancel.cancelled() => {
-                tracing::info!("stopped before this node got its cluster certificate");
-                return Ok(None);
-            }
-        }
-    }
-    let coordinator = start_coordinator(config, &settings, &membership, secret, trust.clone(), &shutdown).await?;
-    let dp_config = DataPlaneConfig {
-        listen: config.data_listen_addr(settings.http_port),
-        node_name: settings.name.clone(),
-        connect_timeout: config.connect_timeout,
-        head_timeout: settings.head_timeout,
-        max_body_bytes: settings.max_body_bytes,
-    };
-    let dataplane = DataPlane::bind(dp_config, trust.clone(), handler, shutdown.clone()).map_err(plane)?;
-    let listen_addrs = membership.view().listen_addrs.clone();
-    let data_addr = advertised(dataplane.local_addr().map_err(plane)?, &listen_addrs);
-    let control_addr = advertised(coordinator.local_addr(), &listen_addrs);
-    tokio::spawn(follow_peers(membership.clone(), dataplane.clone(), shutdown));
-    Ok(Some(Node { membership, coordinator, dataplane, trust, data_addr, control_addr }))
+    begin(config, settings, shutdown).await?.finish(handler, cancel).await
 }
 
 /// The address peers should dial: the bound one, or where the socket is

@@ -96,6 +96,44 @@ impl ClusterSecret {
         out
     }
 
+    /// Encrypts `plain` (the CA key) so that only holders of this secret
+    /// can read it: ChaCha20-Poly1305 under a key derived from the secret,
+    /// a random nonce first.
+    pub fn seal(&self, plain: &[u8]) -> Vec<u8> {
+        let nonce: [u8; 12] = rand::random();
+        let mut out = plain.to_vec();
+        // Sealing fails only for inputs of gigabytes.
+        let tag = self
+            .sealing_key()
+            .seal_in_place_separate_tag(
+                ring::aead::Nonce::assume_unique_for_key(nonce),
+                ring::aead::Aad::empty(),
+                &mut out,
+            )
+            .map(|t| t.as_ref().to_vec())
+            .unwrap_or_default();
+        out.extend_from_slice(&tag);
+        [nonce.to_vec(), out].concat()
+    }
+
+    /// Decrypts what [`ClusterSecret::seal`] made with the same secret.
+    pub fn open(&self, sealed: &[u8]) -> Option<Vec<u8>> {
+        let (nonce, body) = sealed.split_at_checked(12)?;
+        let nonce = ring::aead::Nonce::try_assume_unique_for_key(nonce).ok()?;
+        let mut body = body.to_vec();
+        let plain = self.sealing_key().open_in_place(nonce, ring::aead::Aad::empty(), &mut body).ok()?;
+        Some(plain.to_vec())
+    }
+
+    fn sealing_key(&self) -> ring::aead::LessSafeKey {
+        let key = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, &self.0);
+        let derived = ring::hmac::sign(&key, b"llmesh-ca-key-seal-v1");
+        // 32 bytes is CHACHA20_POLY1305's key length, so this cannot fail.
+        let unbound = ring::aead::UnboundKey::new(&ring::aead::CHACHA20_POLY1305, &derived.as_ref()[..32])
+            .unwrap_or_else(|_| unreachable!("a 32-byte key"));
+        ring::aead::LessSafeKey::new(unbound)
+    }
+
     /// The secret stored in `data_dir`, if any.
     pub fn load(data_dir: &Path) -> Result<Option<ClusterSecret>, SecretError> {
         let path = data_dir.join(SECRET_FILE);
@@ -215,6 +253,19 @@ impl JoinToken {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn only_the_same_secret_opens_what_it_sealed() {
+        let secret = ClusterSecret::generate();
+        let sealed = secret.seal(b"ca key pem");
+        assert_eq!(secret.open(&sealed).as_deref(), Some(&b"ca key pem"[..]));
+        assert_ne!(sealed, secret.seal(b"ca key pem"), "a fresh nonce each time");
+        assert_eq!(ClusterSecret::generate().open(&sealed), None, "another cluster's secret");
+        let mut tampered = sealed.clone();
+        tampered[20] ^= 1;
+        assert_eq!(secret.open(&tampered), None);
+        assert_eq!(secret.open(&sealed[..5]), None);
+    }
 
     #[test]
     fn token_round_trips_with_and_without_bootstrap() {

@@ -84,6 +84,23 @@ pub fn join_key(dir: &Path, secret: &crate::ClusterSecret) -> Result<[u8; 32], C
     if valid { Ok(key) } else { Err(ClusterFileError::Pki(format!("{} is not a join key", path.display()))) }
 }
 
+const BOOTSTRAP_FILE: &str = "bootstrap.addrs";
+
+/// Records the cluster's bootstrap addresses (one per line), so tokens
+/// printed from `dir` carry them.
+pub fn store_bootstrap_addrs(dir: &Path, addrs: &[String]) -> Result<(), ClusterFileError> {
+    let path = dir.join(BOOTSTRAP_FILE);
+    let text: String = addrs.iter().map(|a| format!("{a}\n")).collect();
+    std::fs::write(&path, text).map_err(io(&path))
+}
+
+/// The bootstrap addresses recorded in `dir` (none when absent).
+pub fn bootstrap_addrs(dir: &Path) -> Vec<String> {
+    std::fs::read_to_string(dir.join(BOOTSTRAP_FILE))
+        .map(|t| t.lines().map(str::trim).filter(|l| !l.is_empty()).map(str::to_string).collect())
+        .unwrap_or_default()
+}
+
 /// Whether `dir` belongs to the node that created its cluster.
 pub fn is_seed(dir: &Path) -> bool {
     dir.join(SEED_MARKER).exists()

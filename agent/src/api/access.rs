@@ -188,14 +188,17 @@ pub fn cloud_policy(
 
 /// Middleware on the client API: rejects bad keys before any body is read.
 pub async fn authenticate(State(app): State<std::sync::Arc<AppState>>, mut request: Request, next: Next) -> Response {
-    let state = app.coordinator.as_ref().map(|c| c.state());
+    let state = app.coordinator().map(|c| c.state());
     // Requests that arrive without a socket (in-process) count as local.
     let loopback = request
         .extensions()
         .get::<axum::extract::ConnectInfo<std::net::SocketAddr>>()
         .is_none_or(|info| info.0.ip().is_loopback());
+    if let Err(err) = membership_gate(&app, loopback) {
+        return err.with_format(format_for(request.uri().path())).into_response();
+    }
     let mut result = caller(state.as_deref(), request.headers(), app.anonymous, loopback);
-    if let Some(coordinator) = &app.coordinator {
+    if let Some(coordinator) = app.coordinator() {
         // Wait, don't refuse: a node that has just joined, or restarted and
         // not yet heard from the leader, gets the cluster's state (the keys)
         // within moments; a key it does not know yet may be a new one.
@@ -221,6 +224,31 @@ pub async fn authenticate(State(app): State<std::sync::Arc<AppState>>, mut reque
         }
         Err(err) => err.with_format(format_for(request.uri().path())).into_response(),
     }
+}
+
+/// Refuses what a node outside its mesh cannot answer for the mesh: all
+/// requests once revoked; while it still joins, requests from other
+/// machines (it cannot check their keys yet). Its own machine keeps
+/// using its backend meanwhile.
+fn membership_gate(app: &AppState, loopback: bool) -> Result<(), ApiError> {
+    let problem = app.trust.as_ref().and_then(|t| t.problem());
+    if let Some(problem) = problem.as_ref().filter(|p| p.code() == "revoked") {
+        return Err(ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "node_revoked",
+            format!("{}: it serves no requests; send them to another node of the mesh", problem.detail()),
+        ));
+    }
+    if !app.outside_mesh() || loopback {
+        return Ok(());
+    }
+    let why = problem.map(|p| p.detail()).unwrap_or_else(|| "waiting for its cluster certificate".into());
+    Err(ApiError::new(
+        StatusCode::SERVICE_UNAVAILABLE,
+        "node_joining",
+        format!("this node is still joining its mesh ({why}); retry shortly or use another node"),
+    )
+    .with_headers(vec![("retry-after", "2".into())]))
 }
 
 /// How long a request waits for a joining (or restarted) node to receive

@@ -9,7 +9,7 @@ use super::AppStateRef;
 
 /// The coordinator's view, or `{"enabled": false}` outside a mesh.
 pub async fn mesh_cluster(State(app): AppStateRef) -> Json<Value> {
-    let Some(coordinator) = &app.coordinator else { return Json(json!({ "enabled": false })) };
+    let Some(coordinator) = app.coordinator() else { return Json(json!({ "enabled": false })) };
     let status = coordinator.status();
     let state = coordinator.state();
     let member = |id: &u64| match state.members.get(id) {
@@ -68,7 +68,7 @@ pub async fn prometheus(State(app): AppStateRef) -> axum::response::Response {
     };
     set("llmesh_queue_depth", &[], app.router.queued() as f64);
     set("llmesh_in_flight", &[], f64::from(app.local.load().in_flight()));
-    if let Some(coordinator) = &app.coordinator {
+    if let Some(coordinator) = app.coordinator() {
         let status = coordinator.status();
         set("llmesh_raft_term", &[], status.term as f64);
         set("llmesh_raft_commit_index", &[], status.commit as f64);
@@ -77,13 +77,13 @@ pub async fn prometheus(State(app): AppStateRef) -> axum::response::Response {
         let leader = coordinator.state().members.get(&status.leader).map(|m| m.name.clone()).unwrap_or_default();
         set("llmesh_raft_leader", &[("name", leader)], 1.0);
     }
-    if let Some(mesh) = &app.mesh {
+    if let Some(mesh) = app.mesh() {
         let view = mesh.view();
         for liveness in ["alive", "suspect", "dead"] {
             let count = view.peers.iter().filter(|p| p.liveness.as_str() == liveness).count();
             set("llmesh_gossip_peers", &[("liveness", liveness.to_string())], count as f64);
         }
-        if let Some(dataplane) = &app.dataplane {
+        if let Some(dataplane) = app.dataplane() {
             for (id, rtt) in dataplane.peer_rtts() {
                 let name =
                     view.peers.iter().find(|p| p.state.node_id == id).map_or(id.clone(), |p| p.state.name.clone());

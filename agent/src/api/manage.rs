@@ -147,7 +147,7 @@ fn node_of(state: &llmesh_proto::NodeState, local: bool, available: bool) -> Nod
 /// This node and every peer that is not dead, this node first.
 fn mesh_nodes(state: &AppState) -> Vec<Node> {
     let mut nodes = vec![node_of(&state.node.build(), true, true)];
-    if let Some(mesh) = &state.mesh {
+    if let Some(mesh) = state.mesh() {
         for peer in mesh.view().peers.iter().filter(|p| p.liveness != Liveness::Dead) {
             nodes.push(node_of(&peer.state, false, peer.liveness == Liveness::Alive));
         }
@@ -250,10 +250,8 @@ async fn run_on(state: &AppState, node: &Node, req: InferenceRequest) -> Result<
     if node.local {
         return state.local.serve(req).await;
     }
-    let dataplane = state
-        .dataplane
-        .as_ref()
-        .ok_or_else(|| ServeError::BackendUnavailable("this node is not part of a mesh".into()))?;
+    let dataplane =
+        state.dataplane().ok_or_else(|| ServeError::BackendUnavailable("this node is not part of a mesh".into()))?;
     Ok(dataplane.forward(&node.id, &req).await?.response)
 }
 

@@ -55,18 +55,17 @@ pub struct AppState {
     pub router: Arc<llmesh_mesh::route::Router>,
     /// Builds this node's state for `/mesh/v1/nodes`.
     pub node: Arc<NodeStateBuilder>,
-    /// Membership, when this node is part of a mesh.
-    pub mesh: Option<Membership>,
-    /// The replicated cluster state (keys, routes), when in a mesh.
-    pub coordinator: Option<Coordinator>,
+    /// The mesh planes, once this node is a member of its cluster.
+    pub mesh_node: std::sync::OnceLock<llmesh_mesh::node::Node>,
+    /// This node's cluster credentials and membership problems, when it
+    /// runs with a mesh (set before it is a member).
+    pub trust: Option<Arc<llmesh_mesh::pki::Trust>>,
     /// Cloud providers, when configured.
     pub cloud: Option<Arc<crate::cloud::Cloud>>,
     /// Who may call without an API key.
     pub anonymous: crate::config::AnonymousAccess,
     /// Usage waiting to be written to the ledger.
     pub usage: Arc<crate::limits::UsageBatcher>,
-    /// The data plane (for per-peer figures in `/metrics`).
-    pub dataplane: Option<Arc<llmesh_mesh::DataPlane>>,
     /// The last failed requests, for the dashboard.
     pub errors: RecentErrors,
     /// Longest silence allowed between body chunks from the backend.
@@ -80,6 +79,34 @@ pub struct AppState {
     /// Whether a streamed chat that breaks after its first token is
     /// resumed on another node (see [`resume`]).
     pub resume_streams: bool,
+}
+
+impl AppState {
+    /// Membership, once this node is a member of a mesh.
+    pub fn mesh(&self) -> Option<&Membership> {
+        self.mesh_node.get().map(|n| &n.membership)
+    }
+
+    /// The replicated cluster state (keys, routes), once a member.
+    pub fn coordinator(&self) -> Option<&Coordinator> {
+        self.mesh_node.get().map(|n| &n.coordinator)
+    }
+
+    /// The data plane (for per-peer figures in `/metrics`), once a member.
+    pub fn dataplane(&self) -> Option<&Arc<llmesh_mesh::DataPlane>> {
+        self.mesh_node.get().map(|n| &n.dataplane)
+    }
+
+    /// Whether this node runs with a mesh but is not a member yet (or no
+    /// longer: revoked).
+    pub fn outside_mesh(&self) -> bool {
+        self.trust.is_some() && (self.mesh_node.get().is_none() || self.revoked())
+    }
+
+    /// Whether the cluster revoked this node.
+    pub fn revoked(&self) -> bool {
+        self.trust.as_ref().and_then(|t| t.problem()).is_some_and(|p| p.code() == "revoked")
+    }
 }
 
 type AppStateRef = State<Arc<AppState>>;
@@ -260,7 +287,7 @@ fn build_request(
     caller.check_model(&meta.model)?;
     let asked = meta.model.clone();
     meta.tenant = caller.tenant();
-    let route = state.coordinator.as_ref().and_then(|c| c.state().route(&meta.model).map(str::to_string));
+    let route = state.coordinator().and_then(|c| c.state().route(&meta.model).map(str::to_string));
     let body = match route {
         Some(target) => {
             let body = access::rewrite_model(&body, &target)?;
@@ -285,7 +312,7 @@ fn build_request(
 /// Whether the caller's key has a token budget, so its usage is reported.
 fn reports_tokens(state: &AppState, key: Option<&String>) -> bool {
     let Some(id) = key else { return false };
-    let cluster = state.coordinator.as_ref().map(|c| c.state());
+    let cluster = state.coordinator().map(|c| c.state());
     cluster
         .as_ref()
         .and_then(|c| c.keys.get(id))
@@ -303,7 +330,7 @@ async fn run(
     format: ErrorFormat,
     started: Instant,
 ) -> Result<(Response, String, Route), ApiError> {
-    let rate_headers = crate::limits::admit(caller, state.coordinator.as_ref(), &state.usage).await?;
+    let rate_headers = crate::limits::admit(caller, state.coordinator(), &state.usage).await?;
     let span = tracing::info_span!("request", id = %request.request_id, api = request.api.as_str_name(), model = %request.meta.model);
     let prompt_bytes = request.body.len();
     let model = request.meta.model.clone();
@@ -336,7 +363,7 @@ async fn run(
         ttft,
         status: response.status().as_u16(),
         usage: state.usage.clone(),
-        coordinator: state.coordinator.clone(),
+        coordinator: state.coordinator().cloned(),
     };
     let mut response = metering::account(response, accounting, prompt_bytes);
     for (name, value) in rate_headers {

@@ -55,7 +55,7 @@ fn ollama_cloud_entry(model: &str, provider: &str) -> Value {
 fn mesh_models(state: &AppState) -> Inventory {
     let snapshot = state.local.inventory().current();
     let mut models = snapshot.inventory.models.clone();
-    if let Some(mesh) = &state.mesh {
+    if let Some(mesh) = state.mesh() {
         let view = mesh.view();
         for peer in view.peers.iter().filter(|p| p.liveness != Liveness::Dead) {
             for info in &peer.state.models {
@@ -143,13 +143,27 @@ pub async fn healthz() -> Json<Value> {
     Json(json!({ "status": "ok" }))
 }
 
-/// `GET /readyz`: the backend answers and its models are known.
+/// `GET /readyz`: 200 when this node serves: a member of its mesh (when
+/// it runs with one) whose backend answers. Otherwise 503 with a `reason`
+/// a load balancer or an operator can act on: `revoked`, `token_refused`,
+/// `no_peers`, `enrolling`, `backend_down`, and a `detail` in words.
 pub async fn readyz(State(state): AppStateRef) -> Response {
+    let not_ready = |reason: &str, detail: String| {
+        (StatusCode::SERVICE_UNAVAILABLE, Json(json!({ "status": "not ready", "reason": reason, "detail": detail })))
+            .into_response()
+    };
+    if let Some(trust) = &state.trust {
+        if let Some(problem) = trust.problem() {
+            return not_ready(problem.code(), problem.detail());
+        }
+        if state.mesh_node.get().is_none() {
+            return not_ready("enrolling", "waiting for this node's cluster certificate from a voter".into());
+        }
+    }
     let snapshot = state.local.inventory().current();
     if snapshot.healthy {
         Json(json!({ "status": "ready", "models": snapshot.inventory.models.len() })).into_response()
     } else {
-        let reason = snapshot.last_error.clone().unwrap_or_else(|| "backend not polled yet".into());
-        (StatusCode::SERVICE_UNAVAILABLE, Json(json!({ "status": "not ready", "reason": reason }))).into_response()
+        not_ready("backend_down", snapshot.last_error.clone().unwrap_or_else(|| "backend not polled yet".into()))
     }
 }

@@ -205,7 +205,7 @@ impl NodeView {
 /// `GET /mesh/v1/nodes`
 pub async fn mesh_nodes(State(state): AppStateRef) -> Json<NodesView> {
     let local = state.node.build();
-    let view = state.mesh.as_ref().map(|m| m.view());
+    let view = state.mesh().map(|m| m.view());
     let own_p2p: Vec<String> =
         view.as_ref().map(|v| v.listen_addrs.iter().map(ToString::to_string).collect()).unwrap_or_default();
     let mut nodes = vec![NodeView::of(&local, Liveness::Alive, 0, true, own_p2p)];

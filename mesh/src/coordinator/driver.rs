@@ -173,9 +173,18 @@ impl Driver {
         let mut view = self.membership.watch();
         self.refresh_directory(&view.borrow_and_update());
         let mut last_duties = Instant::now();
+        let mut problem = self.config.trust.watch_problem();
         loop {
             tokio::select! {
                 () = self.shutdown.cancelled() => break,
+                changed = problem.changed() => {
+                    let revoked = matches!(*problem.borrow_and_update(), Some(crate::pki::MemberProblem::Revoked(_)));
+                    if changed.is_err() || revoked {
+                        // A revoked node takes no further part: no votes, no campaigns.
+                        tracing::info!("this node left the Raft group: it was revoked");
+                        break;
+                    }
+                }
                 _ = ticker.tick() => {
                     self.raw.tick();
                 },

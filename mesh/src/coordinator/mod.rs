@@ -9,6 +9,7 @@
 
 pub mod admin;
 mod driver;
+mod follow;
 pub mod limiter;
 pub mod limits;
 mod logger;
@@ -296,25 +297,14 @@ pub async fn start(
     tokio::spawn(driver.run(rx));
     let limits = Arc::new(limits::LimitsClient::new(&tag, config.trust.clone()));
     let trust = config.trust.clone();
-    let initial_join_key = config.secret.initial_join_key();
-    let feed = move |trust: &Trust, state: &ClusterState| {
-        trust.set_revoked(state.revoked.clone());
-        let join_key = <[u8; 32]>::try_from(state.join_key.as_slice()).unwrap_or(initial_join_key);
-        trust.set_join_key(join_key);
-    };
-    feed(&trust, &state.borrow());
-    let mut updates = state.clone();
-    let fed = trust.clone();
-    tokio::spawn(async move {
-        // Every plane reads the revoked set from the trust, and enrollment
-        // the join key; keep them current.
-        while updates.changed().await.is_ok() {
-            let current = updates.borrow_and_update().clone();
-            feed(&fed, &current);
-        }
-    });
     let coordinator =
         Coordinator { inbox: inbox.clone(), state, status, local_addr, write_timeout, limits: limits.clone() };
+    // Every plane reads the revoked set from the trust, and enrollment the
+    // join key (and, on voters, the CA key): keep them current.
+    let mut follower =
+        follow::Follower::new(trust.clone(), config.secret.clone(), config.data_dir.clone(), raft_id(&config.node_id));
+    follower.feed(&coordinator.state());
+    tokio::spawn(follow::follow(follower, coordinator.clone(), coordinator.status.clone(), shutdown.clone()));
     let limits_service = llmesh_proto::limits_server::LimitsServer::new(limits::LimitsService {
         limits,
         status: coordinator.status.clone(),

@@ -38,6 +38,10 @@ pub struct ClusterState {
     pub revoked: BTreeSet<String>,
     /// The join key new nodes must prove (empty: derived from the secret).
     pub join_key: Vec<u8>,
+    /// The CA key sealed with the cluster secret (empty: not shared yet).
+    pub sealed_ca_key: Vec<u8>,
+    /// Bootstrap addresses join tokens carry.
+    pub bootstrap: Vec<String>,
     /// Model → node ids it should stay loaded on.
     pub placement: BTreeMap<String, BTreeSet<String>>,
     /// Raft members by Raft id.
@@ -115,6 +119,17 @@ impl ClusterState {
                 }
                 self.join_key = key.clone();
                 Ok("rotated the join key: earlier join tokens no longer admit new nodes".into())
+            }
+            command::Kind::SetCaKey(sealed) => {
+                if sealed.is_empty() {
+                    return Err(ApplyError::Invalid("an empty CA key".into()));
+                }
+                self.sealed_ca_key = sealed.clone();
+                Ok("shared the cluster CA key with the voters: any of them admits new nodes".into())
+            }
+            command::Kind::SetBootstrap(list) => {
+                self.bootstrap = list.addrs.clone();
+                Ok(format!("join tokens now carry {} bootstrap address(es)", list.addrs.len()))
             }
             command::Kind::RevokeNode(node_id) => {
                 self.revoked.insert(node_id.clone());
@@ -270,6 +285,8 @@ impl ClusterState {
             removed: self.removed.iter().cloned().collect(),
             revoked: self.revoked.iter().cloned().collect(),
             join_key: self.join_key.clone(),
+            sealed_ca_key: self.sealed_ca_key.clone(),
+            bootstrap: self.bootstrap.clone(),
             placement: self
                 .placement
                 .iter()
@@ -315,6 +332,8 @@ impl ClusterState {
             removed: snapshot.removed.into_iter().collect(),
             revoked: snapshot.revoked.into_iter().collect(),
             join_key: snapshot.join_key,
+            sealed_ca_key: snapshot.sealed_ca_key,
+            bootstrap: snapshot.bootstrap,
             placement: snapshot.placement.into_iter().map(|p| (p.model, p.node_ids.into_iter().collect())).collect(),
             members: snapshot.members.into_iter().map(|m| (m.raft_id, m)).collect(),
             usage: snapshot.usage.into_iter().map(|u| (u.key_id.clone(), u)).collect(),

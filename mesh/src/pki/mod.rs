@@ -39,6 +39,8 @@ use crate::store::{read_private, write_private};
 const CA_CERT_FILE: &str = "ca.crt";
 const CA_KEY_FILE: &str = "ca.key";
 const NODE_CERT_FILE: &str = "node.crt";
+/// Written when the cluster revokes this node; holds when.
+const REVOKED_MARKER_FILE: &str = "revoked";
 const CA_NAME: &str = "llmesh cluster CA";
 /// Domain separation for state signatures: a signature made for gossip can
 /// never be replayed as anything else signed by the node key.
@@ -48,6 +50,43 @@ const ED25519_SPKI_PREFIX: [u8; 12] = [0x30, 0x2a, 0x30, 0x05, 0x06, 0x03, 0x2b,
 /// DER prefix of an Ed25519 PKCS#8 v1 private key; the 32-byte seed follows.
 const ED25519_PKCS8_PREFIX: [u8; 16] =
     [0x30, 0x2e, 0x02, 0x01, 0x00, 0x30, 0x05, 0x06, 0x03, 0x2b, 0x65, 0x70, 0x04, 0x22, 0x04, 0x20];
+
+/// Why a node is not a working member of its cluster.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum MemberProblem {
+    /// No peer reachable to enroll through; says what was tried.
+    NoPeers(String),
+    /// The cluster refused this node's join token; says why.
+    TokenRefused(String),
+    /// The cluster revoked this node; says when.
+    Revoked(String),
+}
+
+impl MemberProblem {
+    /// A short code for readiness checks: `no_peers`, `token_refused`,
+    /// `revoked`.
+    pub fn code(&self) -> &'static str {
+        match self {
+            MemberProblem::NoPeers(_) => "no_peers",
+            MemberProblem::TokenRefused(_) => "token_refused",
+            MemberProblem::Revoked(_) => "revoked",
+        }
+    }
+
+    /// What an operator should read.
+    pub fn detail(&self) -> String {
+        match self {
+            MemberProblem::NoPeers(what) => what.clone(),
+            MemberProblem::TokenRefused(why) => why.clone(),
+            MemberProblem::Revoked(when) => format!("this node was revoked by the cluster at {when}"),
+        }
+    }
+}
+
+fn read_revoked_marker(data_dir: &Path) -> Option<String> {
+    let text = std::fs::read_to_string(data_dir.join(REVOKED_MARKER_FILE)).ok()?;
+    Some(text.trim().to_string())
+}
 
 /// SHA-256 of a certificate.
 pub type Fingerprint = [u8; 32];
@@ -263,7 +302,11 @@ pub struct Trust {
     expected_ca: Option<Fingerprint>,
     ca: OnceLock<Anchor>,
     cert: OnceLock<CertificateDer<'static>>,
-    issuer: Option<rcgen::KeyPair>,
+    /// The CA key, where this node holds it (the seed, or a voter that
+    /// opened the copy sealed in the cluster state).
+    issuer: std::sync::RwLock<Option<Arc<rcgen::KeyPair>>>,
+    /// Why this node is not a working member, when it is not.
+    problem: watch::Sender<Option<MemberProblem>>,
     /// The join key requesters must prove, as the cluster state says.
     join_key: std::sync::RwLock<Option<[u8; 32]>>,
     revoked: watch::Sender<Arc<BTreeSet<String>>>,
@@ -276,7 +319,7 @@ impl fmt::Debug for Trust {
         f.debug_struct("Trust")
             .field("node_id", &self.node_id)
             .field("enrolled", &self.is_enrolled())
-            .field("issuer", &self.issuer.is_some())
+            .field("issuer", &self.can_issue())
             .finish_non_exhaustive()
     }
 }
@@ -313,14 +356,15 @@ impl Trust {
             expected_ca,
             ca: OnceLock::new(),
             cert: OnceLock::new(),
-            issuer,
+            issuer: std::sync::RwLock::new(issuer.map(Arc::new)),
+            problem: watch::Sender::new(read_revoked_marker(data_dir).map(MemberProblem::Revoked)),
             join_key: std::sync::RwLock::new(None),
             revoked: watch::Sender::new(Arc::default()),
             enrolled: watch::Sender::new(false),
             provider: Arc::new(rustls::crypto::ring::default_provider()),
         });
         let Some(ca_der) = ca_der else {
-            if trust.issuer.is_some() {
+            if trust.can_issue() {
                 return Err(PkiError::Invalid(format!("{} is missing beside ca.key", CA_CERT_FILE)));
             }
             return Ok(trust);
@@ -329,7 +373,7 @@ impl Trust {
         let _ = trust.ca.set(Anchor::new(ca_der)?);
         match read_cert(&data_dir.join(NODE_CERT_FILE))? {
             // The issuer certifies itself.
-            None if trust.issuer.is_some() => {
+            None if trust.can_issue() => {
                 let (ca, cert) = trust.sign_for(&trust.node_id)?;
                 trust.accept_enrollment(&ca, &cert)?;
             }
@@ -366,7 +410,79 @@ impl Trust {
 
     /// Whether this node holds the CA key.
     pub fn can_issue(&self) -> bool {
-        self.issuer.is_some()
+        self.issuer().is_some()
+    }
+
+    fn issuer(&self) -> Option<Arc<rcgen::KeyPair>> {
+        self.issuer.read().unwrap_or_else(std::sync::PoisonError::into_inner).clone()
+    }
+
+    /// The CA key in PEM, where this node holds it (to share it, sealed,
+    /// through the cluster state).
+    pub fn ca_key_pem(&self) -> Option<String> {
+        self.issuer().map(|k| k.serialize_pem())
+    }
+
+    /// Takes in the CA key (PEM) shared through the cluster state: checks
+    /// that it belongs to the cluster CA, keeps it in `ca.key` and issues
+    /// certificates from now on. `Ok(false)` when it held it already.
+    pub fn install_ca_key(&self, pem: &str) -> Result<bool, PkiError> {
+        if self.can_issue() {
+            return Ok(false);
+        }
+        let key = rcgen::KeyPair::from_pem(pem).map_err(|e| PkiError::Invalid(format!("not a CA key: {e}")))?;
+        let anchor = self.ca.get().ok_or(PkiError::NotEnrolled)?;
+        let ca_public = ed25519_key_of(&anchor.der)?;
+        let matches = ca_public.try_into_ed25519().is_ok_and(|k| k.to_bytes()[..] == key.public_key_raw()[..]);
+        if !matches {
+            return Err(PkiError::Invalid("the shared CA key does not belong to this cluster's CA".into()));
+        }
+        let path = self.data_dir.join(CA_KEY_FILE);
+        if !path.exists() {
+            write_private(&path, pem.as_bytes()).map_err(|e| io_error(&path, &e))?;
+        }
+        *self.issuer.write().unwrap_or_else(std::sync::PoisonError::into_inner) = Some(Arc::new(key));
+        Ok(true)
+    }
+
+    /// Why this node is not a working member, if it is not.
+    pub fn problem(&self) -> Option<MemberProblem> {
+        self.problem.borrow().clone()
+    }
+
+    /// Records why this node is not a working member (`None`: it is).
+    /// A revocation is final: nothing replaces it.
+    pub fn set_problem(&self, problem: Option<MemberProblem>) {
+        self.problem.send_if_modified(|current| {
+            if matches!(current, Some(MemberProblem::Revoked(_))) || *current == problem {
+                return false;
+            }
+            *current = problem;
+            true
+        });
+    }
+
+    /// Notes that the cluster revoked this node: logs it once, keeps a
+    /// marker in the data directory (so a restart stays out) and reports
+    /// it from now on.
+    pub fn revoke_self(&self, when: &str) {
+        if matches!(self.problem(), Some(MemberProblem::Revoked(_))) {
+            return;
+        }
+        let path = self.data_dir.join(REVOKED_MARKER_FILE);
+        if let Err(err) = std::fs::write(&path, format!("{when}\n")) {
+            tracing::warn!(path = %path.display(), error = %err, "cannot record the revocation");
+        }
+        tracing::error!(
+            "this node was revoked by the cluster at {when}: it takes no part in the mesh and serves no requests for it; remove it, or delete {} and join again with a current token",
+            self.data_dir.display()
+        );
+        self.problem.send_replace(Some(MemberProblem::Revoked(when.to_string())));
+    }
+
+    /// Waits until [`Trust::problem`] changes.
+    pub fn watch_problem(&self) -> watch::Receiver<Option<MemberProblem>> {
+        self.problem.subscribe()
     }
 
     /// The CA certificate, once known.
@@ -404,7 +520,7 @@ impl Trust {
     /// Issues a certificate for `peer`'s key if `proof` shows it holds the
     /// current join key; returns (CA, certificate) DER.
     pub fn issue(&self, peer: &PeerId, proof: &[u8]) -> Result<(Vec<u8>, Vec<u8>), PkiError> {
-        if self.issuer.is_none() {
+        if !self.can_issue() {
             return Err(PkiError::NotIssuer);
         }
         let join_key =
@@ -415,7 +531,7 @@ impl Trust {
     }
 
     fn sign_for(&self, peer: &PeerId) -> Result<(Vec<u8>, Vec<u8>), PkiError> {
-        let issuer_key = self.issuer.as_ref().ok_or(PkiError::NotIssuer)?;
+        let issuer_key = self.issuer().ok_or(PkiError::NotIssuer)?;
         let anchor = self.ca.get().ok_or(PkiError::NotEnrolled)?;
         if self.is_revoked(&peer.to_string()) {
             return Err(PkiError::Revoked(peer.to_string()));
@@ -427,7 +543,7 @@ impl Trust {
             vec![rcgen::ExtendedKeyUsagePurpose::ServerAuth, rcgen::ExtendedKeyUsagePurpose::ClientAuth];
         params.key_usages = vec![rcgen::KeyUsagePurpose::DigitalSignature];
         params.serial_number = Some(rcgen::SerialNumber::from_slice(&rand::random::<[u8; 16]>()));
-        let issuer = rcgen::Issuer::new(ca_params(), issuer_key);
+        let issuer = rcgen::Issuer::new(ca_params(), issuer_key.as_ref());
         let cert = params.signed_by(&SubjectKey(key.to_bytes()), &issuer).map_err(rcgen_error)?;
         Ok((anchor.der.to_vec(), cert.der().to_vec()))
     }

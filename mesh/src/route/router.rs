@@ -211,6 +211,8 @@ pub struct Router {
     local: Arc<dyn LocalBackend>,
     node_name: String,
     mesh: std::sync::OnceLock<Joined>,
+    /// Set while this node waits to become a member of its mesh.
+    expecting_mesh: std::sync::atomic::AtomicBool,
     fallback: Option<Arc<dyn Fallback>>,
     config: RouteConfig,
     admission: SharedAdmission,
@@ -230,7 +232,16 @@ impl Router {
         let seed = super::prefix::PrefixKey::new(&node_name).finish();
         let admission = Arc::new(Mutex::new(Admission::new(config.scheduler, seed, config.queue_capacity)));
         let recheck = Arc::new(Notify::new());
-        Router { local, node_name, mesh: std::sync::OnceLock::new(), fallback, config, admission, recheck }
+        Router {
+            local,
+            node_name,
+            mesh: std::sync::OnceLock::new(),
+            expecting_mesh: std::sync::atomic::AtomicBool::new(false),
+            fallback,
+            config,
+            admission,
+            recheck,
+        }
     }
 
     /// Routes over the mesh from now on. For `warmup` a model that no known
@@ -242,6 +253,13 @@ impl Router {
         if self.mesh.set(joined).is_err() {
             tracing::warn!("the router joined the mesh twice; keeping the first");
         }
+    }
+
+    /// This node will join a mesh ([`Router::join`]) but is not a member
+    /// yet: a model only peers may serve waits for it within the request's
+    /// deadline instead of being refused.
+    pub fn expect_mesh(&self) {
+        self.expecting_mesh.store(true, std::sync::atomic::Ordering::Relaxed);
     }
 
     fn links(&self) -> Option<&MeshLinks> {
@@ -429,7 +447,18 @@ impl Router {
 
     fn context(&self, model: &str, peers: &[crate::PeerSnapshot], cluster: Option<&crate::ClusterState>) -> Context {
         let has_model = self.local.has_model(model);
-        let Some(joined) = self.mesh.get() else { return Context::default() };
+        let Some(joined) = self.mesh.get() else {
+            if has_model || !self.expecting_mesh.load(std::sync::atomic::Ordering::Relaxed) {
+                return Context::default();
+            }
+            return Context {
+                drained_here: false,
+                unavailable: Some(format!(
+                    "this node is still joining its mesh (waiting for its cluster certificate) and cannot yet reach the nodes that may serve '{model}'; retry shortly"
+                )),
+                expected_back: true,
+            };
+        };
         let drained_here = has_model && cluster.is_some_and(|c| c.is_out_of_service(&joined.node_id));
         if has_model {
             // Its own backend cannot take it (down, or stalled): say so.
