@@ -396,6 +396,21 @@ impl Config {
         if self.node.name.trim().is_empty() {
             return Err(ConfigError::Inconsistent("node.name must not be empty".into()));
         }
+        if self.mesh.join.is_none()
+            && let Some(path) = &self.mesh.join_file
+        {
+            let token = std::fs::read_to_string(path).map_err(|e| {
+                ConfigError::Inconsistent(format!(
+                    "mesh.join_file {}: {e} (it should hold the token `llmesh init` prints)",
+                    path.display()
+                ))
+            })?;
+            let token = token.trim();
+            if token.is_empty() {
+                return Err(ConfigError::Inconsistent(format!("mesh.join_file {} is empty", path.display())));
+            }
+            self.mesh.join = Some(token.to_string());
+        }
         let mut names = std::collections::HashSet::new();
         for provider in &self.cloud.providers {
             if provider.name.is_empty() || !names.insert(provider.name.as_str()) {

@@ -37,6 +37,10 @@ pub struct MeshConfig {
     /// Join token from `llmesh init` (holds the cluster secret).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub join: Option<String>,
+    /// File holding the join token (keeps it off the command line and out
+    /// of `ps`); read at start when `join` is not set.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub join_file: Option<PathBuf>,
     /// Discover peers on the LAN by mDNS.
     pub mdns: bool,
     /// How often this node publishes its state.
@@ -92,6 +96,7 @@ impl Default for MeshConfig {
             data_listen: None,
             bootstrap: Vec::new(),
             join: None,
+            join_file: None,
             mdns: true,
             heartbeat: Duration::from_secs(1),
             suspect_after: Duration::from_secs(3),

@@ -524,10 +524,10 @@ impl EventLoop {
                 message: request_response::Message::Request { channel, request: Notice::Revoked { at }, .. },
                 ..
             } => {
-                // Only a member this node heard in gossip may say so.
-                if self.table.entries().any(|e| e.state.node_id == peer.to_string()) {
-                    self.trust.revoke_self(&at);
-                }
+                // Only a holder of the cluster secret can reach this node
+                // at all (pnet); that bar is the same one gossip sets.
+                tracing::info!(from = %peer, "a peer says the cluster revoked this node");
+                self.trust.revoke_self(&at);
                 let _ = self.swarm.behaviour_mut().notice.send_response(channel, ());
             }
             request_response::Event::Message { peer, message: request_response::Message::Response { .. }, .. }

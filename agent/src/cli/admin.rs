@@ -20,7 +20,7 @@ use llmesh_mesh::pki::Trust;
 use llmesh_mesh::pki::grpc::ChannelOptions;
 
 use crate::cli::args::{AdminArgs, KeysCommand, LimitArgs, NodeCommand, RouteCommand, TokenCommand};
-use llmesh::config::MeshConfig;
+use llmesh::config::{MeshConfig, parse_peer_addr};
 
 /// Why an admin command failed.
 #[derive(Debug, thiserror::Error)]
@@ -325,7 +325,6 @@ pub async fn run_token(command: &TokenCommand, args: &AdminArgs) -> ExitCode {
 }
 
 async fn token(command: &TokenCommand, args: &AdminArgs) -> Result<(), AdminCliError> {
-    let TokenCommand::Rotate = command;
     let dir = MeshConfig { data_dir: args.data_dir.clone(), ..MeshConfig::default() }.data_dir();
     let secret = llmesh_mesh::ClusterSecret::load(&dir)
         .map_err(|e| AdminCliError::Connect(e.to_string()))?
@@ -334,14 +333,33 @@ async fn token(command: &TokenCommand, args: &AdminArgs) -> Result<(), AdminCliE
         .map_err(|e| AdminCliError::Connect(e.to_string()))?
         .ok_or_else(|| AdminCliError::Connect(format!("{} holds no cluster CA certificate", dir.display())))?;
     let mut admin = Admin::connect(args).await?;
-    let reply = admin.client.rotate_join_key(admin.request(llmesh_proto::RotateJoinKeyRequest {})).await?.into_inner();
-    let join = <[u8; 32]>::try_from(reply.join_key.as_slice())
-        .map_err(|_| AdminCliError::Connect("the node answered with a malformed join key".into()))?;
-    // `llmesh init` on this directory prints the current token from now on.
-    llmesh_mesh::seed::store_join_key(&dir, &join).map_err(|e| AdminCliError::Connect(e.to_string()))?;
-    let token = llmesh_mesh::JoinToken { secret, ca, join, bootstrap: Vec::new() }.encode();
-    print(args.json, &json!({ "index": reply.index, "token": token }), || {
-        format!("rotated the join key (index {}); earlier tokens no longer admit new nodes\n{token}", reply.index)
-    });
+    let (index, join, bootstrap, what) = match command {
+        TokenCommand::Rotate => {
+            let reply =
+                admin.client.rotate_join_key(admin.request(llmesh_proto::RotateJoinKeyRequest {})).await?.into_inner();
+            let join = <[u8; 32]>::try_from(reply.join_key.as_slice())
+                .map_err(|_| AdminCliError::Connect("the node answered with a malformed join key".into()))?;
+            // `llmesh init` on this directory prints the current token from now on.
+            llmesh_mesh::seed::store_join_key(&dir, &join).map_err(|e| AdminCliError::Connect(e.to_string()))?;
+            let bootstrap = llmesh_mesh::seed::bootstrap_addrs(&dir);
+            (reply.index, join, bootstrap, "rotated the join key; earlier tokens no longer admit new nodes")
+        }
+        TokenCommand::Bootstrap { addrs } => {
+            let parsed = addrs
+                .iter()
+                .map(|a| parse_peer_addr(a).map(|m| m.to_string()))
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(|e| AdminCliError::Usage(e.to_string()))?;
+            let request = admin.request(llmesh_proto::BootstrapAddrs { addrs: parsed.clone() });
+            let reply = admin.client.set_bootstrap(request).await?.into_inner();
+            llmesh_mesh::seed::store_bootstrap_addrs(&dir, &parsed)
+                .map_err(|e| AdminCliError::Connect(e.to_string()))?;
+            let join = llmesh_mesh::seed::join_key(&dir, &secret).map_err(|e| AdminCliError::Connect(e.to_string()))?;
+            (reply.index, join, parsed, "join tokens carry these bootstrap addresses from now on")
+        }
+    };
+    let bootstrap = bootstrap.iter().filter_map(|a| a.parse().ok()).collect();
+    let token = llmesh_mesh::JoinToken { secret, ca, join, bootstrap }.encode();
+    print(args.json, &json!({ "index": index, "token": token }), || format!("{what} (index {index})\n{token}"));
     Ok(())
 }

@@ -86,6 +86,12 @@ pub enum TokenCommand {
     /// Replace the join key and print the new join token: tokens printed
     /// before no longer admit new nodes (nodes already in keep running).
     Rotate,
+    /// Set the bootstrap addresses every join token carries (`IP:PORT` of
+    /// a node's libp2p port, or a multiaddr), then print the token.
+    Bootstrap {
+        /// The addresses (none: tokens carry none).
+        addrs: Vec<String>,
+    },
 }
 
 /// How admin commands reach the mesh.
@@ -272,9 +278,13 @@ pub struct AgentArgs {
     /// Directory for the node key and cluster secret [default: ~/.local/share/llmesh].
     #[arg(long)]
     pub data_dir: Option<PathBuf>,
-    /// Join the cluster of this token (from `llmesh init`).
+    /// Join the cluster of this token (from `llmesh init`). Visible in `ps`:
+    /// prefer --join-file or LLMESH_MESH__JOIN.
     #[arg(long, value_name = "TOKEN")]
     pub join: Option<String>,
+    /// Join the cluster of the token in this file (mode 0600 is wise).
+    #[arg(long, value_name = "FILE", conflicts_with = "join")]
+    pub join_file: Option<PathBuf>,
     /// A peer to contact first: IP:PORT of its libp2p port, or a multiaddr. Repeatable.
     #[arg(long, value_name = "ADDR")]
     pub bootstrap: Vec<String>,
@@ -328,77 +338,38 @@ impl AgentArgs {
         if let Some(base) = self.port_base {
             map.insert("port_base".into(), json!(base));
         }
-        if let Some(listen) = self.listen {
-            set(&mut map, "api", "listen", json!(listen.to_string()));
-        }
-        if let Some(bytes) = self.max_body_bytes {
-            set(&mut map, "api", "max_body_bytes", json!(bytes));
-        }
-        if let Some(bytes) = self.max_response_bytes {
-            set(&mut map, "api", "max_response_bytes", json!(bytes));
-        }
-        if let Some(timeout) = self.drain_timeout {
-            set(&mut map, "api", "drain_timeout", duration(timeout));
-        }
-        if let Some(slots) = self.parallel_slots {
-            set(&mut map, "backend", "parallel_slots", json!(slots));
-        }
-        if let Some(timeout) = self.connect_timeout {
-            set(&mut map, "backend", "connect_timeout", duration(timeout));
-        }
-        if let Some(interval) = self.inventory_interval {
-            set(&mut map, "backend", "inventory_interval", duration(interval));
-        }
-        if let Some(url) = &self.backend {
-            set(&mut map, "backend", "url", json!(url));
-        }
-        if let Some(kind) = self.backend_kind {
-            set(&mut map, "backend", "kind", json!(kind.as_str()));
-        }
-        if let Some(timeout) = self.response_timeout {
-            set(&mut map, "backend", "response_timeout", duration(timeout));
-        }
-        if let Some(timeout) = self.idle_timeout {
-            set(&mut map, "backend", "idle_timeout", duration(timeout));
-        }
-        if let Some(name) = &self.name {
-            set(&mut map, "node", "name", json!(name));
-        }
-        if let Some(dir) = &self.data_dir {
-            set(&mut map, "mesh", "data_dir", json!(dir));
-        }
-        if let Some(token) = &self.join {
-            set(&mut map, "mesh", "join", json!(token));
-        }
-        if !self.bootstrap.is_empty() {
-            set(&mut map, "mesh", "bootstrap", json!(self.bootstrap));
-        }
-        if let Some(listen) = &self.mesh_listen {
-            set(&mut map, "mesh", "listen", json!(listen));
-        }
-        if let Some(addr) = self.data_listen {
-            set(&mut map, "mesh", "data_listen", json!(addr.to_string()));
-        }
-        if let Some(addr) = self.control_listen {
-            set(&mut map, "mesh", "control_listen", json!(addr.to_string()));
-        }
-        if let Some(voters) = self.voters {
-            set(&mut map, "mesh", "voters", json!(voters));
-        }
-        if self.no_mdns {
-            set(&mut map, "mesh", "mdns", json!(false));
-        }
-        if self.no_mesh {
-            set(&mut map, "mesh", "enabled", json!(false));
-        }
-        if let Some(after) = self.dead_after {
-            set(&mut map, "mesh", "dead_after", duration(after));
-        }
-        if let Some(models) = &self.sim_models {
-            set(&mut map, "sim", "models", json!(models));
-        }
-        if let Some(format) = self.log_format {
-            set(&mut map, "log", "format", json!(format));
+        let text = |v: Option<&dyn std::fmt::Display>| v.map(|v| json!(v.to_string()));
+        let flags: [(&str, &str, Option<Value>); 25] = [
+            ("api", "listen", self.listen.map(|l| json!(l.to_string()))),
+            ("api", "max_body_bytes", self.max_body_bytes.map(|b| json!(b))),
+            ("api", "max_response_bytes", self.max_response_bytes.map(|b| json!(b))),
+            ("api", "drain_timeout", self.drain_timeout.map(duration)),
+            ("backend", "parallel_slots", self.parallel_slots.map(|s| json!(s))),
+            ("backend", "connect_timeout", self.connect_timeout.map(duration)),
+            ("backend", "inventory_interval", self.inventory_interval.map(duration)),
+            ("backend", "url", text(self.backend.as_ref().map(|u| u as _))),
+            ("backend", "kind", self.backend_kind.map(|k| json!(k.as_str()))),
+            ("backend", "response_timeout", self.response_timeout.map(duration)),
+            ("backend", "idle_timeout", self.idle_timeout.map(duration)),
+            ("node", "name", text(self.name.as_ref().map(|n| n as _))),
+            ("mesh", "data_dir", self.data_dir.as_ref().map(|d| json!(d))),
+            ("mesh", "join_file", self.join_file.as_ref().map(|p| json!(p))),
+            ("mesh", "join", text(self.join.as_ref().map(|t| t as _))),
+            ("mesh", "bootstrap", (!self.bootstrap.is_empty()).then(|| json!(self.bootstrap))),
+            ("mesh", "listen", text(self.mesh_listen.as_ref().map(|l| l as _))),
+            ("mesh", "data_listen", self.data_listen.map(|a| json!(a.to_string()))),
+            ("mesh", "control_listen", self.control_listen.map(|a| json!(a.to_string()))),
+            ("mesh", "voters", self.voters.map(|v| json!(v))),
+            ("mesh", "mdns", self.no_mdns.then_some(Value::Bool(false))),
+            ("mesh", "enabled", self.no_mesh.then_some(Value::Bool(false))),
+            ("mesh", "dead_after", self.dead_after.map(duration)),
+            ("sim", "models", self.sim_models.as_ref().map(|m| json!(m))),
+            ("log", "format", self.log_format.map(|f| json!(f))),
+        ];
+        for (section, key, value) in flags {
+            if let Some(value) = value {
+                set(&mut map, section, key, value);
+            }
         }
         Value::Object(map)
     }

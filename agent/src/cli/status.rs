@@ -14,56 +14,47 @@ use llmesh::api::nodes::NodesView;
 use llmesh::config::{MeshConfig, parse_peer_addr};
 
 /// `llmesh init`: creates the cluster secret and node key in the data
-/// directory (keeping existing ones) and prints the join token.
+/// directory (keeping existing ones) and prints the join token: the
+/// current one (after a rotation too), with the cluster's bootstrap
+/// addresses.
 pub fn init(args: &InitArgs) -> ExitCode {
-    let mesh = MeshConfig { data_dir: args.data_dir.clone(), ..MeshConfig::default() };
-    let dir = mesh.data_dir();
-    let bootstrap = match args.bootstrap.iter().map(|a| parse_peer_addr(a)).collect::<Result<Vec<_>, _>>() {
-        Ok(addrs) => addrs,
-        Err(err) => {
-            eprintln!("llmesh init: {err}");
-            return ExitCode::from(2);
+    match init_cluster(args) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err((code, message)) => {
+            eprintln!("llmesh init: {message}");
+            code
         }
-    };
-    let (secret, created) = match ClusterSecret::load_or_create(&dir) {
-        Ok(found) => found,
-        Err(err) => {
-            eprintln!("llmesh init: {err}");
-            return ExitCode::FAILURE;
-        }
-    };
-    if created && let Err(err) = llmesh_mesh::seed::make_seed(&dir) {
-        eprintln!("llmesh init: {err}");
-        return ExitCode::FAILURE;
     }
-    let node_id = match llmesh_mesh::identity::load_or_create(&dir) {
-        Ok((key, _)) => key.public().to_peer_id(),
-        Err(err) => {
-            eprintln!("llmesh init: {err}");
-            return ExitCode::FAILURE;
-        }
-    };
-    let ca = match llmesh_mesh::pki::ca_fingerprint(&dir) {
-        Ok(Some(ca)) => ca,
-        Ok(None) => {
-            eprintln!(
-                "llmesh init: {} has no cluster CA certificate yet: start its agent once so that it enrolls, or run init on the node that created the cluster",
-                dir.display()
-            );
-            return ExitCode::FAILURE;
-        }
-        Err(err) => {
-            eprintln!("llmesh init: {err}");
-            return ExitCode::FAILURE;
-        }
-    };
-    let join = match llmesh_mesh::seed::join_key(&dir, &secret) {
-        Ok(join) => join,
-        Err(err) => {
-            eprintln!("llmesh init: {err}");
-            return ExitCode::FAILURE;
-        }
-    };
+}
+
+type InitError = (ExitCode, String);
+
+fn failed(err: impl std::fmt::Display) -> InitError {
+    (ExitCode::FAILURE, err.to_string())
+}
+
+fn init_cluster(args: &InitArgs) -> Result<(), InitError> {
+    let dir = MeshConfig { data_dir: args.data_dir.clone(), ..MeshConfig::default() }.data_dir();
+    let bootstrap = args
+        .bootstrap
+        .iter()
+        .map(|a| parse_peer_addr(a))
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| (ExitCode::from(2), e.to_string()))?;
+    let (secret, created) = ClusterSecret::load_or_create(&dir).map_err(failed)?;
+    if created {
+        llmesh_mesh::seed::make_seed(&dir).map_err(failed)?;
+    }
+    let node_id = llmesh_mesh::identity::load_or_create(&dir).map_err(failed)?.0.public().to_peer_id();
+    let ca = llmesh_mesh::pki::ca_fingerprint(&dir).map_err(failed)?.ok_or_else(|| {
+        failed(format!(
+            "{} has no cluster CA certificate yet: start its agent once so that it enrolls, or run init on a node of the cluster",
+            dir.display()
+        ))
+    })?;
+    let bootstrap = bootstrap_for_tokens(&dir, bootstrap)?;
+    let join = llmesh_mesh::seed::join_key(&dir, &secret).map_err(failed)?;
+    let has_bootstrap = !bootstrap.is_empty();
     let token = JoinToken { secret: secret.clone(), ca, join, bootstrap }.encode();
     let what = if created { "created a new cluster" } else { "this node's cluster" };
     println!("{what} (fingerprint {}), secret stored in {}", secret.fingerprint(), dir.display());
@@ -73,21 +64,38 @@ pub fn init(args: &InitArgs) -> ExitCode {
     println!("join token (keep it secret: it admits machines to the cluster):");
     println!("{token}");
     println!();
-    println!("on every other box:  llmesh agent --join {token}");
+    println!("on every other box: save the token in a file only the agent can read, then start it:");
+    println!("  (umask 077; echo '{token}' > join.token)");
+    println!("  llmesh agent --listen 0.0.0.0:11440 --join-file join.token");
     match llmesh_mesh::seed::admin_token(&dir) {
         Ok(Some(_)) => println!(
-            "admin credential (for `llmesh keys|route|node`): {}; start this node's agent on {} first: it starts the cluster's Raft group",
+            "admin credential (for `llmesh keys|route|node|token`): {}; start this node's agent on {} first: it starts the cluster's Raft group",
             dir.join("admin.token").display(),
             dir.display()
         ),
         _ => println!("(this node joined the cluster; the admin credential lives on the node that created it)"),
     }
-    if args.bootstrap.is_empty() {
+    if !has_bootstrap {
         println!(
-            "(add --bootstrap THIS_HOST:11441 there when mDNS cannot reach this box, or run init with --bootstrap)"
+            "(where mDNS cannot reach this box, add --bootstrap THIS_HOST:11441 on the others, or run init with --bootstrap, or `llmesh token bootstrap`)"
         );
     }
-    ExitCode::SUCCESS
+    Ok(())
+}
+
+/// Addresses given to `init` are kept for later tokens (and shared with
+/// the cluster by its leader); without any, the ones kept in `dir` (from
+/// an earlier init or the cluster state) are used.
+fn bootstrap_for_tokens(
+    dir: &std::path::Path,
+    given: Vec<llmesh_mesh::Multiaddr>,
+) -> Result<Vec<llmesh_mesh::Multiaddr>, InitError> {
+    if given.is_empty() {
+        return Ok(llmesh_mesh::seed::bootstrap_addrs(dir).iter().filter_map(|a| a.parse().ok()).collect());
+    }
+    let text: Vec<String> = given.iter().map(ToString::to_string).collect();
+    llmesh_mesh::seed::store_bootstrap_addrs(dir, &text).map_err(failed)?;
+    Ok(given)
 }
 
 /// GETs `url` and parses its JSON body as a `T`.

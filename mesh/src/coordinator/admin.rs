@@ -201,6 +201,19 @@ impl Admin for AdminService {
         self.write(command::Kind::RemoveNode(member.node_id)).await
     }
 
+    async fn set_bootstrap(
+        &self,
+        request: Request<llmesh_proto::BootstrapAddrs>,
+    ) -> Result<Response<AdminReply>, Status> {
+        self.authorize(&request)?;
+        let list = request.into_inner();
+        for addr in &list.addrs {
+            addr.parse::<libp2p::Multiaddr>()
+                .map_err(|e| Status::invalid_argument(format!("'{addr}' is not a multiaddr: {e}")))?;
+        }
+        self.write(command::Kind::SetBootstrap(list)).await
+    }
+
     async fn rotate_join_key(
         &self,
         request: Request<llmesh_proto::RotateJoinKeyRequest>,
