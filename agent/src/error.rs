@@ -131,7 +131,8 @@ impl IntoResponse for ApiError {
             }),
         };
         let mut response = (self.status, Json(body)).into_response();
-        if self.status == StatusCode::SERVICE_UNAVAILABLE {
+        let operator_state = matches!(self.code, "model_drained" | "node_revoked");
+        if self.status == StatusCode::SERVICE_UNAVAILABLE && !operator_state {
             // Backends usually come back within seconds (restart, model load).
             response.headers_mut().insert("retry-after", HeaderValue::from_static("5"));
         } else if self.status == StatusCode::TOO_MANY_REQUESTS {

@@ -29,6 +29,13 @@ pub enum ServeError {
     /// Every node is busy and the expected wait exceeds the overflow limit.
     #[error("{0}")]
     Saturated(String),
+    /// Every node that serves the model is drained (or removed) by an
+    /// operator: no use retrying until one is undrained.
+    #[error("{0}")]
+    Drained(String),
+    /// No node of the mesh serves the model at all.
+    #[error("{0}")]
+    NotServed(String),
     /// Only the cloud could serve it, and the request's policy forbids it.
     #[error("{0}")]
     CloudNotAllowed(String),
@@ -49,6 +56,8 @@ impl ServeError {
             ServeError::Timeout(_) => 504,
             ServeError::Overloaded(_) => 429,
             ServeError::Saturated(_) => 503,
+            ServeError::Drained(_) => 503,
+            ServeError::NotServed(_) => 404,
             ServeError::CloudNotAllowed(_) => 403,
             ServeError::Internal(_) => 500,
         }
@@ -65,6 +74,8 @@ impl ServeError {
             ServeError::Timeout(_) => "backend_timeout",
             ServeError::Overloaded(_) => "mesh_overloaded",
             ServeError::Saturated(_) => "mesh_saturated",
+            ServeError::Drained(_) => "model_drained",
+            ServeError::NotServed(_) => "model_not_found",
             ServeError::CloudNotAllowed(_) => "cloud_not_allowed",
             ServeError::Internal(_) => "internal_error",
         }
@@ -81,6 +92,7 @@ impl ServeError {
             "backend_timeout" => ServeError::Timeout(message),
             "mesh_overloaded" => ServeError::Overloaded(message),
             "mesh_saturated" => ServeError::Saturated(message),
+            "model_drained" => ServeError::Drained(message),
             "cloud_not_allowed" => ServeError::CloudNotAllowed(message),
             _ => ServeError::Internal(message),
         }
@@ -97,6 +109,8 @@ impl ServeError {
             | ServeError::Unsupported(m)
             | ServeError::Overloaded(m)
             | ServeError::Saturated(m)
+            | ServeError::Drained(m)
+            | ServeError::NotServed(m)
             | ServeError::CloudNotAllowed(m)
             | ServeError::Internal(m) => m,
         }

@@ -159,6 +159,14 @@ pub fn why_unavailable(model: &str, peers: &[PeerSnapshot], cluster: Option<&Clu
         .then(|| format!("no node can serve '{model}' now: {} serve it; retry shortly", holders.join(", ")))
 }
 
+/// Whether peers serve `model` and an operator took every one of them out
+/// of service (drained, removed, revoked).
+pub fn only_drained_hold(model: &str, peers: &[PeerSnapshot], cluster: Option<&ClusterState>) -> bool {
+    let Some(cluster) = cluster else { return false };
+    let mut holders = peers.iter().filter(|p| p.state.models.iter().any(|m| same_model(&m.name, model))).peekable();
+    holders.peek().is_some() && holders.all(|p| cluster.is_out_of_service(&p.state.node_id))
+}
+
 /// How long a lost peer that served a model is waited for: a restart or a
 /// healed partition is back within this; a box gone longer is not counted on.
 pub const EXPECTED_BACK_WITHIN: Duration = Duration::from_secs(60);

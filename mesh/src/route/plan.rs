@@ -44,7 +44,8 @@ pub struct CloudFacts {
 /// What the entry node knows besides the scheduler's choice.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Context {
-    /// This node has the model, but an operator drained it.
+    /// Every node that serves the model (this one or peers) is drained or
+    /// removed by an operator.
     pub drained_here: bool,
     /// Why the nodes that serve the model cannot take it now, or that this
     /// node has only just joined and has not heard from every peer.
@@ -228,8 +229,8 @@ impl Plan {
     fn nobody(&self, context: &Context, now: Instant) -> Step {
         let model = &self.facts.model;
         if context.drained_here {
-            return Step::Fail(ServeError::Saturated(format!(
-                "every node that serves '{model}' is drained by an operator (`llmesh node undrain`)"
+            return Step::Fail(ServeError::Drained(format!(
+                "every node that serves '{model}' is drained by an operator; `llmesh node undrain NODE` puts one back (`llmesh status` lists them)"
             )));
         }
         if self.allows(Trigger::Absent) {

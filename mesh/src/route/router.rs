@@ -367,7 +367,16 @@ impl Router {
                     }
                 },
                 Step::Explain => {
-                    let response = self.local.serve(req).await?;
+                    let model = req.meta.model.clone();
+                    let response = match self.local.serve(req).await {
+                        // In a mesh, the whole mesh lacks it, not only this node.
+                        Err(ServeError::ModelNotFound(_)) if self.mesh.get().is_some() => {
+                            return Err(ServeError::NotServed(format!(
+                                "no node of the mesh serves model '{model}' (`llmesh models pull {model}` fetches it onto a node)"
+                            )));
+                        }
+                        other => other?,
+                    };
                     return Ok(Routed {
                         response,
                         node: self.node_name.clone(),
@@ -476,6 +485,7 @@ impl Router {
             })
         });
         let expected_back = !left.is_zero() || candidates::expected_back(model, peers, cluster);
+        let drained_here = unavailable.is_some() && candidates::only_drained_hold(model, peers, cluster);
         Context { drained_here, unavailable, expected_back }
     }
 
