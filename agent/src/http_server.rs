@@ -11,6 +11,11 @@ use std::time::Duration;
 
 use axum::Router;
 use axum::extract::connect_info::ConnectInfo;
+
+/// Whether the client of a connection runs on this machine (loopback, or
+/// one of this box's own addresses), put into every request's extensions.
+#[derive(Debug, Clone, Copy)]
+pub struct OnThisMachine(pub bool);
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::GracefulShutdown;
@@ -77,9 +82,13 @@ pub async fn serve(
         if let Err(err) = stream.set_nodelay(true) {
             tracing::debug!(error = %err, "cannot set TCP_NODELAY");
         }
+        // A client that dialled one of this box's own addresses (its LAN
+        // address, say) is on this machine: both ends share the IP.
+        let here = OnThisMachine(remote.ip().is_loopback() || stream.local_addr().is_ok_and(|l| l.ip() == remote.ip()));
         let app = app.clone();
         let service = hyper::service::service_fn(move |mut request: hyper::Request<hyper::body::Incoming>| {
             request.extensions_mut().insert(ConnectInfo::<SocketAddr>(remote));
+            request.extensions_mut().insert(here);
             app.clone().oneshot(request.map(axum::body::Body::new))
         });
         let connection = builder.serve_connection_with_upgrades(TokioIo::new(stream), service).into_owned();

@@ -190,10 +190,7 @@ pub fn cloud_policy(
 pub async fn authenticate(State(app): State<std::sync::Arc<AppState>>, mut request: Request, next: Next) -> Response {
     let state = app.coordinator().map(|c| c.state());
     // Requests that arrive without a socket (in-process) count as local.
-    let loopback = request
-        .extensions()
-        .get::<axum::extract::ConnectInfo<std::net::SocketAddr>>()
-        .is_none_or(|info| info.0.ip().is_loopback());
+    let loopback = request.extensions().get::<crate::http_server::OnThisMachine>().is_none_or(|here| here.0);
     if let Err(err) = membership_gate(&app, loopback) {
         return err.with_format(format_for(request.uri().path())).into_response();
     }
