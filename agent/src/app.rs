@@ -54,8 +54,10 @@ pub struct Ready {
     pub http: SocketAddr,
     /// This node's id in the mesh (empty without one).
     pub node_id: String,
-    /// libp2p addresses peers can bootstrap from.
+    /// libp2p addresses peers can bootstrap from, the dialable first.
     pub p2p: Vec<Multiaddr>,
+    /// The HTTP address other boxes use (see `mesh.advertise`).
+    pub advertised: Option<SocketAddr>,
 }
 
 /// Binds `addr`, with a tip when it is taken.
@@ -217,10 +219,15 @@ pub async fn run_agent(
         Arc::new(Router::new(parts.local.clone(), config.node.name.clone(), fallback, route_config(&config.mesh)));
     let joining = if config.mesh.enabled { Some(begin_mesh(&config, &route, &stop_mesh).await?) } else { None };
     let state = app_state(&config, addr, &parts, route, cloud, joining.as_ref());
+    let advertised = state.node.api_addr.strip_prefix("http://").and_then(|a| a.parse().ok());
     let ready = Ready {
         http: addr,
+        advertised,
         node_id: state.node.node_id.clone(),
-        p2p: joining.as_ref().map(|j| j.membership().view().listen_addrs.clone()).unwrap_or_default(),
+        p2p: joining
+            .as_ref()
+            .map(|j| llmesh_mesh::node::dialable(&j.membership().view().listen_addrs, config.mesh.advertise))
+            .unwrap_or_default(),
     };
     tracing::info!(%addr, node = %config.node.name, node_id = %ready.node_id, "llmesh agent listening");
     on_ready(&ready);
@@ -293,10 +300,11 @@ fn node_state(
     parts: &LocalParts,
     joining: Option<&llmesh_mesh::node::Joining>,
 ) -> Arc<NodeStateBuilder> {
+    let p2p = joining.map(|j| j.membership().view().listen_addrs.clone()).unwrap_or_default();
     Arc::new(NodeStateBuilder {
         node_id: joining.map(|j| j.membership().local_id().to_string()).unwrap_or_default(),
         name: config.node.name.clone(),
-        api_addr: format!("http://{addr}"),
+        api_addr: format!("http://{}", llmesh_mesh::node::advertised(addr, config.mesh.advertise, &p2p)),
         backend_kind: config.backend.kind,
         parallel_slots: config.backend.slots(),
         inventory: parts.inventory.clone(),

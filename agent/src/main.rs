@@ -59,6 +59,9 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     print_now(&format!("llmesh mesh listening on {p2p}"));
                 }
                 print_now(&format!("llmesh agent listening on http://{}", ready.http));
+                if let Some(api) = ready.advertised.as_ref().filter(|a| **a != ready.http) {
+                    print_now(&format!("other boxes reach this API at http://{api}"));
+                }
             })
             .await?;
         }

@@ -34,6 +34,11 @@ pub struct MeshConfig {
     pub data_listen: Option<SocketAddr>,
     /// Peers to contact first: multiaddrs or `IP:PORT` of their libp2p port.
     pub bootstrap: Vec<String>,
+    /// The IP other boxes reach this one at, shown in its API, data and
+    /// control addresses. Default: the bound address, or where that is
+    /// every interface, the first non-loopback IPv4 libp2p listens on.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub advertise: Option<std::net::IpAddr>,
     /// Join token from `llmesh init` (holds the cluster secret).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub join: Option<String>,
@@ -95,6 +100,7 @@ impl Default for MeshConfig {
             listen: None,
             data_listen: None,
             bootstrap: Vec::new(),
+            advertise: None,
             join: None,
             join_file: None,
             mdns: true,

@@ -5,7 +5,7 @@
 //! membership. The agent calls [`start`] with its `[mesh]` config and gets
 //! back a running [`Node`].
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 
 use libp2p::Multiaddr;
@@ -229,8 +229,8 @@ impl Joining {
         };
         let dataplane = DataPlane::bind(dp_config, trust.clone(), handler, shutdown.clone()).map_err(plane)?;
         let listen_addrs = membership.view().listen_addrs.clone();
-        let data_addr = advertised(dataplane.local_addr().map_err(plane)?, &listen_addrs);
-        let control_addr = advertised(coordinator.local_addr(), &listen_addrs);
+        let data_addr = advertised(dataplane.local_addr().map_err(plane)?, config.advertise, &listen_addrs);
+        let control_addr = advertised(coordinator.local_addr(), config.advertise, &listen_addrs);
         tokio::spawn(follow_peers(membership.clone(), dataplane.clone(), shutdown));
         Ok(Some(Node { membership, coordinator, dataplane, trust, data_addr, control_addr, _lock: lock }))
     }
@@ -294,23 +294,61 @@ pub async fn start(
     begin(config, settings, shutdown).await?.finish(handler, cancel).await
 }
 
-/// The address peers should dial: the bound one, or where the socket is
-/// bound to every interface, the first non-loopback IPv4 that libp2p
-/// listens on (loopback when there is none).
-fn advertised(bound: SocketAddr, p2p: &[Multiaddr]) -> SocketAddr {
+/// The address peers should dial: `advertise` with the bound port when
+/// set; else the bound one, or where the socket is bound to every
+/// interface, the first non-loopback IPv4 that libp2p listens on
+/// (loopback when there is none).
+pub fn advertised(bound: SocketAddr, advertise: Option<IpAddr>, p2p: &[Multiaddr]) -> SocketAddr {
+    if let Some(ip) = advertise {
+        return SocketAddr::new(ip, bound.port());
+    }
     if !bound.ip().is_unspecified() {
         return bound;
     }
-    let ip = p2p
-        .iter()
+    SocketAddr::new(routable_ip(p2p).unwrap_or(IpAddr::from([127, 0, 0, 1])), bound.port())
+}
+
+/// The first non-loopback IPv4 among libp2p addresses.
+fn routable_ip(p2p: &[Multiaddr]) -> Option<IpAddr> {
+    p2p.iter()
         .flat_map(|a| a.iter())
         .filter_map(|p| match p {
-            Protocol::Ip4(ip) => Some(std::net::IpAddr::V4(ip)),
+            Protocol::Ip4(ip) => Some(IpAddr::V4(ip)),
             _ => None,
         })
         .find(|ip| !ip.is_loopback() && !ip.is_unspecified())
-        .unwrap_or(std::net::IpAddr::from([127, 0, 0, 1]));
-    SocketAddr::new(ip, bound.port())
+}
+
+/// libp2p addresses other boxes can dial first: with `advertise`, only
+/// those on that IP (or the listen address rewritten to it); else
+/// non-loopback before loopback.
+pub fn dialable(p2p: &[Multiaddr], advertise: Option<IpAddr>) -> Vec<Multiaddr> {
+    let ip_of = |a: &Multiaddr| {
+        a.iter().find_map(|p| match p {
+            Protocol::Ip4(ip) => Some(IpAddr::V4(ip)),
+            Protocol::Ip6(ip) => Some(IpAddr::V6(ip)),
+            _ => None,
+        })
+    };
+    if let Some(ip) = advertise {
+        let on_it: Vec<Multiaddr> = p2p.iter().filter(|a| ip_of(a) == Some(ip)).cloned().collect();
+        if !on_it.is_empty() {
+            return on_it;
+        }
+        let rewritten = p2p.first().map(|a| {
+            a.iter()
+                .map(|p| match (p, ip) {
+                    (Protocol::Ip4(_) | Protocol::Ip6(_), IpAddr::V4(v4)) => Protocol::Ip4(v4),
+                    (Protocol::Ip4(_) | Protocol::Ip6(_), IpAddr::V6(v6)) => Protocol::Ip6(v6),
+                    (other, _) => other,
+                })
+                .collect()
+        });
+        return rewritten.into_iter().collect();
+    }
+    let mut sorted = p2p.to_vec();
+    sorted.sort_by_key(|a| ip_of(a).is_none_or(|ip| ip.is_loopback()));
+    sorted
 }
 
 /// Keeps the data plane's peer table in step with membership.
@@ -343,9 +381,13 @@ mod tests {
         let bound: SocketAddr = "0.0.0.0:9".parse().expect("addr");
         let lan: Multiaddr = "/ip4/10.0.0.5/tcp/1".parse().expect("multiaddr");
         let lo: Multiaddr = "/ip4/127.0.0.1/tcp/1".parse().expect("multiaddr");
-        assert_eq!(advertised(bound, &[lo.clone(), lan]).to_string(), "10.0.0.5:9");
-        assert_eq!(advertised(bound, &[lo]).to_string(), "127.0.0.1:9");
+        assert_eq!(advertised(bound, None, &[lo.clone(), lan.clone()]).to_string(), "10.0.0.5:9");
+        assert_eq!(advertised(bound, None, std::slice::from_ref(&lo)).to_string(), "127.0.0.1:9");
         let fixed: SocketAddr = "192.168.1.2:9".parse().expect("addr");
-        assert_eq!(advertised(fixed, &[]), fixed);
+        assert_eq!(advertised(fixed, None, &[]), fixed);
+        let public: IpAddr = "203.0.113.7".parse().expect("ip");
+        assert_eq!(advertised(bound, Some(public), &[lan.clone()]).to_string(), "203.0.113.7:9");
+        assert_eq!(dialable(&[lo.clone(), lan.clone()], None), [lan.clone(), lo.clone()]);
+        assert_eq!(dialable(&[lo, lan], Some(public))[0].to_string(), "/ip4/203.0.113.7/tcp/1");
     }
 }

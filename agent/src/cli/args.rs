@@ -285,6 +285,11 @@ pub struct AgentArgs {
     /// Join the cluster of the token in this file (mode 0600 is wise).
     #[arg(long, value_name = "FILE", conflicts_with = "join")]
     pub join_file: Option<PathBuf>,
+    /// The IP other boxes reach this one at (shown in status, gossip and
+    /// the banner) [default: the first non-loopback IPv4 when listening on
+    /// every interface].
+    #[arg(long, value_name = "IP")]
+    pub advertise: Option<std::net::IpAddr>,
     /// A peer to contact first: IP:PORT of its libp2p port, or a multiaddr. Repeatable.
     #[arg(long, value_name = "ADDR")]
     pub bootstrap: Vec<String>,
@@ -339,7 +344,8 @@ impl AgentArgs {
             map.insert("port_base".into(), json!(base));
         }
         let text = |v: Option<&dyn std::fmt::Display>| v.map(|v| json!(v.to_string()));
-        let flags: [(&str, &str, Option<Value>); 25] = [
+        let flags: [(&str, &str, Option<Value>); 26] = [
+            ("mesh", "advertise", self.advertise.map(|ip| json!(ip.to_string()))),
             ("api", "listen", self.listen.map(|l| json!(l.to_string()))),
             ("api", "max_body_bytes", self.max_body_bytes.map(|b| json!(b))),
             ("api", "max_response_bytes", self.max_response_bytes.map(|b| json!(b))),
