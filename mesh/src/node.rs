@@ -386,7 +386,7 @@ mod tests {
         let fixed: SocketAddr = "192.168.1.2:9".parse().expect("addr");
         assert_eq!(advertised(fixed, None, &[]), fixed);
         let public: IpAddr = "203.0.113.7".parse().expect("ip");
-        assert_eq!(advertised(bound, Some(public), &[lan.clone()]).to_string(), "203.0.113.7:9");
+        assert_eq!(advertised(bound, Some(public), std::slice::from_ref(&lan)).to_string(), "203.0.113.7:9");
         assert_eq!(dialable(&[lo.clone(), lan.clone()], None), [lan.clone(), lo.clone()]);
         assert_eq!(dialable(&[lo, lan], Some(public))[0].to_string(), "/ip4/203.0.113.7/tcp/1");
     }
