@@ -169,6 +169,10 @@ async fn a_box_that_cannot_join_says_why_while_its_port_answers_at_once() {
     let file_arg = file.to_str().expect("utf-8").to_string();
     let joined = agent(&backend.url, &["--name", "joined", "--join-file", &file_arg]).await;
     wait_ready(&joined).await;
+    // A rotation from now on prints tokens with those addresses too.
+    let rotated = token_in(&admin(&seed, &seed_dir, &["token", "rotate"]).await);
+    let rotated_box = agent(&backend.url, &["--name", "rotated", "--join", &rotated]).await;
+    wait_ready(&rotated_box).await;
 
     // A second agent on a directory in use says so and exits.
     let out = tokio::time::timeout(
@@ -210,6 +214,11 @@ async fn a_revoked_box_stays_out_and_says_so_after_a_restart() {
     assert!(doomed.logs().contains("this node was revoked by the cluster"), "{}", doomed.logs());
     let (status, body) = chat_status(&doomed).await;
     assert_eq!((status, body["error"]["code"].as_str()), (503, Some("node_revoked")), "{body}");
+    // The others list it.
+    let cluster = get_json(&format!("{}/mesh/v1/cluster", seed.url)).await;
+    assert_eq!(cluster["revoked"][0]["name"], "doomed", "{cluster}");
+    let status = Command::new(binary()).args(["status", "--node", &seed.url]).output().expect("status");
+    assert!(String::from_utf8_lossy(&status.stdout).contains("revoked: doomed"));
     doomed.kill().await;
 
     let again =

@@ -41,6 +41,11 @@ pub async fn mesh_cluster(State(app): AppStateRef) -> Json<Value> {
         "routes": state.routes,
         "drained": state.drained.iter().map(|n| json!({ "node_id": n, "name": name_of(n) })).collect::<Vec<_>>(),
         "removed": state.removed,
+        "revoked": state
+            .revoked
+            .iter()
+            .map(|n| json!({ "node_id": n, "name": state.revoked_names.get(n).cloned().unwrap_or_else(|| name_of(n)) }))
+            .collect::<Vec<_>>(),
         "placement": state.placement,
     }))
 }

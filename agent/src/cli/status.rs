@@ -175,14 +175,18 @@ pub fn render_cluster(cluster: &Value) -> String {
             .as_array()
             .into_iter()
             .flatten()
-            .map(|m| m["name"].as_str().map_or_else(|| m["raft_id"].to_string(), str::to_string))
+            .map(|m| match m["name"].as_str().filter(|n| !n.is_empty()) {
+                Some(name) => name.to_string(),
+                None => m["node_id"].as_str().map_or_else(|| m["raft_id"].to_string(), short_id),
+            })
             .collect();
         if names.is_empty() { "-".to_string() } else { names.join(", ") }
     };
     let leader = cluster["leader"]["name"].as_str().unwrap_or("none known");
     let drained = names(&cluster["drained"]);
+    let revoked = names(&cluster["revoked"]);
     format!(
-        "raft: leader {leader}, term {}, commit index {}, this node {}\nvoters: {}\nlearners: {}\ndrained: {drained}\nkeys: {} active of {}; routes: {}",
+        "raft: leader {leader}, term {}, commit index {}, this node {}\nvoters: {}\nlearners: {}\ndrained: {drained}\nrevoked: {revoked}\nkeys: {} active of {}; routes: {}",
         cluster["term"],
         cluster["commit_index"],
         cluster["role"].as_str().unwrap_or("?"),

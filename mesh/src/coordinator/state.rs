@@ -42,6 +42,8 @@ pub struct ClusterState {
     pub sealed_ca_key: Vec<u8>,
     /// Bootstrap addresses join tokens carry.
     pub bootstrap: Vec<String>,
+    /// The names revoked nodes had, by node id.
+    pub revoked_names: BTreeMap<String, String>,
     /// Model → node ids it should stay loaded on.
     pub placement: BTreeMap<String, BTreeSet<String>>,
     /// Raft members by Raft id.
@@ -132,6 +134,9 @@ impl ClusterState {
                 Ok(format!("join tokens now carry {} bootstrap address(es)", list.addrs.len()))
             }
             command::Kind::RevokeNode(node_id) => {
+                if let Some(member) = self.members.values().find(|m| &m.node_id == node_id) {
+                    self.revoked_names.insert(node_id.clone(), member.name.clone());
+                }
                 self.revoked.insert(node_id.clone());
                 self.removed.insert(node_id.clone());
                 self.drained.remove(node_id);
@@ -287,6 +292,7 @@ impl ClusterState {
             join_key: self.join_key.clone(),
             sealed_ca_key: self.sealed_ca_key.clone(),
             bootstrap: self.bootstrap.clone(),
+            revoked_names: self.revoked_names.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
             placement: self
                 .placement
                 .iter()
@@ -334,6 +340,7 @@ impl ClusterState {
             join_key: snapshot.join_key,
             sealed_ca_key: snapshot.sealed_ca_key,
             bootstrap: snapshot.bootstrap,
+            revoked_names: snapshot.revoked_names.into_iter().collect(),
             placement: snapshot.placement.into_iter().map(|p| (p.model, p.node_ids.into_iter().collect())).collect(),
             members: snapshot.members.into_iter().map(|m| (m.raft_id, m)).collect(),
             usage: snapshot.usage.into_iter().map(|u| (u.key_id.clone(), u)).collect(),
