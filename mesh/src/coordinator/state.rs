@@ -138,19 +138,11 @@ impl ClusterState {
                     self.revoked_names.insert(node_id.clone(), member.name.clone());
                 }
                 self.revoked.insert(node_id.clone());
-                self.removed.insert(node_id.clone());
-                self.drained.remove(node_id);
-                for nodes in self.placement.values_mut() {
-                    nodes.remove(node_id);
-                }
+                self.take_out(node_id);
                 Ok(format!("revoked {node_id}"))
             }
             command::Kind::RemoveNode(node_id) => {
-                self.removed.insert(node_id.clone());
-                self.drained.remove(node_id);
-                for nodes in self.placement.values_mut() {
-                    nodes.remove(node_id);
-                }
+                self.take_out(node_id);
                 Ok(format!("removed {node_id}"))
             }
             command::Kind::RecordUsage(record) => Ok(self.record_usage(record)),
@@ -274,6 +266,15 @@ impl ClusterState {
     /// Whether the operator drained or removed this node.
     pub fn is_out_of_service(&self, node_id: &str) -> bool {
         self.drained.contains(node_id) || self.removed.contains(node_id) || self.revoked.contains(node_id)
+    }
+
+    /// Removes `node_id` for good: no drain to lift, no model placed on it.
+    fn take_out(&mut self, node_id: &str) {
+        self.removed.insert(node_id.to_string());
+        self.drained.remove(node_id);
+        for nodes in self.placement.values_mut() {
+            nodes.remove(node_id);
+        }
     }
 
     /// The snapshot payload.
