@@ -188,12 +188,12 @@ pub fn cloud_policy(
 
 /// Middleware on the client API: rejects bad keys before any body is read.
 pub async fn authenticate(State(app): State<std::sync::Arc<AppState>>, mut request: Request, next: Next) -> Response {
-    let state = app.coordinator().map(|c| c.state());
     // Requests that arrive without a socket (in-process) count as local.
     let loopback = request.extensions().get::<crate::http_server::OnThisMachine>().is_none_or(|here| here.0);
-    if let Err(err) = membership_gate(&app, loopback) {
+    if let Err(err) = membership_gate(&app, loopback).await {
         return err.with_format(format_for(request.uri().path())).into_response();
     }
+    let state = app.coordinator().map(|c| c.state());
     let mut result = caller(state.as_deref(), request.headers(), app.anonymous, loopback);
     if let Some(coordinator) = app.coordinator() {
         // Wait, don't refuse: a node that has just joined, or restarted and
@@ -224,28 +224,35 @@ pub async fn authenticate(State(app): State<std::sync::Arc<AppState>>, mut reque
 }
 
 /// Refuses what a node outside its mesh cannot answer for the mesh: all
-/// requests once revoked; while it still joins, requests from other
-/// machines (it cannot check their keys yet). Its own machine keeps
-/// using its backend meanwhile.
-fn membership_gate(app: &AppState, loopback: bool) -> Result<(), ApiError> {
-    let problem = app.trust.as_ref().and_then(|t| t.problem());
-    if let Some(problem) = problem.as_ref().filter(|p| p.code() == "revoked") {
-        return Err(ApiError::new(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "node_revoked",
-            format!("{}: it serves no requests; send them to another node of the mesh", problem.detail()),
-        ));
+/// requests once revoked. While it still joins, a request from another
+/// machine (whose key it cannot check yet) waits for it to become a member
+/// (a second or so), unless it cannot join (refused token, no peer); its
+/// own machine keeps using its backend meanwhile.
+async fn membership_gate(app: &AppState, loopback: bool) -> Result<(), ApiError> {
+    let until = tokio::time::Instant::now() + STATE_WAIT;
+    loop {
+        let problem = app.trust.as_ref().and_then(|t| t.problem());
+        if let Some(problem) = problem.as_ref().filter(|p| p.code() == "revoked") {
+            return Err(ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "node_revoked",
+                format!("{}: it serves no requests; send them to another node of the mesh", problem.detail()),
+            ));
+        }
+        if !app.outside_mesh() || loopback {
+            return Ok(());
+        }
+        if problem.is_some() || tokio::time::Instant::now() >= until {
+            let why = problem.map(|p| p.detail()).unwrap_or_else(|| "waiting for its cluster certificate".into());
+            return Err(ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "node_joining",
+                format!("this node is still joining its mesh ({why}); retry shortly or use another node"),
+            )
+            .with_headers(vec![("retry-after", "2".into())]));
+        }
+        tokio::time::sleep(STATE_LOOK_AGAIN).await;
     }
-    if !app.outside_mesh() || loopback {
-        return Ok(());
-    }
-    let why = problem.map(|p| p.detail()).unwrap_or_else(|| "waiting for its cluster certificate".into());
-    Err(ApiError::new(
-        StatusCode::SERVICE_UNAVAILABLE,
-        "node_joining",
-        format!("this node is still joining its mesh ({why}); retry shortly or use another node"),
-    )
-    .with_headers(vec![("retry-after", "2".into())]))
 }
 
 /// How long a request waits for a joining (or restarted) node to receive
