@@ -50,6 +50,11 @@ else
   cargo test --workspace --locked --no-fail-fast
 fi
 
+# --- what a GPU box installs ------------------------------------------------------
+step "release build for glibc 2.28, Debian package and install script (scripts/release.sh, scripts/check-package.sh)"
+scripts/release.sh
+as_root scripts/check-package.sh
+
 # --- chaos ---------------------------------------------------------------------
 step "chaos drills on namespaced hosts: kill, kill-mid-stream, partition-leader, hang-backend, restart-all, add-nodes, soak"
 scripts/chaos.sh all --duration "${CHAOS_SECONDS:-30}" --soak-duration "${SOAK_SECONDS:-120}"

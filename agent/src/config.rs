@@ -372,6 +372,41 @@ impl Config {
         Ok(config)
     }
 
+    /// Takes the join token from `mesh.join_file`. A missing file is fine
+    /// on a box that already belongs to a cluster (a package's unit names
+    /// the file on every box, the first one included); on a fresh box it
+    /// says how to go on.
+    fn read_join_file(&mut self) -> Result<(), ConfigError> {
+        let Some(path) = self.mesh.join_file.clone().filter(|_| self.mesh.join.is_none()) else { return Ok(()) };
+        let token = match std::fs::read_to_string(&path) {
+            Ok(token) => token,
+            Err(err) if err.kind() == std::io::ErrorKind::NotFound => {
+                let dir = self.mesh.data_dir();
+                if matches!(llmesh_mesh::ClusterSecret::load(&dir), Ok(Some(_))) {
+                    return Ok(());
+                }
+                return Err(ConfigError::Inconsistent(format!(
+                    "no join token at {} (mesh.join_file) and no cluster in {}: put the token `llmesh init` printed on a member there, or run `llmesh init --data-dir {}` to make this the first box",
+                    path.display(),
+                    dir.display(),
+                    dir.display()
+                )));
+            }
+            Err(err) => {
+                return Err(ConfigError::Inconsistent(format!(
+                    "mesh.join_file {}: {err} (it should hold the token `llmesh init` prints)",
+                    path.display()
+                )));
+            }
+        };
+        let token = token.trim();
+        if token.is_empty() {
+            return Err(ConfigError::Inconsistent(format!("mesh.join_file {} is empty", path.display())));
+        }
+        self.mesh.join = Some(token.to_string());
+        Ok(())
+    }
+
     /// Applies derived values and checks consistency.
     fn resolve(&mut self) -> Result<(), ConfigError> {
         if let Some(base) = self.port_base {
@@ -396,21 +431,7 @@ impl Config {
         if self.node.name.trim().is_empty() {
             return Err(ConfigError::Inconsistent("node.name must not be empty".into()));
         }
-        if self.mesh.join.is_none()
-            && let Some(path) = &self.mesh.join_file
-        {
-            let token = std::fs::read_to_string(path).map_err(|e| {
-                ConfigError::Inconsistent(format!(
-                    "mesh.join_file {}: {e} (it should hold the token `llmesh init` prints)",
-                    path.display()
-                ))
-            })?;
-            let token = token.trim();
-            if token.is_empty() {
-                return Err(ConfigError::Inconsistent(format!("mesh.join_file {} is empty", path.display())));
-            }
-            self.mesh.join = Some(token.to_string());
-        }
+        self.read_join_file()?;
         let mut names = std::collections::HashSet::new();
         for provider in &self.cloud.providers {
             if provider.name.is_empty() || !names.insert(provider.name.as_str()) {

@@ -79,6 +79,14 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Route { command, admin: args } => return Ok(admin::run_route(&command, &args).await),
         Command::Node { command, admin: args } => return Ok(admin::run_node(&command, &args).await),
         Command::Token { command, admin: args } => return Ok(admin::run_token(&command, &args).await),
+        Command::Completions { shell } => {
+            let mut command = <cli::args::Cli as clap::CommandFactory>::command();
+            let mut script = Vec::new();
+            clap_complete::generate(shell, &mut command, "llmesh", &mut script);
+            // stdout may be a closed pipe (`| head`); nobody to tell then.
+            let _ = std::io::stdout().write_all(&script);
+        }
+        Command::Man { dir } => cli::docs::man(dir.as_deref())?,
         Command::Models { command, api } => return Ok(cli::models::run(&command, &api).await),
         Command::Demo(args) => {
             telemetry::init(&LogConfig { filter: "warn".into(), ..LogConfig::default() });

@@ -31,6 +31,17 @@ pub enum Command {
     Demo(DemoArgs),
     /// Create this node's cluster secret (if missing) and print the join token.
     Init(InitArgs),
+    /// Print a shell completion script (for packages and dotfiles).
+    Completions {
+        /// The shell.
+        shell: clap_complete::Shell,
+    },
+    /// Print the man page, or write one page per command into a directory.
+    Man {
+        /// Where to write `llmesh.1`, `llmesh-agent.1`, …; stdout when absent.
+        #[arg(long, value_name = "DIR")]
+        dir: Option<PathBuf>,
+    },
     /// Show the mesh as a node sees it: nodes, liveness, models, load, Raft.
     Status(StatusArgs),
     /// Manage client API keys (needs the admin token).

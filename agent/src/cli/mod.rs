@@ -7,6 +7,7 @@
 pub mod admin;
 pub mod args;
 pub mod demo;
+pub mod docs;
 pub mod models;
 pub mod sim;
 pub mod status;
