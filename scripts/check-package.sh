@@ -53,7 +53,7 @@ sim_port=$(free_port)
 api_port=$(free_port)
 /usr/bin/llmesh sim-backend --listen "127.0.0.1:$sim_port" >"$work/sim.log" 2>&1 &
 sim_pid=$!
-install -d -o llmesh -g llmesh -m 700 /var/lib/llmesh
+[ "$(stat -c %U:%a /var/lib/llmesh)" = llmesh:700 ] || fail "postinst did not make /var/lib/llmesh for the llmesh user"
 # The first box: init as the service user, then start without a token file.
 runuser -u llmesh -- /usr/bin/llmesh init --data-dir /var/lib/llmesh >"$work/init.out"
 grep -q '^lmj2\.' "$work/init.out" || fail "init printed no token"

@@ -68,6 +68,9 @@ if [ "$MAKE_USER" = 1 ] && [ -z "$DESTDIR" ] && ! getent passwd llmesh >/dev/nul
 fi
 group=llmesh
 getent group llmesh >/dev/null || group=root
+if [ -z "$DESTDIR" ] && [ "$group" = llmesh ] && [ ! -d "$STATE" ]; then
+  install -d -o llmesh -g llmesh -m 700 "$STATE"
+fi
 
 install -D -m 755 "$FROM/llmesh" "$BIN"
 install -d -m 755 "$(dirname "$UNIT")"
