@@ -8,7 +8,7 @@
 #   scripts/chaos.sh soak --soak-duration 600 --nodes 3
 #
 # Drills: kill, kill-mid-stream, partition-leader, hang-backend, restart-all,
-# add-nodes, soak. --no-resume: clients turn stream resuming off.
+# add-nodes, rolling-upgrade, soak. --no-resume: clients turn stream resuming off.
 # Flags: --nodes N (5), --duration S (60), --soak-duration S (600),
 # --clients N (8), --every S (4), --hold S (6). See `llmesh-chaos --help`.
 set -euo pipefail

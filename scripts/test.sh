@@ -56,7 +56,7 @@ scripts/release.sh
 as_root scripts/check-package.sh
 
 # --- chaos ---------------------------------------------------------------------
-step "chaos drills on namespaced hosts: kill, kill-mid-stream, partition-leader, hang-backend, restart-all, add-nodes, soak"
+step "chaos drills on namespaced hosts: kill, kill-mid-stream, partition-leader, hang-backend, restart-all, add-nodes, rolling-upgrade, soak"
 scripts/chaos.sh all --duration "${CHAOS_SECONDS:-30}" --soak-duration "${SOAK_SECONDS:-120}"
 
 # --- real clients --------------------------------------------------------------

@@ -87,7 +87,9 @@ impl ClusterState {
     /// are the same on every node.
     pub fn apply(&mut self, command: &Command) -> Result<String, ApplyError> {
         let Some(kind) = &command.kind else {
-            return Err(ApplyError::Invalid("empty command".into()));
+            return Err(ApplyError::Invalid(
+                "an empty command, or one from a newer llmesh this node does not know".into(),
+            ));
         };
         match kind {
             command::Kind::CreateKey(key) => self.create_key(key),

@@ -228,7 +228,9 @@ impl Plan {
     /// No node can take the model now, and none was tried.
     fn nobody(&self, context: &Context, now: Instant) -> Step {
         let model = &self.facts.model;
-        if context.drained_here {
+        // Drained for all this node knows; but a node that has just
+        // (re)started waits to hear from the peers first.
+        if context.drained_here && !(context.expected_back && now + LOOK_AGAIN < self.facts.deadline) {
             return Step::Fail(ServeError::Drained(format!(
                 "every node that serves '{model}' is drained by an operator; `llmesh node undrain NODE` puts one back (`llmesh status` lists them)"
             )));

@@ -469,12 +469,16 @@ impl Router {
             };
         };
         let drained_here = has_model && cluster.is_some_and(|c| c.is_out_of_service(&joined.node_id));
-        if has_model {
+        if has_model && !drained_here {
             // Its own backend cannot take it (down, or stalled): say so.
-            let unavailable = (!drained_here && self.local.capacity(model, None).is_none())
+            let unavailable = self
+                .local
+                .capacity(model, None)
+                .is_none()
                 .then(|| format!("this node's backend, which serves '{model}', is down or not answering"));
-            return Context { drained_here, unavailable, expected_back: false };
+            return Context { drained_here: false, unavailable, expected_back: false };
         }
+        // Not served here, or drained here: it rests on the peers.
         let left = joined.listening_until.saturating_duration_since(Instant::now());
         let unavailable = candidates::why_unavailable(model, peers, cluster).or_else(|| {
             (!left.is_zero()).then(|| {
@@ -485,8 +489,15 @@ impl Router {
             })
         });
         let expected_back = !left.is_zero() || candidates::expected_back(model, peers, cluster);
-        let drained_here = unavailable.is_some() && candidates::only_drained_hold(model, peers, cluster);
-        Context { drained_here, unavailable, expected_back }
+        let peers_hold = peers.iter().any(|p| p.state.models.iter().any(|m| candidates::same_model(&m.name, model)));
+        // Every node that serves it is out by an operator's hand (this one
+        // included, when it serves it).
+        let all_drained = if peers_hold {
+            unavailable.is_some() && candidates::only_drained_hold(model, peers, cluster)
+        } else {
+            drained_here
+        };
+        Context { drained_here: all_drained, unavailable, expected_back }
     }
 
     /// Runs `req` on `node`, whose slot the step took.

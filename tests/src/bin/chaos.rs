@@ -13,7 +13,7 @@ use llmesh_tests::chaos::{Options, Scenario, run};
 #[command(name = "llmesh-chaos")]
 struct Args {
     /// Drills to run: kill, kill-mid-stream, partition-leader, hang-backend,
-    /// restart-all, add-nodes, soak, or all (every one, the soak last).
+    /// restart-all, add-nodes, rolling-upgrade, soak, or all (every one, the soak last).
     #[arg(required = true)]
     scenarios: Vec<String>,
     /// Nodes (add-nodes grows from 3 to this).

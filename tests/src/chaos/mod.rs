@@ -44,17 +44,21 @@ pub enum Scenario {
     /// Long streams (200+ tokens) while nodes that serve the model are
     /// SIGKILLed: every stream whose entry stayed up must complete.
     KillMidStream,
+    /// A package upgrade, one node at a time: drain it, stop it with
+    /// SIGTERM, start it again on the same data directory, undrain it.
+    RollingUpgrade,
 }
 
 impl Scenario {
     /// Every drill, in the order `all` runs them.
-    pub const ALL: [Scenario; 7] = [
+    pub const ALL: [Scenario; 8] = [
         Scenario::Kill,
         Scenario::KillMidStream,
         Scenario::PartitionLeader,
         Scenario::HangBackend,
         Scenario::RestartAll,
         Scenario::AddNodes,
+        Scenario::RollingUpgrade,
         Scenario::Soak,
     ];
 
@@ -68,6 +72,7 @@ impl Scenario {
             Scenario::AddNodes => "add-nodes",
             Scenario::Soak => "soak",
             Scenario::KillMidStream => "kill-mid-stream",
+            Scenario::RollingUpgrade => "rolling-upgrade",
         }
     }
 }
@@ -367,6 +372,26 @@ async fn drill_on(fleet: &mut Fleet<'_>, scenario: Scenario, options: &Options) 
                 options.duration
             );
         }
+        Scenario::RollingUpgrade => {
+            for i in fleet.up() {
+                tokio::time::sleep(options.every).await;
+                let step = rolling_step(fleet, i).await;
+                faults += 1;
+                checks.push((
+                    format!("{}: drained, exited 0 on SIGTERM, restarted, undrained, the mesh converged", node_name(i)),
+                    step.is_ok(),
+                    step.err().unwrap_or_default(),
+                ));
+            }
+            let remaining = ends.saturating_duration_since(Instant::now());
+            tokio::time::sleep(remaining).await;
+            summary = format!(
+                "{} nodes, {} clients, {:?}; upgraded one node at a time: drain, SIGTERM, start on the same data directory, undrain",
+                fleet.len(),
+                options.clients,
+                options.duration
+            );
+        }
         Scenario::AddNodes => {
             for i in initial..fleet.len() {
                 tokio::time::sleep(options.every).await;
@@ -460,6 +485,14 @@ async fn drill_on(fleet: &mut Fleet<'_>, scenario: Scenario, options: &Options) 
             .collect();
         checks.push(("every added node took or served requests".into(), idle.is_empty(), idle.join(", ")));
     }
+    if scenario == Scenario::RollingUpgrade {
+        let reached = tally.sent - tally.entry_down;
+        checks.push((
+            "every request whose entry node was up completed".into(),
+            tally.complete == reached,
+            format!("{} of {reached}", tally.complete),
+        ));
+    }
     if scenario == Scenario::KillMidStream && !options.resume_off {
         let reached = tally.sent - tally.entry_down;
         checks.push((
@@ -480,6 +513,31 @@ async fn drill_on(fleet: &mut Fleet<'_>, scenario: Scenario, options: &Options) 
         checks.push(("the drill injected at least one fault".into(), false, "the duration is too short".into()));
     }
     Ok(Report { scenario, summary, tally, checks, extra })
+}
+
+/// One node's upgrade, as an operator (or a package's maintainer scripts)
+/// would do it: drain through another node, SIGTERM, start again on the
+/// same data directory, wait for the mesh to converge, undrain.
+async fn rolling_step(fleet: &mut Fleet<'_>, i: usize) -> Result<(), String> {
+    let name = node_name(i);
+    let other = (0..fleet.len()).find(|h| *h != i && fleet.is_up(*h)).unwrap_or(i);
+    fleet.admin(other, &["node", "drain", &name])?;
+    // Let the drain reach every entry before the node stops taking work.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    if !fleet.stop(i).await {
+        return Err(format!("{name} did not exit 0 on SIGTERM"));
+    }
+    fleet.start(i).await;
+    fleet.settle(SETTLE).await?;
+    let mut undrained = Err(String::new());
+    for _ in 0..3 {
+        undrained = fleet.admin(other, &["node", "undrain", &name]).map(drop);
+        if undrained.is_ok() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    undrained
 }
 
 /// Sets route `name` through host `i`, trying three times: a write can
