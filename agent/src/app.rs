@@ -282,6 +282,7 @@ fn app_state(
         max_body_bytes: config.api.max_body_bytes,
         body_read_timeout: config.api.body_read_timeout,
         resume_streams: config.api.resume_streams,
+        public_status: config.api.public_status,
     })
 }
 

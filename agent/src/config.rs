@@ -204,6 +204,10 @@ pub struct ApiConfig {
     /// Resume a streamed chat completion that breaks after its first token
     /// on another node (clients opt out with `x-llmesh-resume: off`).
     pub resume_streams: bool,
+    /// Whether the dashboard (`/`), `/metrics` and `/mesh/v1/*` answer
+    /// anyone who reaches the port (true), or only this machine and
+    /// holders of an API key (false).
+    pub public_status: bool,
 }
 
 /// Who may call the client API without an API key.
@@ -301,6 +305,7 @@ impl Default for ApiConfig {
             drain_timeout: Duration::from_secs(30),
             anonymous: AnonymousAccess::Loopback,
             resume_streams: true,
+            public_status: true,
         }
     }
 }

@@ -24,7 +24,10 @@ pub fn handle() -> Option<&'static PrometheusHandle> {
             };
             let handle = recorder.handle();
             match metrics::set_global_recorder(recorder) {
-                Ok(()) => Some(handle),
+                Ok(()) => {
+                    describe();
+                    Some(handle)
+                }
                 Err(err) => {
                     tracing::warn!(error = %err, "another metrics recorder is installed; /metrics is empty");
                     None
@@ -32,6 +35,40 @@ pub fn handle() -> Option<&'static PrometheusHandle> {
             }
         })
         .as_ref()
+}
+
+/// `# HELP` text for every family `/metrics` serves (the recorder adds
+/// `# TYPE`).
+const FAMILIES: &[(&str, &str, &str)] = &[
+    ("counter", "llmesh_requests_total", "Client requests finished, by model, route, outcome and key."),
+    ("counter", "llmesh_tokens_total", "Tokens read (in) and generated (out), by model, route and key."),
+    ("counter", "llmesh_scheduler_decisions_total", "Where the scheduler sent requests, by reason."),
+    ("counter", "llmesh_forward_errors_total", "Failures forwarding to a peer before its first byte, by peer."),
+    ("counter", "llmesh_cloud_requests_total", "Requests sent to a cloud provider, by provider and outcome."),
+    ("counter", "llmesh_cloud_tokens_total", "Tokens a cloud provider billed, by provider and direction."),
+    ("counter", "llmesh_cloud_spend_microdollars_total", "Estimated cloud spend in millionths of a dollar."),
+    ("histogram", "llmesh_time_to_first_byte_seconds", "Time from request to the response head."),
+    ("histogram", "llmesh_request_duration_seconds", "Time from request to the end of the response body."),
+    ("histogram", "llmesh_queue_wait_seconds", "Time requests waited in this entry node's queue."),
+    ("gauge", "llmesh_queue_depth", "Requests waiting in this entry node's queue now."),
+    ("gauge", "llmesh_in_flight", "Requests running on this node's backend now."),
+    ("gauge", "llmesh_raft_term", "Current Raft term."),
+    ("gauge", "llmesh_raft_commit_index", "Highest Raft log index this node knows committed."),
+    ("gauge", "llmesh_raft_applied_index", "Highest Raft log index this node applied."),
+    ("gauge", "llmesh_raft_is_leader", "1 when this node leads the Raft group."),
+    ("gauge", "llmesh_raft_leader", "1, labelled with the current leader's name."),
+    ("gauge", "llmesh_gossip_peers", "Peers in this node's gossip view, by liveness."),
+    ("gauge", "llmesh_peer_rtt_seconds", "Data-plane round-trip time to each peer."),
+];
+
+fn describe() {
+    for (kind, name, help) in FAMILIES {
+        match *kind {
+            "counter" => metrics::describe_counter!(*name, *help),
+            "histogram" => metrics::describe_histogram!(*name, *help),
+            _ => metrics::describe_gauge!(*name, *help),
+        }
+    }
 }
 
 /// What one finished client request looked like.

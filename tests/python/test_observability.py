@@ -73,6 +73,14 @@ def test_metrics_parse_and_counters_move(demo):
     assert total(after, "llmesh_peer_rtt_seconds") > 0, "the forwarded request used a measured QUIC connection"
 
 
+def test_every_metric_family_has_help_and_type(demo):
+    text = get(f"{demo}/metrics")
+    typed = set(re.findall(r"^# TYPE (\S+) ", text, re.M))
+    helped = {name for name, help_text in re.findall(r"^# HELP (\S+) (.*)$", text, re.M) if help_text.strip()}
+    assert "llmesh_requests_total" in typed and "llmesh_raft_term" in typed
+    assert typed <= helped, f"families without # HELP: {sorted(typed - helped)}"
+
+
 def chromium():
     path = shutil.which("chromium") or shutil.which("chromium-browser")
     assert path, "headless Chromium is needed (scripts/test.sh installs Debian's chromium package)"
@@ -84,8 +92,10 @@ def test_dashboard_shows_the_three_nodes_and_their_models(demo):
     assert "<script src=" not in page and "cdn" not in page.lower(), "the dashboard loads nothing from outside"
     common = [chromium(), "--headless", "--no-sandbox", "--disable-gpu", "--virtual-time-budget=6000"]
     dom = subprocess.run([*common, "--dump-dom", f"{demo}/"], capture_output=True, text=True, timeout=120).stdout
-    rows = dict(re.findall(r'<tr class="node" data-name="([^"]+)">(.*?)</tr>', dom, re.S))
+    found = re.findall(r'<tr class="node[^"]*" data-name="([^"]+)" data-state="([^"]+)">(.*?)</tr>', dom, re.S)
+    rows = {name: row for name, _, row in found}
     assert set(rows) == {"demo-1", "demo-2", "demo-3"}, dom[:2000]
+    assert {name: state for name, state, _ in found} == dict.fromkeys(rows, "alive")
     models = {name: set(re.findall(r'data-model="([^"]+)"', row)) for name, row in rows.items()}
     assert models["demo-1"] == {"qwen2.5:7b", "nomic-embed-text"}
     assert models["demo-2"] == {"qwen2.5:7b", "llama3.2:3b"}

@@ -1,6 +1,8 @@
-//! A client on the agent's own machine that dials the box's LAN address
-//! (not 127.0.0.1) counts as local for `api.anonymous = "loopback"`; a
-//! client on another box does not. Hosts in network namespaces.
+//! Who counts as local, on hosts in network namespaces: a client on the
+//! agent's own machine that dials the box's LAN address (not 127.0.0.1)
+//! counts as local for `api.anonymous = "loopback"`, a client on another
+//! box does not; and with `api.public_status = false` the status
+//! endpoints answer only local clients.
 
 use std::path::Path;
 
@@ -24,6 +26,35 @@ except urllib.error.HTTPError as err:
     );
     let out = lan.exec(from, Path::new("python3"), &["-c", &script]).expect("python3 runs in the namespace");
     out.trim().parse().unwrap_or_else(|_| panic!("no status in {out:?}"))
+}
+
+/// GETs `path` from inside host `from` on host `to`'s agent; the status.
+fn get_from(lan: &Lan, from: usize, to: usize, path: &str) -> u16 {
+    let script = format!(
+        r#"
+import urllib.request, urllib.error
+try:
+    print(urllib.request.urlopen("http://{}:11440{path}", timeout=20).status)
+except urllib.error.HTTPError as err:
+    print(err.code)
+"#,
+        lan.addr(to)
+    );
+    let out = lan.exec(from, Path::new("python3"), &["-c", &script]).expect("python3 runs in the namespace");
+    out.trim().parse().unwrap_or_else(|_| panic!("no status in {out:?}"))
+}
+
+#[tokio::test]
+async fn status_endpoints_can_be_closed_to_other_machines() {
+    let lan = Lan::new(2);
+    let dir = data_dir();
+    let env = [("LLMESH_API__PUBLIC_STATUS", "false")];
+    let _agent = lan.agent(0, &dir, &["--name", "closed-box", "--no-mdns"], &env).await;
+    for path in ["/metrics", "/mesh/v1/nodes", "/"] {
+        assert_eq!(get_from(&lan, 0, 0, path), 200, "{path} from the box itself");
+        assert_eq!(get_from(&lan, 1, 0, path), 401, "{path} from another box");
+    }
+    assert_eq!(get_from(&lan, 1, 0, "/readyz"), 200, "load balancers still see readiness");
 }
 
 #[tokio::test]

@@ -223,6 +223,27 @@ pub async fn authenticate(State(app): State<std::sync::Arc<AppState>>, mut reque
     }
 }
 
+/// Middleware on the status endpoints (dashboard, `/metrics`,
+/// `/mesh/v1/*`): with `api.public_status = false`, only this machine and
+/// callers with a valid API key get them.
+pub async fn status_access(State(app): State<std::sync::Arc<AppState>>, request: Request, next: Next) -> Response {
+    let here = request.extensions().get::<crate::http_server::OnThisMachine>().is_none_or(|h| h.0);
+    if app.public_status || here {
+        return next.run(request).await;
+    }
+    let state = app.coordinator().map(|c| c.state());
+    let key = bearer(request.headers()).zip(state.as_deref()).and_then(|(secret, s)| s.key_for_secret(secret));
+    if key.is_some_and(|k| !k.revoked) {
+        return next.run(request).await;
+    }
+    ApiError::new(
+        StatusCode::UNAUTHORIZED,
+        "status_closed",
+        "this node's status endpoints are closed (api.public_status = false): call them from this machine or with an API key",
+    )
+    .into_response()
+}
+
 /// Refuses what a node outside its mesh cannot answer for the mesh: all
 /// requests once revoked. While it still joins, a request from another
 /// machine (whose key it cannot check yet) waits for it to become a member

@@ -79,6 +79,8 @@ pub struct AppState {
     /// Whether a streamed chat that breaks after its first token is
     /// resumed on another node (see [`resume`]).
     pub resume_streams: bool,
+    /// Whether the dashboard, `/metrics` and `/mesh/v1/*` answer anyone.
+    pub public_status: bool,
 }
 
 impl AppState {
@@ -141,16 +143,20 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/api/ps", get(models::ollama_ps))
         .route_layer(axum::middleware::from_fn_with_state(state.clone(), access::read_body))
         .route_layer(axum::middleware::from_fn_with_state(state.clone(), access::authenticate));
-    Router::new()
+    // What operators read: open on the LAN unless api.public_status = false.
+    let status = Router::new()
         .route("/", get(dashboard))
         .route("/mesh/v1/errors", get(recent_errors))
-        .route("/healthz", get(models::healthz))
-        .route("/readyz", get(models::readyz))
-        .route("/api/version", get(models::ollama_version))
         .route("/mesh/v1/nodes", get(nodes::mesh_nodes))
         .route("/mesh/v1/cluster", get(cluster::mesh_cluster))
         .route("/mesh/v1/cloud", get(cluster::mesh_cloud))
         .route("/metrics", get(cluster::prometheus))
+        .route_layer(axum::middleware::from_fn_with_state(state.clone(), access::status_access));
+    Router::new()
+        .route("/healthz", get(models::healthz))
+        .route("/readyz", get(models::readyz))
+        .route("/api/version", get(models::ollama_version))
+        .merge(status)
         .merge(client_api)
         .fallback(no_route)
         .method_not_allowed_fallback(method_not_allowed)
