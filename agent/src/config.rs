@@ -321,7 +321,7 @@ impl Default for BackendConfig {
             idle_timeout: Duration::from_secs(120),
             inventory_interval: Duration::from_secs(2),
             stall_probe_after: Duration::from_secs(1),
-            stall_probe_timeout: Duration::from_secs(2),
+            stall_probe_timeout: Duration::from_secs(1),
             parallel_slots: 0,
         }
     }
