@@ -3,7 +3,7 @@
 //! or slow nodes.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
@@ -31,6 +31,7 @@ fn ewma(current: f64, samples: u64, sample: f64) -> f64 {
 #[derive(Debug, Default)]
 pub struct LoadTracker {
     in_flight: AtomicU32,
+    served: AtomicU64,
     queued: AtomicU32,
     models: Mutex<HashMap<String, ModelStats>>,
 }
@@ -93,6 +94,11 @@ impl LoadTracker {
         self.in_flight.load(Ordering::Relaxed)
     }
 
+    /// Requests finished on this node's backend since start.
+    pub fn served(&self) -> u64 {
+        self.served.load(Ordering::Relaxed)
+    }
+
     /// Per-model figures for gossip, in model-name order.
     pub fn snapshot(&self) -> Vec<ModelLoad> {
         let models = self.models.lock().unwrap_or_else(PoisonError::into_inner);
@@ -114,6 +120,7 @@ impl LoadTracker {
 impl Drop for InFlight {
     fn drop(&mut self) {
         self.tracker.in_flight.fetch_sub(1, Ordering::Relaxed);
+        self.tracker.served.fetch_add(1, Ordering::Relaxed);
         let mut models = self.tracker.models.lock().unwrap_or_else(PoisonError::into_inner);
         if let Some(stats) = models.get_mut(&self.model) {
             stats.in_flight = stats.in_flight.saturating_sub(1);

@@ -117,6 +117,7 @@ impl NodeStateBuilder {
             gpus: self.gpu.read(),
             parallel_slots: self.parallel_slots,
             in_flight: self.load.in_flight(),
+            served_total: self.load.served(),
             queued: self.load.queued(),
             model_load: self.load.snapshot(),
             recent_prefixes: self.recent_prefixes.snapshot(),

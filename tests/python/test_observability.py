@@ -96,6 +96,8 @@ def test_dashboard_shows_the_three_nodes_and_their_models(demo):
     rows = {name: row for name, _, row in found}
     assert set(rows) == {"demo-1", "demo-2", "demo-3"}, dom[:2000]
     assert {name: state for name, state, _ in found} == dict.fromkeys(rows, "alive")
+    assert all('class="served-rate"' in row for row in rows.values()), "each node shows its served rate"
+    assert 'id="mesh-rate"' in dom
     models = {name: set(re.findall(r'data-model="([^"]+)"', row)) for name, row in rows.items()}
     assert models["demo-1"] == {"qwen2.5:7b", "nomic-embed-text"}
     assert models["demo-2"] == {"qwen2.5:7b", "llama3.2:3b"}

@@ -120,6 +120,9 @@ pub struct LoadView {
     pub queued: u32,
     /// Requests its backend runs at once.
     pub slots: u32,
+    /// Requests its backend finished since its agent started.
+    #[serde(default)]
+    pub served_total: u64,
     /// Per model.
     pub models: Vec<ModelLoadView>,
 }
@@ -193,6 +196,7 @@ impl NodeView {
                 in_flight: state.in_flight,
                 queued: state.queued,
                 slots: state.parallel_slots,
+                served_total: state.served_total,
                 models: per_model,
             },
             draining: state.draining,
