@@ -25,6 +25,9 @@ pub struct Snapshot {
     pub last_error: Option<String>,
     /// When the last poll finished.
     pub polled_at: Option<Instant>,
+    /// Whether the backend stalled (a request's probe went unanswered)
+    /// and no poll has succeeded since.
+    pub stalled: bool,
 }
 
 /// Shared access to the latest [`Snapshot`].
@@ -67,6 +70,7 @@ impl InventoryHandle {
         let mut snapshot = self.snapshot.write().unwrap_or_else(PoisonError::into_inner);
         let mut next = (**snapshot).clone();
         next.healthy = false;
+        next.stalled = true;
         next.last_error = Some(why);
         *snapshot = Arc::new(next);
     }
@@ -91,6 +95,7 @@ impl InventoryHandle {
                     ever_healthy: true,
                     last_error: None,
                     polled_at: Some(Instant::now()),
+                    stalled: false,
                 }
             }
             Err(err) => {
@@ -104,6 +109,7 @@ impl InventoryHandle {
                     ever_healthy: previous.ever_healthy,
                     last_error: Some(err.to_string()),
                     polled_at: Some(Instant::now()),
+                    stalled: previous.stalled,
                 }
             }
         };

@@ -120,6 +120,16 @@ impl LocalNode {
     /// calling it unknown (it may have been pulled a moment ago).
     async fn check_model(&self, model: &str) -> Result<(), ServeError> {
         let snapshot = self.inventory.current();
+        // A backend that stalled holds every request it takes until the
+        // outer timeout: requests that were waiting for its slots go
+        // elsewhere (retryable) until a poll finds it answering again.
+        if snapshot.stalled {
+            return Err(ServeError::BackendUnavailable(format!(
+                "this node's {} backend stalled ({}); another node takes the request",
+                self.backend.kind().as_str(),
+                snapshot.last_error.as_deref().unwrap_or("no answer")
+            )));
+        }
         if snapshot.inventory.resolve(model).is_some() {
             return Ok(());
         }

@@ -198,16 +198,20 @@ pub async fn authenticate(State(app): State<std::sync::Arc<AppState>>, mut reque
     if let Some(coordinator) = app.coordinator() {
         // Wait, don't refuse: a node that has just joined, or restarted and
         // not yet heard from the leader, gets the cluster's state (the keys)
-        // within moments; a key it does not know yet may be a new one.
+        // within moments. And a key it does not know may be one created a
+        // moment ago that has not reached this node yet (a follower cannot
+        // know it is behind until the entry arrives): such a key gets a
+        // short grace before it is called wrong.
         let headers = request.headers().clone();
+        let started = tokio::time::Instant::now();
         let stale = |err: &ApiError| {
-            let behind = coordinator.status().behind();
+            let unknown_key = bearer(&headers).is_some() && matches!(err.code, "missing_api_key" | "invalid_api_key");
+            let waited = started.elapsed();
             err.code == "cluster_state_pending"
-                || (behind && bearer(&headers).is_some() && matches!(err.code, "missing_api_key" | "invalid_api_key"))
+                || (unknown_key && (waited < NEW_KEY_GRACE || coordinator.status().behind()))
         };
-        let until = tokio::time::Instant::now() + STATE_WAIT;
         while let Err(err) = &result {
-            if !stale(err) || tokio::time::Instant::now() >= until {
+            if !stale(err) || started.elapsed() >= STATE_WAIT {
                 break;
             }
             tokio::time::sleep(STATE_LOOK_AGAIN).await;
@@ -280,6 +284,10 @@ async fn membership_gate(app: &AppState, loopback: bool) -> Result<(), ApiError>
 /// the cluster's state before it is answered 503 `cluster_state_pending`
 /// (or 401 for a key the cluster really does not know).
 const STATE_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
+/// How long a key this node does not know is waited for even when the node
+/// looks up to date: a key created through another node reaches this one
+/// within a heartbeat or two.
+const NEW_KEY_GRACE: std::time::Duration = std::time::Duration::from_secs(2);
 /// How often the waiting request looks at the state again.
 const STATE_LOOK_AGAIN: std::time::Duration = std::time::Duration::from_millis(100);
 
