@@ -9,14 +9,14 @@ use std::path::Path;
 use llmesh_tests::data_dir;
 use llmesh_tests::netns::Lan;
 
-/// POSTs a chat completion from inside host `from` to host `to`'s agent;
-/// returns the HTTP status.
-fn chat_from(lan: &Lan, from: usize, to: usize) -> u16 {
+/// Calls `path` on host `to`'s agent from inside host `from` (a POST of
+/// `body` when given, else a GET); returns the HTTP status.
+fn call_from(lan: &Lan, from: usize, to: usize, path: &str, body: Option<&str>) -> u16 {
     let script = format!(
         r#"
-import json, urllib.request, urllib.error
-body = json.dumps({{"model": "qwen2.5:7b", "max_tokens": 2, "messages": [{{"role": "user", "content": "hi"}}]}}).encode()
-request = urllib.request.Request("http://{}:11440/v1/chat/completions", data=body, headers={{"content-type": "application/json"}})
+import sys, urllib.request, urllib.error
+body = sys.argv[1].encode() if len(sys.argv) > 1 else None
+request = urllib.request.Request("http://{}:11440{path}", data=body, headers={{"content-type": "application/json"}})
 try:
     print(urllib.request.urlopen(request, timeout=20).status)
 except urllib.error.HTTPError as err:
@@ -24,24 +24,19 @@ except urllib.error.HTTPError as err:
 "#,
         lan.addr(to)
     );
-    let out = lan.exec(from, Path::new("python3"), &["-c", &script]).expect("python3 runs in the namespace");
+    let mut args = vec!["-c", script.as_str()];
+    args.extend(body);
+    let out = lan.exec(from, Path::new("python3"), &args).expect("python3 runs in the namespace");
     out.trim().parse().unwrap_or_else(|_| panic!("no status in {out:?}"))
 }
 
-/// GETs `path` from inside host `from` on host `to`'s agent; the status.
+fn chat_from(lan: &Lan, from: usize, to: usize) -> u16 {
+    let body = r#"{"model": "qwen2.5:7b", "max_tokens": 2, "messages": [{"role": "user", "content": "hi"}]}"#;
+    call_from(lan, from, to, "/v1/chat/completions", Some(body))
+}
+
 fn get_from(lan: &Lan, from: usize, to: usize, path: &str) -> u16 {
-    let script = format!(
-        r#"
-import urllib.request, urllib.error
-try:
-    print(urllib.request.urlopen("http://{}:11440{path}", timeout=20).status)
-except urllib.error.HTTPError as err:
-    print(err.code)
-"#,
-        lan.addr(to)
-    );
-    let out = lan.exec(from, Path::new("python3"), &["-c", &script]).expect("python3 runs in the namespace");
-    out.trim().parse().unwrap_or_else(|_| panic!("no status in {out:?}"))
+    call_from(lan, from, to, path, None)
 }
 
 #[tokio::test]
