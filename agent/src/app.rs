@@ -315,6 +315,7 @@ fn node_state(
         data_addr: Default::default(),
         control_addr: Default::default(),
         draining: Default::default(),
+        entry: Default::default(),
     })
 }
 

@@ -12,6 +12,7 @@ pub mod app;
 pub mod backend;
 pub mod cloud;
 pub mod config;
+pub mod entry_figures;
 pub mod error;
 pub mod gpu;
 pub mod http_server;

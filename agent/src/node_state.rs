@@ -40,6 +40,8 @@ pub struct NodeStateBuilder {
     pub control_addr: std::sync::OnceLock<String>,
     /// Set once the node starts draining.
     pub draining: std::sync::atomic::AtomicBool,
+    /// What the clients entering here saw.
+    pub entry: Arc<crate::entry_figures::EntryFigures>,
 }
 
 fn rfc3339_to_ms(text: &str) -> i64 {
@@ -118,6 +120,8 @@ impl NodeStateBuilder {
             parallel_slots: self.parallel_slots,
             in_flight: self.load.in_flight(),
             served_total: self.load.served(),
+            tokens_out_total: self.entry.tokens_out(),
+            ttft_ms_histogram: self.entry.ttft_histogram(),
             queued: self.load.queued(),
             model_load: self.load.snapshot(),
             recent_prefixes: self.recent_prefixes.snapshot(),

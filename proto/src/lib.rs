@@ -18,6 +18,11 @@ pub use generated::*;
 /// clear refusal instead of undecodable frames.
 pub const PROTOCOL_VERSION: u32 = 1;
 
+/// Upper bounds (milliseconds) of the buckets of
+/// [`NodeState::ttft_ms_histogram`]; one more bucket holds the rest.
+pub const TTFT_BUCKETS_MS: [u64; 14] =
+    [5, 10, 25, 50, 100, 250, 500, 1_000, 2_000, 4_000, 8_000, 15_000, 30_000, 60_000];
+
 impl ApiKind {
     /// Whether a streamed response of this API uses Server-Sent Events
     /// (OpenAI) rather than newline-delimited JSON (Ollama).

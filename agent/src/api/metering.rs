@@ -38,6 +38,8 @@ pub struct Accounting {
     pub usage: Arc<UsageBatcher>,
     /// Leader link.
     pub coordinator: Option<Coordinator>,
+    /// This node's running totals, gossiped for the mesh's figures.
+    pub entry: Arc<crate::entry_figures::EntryFigures>,
 }
 
 struct Meter {
@@ -57,6 +59,7 @@ impl Drop for Meter {
             (true, 400..=499) => "client_error",
             _ => "server_error",
         };
+        a.entry.record(a.ttft, tokens.completion, outcome == "ok");
         request(&RequestOutcome {
             model: &a.model,
             route: &a.route,

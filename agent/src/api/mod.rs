@@ -370,6 +370,7 @@ async fn run(
         status: response.status().as_u16(),
         usage: state.usage.clone(),
         coordinator: state.coordinator().cloned(),
+        entry: state.node.entry.clone(),
     };
     let mut response = metering::account(response, accounting, prompt_bytes);
     for (name, value) in rate_headers {

@@ -18,6 +18,10 @@ pub struct NodesView {
     pub connected_peers: usize,
     /// Itself first, then every peer it has heard from.
     pub nodes: Vec<NodeView>,
+    /// Upper bounds (ms) of the TTFT histogram buckets; one more bucket
+    /// holds the rest.
+    #[serde(default)]
+    pub ttft_buckets_ms: Vec<u64>,
 }
 
 /// One node as the answering node sees it.
@@ -123,6 +127,17 @@ pub struct LoadView {
     /// Requests its backend finished since its agent started.
     #[serde(default)]
     pub served_total: u64,
+    /// Output tokens of the requests that entered there, since its start.
+    #[serde(default)]
+    pub tokens_out_total: u64,
+    /// Successful requests that entered there, per time-to-first-byte
+    /// bucket (bounds in [`NodesView::ttft_buckets_ms`]), since its start.
+    #[serde(default)]
+    pub ttft_ms_histogram: Vec<u64>,
+    /// When the node took these figures (its clock, Unix milliseconds):
+    /// rates divide by the node's own time, not by gossip's delays.
+    #[serde(default)]
+    pub sampled_at_ms: i64,
     /// Per model.
     pub models: Vec<ModelLoadView>,
 }
@@ -197,6 +212,9 @@ impl NodeView {
                 queued: state.queued,
                 slots: state.parallel_slots,
                 served_total: state.served_total,
+                tokens_out_total: state.tokens_out_total,
+                ttft_ms_histogram: state.ttft_ms_histogram.clone(),
+                sampled_at_ms: state.timestamp_ms,
                 models: per_model,
             },
             draining: state.draining,
@@ -221,5 +239,10 @@ pub async fn mesh_nodes(State(state): AppStateRef) -> Json<NodesView> {
         );
     }
     let connected_peers = view.as_ref().map_or(0, |v| v.connected);
-    Json(NodesView { node_id: local.node_id, connected_peers, nodes })
+    Json(NodesView {
+        node_id: local.node_id,
+        connected_peers,
+        nodes,
+        ttft_buckets_ms: llmesh_proto::TTFT_BUCKETS_MS.to_vec(),
+    })
 }
