@@ -235,6 +235,9 @@ pub async fn run_agent(
         tokio::spawn(finish_join(joining, config.clone(), state.clone(), stop_mesh.clone(), shutdown.clone()));
     }
     tokio::spawn(announce_drain(shutdown.clone(), state.clone()));
+    if crate::service_manager::listening() {
+        tokio::spawn(crate::service_manager::report(state.clone(), shutdown.clone()));
+    }
     let result = crate::http_server::serve(
         listener,
         router(state.clone()),

@@ -23,6 +23,7 @@ pub mod local;
 pub mod metrics;
 pub mod node_state;
 pub mod preload;
+pub mod service_manager;
 pub mod stall;
 pub mod telemetry;
 pub mod usage;

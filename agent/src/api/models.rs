@@ -148,22 +148,52 @@ pub async fn healthz() -> Json<Value> {
 /// a load balancer or an operator can act on: `revoked`, `token_refused`,
 /// `no_peers`, `enrolling`, `backend_down`, and a `detail` in words.
 pub async fn readyz(State(state): AppStateRef) -> Response {
-    let not_ready = |reason: &str, detail: String| {
-        (StatusCode::SERVICE_UNAVAILABLE, Json(json!({ "status": "not ready", "reason": reason, "detail": detail })))
-            .into_response()
-    };
+    match readiness(&state) {
+        Ok(models) => Json(json!({ "status": "ready", "models": models })).into_response(),
+        Err(NotReady { reason, detail }) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            Json(json!({ "status": "not ready", "reason": reason, "detail": detail })),
+        )
+            .into_response(),
+    }
+}
+
+/// Why a node does not serve yet.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NotReady {
+    /// Machine-readable: `revoked`, `token_refused`, `no_peers`,
+    /// `enrolling`, `backend_down`.
+    pub reason: &'static str,
+    /// In words, for an operator.
+    pub detail: String,
+}
+
+impl NotReady {
+    /// Whether the node serves requests anyway (it forwards them to peers
+    /// while its own backend is down).
+    pub fn still_serves(&self) -> bool {
+        self.reason == "backend_down"
+    }
+}
+
+/// Whether this node serves: `Ok(models its backend has)` or why not.
+pub fn readiness(state: &crate::api::AppState) -> Result<usize, NotReady> {
     if let Some(trust) = &state.trust {
         if let Some(problem) = trust.problem() {
-            return not_ready(problem.code(), problem.detail());
+            return Err(NotReady { reason: problem.code(), detail: problem.detail() });
         }
         if state.mesh_node.get().is_none() {
-            return not_ready("enrolling", "waiting for this node's cluster certificate from a voter".into());
+            return Err(NotReady {
+                reason: "enrolling",
+                detail: "waiting for this node's cluster certificate from a voter".into(),
+            });
         }
     }
     let snapshot = state.local.inventory().current();
     if snapshot.healthy {
-        Json(json!({ "status": "ready", "models": snapshot.inventory.models.len() })).into_response()
+        Ok(snapshot.inventory.models.len())
     } else {
-        not_ready("backend_down", snapshot.last_error.clone().unwrap_or_else(|| "backend not polled yet".into()))
+        let detail = snapshot.last_error.clone().unwrap_or_else(|| "backend not polled yet".into());
+        Err(NotReady { reason: "backend_down", detail })
     }
 }
