@@ -166,7 +166,7 @@ async fn finish_join(
     stop_mesh: CancellationToken,
     shutdown: CancellationToken,
 ) {
-    let handler = app.router.forwarded_handler();
+    let handler = Arc::new(crate::telemetry::TracedForwarded(app.router.forwarded_handler()));
     let node = match joining.finish(handler, &shutdown).await {
         Ok(Some(node)) => node,
         Ok(None) => return,

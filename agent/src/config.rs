@@ -21,7 +21,7 @@ pub const DEFAULT_PORT_BASE: u16 = 11440;
 pub const DEFAULT_BACKEND_URL: &str = "http://127.0.0.1:11434";
 
 /// Config sections that `LLMESH_<SECTION>__<KEY>` environment variables may set.
-const ENV_SECTIONS: &[&str] = &["node", "api", "backend", "mesh", "cloud", "sim", "log", "port_base"];
+const ENV_SECTIONS: &[&str] = &["node", "api", "backend", "mesh", "cloud", "sim", "log", "telemetry", "port_base"];
 
 /// What serves requests on this node.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
@@ -73,6 +73,8 @@ pub struct Config {
     pub sim: SimSection,
     /// Logging.
     pub log: LogConfig,
+    /// OpenTelemetry traces.
+    pub telemetry: TelemetryConfig,
 }
 
 /// The `[sim]` section, kept as written: the agent does not know the
@@ -270,6 +272,18 @@ pub struct LogConfig {
     pub format: LogFormat,
     /// tracing filter directives, e.g. `info,llmesh=debug` (RUST_LOG wins).
     pub filter: String,
+}
+
+/// OpenTelemetry traces: spans for a request's entry, scheduling decision,
+/// forward hop and backend call, with its request id, exported over OTLP.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct TelemetryConfig {
+    /// Base URL of an OTLP/HTTP receiver (protobuf), e.g.
+    /// `http://collector:4318`; spans go to `<url>/v1/traces`. Unset: no
+    /// traces are kept.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub otlp_endpoint: Option<String>,
 }
 
 /// Log line format.

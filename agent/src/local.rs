@@ -77,6 +77,7 @@ impl LocalNode {
             queue_until: None,
             forwarded_by: None,
             on_slot: None,
+            traceparent: String::new(),
         };
         // Loading a large model takes minutes; the response only comes after.
         let work = async {
@@ -151,6 +152,15 @@ impl LocalNode {
 #[async_trait::async_trait]
 impl RequestHandler for LocalNode {
     async fn serve(&self, req: InferenceRequest) -> Result<InferenceResponse, ServeError> {
+        use tracing::Instrument;
+        // The backend call, to its response head.
+        let span = tracing::info_span!("backend", request_id = %req.request_id, model = %req.meta.model, backend = self.backend.kind().as_str());
+        self.serve_here(req).instrument(span).await
+    }
+}
+
+impl LocalNode {
+    async fn serve_here(&self, req: InferenceRequest) -> Result<InferenceResponse, ServeError> {
         if req.api.is_management() {
             return self.manage(req).await;
         }

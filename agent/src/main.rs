@@ -52,9 +52,9 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 print!("{}", config.to_toml());
                 return Ok(ExitCode::SUCCESS);
             }
-            telemetry::init(&config.log);
+            let traces = telemetry::init_with_traces(&config.log, &config.telemetry, &config.node.name);
             tokio::spawn(cancel_on_signal(shutdown.clone()));
-            cli::sim::run_agent(config, shutdown, |ready| {
+            let ran = cli::sim::run_agent(config, shutdown, |ready| {
                 if let Some(p2p) = ready.p2p.first() {
                     print_now(&format!("llmesh mesh listening on {p2p}"));
                 }
@@ -63,7 +63,10 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     print_now(&format!("other boxes reach this API at http://{api}"));
                 }
             })
-            .await?;
+            .await;
+            // The exporter's last batch goes out with a blocking client.
+            tokio::task::block_in_place(|| traces.shutdown());
+            ran?;
         }
         Command::SimBackend(args) => {
             telemetry::init(&LogConfig { format: args.log_format, ..LogConfig::default() });

@@ -70,6 +70,9 @@ pub struct InferenceRequest {
     /// Told the moment the request takes a slot here, when the entry node
     /// queued it at other nodes too (they are then cancelled).
     pub on_slot: Option<std::sync::Arc<tokio::sync::Notify>>,
+    /// The W3C `traceparent` of the entry node's span; empty when the
+    /// request is not traced.
+    pub traceparent: String,
 }
 
 /// A response whose head is known and whose body is still streaming.

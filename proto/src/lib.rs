@@ -82,6 +82,7 @@ mod tests {
             max_tokens: 64,
             queue_ms: 5_000,
             reserve: true,
+            traceparent: "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01".into(),
         };
         let bytes = head.encode_to_vec();
         let back = RequestHead::decode(bytes.as_slice()).expect("decodes");

@@ -102,6 +102,7 @@ pub async fn data_stream(creds: &Credentials, target: &Target, model: &str) -> R
         queue_until: None,
         forwarded_by: None,
         on_slot: None,
+        traceparent: String::new(),
     };
     let result = plane.forward(&target.id, &request).await.map(|f| f.response.status);
     stop.cancel();

@@ -304,6 +304,7 @@ pub async fn manage(
         queue_until: None,
         forwarded_by: None,
         on_slot: None,
+        traceparent: String::new(),
     };
     let runs = targets.iter().map(|node| {
         let request = request.clone();

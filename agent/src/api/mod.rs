@@ -311,6 +311,7 @@ fn build_request(
         queue_until: None,
         forwarded_by: None,
         on_slot: None,
+        traceparent: String::new(),
     };
     Ok((request, asked))
 }
@@ -329,7 +330,7 @@ fn reports_tokens(state: &AppState, key: Option<&String>) -> bool {
 /// Routes an admitted request and relays its response, metered.
 async fn run(
     state: &AppState,
-    request: InferenceRequest,
+    mut request: InferenceRequest,
     asked: String,
     caller: &access::Caller,
     headers: &HeaderMap,
@@ -337,7 +338,15 @@ async fn run(
     started: Instant,
 ) -> Result<(Response, String, Route), ApiError> {
     let rate_headers = crate::limits::admit(caller, state.coordinator(), &state.usage).await?;
-    let span = tracing::info_span!("request", id = %request.request_id, api = request.api.as_str_name(), model = %request.meta.model);
+    // The entry span: from admission to the response head. Its trace
+    // context travels with a forwarded request.
+    let span = tracing::info_span!("entry", request_id = %request.request_id, api = request.api.as_str_name(), model = %request.meta.model);
+    // A client that traces its own calls sends its context: the entry
+    // joins that trace.
+    if let Some(parent) = headers.get("traceparent").and_then(|v| v.to_str().ok()) {
+        crate::telemetry::continue_trace(&span, parent);
+    }
+    request.traceparent = crate::telemetry::traceparent(&span);
     let prompt_bytes = request.body.len();
     let model = request.meta.model.clone();
     let cloud = access::cloud_policy(caller, headers, state.cloud.as_deref(), &model)?;

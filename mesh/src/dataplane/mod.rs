@@ -302,6 +302,7 @@ impl DataPlane {
             max_tokens: req.meta.output_tokens.unwrap_or(0),
             queue_ms: left(req.queue_until),
             reserve,
+            traceparent: req.traceparent.clone(),
         };
         let sent = async {
             writer.feed(Frame::RequestHead(head)).await?;
@@ -536,6 +537,7 @@ fn request_of(head: RequestHead, api: ApiKind, body: Bytes, from: &str) -> Infer
         queue_until,
         forwarded_by: Some(from.to_string()),
         on_slot: None,
+        traceparent: head.traceparent,
     }
 }
 
@@ -643,6 +645,7 @@ mod tests {
             queue_until: None,
             forwarded_by: None,
             on_slot: None,
+            traceparent: String::new(),
         }
     }
 

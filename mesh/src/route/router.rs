@@ -16,6 +16,7 @@ use futures::StreamExt;
 use futures::stream::FuturesUnordered;
 use tokio::sync::{Notify, oneshot};
 use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
 
 use super::admission::Admission;
 use super::candidates::{self, LocalCapacity, Sources};
@@ -315,10 +316,30 @@ impl Router {
     /// the rest of a stream that node broke goes elsewhere.
     pub async fn route_avoiding(
         &self,
+        req: InferenceRequest,
+        policy: CloudPolicy,
+        avoid: Option<&str>,
+    ) -> Result<Routed, ServeError> {
+        // The scheduling decision, waits and attempts included; each
+        // attempt's node and why it was chosen are recorded on it.
+        let span = tracing::info_span!(
+            "schedule",
+            request_id = %req.request_id,
+            model = %req.meta.model,
+            node = tracing::field::Empty,
+            reason = tracing::field::Empty,
+            attempts = 0u32,
+        );
+        self.schedule(req, policy, avoid).instrument(span).await
+    }
+
+    async fn schedule(
+        &self,
         mut req: InferenceRequest,
         policy: CloudPolicy,
         avoid: Option<&str>,
     ) -> Result<Routed, ServeError> {
+        let mut attempts = 0u32;
         let mut plan = Plan::new(self.facts(&req, policy));
         if let Some(node) = avoid {
             plan.avoid(node);
@@ -335,6 +356,9 @@ impl Router {
             match step {
                 Step::Run { node, reason } => {
                     crate::route::metrics::scheduled(reason.as_str());
+                    attempts += 1;
+                    let span = tracing::Span::current();
+                    span.record("node", node.as_str()).record("reason", reason.as_str()).record("attempts", attempts);
                     waiting.finish();
                     match self.attempt(&node, &req).await {
                         Ok(routed) => return Ok(routed),
@@ -515,7 +539,9 @@ impl Router {
     async fn forward(&self, node: &str, req: &InferenceRequest) -> Result<Routed, ServeError> {
         let Some(mesh) = self.links() else { return Err(ServeError::Internal("no data plane".into())) };
         tracing::debug!(id = %req.request_id, peer = %node, "forwarding a request");
-        match mesh.dataplane.forward(node, req).await {
+        // The hop, to the peer's response head.
+        let span = tracing::info_span!("forward", request_id = %req.request_id, peer = %node);
+        match mesh.dataplane.forward(node, req).instrument(span).await {
             Ok(forwarded) => Ok(Routed {
                 response: forwarded.response,
                 route: Route::Peer(forwarded.node.clone()),
@@ -656,6 +682,8 @@ impl Router {
         req: &'a InferenceRequest,
     ) -> impl std::future::Future<Output = (String, Slot, Result<Box<Pending>, ServeError>)> + 'a {
         let slot = Slot { admission: self.admission.clone(), recheck: self.recheck.clone(), node: node.clone() };
+        // A place in a peer's queue is a hop too, to the slot it gives.
+        let span = tracing::info_span!("forward", request_id = %req.request_id, peer = %node, reserved = true);
         async move {
             let result = async {
                 let Some(mesh) = self.links() else { return Err(ServeError::Internal("no data plane".into())) };
@@ -667,6 +695,7 @@ impl Router {
                 pending.started().await?;
                 Ok(Box::new(pending))
             }
+            .instrument(span)
             .await;
             (node, slot, result)
         }
