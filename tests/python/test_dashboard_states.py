@@ -64,8 +64,24 @@ def wait_for(what, check, timeout=30):
 @pytest.fixture(scope="module")
 def mesh():
     procs, dirs = [], [tempfile.mkdtemp(prefix="llmesh-dash-") for _ in range(3)]
-    sims = [start("sim-backend", "--listen", "127.0.0.1:0") for _ in range(3)]
-    procs += [p for p, _ in sims]
+    try:
+        yield build_mesh(procs, dirs)
+    finally:
+        # Also when building it failed: nothing is left running.
+        for proc in procs:
+            proc.kill()
+            proc.wait(timeout=10)
+        for d in dirs:
+            shutil.rmtree(d, ignore_errors=True)
+
+
+def build_mesh(procs, dirs):
+    """Three sims and three agents (healthy, drained, down); returns the
+    healthy node's base URL once the drain and the dead backend show."""
+    sims = []
+    for _ in range(3):
+        sims.append(start("sim-backend", "--listen", "127.0.0.1:0"))
+        procs.append(sims[-1][0])
     first, base, boot = agent("healthy", sims[0][1], dirs[0])
     procs.append(first)
     token = next(l for l in subprocess.run([BIN, "init", "--data-dir", dirs[0]], capture_output=True, text=True,
@@ -83,12 +99,7 @@ def mesh():
              lambda: any(d.get("name") == "drained" for d in get_json(f"{base}/mesh/v1/cluster").get("drained", [])))
     wait_for("node 'down' gossiping its backend as down",
              lambda: any(n["name"] == "down" and not n["backend"]["healthy"] for n in nodes()))
-    yield base
-    for proc in procs:
-        proc.kill()
-        proc.wait(timeout=10)
-    for d in dirs:
-        shutil.rmtree(d, ignore_errors=True)
+    return base
 
 
 def steady_load(base, stop, done):

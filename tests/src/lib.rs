@@ -84,15 +84,26 @@ impl Proc {
     }
 
     async fn start_in(netns: Option<&str>, args: &[&str], env: &[(&str, &str)]) -> Proc {
+        Proc::start_program(&binary(), netns, args, env).await
+    }
+
+    /// Starts `program ARGS` (an `llmesh` binary, maybe another build of
+    /// it), inside `netns` when given, and waits until it prints its URL.
+    pub async fn start_program(
+        program: &std::path::Path,
+        netns: Option<&str>,
+        args: &[&str],
+        env: &[(&str, &str)],
+    ) -> Proc {
         let log = tempfile::NamedTempFile::new().expect("log file");
         let stderr = log.reopen().expect("log handle");
         let mut command = match netns {
             Some(ns) => {
                 let mut c = Command::new("ip");
-                c.args(["netns", "exec", ns]).arg(binary());
+                c.args(["netns", "exec", ns]).arg(program);
                 c
             }
-            None => Command::new(binary()),
+            None => Command::new(program),
         };
         let mut child = command
             .args(args)
@@ -194,8 +205,13 @@ pub mod probe;
 /// Runs `llmesh init` on `dir` (creating its cluster if it has none) and
 /// returns the join token it prints.
 pub fn join_token(dir: &std::path::Path) -> String {
+    join_token_with(&binary(), dir)
+}
+
+/// [`join_token`] with another `llmesh` binary (an older build).
+pub fn join_token_with(program: &std::path::Path, dir: &std::path::Path) -> String {
     let out =
-        std::process::Command::new(binary()).args(["init", "--data-dir"]).arg(dir).output().expect("llmesh init runs");
+        std::process::Command::new(program).args(["init", "--data-dir"]).arg(dir).output().expect("llmesh init runs");
     assert!(out.status.success(), "llmesh init failed: {}", String::from_utf8_lossy(&out.stderr));
     let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
     stdout

@@ -37,6 +37,11 @@ struct Args {
     /// Clients ask that broken streams not be resumed on another node.
     #[arg(long)]
     no_resume: bool,
+    /// rolling-upgrade starts every host on this llmesh binary (the
+    /// previous release, see scripts/build-previous.sh) and upgrades each
+    /// to this build: a mixed-version mesh under load.
+    #[arg(long, value_name = "PATH")]
+    from_binary: Option<std::path::PathBuf>,
 }
 
 /// One drill by name, or every drill for `all`.
@@ -72,6 +77,7 @@ fn main() -> ExitCode {
             every: Duration::from_secs_f64(args.every),
             hold: Duration::from_secs_f64(args.hold),
             resume_off: args.no_resume,
+            from_binary: args.from_binary.clone(),
         };
         eprintln!("chaos: running {} ({seconds} s of load)…", scenario.name());
         match run(scenario, &options) {

@@ -13,7 +13,7 @@ use serde_json::Value;
 use super::accounting::Downtime;
 use super::load::Entries;
 use crate::netns::Lan;
-use crate::{Proc, binary, data_dir, join_token};
+use crate::{Proc, binary, data_dir, join_token, join_token_with};
 
 /// HTTP port of every agent; mesh, data and control planes follow.
 const API_PORT: u16 = 11440;
@@ -31,6 +31,10 @@ pub struct FleetConfig {
     pub agent_env: Vec<(String, String)>,
     /// Silence after which a peer is out of routing.
     pub dead_after: String,
+    /// Another `llmesh` build (the previous release) that every host runs
+    /// until [`Fleet::upgrade`] moves it to this build: a mixed-version
+    /// mesh, upgraded one node at a time.
+    pub previous: Option<PathBuf>,
 }
 
 impl Default for FleetConfig {
@@ -46,6 +50,7 @@ impl Default for FleetConfig {
                 ("LLMESH_BACKEND__INVENTORY_INTERVAL".into(), "1s".into()),
             ],
             dead_after: "3s".into(),
+            previous: None,
         }
     }
 }
@@ -56,6 +61,8 @@ struct Host {
     sim: Option<Proc>,
     agent: Option<Proc>,
     stopped_sim: bool,
+    /// Runs this build (not [`FleetConfig::previous`]).
+    upgraded: bool,
 }
 
 /// The hosts, their processes, and when each agent was down.
@@ -87,13 +94,18 @@ impl<'lan> Fleet<'lan> {
     /// thread must be in the switch namespace ([`Lan::enter_switch`]).
     pub fn new(lan: &'lan Lan, config: FleetConfig) -> Fleet<'lan> {
         let seed = data_dir();
-        let token = join_token(&seed);
+        // The cluster is created by the build the hosts start with.
+        let token = match &config.previous {
+            Some(previous) => join_token_with(previous, &seed),
+            None => join_token(&seed),
+        };
         let hosts = (0..lan.len())
             .map(|i| Host {
                 dir: if i == 0 { seed.clone() } else { data_dir() },
                 sim: None,
                 agent: None,
                 stopped_sim: false,
+                upgraded: false,
             })
             .collect();
         let http = reqwest::Client::builder()
@@ -190,7 +202,11 @@ impl<'lan> Fleet<'lan> {
             args.extend_from_slice(&["--bootstrap", boot]);
         }
         let env: Vec<(&str, &str)> = self.config.agent_env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
-        let agent = Proc::start_in_netns_env(&host_ns, &args, &env).await;
+        let program = match &self.config.previous {
+            Some(previous) if !self.hosts[i].upgraded => previous.clone(),
+            _ => binary(),
+        };
+        let agent = Proc::start_program(&program, Some(&host_ns), &args, &env).await;
         self.hosts[i].agent = Some(agent);
         self.downtime.lock().unwrap_or_else(PoisonError::into_inner).up(i);
         let url = self.url(i);
@@ -214,6 +230,16 @@ impl<'lan> Fleet<'lan> {
             }
             sim.kill().await;
         }
+    }
+
+    /// From now on host `i`'s agent starts with this build.
+    pub fn upgrade(&mut self, i: usize) {
+        self.hosts[i].upgraded = true;
+    }
+
+    /// Whether hosts start with another build until upgraded.
+    pub fn mixed_versions(&self) -> bool {
+        self.config.previous.is_some()
     }
 
     /// SIGTERMs host `i`'s agent (it drains and exits); returns whether it

@@ -92,6 +92,9 @@ pub struct Options {
     pub hold: Duration,
     /// Clients turn stream resuming off (`x-llmesh-resume: off`).
     pub resume_off: bool,
+    /// rolling-upgrade: hosts start on this `llmesh` build (the previous
+    /// release) and are upgraded to this one.
+    pub from_binary: Option<std::path::PathBuf>,
 }
 
 /// What a drill found.
@@ -159,7 +162,8 @@ pub fn run(scenario: Scenario, options: &Options) -> Result<Report, String> {
 }
 
 async fn drill(lan: &Lan, scenario: Scenario, options: &Options) -> Result<Report, String> {
-    let mut fleet = Fleet::new(lan, FleetConfig::default());
+    let previous = options.from_binary.clone().filter(|_| scenario == Scenario::RollingUpgrade);
+    let mut fleet = Fleet::new(lan, FleetConfig { previous, ..FleetConfig::default() });
     let result = drill_on(&mut fleet, scenario, options).await;
     if result.is_err() {
         for i in fleet.up() {
@@ -385,8 +389,9 @@ async fn drill_on(fleet: &mut Fleet<'_>, scenario: Scenario, options: &Options) 
             }
             let remaining = ends.saturating_duration_since(Instant::now());
             tokio::time::sleep(remaining).await;
+            let from = if fleet.mixed_versions() { " from the previous release to this build" } else { "" };
             summary = format!(
-                "{} nodes, {} clients, {:?}; upgraded one node at a time: drain, SIGTERM, start on the same data directory, undrain",
+                "{} nodes, {} clients, {:?}; upgraded one node at a time{from}: drain, SIGTERM, start on the same data directory, undrain",
                 fleet.len(),
                 options.clients,
                 options.duration
@@ -527,6 +532,7 @@ async fn rolling_step(fleet: &mut Fleet<'_>, i: usize) -> Result<(), String> {
     if !fleet.stop(i).await {
         return Err(format!("{name} did not exit 0 on SIGTERM"));
     }
+    fleet.upgrade(i);
     fleet.start(i).await;
     fleet.settle(SETTLE).await?;
     let mut undrained = Err(String::new());
