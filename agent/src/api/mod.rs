@@ -351,7 +351,7 @@ async fn run(
     let model = request.meta.model.clone();
     let cloud = access::cloud_policy(caller, headers, state.cloud.as_deref(), &model)?;
     let resumable = state.resume_streams
-        && request.api == ApiKind::OpenaiChat
+        && resume::resumable_api(request.api)
         && request.meta.stream
         && headers.get(resume::RESUME_HEADER).is_none_or(|v| v != "off");
     let resume = resumable.then(|| (request.clone(), cloud.clone()));
