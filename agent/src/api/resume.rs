@@ -101,35 +101,74 @@ impl Format {
     }
 }
 
-/// What the client has been sent so far.
+/// What the client has been sent so far. Every streamed token passes
+/// here, so it parses no JSON: it finds the content string by its key and
+/// keeps it still escaped; only a resume decodes it.
 struct Sent {
     format: Format,
-    text: String,
+    /// The content strings sent, as JSON string bodies (escapes kept).
+    raw_text: Vec<u8>,
     tokens: u64,
     in_tool_call: bool,
     /// The stream's `id`, kept by the continuation's events.
     id: Option<String>,
 }
 
+/// Where `needle` first occurs in `haystack`.
+fn find(haystack: &[u8], needle: &[u8]) -> Option<usize> {
+    memchr::memmem::find(haystack, needle)
+}
+
+/// The body of the JSON string that follows `"key":` after `from` in
+/// `event` (escapes kept), or `None` when the value is not a string.
+fn string_after<'a>(event: &'a [u8], from: usize, key: &[u8]) -> Option<&'a [u8]> {
+    let at = from + find(&event[from..], key)? + key.len();
+    let rest = &event[at..];
+    let colon = rest.iter().position(|b| !b.is_ascii_whitespace())?;
+    let rest = rest[colon..].strip_prefix(b":")?;
+    let quote = rest.iter().position(|b| !b.is_ascii_whitespace())?;
+    let body = rest[quote..].strip_prefix(b"\"")?;
+    let mut i = 0;
+    while i < body.len() {
+        match body[i] {
+            b'\\' => i += 2,
+            b'"' => return Some(&body[..i]),
+            _ => i += 1,
+        }
+    }
+    None
+}
+
 impl Sent {
     fn new(format: Format) -> Sent {
-        Sent { format, text: String::new(), tokens: 0, in_tool_call: false, id: None }
+        Sent { format, raw_text: Vec::new(), tokens: 0, in_tool_call: false, id: None }
     }
 
     /// Notes one event's content.
     fn note(&mut self, event: &[u8]) {
-        let Some(value) = self.format.json(event) else { return };
-        if self.id.is_none() {
-            self.id = value.get("id").and_then(Value::as_str).map(str::to_string);
+        if self.id.is_none()
+            && self.format == Format::Sse
+            && let Some(id) = string_after(event, 0, b"\"id\"")
+        {
+            self.id = serde_json::from_slice::<String>(&[b"\"", id, b"\""].concat()).ok();
         }
-        let delta = self.format.delta(&value);
-        if let Some(text) = delta.and_then(|d| d.get("content")).and_then(Value::as_str).filter(|t| !t.is_empty()) {
-            self.text.push_str(text);
+        let holder: &[u8] = match self.format {
+            Format::Sse => b"\"delta\"",
+            Format::Ndjson => b"\"message\"",
+        };
+        let Some(start) = find(event, holder) else { return };
+        if let Some(text) = string_after(event, start, b"\"content\"").filter(|t| !t.is_empty()) {
+            self.raw_text.extend_from_slice(text);
             self.tokens += 1;
         }
-        if delta.and_then(|d| d.get("tool_calls")).is_some() {
+        if find(&event[start..], b"\"tool_calls\"").is_some() {
             self.in_tool_call = true;
         }
+    }
+
+    /// The text sent so far, decoded.
+    fn text(&self) -> Option<String> {
+        serde_json::from_slice(&[&b"\""[..], &self.raw_text, b"\""].concat()).ok()
     }
 }
 
@@ -138,8 +177,9 @@ impl Sent {
 fn continuation(body: &[u8], sent: &Sent) -> Option<Bytes> {
     let mut value: Value = serde_json::from_slice(body).ok()?;
     let object = value.as_object_mut()?;
-    if !sent.text.is_empty() {
-        object.get_mut("messages")?.as_array_mut()?.push(json!({ "role": "assistant", "content": sent.text }));
+    let text = sent.text()?;
+    if !text.is_empty() {
+        object.get_mut("messages")?.as_array_mut()?.push(json!({ "role": "assistant", "content": text }));
     }
     let lower = |object: &mut serde_json::Map<String, Value>, key: &str| -> Option<()> {
         if let Some(limit) = object.get(key).and_then(Value::as_u64) {
@@ -203,6 +243,39 @@ fn spliced(format: Format, event: Vec<u8>, sent: &Sent, before: u64) -> Vec<u8> 
     if changed { format.event(&value) } else { event }
 }
 
+/// Before any break: notes the whole events that `bytes` completes and
+/// returns them to send, without copying when `bytes` is exactly whole
+/// events (the common case: a backend writes one event per write); an
+/// unfinished event waits in `pending`.
+fn pass_on(format: Format, pending: &mut Vec<u8>, bytes: Bytes, sent: &mut Sent) -> Option<Bytes> {
+    let end: &[u8] = match format {
+        Format::Sse => b"\n\n",
+        Format::Ndjson => b"\n",
+    };
+    let whole = |buf: &[u8], sent: &mut Sent| -> usize {
+        let mut done = 0;
+        for at in memchr::memmem::find_iter(buf, end) {
+            // Overlapping finds ("\n\n\n") inside an event already ended.
+            if at < done {
+                continue;
+            }
+            sent.note(&buf[done..at + end.len()]);
+            done = at + end.len();
+        }
+        done
+    };
+    if pending.is_empty() {
+        let done = whole(&bytes, sent);
+        if done < bytes.len() {
+            pending.extend_from_slice(&bytes[done..]);
+        }
+        return (done > 0).then(|| bytes.slice(..done));
+    }
+    pending.extend_from_slice(&bytes);
+    let done = whole(pending, sent);
+    (done > 0).then(|| Bytes::from(pending.drain(..done).collect::<Vec<u8>>()))
+}
+
 /// Asks the mesh for the rest of the answer; `None` when it cannot.
 async fn resume_body(resume: &Resume, sent: &Sent) -> Option<BodyStream> {
     let body = continuation(&resume.request.body, sent)?;
@@ -226,6 +299,11 @@ pub fn resumable(body: BodyStream, resume: Resume) -> BodyStream {
         let mut skipping = false;
         loop {
             match body.next().await {
+                Some(Ok(bytes)) if resumed.is_none() => {
+                    if let Some(out) = pass_on(format, &mut pending, bytes, &mut sent) {
+                        yield Ok(out);
+                    }
+                }
                 Some(Ok(bytes)) => {
                     pending.extend_from_slice(&bytes);
                     let mut out = Vec::new();
@@ -290,7 +368,7 @@ mod tests {
         ] {
             sent.note(event);
         }
-        assert_eq!((sent.text.as_str(), sent.tokens), ("Hello there", 2));
+        assert_eq!((sent.text().as_deref(), sent.tokens), (Some("Hello there"), 2));
         let body = br#"{"model":"m","stream":true,"max_tokens":10,"messages":[{"role":"user","content":"hi"}]}"#;
         let next: Value = serde_json::from_slice(&continuation(body, &sent).expect("continues")).expect("json");
         assert_eq!(next["messages"][1], json!({ "role": "assistant", "content": "Hello there" }));
@@ -341,5 +419,36 @@ mod tests {
         let out = Format::Sse.json(&spliced(Format::Sse, usage, &sent, 4)).expect("json");
         assert_eq!(out["id"], "chatcmpl-1");
         assert_eq!(out["usage"], json!({ "prompt_tokens": 5, "completion_tokens": 10, "total_tokens": 15 }));
+    }
+
+    #[test]
+    fn whole_events_pass_on_uncopied_and_a_split_one_waits_for_its_end() {
+        let mut sent = Sent::new(Format::Sse);
+        let mut pending = Vec::new();
+        let first = Bytes::from_static(b"data: {\"id\":\"c1\",\"choices\":[{\"delta\":{\"content\":\"a\\\"b\"}}]}\n\n");
+        let out = pass_on(Format::Sse, &mut pending, first.clone(), &mut sent).expect("one event");
+        assert_eq!(out.as_ptr(), first.as_ptr(), "passed on without a copy");
+        let out = pass_on(
+            Format::Sse,
+            &mut pending,
+            Bytes::from_static(b"data: {\"choices\":[{\"delta\":{\"cont"),
+            &mut sent,
+        );
+        assert!(out.is_none() && !pending.is_empty());
+        let out = pass_on(Format::Sse, &mut pending, Bytes::from_static(b"ent\":\"c\"}}]}\n"), &mut sent);
+        assert!(out.is_none(), "half of the blank line is not an end");
+        let out =
+            pass_on(Format::Sse, &mut pending, Bytes::from_static(b"\ndata: [DONE]\n\n"), &mut sent).expect("two");
+        assert!(out.ends_with(b"data: [DONE]\n\n") && pending.is_empty());
+        assert_eq!((sent.id.as_deref(), sent.text().as_deref(), sent.tokens), (Some("c1"), Some("a\"bc"), 2));
+    }
+
+    #[test]
+    fn a_tool_call_and_ollama_lines_are_noted_without_parsing() {
+        let mut sent = Sent::new(Format::Ndjson);
+        let mut pending = Vec::new();
+        let lines = Bytes::from_static(b"{\"message\":{\"role\":\"assistant\",\"content\":\"x\"},\"done\":false}\n{\"message\":{\"content\":\"\",\"tool_calls\":[]},\"done\":false}\n");
+        assert!(pass_on(Format::Ndjson, &mut pending, lines, &mut sent).is_some());
+        assert_eq!((sent.text().as_deref(), sent.tokens, sent.in_tool_call), (Some("x"), 1, true));
     }
 }
