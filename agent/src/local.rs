@@ -154,7 +154,7 @@ impl RequestHandler for LocalNode {
     async fn serve(&self, req: InferenceRequest) -> Result<InferenceResponse, ServeError> {
         use tracing::Instrument;
         // The backend call, to its response head.
-        let span = tracing::info_span!("backend", request_id = %req.request_id, model = %req.meta.model, backend = self.backend.kind().as_str());
+        let span = tracing::debug_span!("backend", request_id = %req.request_id, model = %req.meta.model, backend = self.backend.kind().as_str());
         self.serve_here(req).instrument(span).await
     }
 }

@@ -13,8 +13,9 @@ use opentelemetry_otlp::{Protocol, WithExportConfig};
 use opentelemetry_sdk::Resource;
 use opentelemetry_sdk::propagation::TraceContextPropagator;
 use opentelemetry_sdk::trace::SdkTracerProvider;
+use tracing::Level;
 use tracing_opentelemetry::OpenTelemetrySpanExt;
-use tracing_subscriber::filter::{LevelFilter, Targets};
+use tracing_subscriber::filter::filter_fn;
 use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::util::SubscriberInitExt;
 use tracing_subscriber::{EnvFilter, Layer};
@@ -92,10 +93,13 @@ pub fn init_with_traces(log: &LogConfig, telemetry: &TelemetryConfig, node: &str
             Ok(built) => {
                 let tracer = built.tracer("llmesh");
                 provider = Some(built);
-                // Only llmesh's spans, whatever the log filter says.
-                let ours = Targets::new()
-                    .with_target("llmesh", LevelFilter::INFO)
-                    .with_target("llmesh_mesh", LevelFilter::INFO);
+                // Only llmesh's spans, whatever the log filter says: the
+                // per-hop spans are DEBUG, so without traces they cost
+                // nothing at the default log level; events up to INFO.
+                let ours = filter_fn(|meta| {
+                    let most = if meta.is_span() { Level::DEBUG } else { Level::INFO };
+                    meta.target().starts_with("llmesh") && *meta.level() <= most
+                });
                 Some(tracing_opentelemetry::layer().with_tracer(tracer).with_filter(ours))
             }
             Err(err) => {
@@ -127,8 +131,7 @@ impl llmesh_mesh::RequestHandler for TracedForwarded {
     ) -> Result<llmesh_mesh::InferenceResponse, llmesh_mesh::ServeError> {
         use tracing::Instrument;
         let from = req.forwarded_by.as_deref().unwrap_or("");
-        let span =
-            tracing::info_span!("serve_forwarded", request_id = %req.request_id, model = %req.meta.model, from = %from);
+        let span = tracing::debug_span!("serve_forwarded", request_id = %req.request_id, model = %req.meta.model, from = %from);
         continue_trace(&span, &req.traceparent);
         self.0.serve(req).instrument(span).await
     }

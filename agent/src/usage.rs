@@ -4,6 +4,9 @@
 //! and `eval_count` (translated answers). A stream without a usage report
 //! is estimated: one token per content chunk, prompt bytes / 4.
 
+use std::sync::LazyLock;
+
+use memchr::memmem::Finder;
 use serde::Deserialize;
 
 /// Tokens of one response.
@@ -38,13 +41,22 @@ struct UsageObject {
     completion_tokens: u64,
 }
 
-fn find(haystack: &[u8], needle: &[u8]) -> Option<usize> {
-    haystack.windows(needle.len()).position(|w| w == needle)
+// Needles searched for in every line of every response, built once.
+static USAGE: LazyLock<Finder<'static>> = LazyLock::new(|| Finder::new(b"\"usage\":"));
+static EVAL_COUNT: LazyLock<Finder<'static>> = LazyLock::new(|| Finder::new(b"\"eval_count\":"));
+static PROMPT_EVAL_COUNT: LazyLock<Finder<'static>> = LazyLock::new(|| Finder::new(b"\"prompt_eval_count\":"));
+static CONTENT: LazyLock<Finder<'static>> = LazyLock::new(|| Finder::new(b"\"content\":\""));
+static TEXT: LazyLock<Finder<'static>> = LazyLock::new(|| Finder::new(b"\"text\":\""));
+static RESPONSE: LazyLock<Finder<'static>> = LazyLock::new(|| Finder::new(b"\"response\":\""));
+
+/// Where `needle` ends in `line`.
+fn end_of(line: &[u8], needle: &Finder<'_>) -> Option<usize> {
+    needle.find(line).map(|at| at + needle.needle().len())
 }
 
 /// The unsigned number right after `"name":` in `line`.
-fn number_after(line: &[u8], name: &[u8]) -> Option<u64> {
-    let at = find(line, name)? + name.len();
+fn number_after(line: &[u8], name: &Finder<'_>) -> Option<u64> {
+    let at = end_of(line, name)?;
     let rest = &line[at..];
     let start = rest.iter().position(|b| !b.is_ascii_whitespace())?;
     let digits: &[u8] = &rest[start..];
@@ -53,8 +65,8 @@ fn number_after(line: &[u8], name: &[u8]) -> Option<u64> {
 }
 
 /// Whether `"field":"` is followed by at least one character.
-fn non_empty(line: &[u8], field: &[u8]) -> bool {
-    find(line, field).is_some_and(|at| line.get(at + field.len()).is_some_and(|b| *b != b'"'))
+fn non_empty(line: &[u8], field: &Finder<'_>) -> bool {
+    end_of(line, field).is_some_and(|at| line.get(at).is_some_and(|b| *b != b'"'))
 }
 
 impl UsageMeter {
@@ -65,32 +77,42 @@ impl UsageMeter {
 
     /// Feeds the next chunk of the response body.
     pub fn push(&mut self, chunk: &[u8]) {
-        self.pending.extend_from_slice(chunk);
-        let mut consumed = 0;
-        while let Some(end) = self.pending[consumed..].iter().position(|b| *b == b'\n') {
-            let line = std::mem::take(&mut self.pending);
-            self.line(&line[consumed..consumed + end]);
+        // The common case, a chunk of whole lines, is read in place.
+        let mut rest = chunk;
+        if !self.pending.is_empty() {
+            let Some(end) = memchr::memchr(b'\n', chunk) else {
+                self.pending.extend_from_slice(chunk);
+                return;
+            };
+            let mut line = std::mem::take(&mut self.pending);
+            line.extend_from_slice(&chunk[..end]);
+            self.line(&line);
+            line.clear();
             self.pending = line;
-            consumed += end + 1;
+            rest = &chunk[end + 1..];
         }
-        self.pending.drain(..consumed);
+        let mut consumed = 0;
+        for end in memchr::memchr_iter(b'\n', rest) {
+            self.line(&rest[consumed..end]);
+            consumed = end + 1;
+        }
+        self.pending.extend_from_slice(&rest[consumed..]);
     }
 
     fn line(&mut self, line: &[u8]) {
-        if let Some(at) = find(line, b"\"usage\":") {
-            let mut objects = serde_json::Deserializer::from_slice(&line[at + 8..]).into_iter::<UsageObject>();
+        if let Some(at) = end_of(line, &USAGE) {
+            let mut objects = serde_json::Deserializer::from_slice(&line[at..]).into_iter::<UsageObject>();
             if let Some(Ok(usage)) = objects.next() {
                 // Anthropic reports input at the start and output at the end
                 // of a stream: keep the largest of each.
                 let (prompt, completion) = self.reported.unwrap_or_default();
                 self.reported = Some((prompt.max(usage.prompt_tokens), completion.max(usage.completion_tokens)));
             }
-        } else if let Some(completion) = number_after(line, b"\"eval_count\":") {
-            let prompt = number_after(line, b"\"prompt_eval_count\":").unwrap_or(0);
+        } else if let Some(completion) = number_after(line, &EVAL_COUNT) {
+            let prompt = number_after(line, &PROMPT_EVAL_COUNT).unwrap_or(0);
             self.reported = Some((prompt, completion));
         }
-        if non_empty(line, b"\"content\":\"") || non_empty(line, b"\"text\":\"") || non_empty(line, b"\"response\":\"")
-        {
+        if non_empty(line, &CONTENT) || non_empty(line, &TEXT) || non_empty(line, &RESPONSE) {
             self.content_chunks += 1;
         }
     }

@@ -19,12 +19,13 @@
 //! llama-server; vLLM needs `continue_final_message`). Only whole events
 //! reach the client, so a splice never cuts one.
 
-use std::sync::Arc;
+use std::sync::{Arc, LazyLock};
 
 use bytes::Bytes;
 use futures::StreamExt;
 use llmesh_mesh::route::{CloudPolicy, Router};
 use llmesh_mesh::{ApiKind, BodyStream, InferenceRequest};
+use memchr::memmem::Finder;
 use serde_json::{Value, json};
 
 /// Header with which a client turns resuming off for one request (`off`).
@@ -114,15 +115,17 @@ struct Sent {
     id: Option<String>,
 }
 
-/// Where `needle` first occurs in `haystack`.
-fn find(haystack: &[u8], needle: &[u8]) -> Option<usize> {
-    memchr::memmem::find(haystack, needle)
-}
+// Keys looked for in every streamed event, their searchers built once.
+static ID: LazyLock<Finder<'static>> = LazyLock::new(|| Finder::new(b"\"id\""));
+static DELTA: LazyLock<Finder<'static>> = LazyLock::new(|| Finder::new(b"\"delta\""));
+static MESSAGE: LazyLock<Finder<'static>> = LazyLock::new(|| Finder::new(b"\"message\""));
+static CONTENT: LazyLock<Finder<'static>> = LazyLock::new(|| Finder::new(b"\"content\""));
+static TOOL_CALLS: LazyLock<Finder<'static>> = LazyLock::new(|| Finder::new(b"\"tool_calls\""));
 
 /// The body of the JSON string that follows `"key":` after `from` in
 /// `event` (escapes kept), or `None` when the value is not a string.
-fn string_after<'a>(event: &'a [u8], from: usize, key: &[u8]) -> Option<&'a [u8]> {
-    let at = from + find(&event[from..], key)? + key.len();
+fn string_after<'a>(event: &'a [u8], from: usize, key: &Finder<'_>) -> Option<&'a [u8]> {
+    let at = from + key.find(&event[from..])? + key.needle().len();
     let rest = &event[at..];
     let colon = rest.iter().position(|b| !b.is_ascii_whitespace())?;
     let rest = rest[colon..].strip_prefix(b":")?;
@@ -148,20 +151,20 @@ impl Sent {
     fn note(&mut self, event: &[u8]) {
         if self.id.is_none()
             && self.format == Format::Sse
-            && let Some(id) = string_after(event, 0, b"\"id\"")
+            && let Some(id) = string_after(event, 0, &ID)
         {
             self.id = serde_json::from_slice::<String>(&[b"\"", id, b"\""].concat()).ok();
         }
-        let holder: &[u8] = match self.format {
-            Format::Sse => b"\"delta\"",
-            Format::Ndjson => b"\"message\"",
+        let holder = match self.format {
+            Format::Sse => &DELTA,
+            Format::Ndjson => &MESSAGE,
         };
-        let Some(start) = find(event, holder) else { return };
-        if let Some(text) = string_after(event, start, b"\"content\"").filter(|t| !t.is_empty()) {
+        let Some(start) = holder.find(event) else { return };
+        if let Some(text) = string_after(event, start, &CONTENT).filter(|t| !t.is_empty()) {
             self.raw_text.extend_from_slice(text);
             self.tokens += 1;
         }
-        if find(&event[start..], b"\"tool_calls\"").is_some() {
+        if TOOL_CALLS.find(&event[start..]).is_some() {
             self.in_tool_call = true;
         }
     }
@@ -243,26 +246,33 @@ fn spliced(format: Format, event: Vec<u8>, sent: &Sent, before: u64) -> Vec<u8> 
     if changed { format.event(&value) } else { event }
 }
 
+static BLANK_LINE: LazyLock<Finder<'static>> = LazyLock::new(|| Finder::new(b"\n\n"));
+
+/// Notes each event of `buf` that ends at one of `ends` (each `end_len`
+/// long); returns where the last whole one ends.
+fn note_events(buf: &[u8], ends: impl Iterator<Item = usize>, end_len: usize, sent: &mut Sent) -> usize {
+    let mut done = 0;
+    for at in ends {
+        // Overlapping finds ("\n\n\n") inside an event already ended.
+        if at < done {
+            continue;
+        }
+        sent.note(&buf[done..at + end_len]);
+        done = at + end_len;
+    }
+    done
+}
+
 /// Before any break: notes the whole events that `bytes` completes and
 /// returns them to send, without copying when `bytes` is exactly whole
 /// events (the common case: a backend writes one event per write); an
 /// unfinished event waits in `pending`.
 fn pass_on(format: Format, pending: &mut Vec<u8>, bytes: Bytes, sent: &mut Sent) -> Option<Bytes> {
-    let end: &[u8] = match format {
-        Format::Sse => b"\n\n",
-        Format::Ndjson => b"\n",
-    };
     let whole = |buf: &[u8], sent: &mut Sent| -> usize {
-        let mut done = 0;
-        for at in memchr::memmem::find_iter(buf, end) {
-            // Overlapping finds ("\n\n\n") inside an event already ended.
-            if at < done {
-                continue;
-            }
-            sent.note(&buf[done..at + end.len()]);
-            done = at + end.len();
+        match format {
+            Format::Sse => note_events(buf, BLANK_LINE.find_iter(buf), 2, sent),
+            Format::Ndjson => note_events(buf, memchr::memchr_iter(b'\n', buf), 1, sent),
         }
-        done
     };
     if pending.is_empty() {
         let done = whole(&bytes, sent);

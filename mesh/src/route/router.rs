@@ -322,7 +322,7 @@ impl Router {
     ) -> Result<Routed, ServeError> {
         // The scheduling decision, waits and attempts included; each
         // attempt's node and why it was chosen are recorded on it.
-        let span = tracing::info_span!(
+        let span = tracing::debug_span!(
             "schedule",
             request_id = %req.request_id,
             model = %req.meta.model,
@@ -540,7 +540,7 @@ impl Router {
         let Some(mesh) = self.links() else { return Err(ServeError::Internal("no data plane".into())) };
         tracing::debug!(id = %req.request_id, peer = %node, "forwarding a request");
         // The hop, to the peer's response head.
-        let span = tracing::info_span!("forward", request_id = %req.request_id, peer = %node);
+        let span = tracing::debug_span!("forward", request_id = %req.request_id, peer = %node);
         match mesh.dataplane.forward(node, req).instrument(span).await {
             Ok(forwarded) => Ok(Routed {
                 response: forwarded.response,
@@ -683,7 +683,7 @@ impl Router {
     ) -> impl std::future::Future<Output = (String, Slot, Result<Box<Pending>, ServeError>)> + 'a {
         let slot = Slot { admission: self.admission.clone(), recheck: self.recheck.clone(), node: node.clone() };
         // A place in a peer's queue is a hop too, to the slot it gives.
-        let span = tracing::info_span!("forward", request_id = %req.request_id, peer = %node, reserved = true);
+        let span = tracing::debug_span!("forward", request_id = %req.request_id, peer = %node, reserved = true);
         async move {
             let result = async {
                 let Some(mesh) = self.links() else { return Err(ServeError::Internal("no data plane".into())) };
