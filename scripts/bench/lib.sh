@@ -58,3 +58,31 @@ oha_run() {
   oha -z 1s -c "$conns" --no-tui -m POST -H 'content-type: application/json' -d "$body" "$url" >/dev/null 2>&1 || true
   oha "${args[@]}" "$url" >"$WORK/$name.json"
 }
+
+# Rust routers a user would put in front of the boxes instead, from PyPI
+# into .venv-bench. Pinned: the versions the README's figures came from.
+SMG_VERSION=1.13.0
+VLLM_ROUTER_VERSION=0.1.17
+
+# install_router NAME PIP-SPEC EXECUTABLE: installs once; false (rows are
+# then skipped) when it cannot be installed.
+install_router() {
+  [ -x .venv-bench/bin/python ] || python3 -m venv .venv-bench
+  if [ ! -x ".venv-bench/bin/$3" ]; then
+    echo "==> installing $2 into .venv-bench (once)"
+    .venv-bench/bin/python -m pip install -q --disable-pip-version-check "$2" ||
+      echo "==> $1 could not be installed: its rows are skipped"
+  fi
+  [ -x ".venv-bench/bin/$3" ]
+}
+
+# router_args PROGRAM POLICY PORT METRICS-PORT WORKER-URL...: the command
+# line of SMG (`smg launch`) or vllm-router in front of those workers.
+router_args() {
+  local program=$1 policy=$2 port=$3 metrics=$4
+  shift 4
+  local args=(--host 127.0.0.1 --port "$port" --worker-urls "$@" --policy "$policy"
+    --prometheus-host 127.0.0.1 --prometheus-port "$metrics")
+  [ "$program" = smg ] && args=(launch "${args[@]}" --log-level warn)
+  printf '%s\n' "${args[@]}"
+}
