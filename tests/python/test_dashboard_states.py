@@ -10,22 +10,16 @@ import subprocess
 import tempfile
 import threading
 import time
-import urllib.request
-import json
 
 import openai
 import pytest
 from playwright.sync_api import sync_playwright
 
 from test_clients import BIN, ROOT, start
+from test_real_backend import get_json, wait_for
 
 RATE = 10.0  # requests per second offered by the load
 MAX_TOKENS = 4
-
-
-def get_json(url):
-    with urllib.request.urlopen(url, timeout=10) as response:
-        return json.loads(response.read())
 
 
 def agent(name, backend, data_dir, *extra):
@@ -47,18 +41,6 @@ def agent(name, backend, data_dir, *extra):
             return proc, url.group(1).removesuffix("/v1"), p2p
     proc.kill()
     raise RuntimeError(f"agent {name} did not start")
-
-
-def wait_for(what, check, timeout=30):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            if check():
-                return
-        except OSError:
-            pass
-        time.sleep(0.2)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 @pytest.fixture(scope="module")

@@ -24,33 +24,33 @@ impl NotifySocket {
         NotifySocket { socket, path: path.to_string_lossy().into_owned(), _dir: dir }
     }
 
-    /// Every message that arrives within `wait`, split into `KEY=VALUE` lines.
-    fn lines_within(&self, wait: Duration) -> Vec<String> {
+    /// Every message that arrives within `wait`, split into `KEY=VALUE`
+    /// lines, stopping early once a line equals `stop`.
+    fn read(&self, wait: Duration, stop: Option<&str>) -> Vec<String> {
         let deadline = Instant::now() + wait;
         let mut lines = Vec::new();
         let mut buf = [0u8; 4096];
         while Instant::now() < deadline {
             if let Ok(n) = self.socket.recv(&mut buf) {
                 lines.extend(String::from_utf8_lossy(&buf[..n]).lines().map(str::to_string));
+                if stop.is_some_and(|stop| lines.iter().any(|l| l == stop)) {
+                    break;
+                }
             }
         }
         lines
     }
 
+    /// Every line that arrives within `wait`.
+    fn lines_within(&self, wait: Duration) -> Vec<String> {
+        self.read(wait, None)
+    }
+
     /// Lines until one equals `line` (inclusive), or panics after `wait`.
     fn until(&self, line: &str, wait: Duration) -> Vec<String> {
-        let deadline = Instant::now() + wait;
-        let mut lines = Vec::new();
-        let mut buf = [0u8; 4096];
-        while Instant::now() < deadline {
-            if let Ok(n) = self.socket.recv(&mut buf) {
-                lines.extend(String::from_utf8_lossy(&buf[..n]).lines().map(str::to_string));
-                if lines.iter().any(|l| l == line) {
-                    return lines;
-                }
-            }
-        }
-        panic!("no {line} within {wait:?}; got {lines:?}")
+        let lines = self.read(wait, Some(line));
+        assert!(lines.iter().any(|l| l == line), "no {line} within {wait:?}; got {lines:?}");
+        lines
     }
 }
 
