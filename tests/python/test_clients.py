@@ -3,10 +3,13 @@ process in front of a real sim-backend process."""
 
 import os
 import re
+import shutil
 import subprocess
+import tempfile
 import time
 from pathlib import Path
 
+import httpx
 import ollama
 import openai
 import pytest
@@ -34,6 +37,28 @@ def start(*args):
             return proc, match.group(1)
     proc.kill()
     raise RuntimeError(f"llmesh {args} did not start")
+
+
+def agent(name, backend, data_dir, *extra):
+    """Starts an agent; returns (process, base URL, libp2p address)."""
+    proc = subprocess.Popen(
+        [BIN, "agent", "--listen", "127.0.0.1:0", *(["--backend", backend] if backend else []),
+         "--data-dir", data_dir, "--name", name,
+         "--no-mdns", "--mesh-listen", "/ip4/127.0.0.1/tcp/0", "--data-listen", "127.0.0.1:0",
+         "--control-listen", "127.0.0.1:0", *extra],
+        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL, text=True)
+    p2p, deadline = None, time.monotonic() + 30
+    while time.monotonic() < deadline:
+        line = proc.stdout.readline()
+        if not line:
+            break
+        if line.startswith("llmesh mesh listening on "):
+            p2p = line.removeprefix("llmesh mesh listening on ").strip()
+        url = re.search(r"(http://\S+)", line)
+        if url and "listening on" in line:
+            return proc, url.group(1).removesuffix("/v1"), p2p
+    proc.kill()
+    raise RuntimeError(f"agent {name} did not start")
 
 
 @pytest.fixture(scope="module")
@@ -260,6 +285,43 @@ def check_anthropic_messages(url):
 
 def test_openai_responses_plain_and_streamed(oai):
     check_openai_responses(oai)
+
+
+@pytest.fixture(scope="module")
+def forwarded_url():
+    """An entry node without a backend of its own in a mesh with one GPU
+    node: everything sent to it crosses the data plane."""
+    procs, dirs = [], [tempfile.mkdtemp(prefix="llmesh-fwd-") for _ in range(2)]
+    try:
+        sim, sim_url = start("sim-backend", "--listen", "127.0.0.1:0")
+        procs.append(sim)
+        gpu, gpu_url, boot = agent("gpu", sim_url, dirs[0])
+        procs.append(gpu)
+        init = subprocess.run([BIN, "init", "--data-dir", dirs[0]], capture_output=True, text=True, check=True)
+        token = next(line for line in init.stdout.splitlines() if line.startswith("lmj2."))
+        entry, url, _ = agent("entry", None, dirs[1], "--backend-kind", "none", "--join", token, "--bootstrap", boot)
+        procs.append(entry)
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            listed = httpx.get(f"{url}/v1/models", timeout=5).json()["data"]
+            if any(m["id"] == "qwen2.5:7b" for m in listed):
+                break
+            time.sleep(0.25)
+        yield url
+    finally:
+        for proc in procs:
+            proc.kill()
+            proc.wait(timeout=10)
+        for d in dirs:
+            shutil.rmtree(d, ignore_errors=True)
+
+
+def test_anthropic_and_responses_through_a_forwarded_node(forwarded_url):
+    routed = httpx.post(f"{forwarded_url}/v1/messages", timeout=10,
+                        json={"model": "qwen2.5:7b", "max_tokens": 2, "messages": [{"role": "user", "content": "Hi"}]})
+    assert routed.status_code == 200 and routed.headers["x-llmesh-route"] == "peer:gpu"
+    check_anthropic_messages(forwarded_url)
+    check_openai_responses(openai.OpenAI(base_url=f"{forwarded_url}/v1", api_key="unused", max_retries=0))
 
 
 def test_openai_responses_translated_for_a_backend_without_them(chat_only_url):

@@ -15,32 +15,11 @@ import openai
 import pytest
 from playwright.sync_api import sync_playwright
 
-from test_clients import BIN, ROOT, start
+from test_clients import BIN, ROOT, agent, start
 from test_real_backend import get_json, wait_for
 
 RATE = 10.0  # requests per second offered by the load
 MAX_TOKENS = 4
-
-
-def agent(name, backend, data_dir, *extra):
-    """Starts an agent; returns (process, base URL, libp2p address)."""
-    proc = subprocess.Popen(
-        [BIN, "agent", "--listen", "127.0.0.1:0", "--backend", backend, "--data-dir", data_dir, "--name", name,
-         "--no-mdns", "--mesh-listen", "/ip4/127.0.0.1/tcp/0", "--data-listen", "127.0.0.1:0",
-         "--control-listen", "127.0.0.1:0", *extra],
-        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL, text=True)
-    p2p, deadline = None, time.monotonic() + 30
-    while time.monotonic() < deadline:
-        line = proc.stdout.readline()
-        if not line:
-            break
-        if line.startswith("llmesh mesh listening on "):
-            p2p = line.removeprefix("llmesh mesh listening on ").strip()
-        url = re.search(r"(http://\S+)", line)
-        if url and "listening on" in line:
-            return proc, url.group(1).removesuffix("/v1"), p2p
-    proc.kill()
-    raise RuntimeError(f"agent {name} did not start")
 
 
 @pytest.fixture(scope="module")

@@ -221,6 +221,23 @@ def test_anthropic_messages(url):
     with client.messages.stream(model=MODEL, max_tokens=24, messages=[{"role": "user", "content": "Count."}]) as s:
         text = "".join(s.text_stream)
     assert text.strip()
+    check_tool_result_round_trip(client)
+
+
+def check_tool_result_round_trip(client):
+    """The second leg of a tool round trip: the tool's result goes back and
+    the model answers in text. SmolLM2 under this llama-server does not
+    emit tool calls even when tool_choice forces one, so the first leg
+    (the model calling the tool) is tested against the sim only."""
+    tools = [{"name": "get_time", "description": "the time", "input_schema": {"type": "object", "properties": {}}}]
+    call = {"type": "tool_use", "id": "toolu_1", "name": "get_time", "input": {}}
+    result = {"type": "tool_result", "tool_use_id": "toolu_1", "content": "noon"}
+    answer = client.messages.create(
+        model=MODEL, max_tokens=16, tools=tools,
+        messages=[{"role": "user", "content": "What time is it?"}, {"role": "assistant", "content": [call]},
+                  {"role": "user", "content": [result]}],
+    )
+    assert answer.content[0].type == "text" and answer.content[0].text.strip()
 
 
 def test_openai_responses(url):
@@ -274,10 +291,14 @@ def test_a_drained_node_forwards_to_the_other_over_the_mesh(mesh):
         # Anthropic's and the Responses API pass through the hop too.
         import anthropic
 
-        reply = anthropic.Anthropic(base_url=url2, api_key="unused", max_retries=0, timeout=60).messages.create(
-            model=MODEL, max_tokens=8, messages=[{"role": "user", "content": "Hi"}]
-        )
+        claude = anthropic.Anthropic(base_url=url2, api_key="unused", max_retries=0, timeout=60)
+        reply = claude.messages.create(model=MODEL, max_tokens=8, messages=[{"role": "user", "content": "Hi"}])
         assert reply.content[0].text.strip()
+        with claude.messages.stream(model=MODEL, max_tokens=8, messages=[{"role": "user", "content": "Hi"}]) as s:
+            assert "".join(s.text_stream).strip()
+        check_tool_result_round_trip(claude)
         assert client.responses.create(model=MODEL, input="Hi", max_output_tokens=8).output_text.strip()
+        events = list(client.responses.create(model=MODEL, input="Hi", max_output_tokens=8, stream=True))
+        assert events[-1].type == "response.completed"
     finally:
         subprocess.run([*admin[:2], "undrain", "real-2", *admin[2:]], check=True, stdout=subprocess.DEVNULL)
