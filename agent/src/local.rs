@@ -165,8 +165,8 @@ impl LocalNode {
             return self.manage(req).await;
         }
         self.check_model(&req.meta.model).await?;
-        if let Some(key) = req.meta.prefix {
-            self.recent_prefixes.record(key);
+        if let Some(turn) = req.meta.turn() {
+            self.recent_prefixes.record(turn);
         }
         let budget = req
             .deadline
@@ -219,7 +219,7 @@ impl LocalBackend for LocalNode {
             loaded: entry.loaded.is_some(),
             ttft_ms: stats.as_ref().map(|s| s.ttft_ewma_ms).filter(|t| *t > 0.0),
             decode_tps: stats.as_ref().map(|s| s.decode_tokens_per_s_ewma).filter(|t| *t > 0.0),
-            holds_prefix: prefix.is_some_and(|key| self.recent_prefixes.contains(key)),
+            held_depth: prefix.and_then(|key| self.recent_prefixes.depth(key)),
         })
     }
 

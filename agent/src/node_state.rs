@@ -106,6 +106,7 @@ impl NodeStateBuilder {
     /// the membership task).
     pub fn build(&self) -> NodeState {
         let snapshot = self.inventory.current();
+        let (recent_prefixes, recent_prefix_depths) = self.recent_prefixes.snapshot();
         NodeState {
             node_id: self.node_id.clone(),
             name: self.name.clone(),
@@ -124,7 +125,8 @@ impl NodeStateBuilder {
             ttft_ms_histogram: self.entry.ttft_histogram(),
             queued: self.load.queued(),
             model_load: self.load.snapshot(),
-            recent_prefixes: self.recent_prefixes.snapshot(),
+            recent_prefixes,
+            recent_prefix_depths,
             draining: self.draining.load(std::sync::atomic::Ordering::SeqCst),
             seq: 0,
             timestamp_ms: SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64),

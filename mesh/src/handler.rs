@@ -44,9 +44,19 @@ pub struct RequestMeta {
     /// The conversation so far (see [`crate::route::prefix`]), for KV-cache
     /// affinity; `None` for requests that continue nothing (embeddings).
     pub prefix: Option<u64>,
+    /// How far the conversation has got: the request body's length in
+    /// bytes (see [`crate::route::prefix::Turn`]).
+    pub depth: u32,
     /// The fairness bucket in the entry queue: the API key's id, or
     /// `anonymous`.
     pub tenant: String,
+}
+
+impl RequestMeta {
+    /// The request's place in its conversation, when it continues one.
+    pub fn turn(&self) -> Option<crate::route::prefix::Turn> {
+        self.prefix.map(|key| crate::route::prefix::Turn { key, depth: self.depth })
+    }
 }
 
 /// A request ready to run: its meta parsed, its body kept as received.

@@ -203,6 +203,7 @@ pub fn parse(api: ApiKind, body: &Bytes) -> Result<RequestMeta, ApiError> {
     Ok(RequestMeta {
         output_tokens: output_tokens(&peek),
         prefix: prefix_key(api, &model, &peek),
+        depth: u32::try_from(body.len()).unwrap_or(u32::MAX),
         model: model.into_owned(),
         stream,
         tenant: String::new(),

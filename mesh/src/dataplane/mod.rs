@@ -526,6 +526,8 @@ fn request_of(head: RequestHead, api: ApiKind, body: Bytes, from: &str) -> Infer
         stream: head.stream,
         output_tokens: (head.max_tokens > 0).then_some(head.max_tokens),
         prefix: (head.affinity_key != 0).then_some(head.affinity_key),
+        // The body crossed the hop unchanged: its length is the entry's.
+        depth: u32::try_from(body.len()).unwrap_or(u32::MAX),
         tenant: head.tenant,
     };
     InferenceRequest {

@@ -16,6 +16,7 @@ use std::collections::HashMap;
 use std::time::Instant;
 
 use super::plan::{Context, Plan, Step};
+use super::prefix::Turn;
 use super::queue::{FairQueue, Lane, QueueError};
 use super::router::LOCAL;
 use super::scheduler::{Candidate, Scheduler, SchedulerConfig};
@@ -71,12 +72,12 @@ impl<W> Admission<W> {
         plan: &mut Plan,
         mut candidates: Vec<Candidate>,
         context: &Context,
-        prefix: Option<u64>,
+        turn: Option<Turn>,
         output_tokens: Option<u32>,
         now: Instant,
     ) -> Step {
         candidates.retain(|c| !plan.excludes(&c.id));
-        let choice = self.scheduler.choose(&candidates, prefix, output_tokens);
+        let choice = self.scheduler.choose(&candidates, turn, output_tokens);
         let step = plan.decide(choice, context, now);
         match &step {
             Step::Run { node, .. } => self.take(node),

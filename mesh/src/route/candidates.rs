@@ -33,8 +33,9 @@ pub struct LocalCapacity {
     pub ttft_ms: Option<f64>,
     /// Its average decode speed for the model.
     pub decode_tps: Option<f64>,
-    /// Whether it served this conversation lately.
-    pub holds_prefix: bool,
+    /// How deep this conversation got here lately (see
+    /// [`super::prefix::Turn`]); `None` when it did not serve it.
+    pub held_depth: Option<u32>,
 }
 
 /// Everything the candidate list is built from.
@@ -89,7 +90,7 @@ pub fn build(model: &str, prefix: Option<u64>, sources: &Sources<'_>) -> Vec<Can
             ttft_ms: local.ttft_ms,
             decode_tps: local.decode_tps,
             rtt_ms: 0.0,
-            holds_prefix: local.holds_prefix,
+            held_depth: local.held_depth,
         });
     }
     let first = candidates.len();
@@ -143,7 +144,11 @@ fn peer_candidate(
         decode_tps: stats.map(|s| s.decode_tokens_per_s_ewma).filter(|t| *t > 0.0),
         // Not measured yet: filled in by `build` from the measured peers.
         rtt_ms: (sources.rtt)(&state.node_id).map_or(f64::INFINITY, |d| d.as_secs_f64() * 1000.0),
-        holds_prefix: prefix.is_some_and(|key| state.recent_prefixes.contains(&key)),
+        // A node that predates the depths holds the conversation at an
+        // unknown depth: the shallowest.
+        held_depth: prefix
+            .and_then(|key| state.recent_prefixes.iter().position(|k| *k == key))
+            .map(|at| state.recent_prefix_depths.get(at).copied().unwrap_or(0)),
     })
 }
 
@@ -275,25 +280,25 @@ pub(crate) mod tests {
     fn signals_come_from_gossip_and_measurement() {
         let mut p = peer("p", &["m"], 3);
         p.state.recent_prefixes = vec![7, 9];
+        p.state.recent_prefix_depths = vec![30, 40];
         p.state.in_flight = 2;
         let peers = [p];
         let rtt = |_: &str| Some(Duration::from_millis(4));
         let outstanding = |id: &str| if id == "p" { 1 } else { 0 };
-        let local = LocalCapacity {
-            slots: 1,
-            in_flight: 0,
-            loaded: false,
-            ttft_ms: None,
-            decode_tps: None,
-            holds_prefix: false,
-        };
+        let local =
+            LocalCapacity { slots: 1, in_flight: 0, loaded: false, ttft_ms: None, decode_tps: None, held_depth: None };
         let s = Sources { local: Some(local), rtt: &rtt, outstanding: &outstanding, ..sources(&peers, None) };
         let candidates = build("m", Some(9), &s);
         assert_eq!(candidates.len(), 2);
         assert!(candidates[0].is_local && candidates[0].rtt_ms == 0.0 && !candidates[0].loaded);
         let c = &candidates[1];
-        assert!(c.holds_prefix && c.rtt_ms == 4.0 && c.dispatched == 1 && c.in_flight == 2 && c.slots == 3);
-        assert!(!build("m", Some(8), &s)[1].holds_prefix);
+        assert!(c.held_depth == Some(40) && c.rtt_ms == 4.0 && c.dispatched == 1 && c.in_flight == 2 && c.slots == 3);
+        assert_eq!(build("m", Some(8), &s)[1].held_depth, None);
+        // A peer that predates the depths holds its conversations shallowest.
+        let mut old = peers[0].clone();
+        old.state.recent_prefix_depths.clear();
+        let old = [old];
+        assert_eq!(build("m", Some(9), &Sources { peers: &old, ..s })[1].held_depth, Some(0));
         // A drained local node is left out.
         let mut cluster = ClusterState::default();
         cluster.drained.insert("me".into());

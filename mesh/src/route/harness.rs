@@ -19,6 +19,7 @@ use llmesh_proto::{ModelInfo, NodeState};
 use super::admission::Admission;
 use super::candidates::{self, LocalCapacity, Sources};
 use super::plan::{Context, Facts, Plan, Step};
+use super::prefix::Turn;
 use super::queue::Lane;
 use super::router::LOCAL;
 use super::scheduler::SchedulerConfig;
@@ -62,7 +63,7 @@ enum Status {
 struct Request {
     entry: usize,
     tenant: String,
-    prefix: Option<u64>,
+    turn: Option<Turn>,
     plan: Plan,
     status: Status,
     /// A slot was handed over while it waited at its entry node.
@@ -78,8 +79,9 @@ struct Node {
     /// Requests on its backend, with their end time.
     running: Vec<(usize, Instant)>,
     admission: Admission<usize>,
-    /// Conversations whose KV cache its backend holds.
-    prefixes: Vec<u64>,
+    /// Conversations whose KV cache its backend holds, each at the
+    /// deepest turn it served.
+    prefixes: Vec<(u64, u32)>,
     /// What this node last heard from each peer (index → snapshot).
     view: HashMap<usize, PeerSnapshot>,
 }
@@ -133,7 +135,8 @@ impl Cluster {
             parallel_slots: node.slots,
             in_flight: node.running.len() as u32,
             queued: node.admission.queued() as u32,
-            recent_prefixes: node.prefixes.clone(),
+            recent_prefixes: node.prefixes.iter().map(|(key, _)| *key).collect(),
+            recent_prefix_depths: node.prefixes.iter().map(|(_, depth)| *depth).collect(),
             models: if node.serves {
                 vec![ModelInfo { name: MODEL.into(), loaded: true, ..ModelInfo::default() }]
             } else {
@@ -182,8 +185,8 @@ impl Cluster {
         self.submit_turn(entry, tenant, None, timeout)
     }
 
-    /// A turn of the conversation `prefix`.
-    fn submit_turn(&mut self, entry: usize, tenant: &str, prefix: Option<u64>, timeout: Duration) -> usize {
+    /// A turn of a conversation.
+    fn submit_turn(&mut self, entry: usize, tenant: &str, turn: Option<Turn>, timeout: Duration) -> usize {
         let facts = Facts {
             model: MODEL.into(),
             deadline: self.now + timeout,
@@ -194,7 +197,7 @@ impl Cluster {
         let request = Request {
             entry,
             tenant: tenant.into(),
-            prefix,
+            turn,
             plan: Plan::new(facts),
             status: Status::Waiting,
             granted: false,
@@ -206,7 +209,8 @@ impl Cluster {
         id
     }
 
-    fn candidates(&self, entry: usize, prefix: Option<u64>) -> Vec<super::scheduler::Candidate> {
+    fn candidates(&self, entry: usize, turn: Option<Turn>) -> Vec<super::scheduler::Candidate> {
+        let prefix = turn.map(|t| t.key);
         let node = &self.nodes[entry];
         let local = node.serves.then(|| LocalCapacity {
             slots: node.slots,
@@ -214,7 +218,7 @@ impl Cluster {
             loaded: true,
             ttft_ms: None,
             decode_tps: None,
-            holds_prefix: prefix.is_some_and(|p| node.prefixes.contains(&p)),
+            held_depth: node.prefixes.iter().find(|(key, _)| Some(*key) == prefix).map(|(_, depth)| *depth),
         });
         let mut peers: Vec<(usize, PeerSnapshot)> = node.view.iter().map(|(i, p)| (*i, p.clone())).collect();
         peers.sort_by_key(|(i, _)| *i);
@@ -239,16 +243,16 @@ impl Cluster {
     /// Steps request `id` until it runs, waits or ends.
     fn drive(&mut self, id: usize) {
         loop {
-            let Request { entry, prefix, .. } = self.requests[id];
+            let Request { entry, turn, .. } = self.requests[id];
             if std::mem::take(&mut self.requests[id].granted) {
                 self.start(entry, id);
                 return;
             }
-            let candidates = self.candidates(entry, prefix);
+            let candidates = self.candidates(entry, turn);
             let now = self.now;
             let request = &mut self.requests[id];
             let step =
-                self.nodes[entry].admission.step(&mut request.plan, candidates, &Context::default(), prefix, None, now);
+                self.nodes[entry].admission.step(&mut request.plan, candidates, &Context::default(), turn, None, now);
             match step {
                 Step::Run { node, .. } => {
                     if std::mem::take(&mut self.requests[id].in_queue) {
@@ -396,10 +400,11 @@ impl Cluster {
         let node = &mut self.nodes[target];
         assert!(node.running.len() < node.slots as usize, "{} was given more work than its slots", node.id);
         node.running.push((id, self.now + SERVICE));
-        if let Some(prefix) = self.requests[id].prefix
-            && !node.prefixes.contains(&prefix)
-        {
-            node.prefixes.push(prefix);
+        if let Some(turn) = self.requests[id].turn {
+            match node.prefixes.iter_mut().find(|(key, _)| *key == turn.key) {
+                Some((_, depth)) => *depth = (*depth).max(turn.depth),
+                None => node.prefixes.push((turn.key, turn.depth)),
+            }
         }
         self.requests[id].status = Status::Running { node: target, started: self.now };
     }
@@ -503,6 +508,10 @@ impl Cluster {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn turn(key: u64, depth: u32) -> Option<Turn> {
+        Some(Turn { key, depth })
+    }
 
     const LONG: Duration = Duration::from_secs(60);
 
@@ -677,17 +686,40 @@ mod tests {
         c.gossip();
         let mut first_on = Vec::new();
         for conversation in 0..4u64 {
-            let id = c.submit_turn(0, "t", Some(conversation), LONG);
+            let id = c.submit_turn(0, "t", turn(conversation, 100), LONG);
             first_on.push(c.ran_on(id).expect("runs"));
         }
         c.advance(SERVICE);
         c.gossip();
         for conversation in 0..4u64 {
-            let id = c.submit_turn(1, "t", Some(conversation), LONG);
+            let id = c.submit_turn(1, "t", turn(conversation, 200), LONG);
             assert_eq!(c.ran_on(id), Some(first_on[conversation as usize]), "conversation {conversation}");
             c.advance(SERVICE);
             c.gossip();
         }
+    }
+
+    #[test]
+    fn a_conversation_follows_its_deepest_turn_when_entries_remember_different_nodes() {
+        // n0 sent turn 1 to n2. Turn 2 entered at n1 while n2 was busy and
+        // ran on n3. Turn 3 enters at n0 again: n0 remembers n2, but n3
+        // holds the deeper cache (turns 1 and 2), so it goes to n3.
+        let mut c = Cluster::new(&[0, 0, 1, 1]);
+        c.gossip();
+        let first = c.submit_turn(0, "t", turn(7, 100), LONG);
+        let on = c.ran_on(first).expect("runs");
+        let other = if on == 2 { 3 } else { 2 };
+        c.advance(SERVICE);
+        // The first turn is done; its holder got another request meanwhile.
+        let hog = c.submit(on, "t", LONG);
+        c.gossip();
+        let second = c.submit_turn(1, "t", turn(7, 200), LONG);
+        assert_eq!(c.ran_on(second), Some(other), "the holder is busy: the second turn moves");
+        c.advance(SERVICE);
+        assert!(c.done_at(hog).is_some());
+        c.gossip();
+        let third = c.submit_turn(0, "t", turn(7, 300), LONG);
+        assert_eq!(c.ran_on(third), Some(other), "n0 remembered n{on}, but n{other} holds turn 2");
     }
 
     #[test]
@@ -696,9 +728,9 @@ mod tests {
         // is short they stay; once it is long they go to n2 instead of
         // piling up (the cache-affinity death spiral).
         let mut c = Cluster::new(&[0, 1, 1]);
-        c.nodes[1].prefixes = (0..20).collect();
+        c.nodes[1].prefixes = (0..20).map(|key| (key, 100)).collect();
         c.gossip();
-        let ids: Vec<usize> = (0..20u64).map(|p| c.submit_turn(0, "t", Some(p), LONG)).collect();
+        let ids: Vec<usize> = (0..20u64).map(|p| c.submit_turn(0, "t", turn(p, 200), LONG)).collect();
         // Bound to a node, or free to run at the first of its places.
         let on = |node: usize| {
             let at = |id: &usize| match c.status(*id) {

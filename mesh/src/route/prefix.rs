@@ -41,30 +41,47 @@ impl PrefixKey {
     }
 }
 
-/// The prefix keys this node served most recently, newest last.
+/// A request's place in its conversation: the conversation's key and how
+/// far it has got (the request body's length in bytes, which grows turn by
+/// turn). Of two nodes that served the conversation, the one that served
+/// the deeper turn holds more of its KV cache.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Turn {
+    /// The conversation's key (see [`PrefixKey`]).
+    pub key: u64,
+    /// The request body's length in bytes.
+    pub depth: u32,
+}
+
+/// The prefix keys this node served most recently, newest last, each with
+/// the deepest turn of it served here.
 #[derive(Debug, Default)]
-pub struct RecentPrefixes(Mutex<VecDeque<u64>>);
+pub struct RecentPrefixes(Mutex<VecDeque<(u64, u32)>>);
 
 impl RecentPrefixes {
-    /// Notes that this node just served a request with `key`.
-    pub fn record(&self, key: u64) {
+    /// Notes that this node just served `turn`.
+    pub fn record(&self, turn: Turn) {
         let mut keys = self.0.lock().unwrap_or_else(PoisonError::into_inner);
-        if let Some(at) = keys.iter().position(|k| *k == key) {
-            keys.remove(at);
+        let mut depth = turn.depth;
+        if let Some(at) = keys.iter().position(|(k, _)| *k == turn.key) {
+            // The backend's cache still holds the deeper turn too.
+            depth = depth.max(keys.remove(at).map_or(0, |(_, d)| d));
         } else if keys.len() == RECENT_PREFIXES {
             keys.pop_front();
         }
-        keys.push_back(key);
+        keys.push_back((turn.key, depth));
     }
 
-    /// Whether `key` is among the recent ones.
-    pub fn contains(&self, key: u64) -> bool {
-        self.0.lock().unwrap_or_else(PoisonError::into_inner).contains(&key)
+    /// How deep the conversation `key` got here, if it is among the recent
+    /// ones.
+    pub fn depth(&self, key: u64) -> Option<u32> {
+        let keys = self.0.lock().unwrap_or_else(PoisonError::into_inner);
+        keys.iter().find(|(k, _)| *k == key).map(|(_, d)| *d)
     }
 
-    /// The keys, for gossip.
-    pub fn snapshot(&self) -> Vec<u64> {
-        self.0.lock().unwrap_or_else(PoisonError::into_inner).iter().copied().collect()
+    /// The keys and their depths (same order), for gossip.
+    pub fn snapshot(&self) -> (Vec<u64>, Vec<u32>) {
+        self.0.lock().unwrap_or_else(PoisonError::into_inner).iter().copied().unzip()
     }
 }
 
@@ -81,16 +98,17 @@ mod tests {
     }
 
     #[test]
-    fn recent_prefixes_keep_the_newest_distinct_keys() {
+    fn recent_prefixes_keep_the_newest_distinct_keys_at_their_deepest() {
         let recent = RecentPrefixes::default();
         for key in 0..(RECENT_PREFIXES as u64 + 5) {
-            recent.record(key);
+            recent.record(Turn { key, depth: 100 });
         }
-        recent.record(10);
-        let keys = recent.snapshot();
-        assert_eq!(keys.len(), RECENT_PREFIXES);
-        assert_eq!(keys.last(), Some(&10));
-        assert!(!recent.contains(0) && recent.contains(6));
+        recent.record(Turn { key: 10, depth: 300 });
+        recent.record(Turn { key: 10, depth: 200 });
+        let (keys, depths) = recent.snapshot();
+        assert_eq!((keys.len(), depths.len()), (RECENT_PREFIXES, RECENT_PREFIXES));
+        assert_eq!((keys.last(), depths.last()), (Some(&10), Some(&300)));
+        assert_eq!((recent.depth(0), recent.depth(6)), (None, Some(100)));
         assert_eq!(keys.iter().filter(|k| **k == 10).count(), 1);
     }
 }

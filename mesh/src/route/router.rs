@@ -453,7 +453,7 @@ impl Router {
         } else {
             Context::default()
         };
-        let step = admission.step(plan, candidates, &context, meta.prefix, meta.output_tokens, Instant::now());
+        let step = admission.step(plan, candidates, &context, meta.turn(), meta.output_tokens, Instant::now());
         let queue_here = match &step {
             Step::Wait { until } => Some(*until),
             Step::Reserve { nodes } if nodes.iter().any(|n| n == LOCAL) => Some(plan.facts().deadline),

@@ -16,7 +16,17 @@
 use std::collections::HashMap;
 use std::time::Duration;
 
+use super::prefix::Turn;
 use crate::peers::Liveness;
+
+/// Where this entry node last sent a conversation, and how deep it was.
+#[derive(Debug)]
+struct Remembered {
+    node: String,
+    depth: u32,
+    /// For evicting the least recently used.
+    tick: u64,
+}
 
 /// Tuning of the estimates. The defaults are what an unknown Ollama box
 /// looks like before its averages exist.
@@ -98,8 +108,9 @@ pub struct Candidate {
     pub decode_tps: Option<f64>,
     /// Round trip to it; 0 for the entry node.
     pub rtt_ms: f64,
-    /// Whether it says it holds this conversation's prefix.
-    pub holds_prefix: bool,
+    /// How deep it says this conversation got there (see
+    /// [`super::prefix::Turn`]); `None` when it does not hold it.
+    pub held_depth: Option<u32>,
 }
 
 /// Why the first node was chosen.
@@ -147,7 +158,7 @@ pub struct Choice {
 pub struct Scheduler {
     config: SchedulerConfig,
     rng: u64,
-    affinity: HashMap<u64, (String, u64)>,
+    affinity: HashMap<u64, Remembered>,
     tick: u64,
 }
 
@@ -191,12 +202,12 @@ impl Scheduler {
     }
 
     /// Chooses where to run a request for which `candidates` could serve the
-    /// model. `prefix` identifies the conversation so far (for KV-cache
-    /// affinity). `None` when there is no usable candidate.
+    /// model. `turn` places it in its conversation (for KV-cache affinity).
+    /// `None` when there is no usable candidate.
     pub fn choose(
         &mut self,
         candidates: &[Candidate],
-        prefix: Option<u64>,
+        turn: Option<Turn>,
         output_tokens: Option<u32>,
     ) -> Option<Choice> {
         let usable: Vec<&Candidate> =
@@ -228,13 +239,7 @@ impl Scheduler {
         // holder wins while its estimate is within the allowance, even with
         // every slot busy (the request then waits in the holder's queue), so
         // a hot holder stops collecting conversations once its line grows.
-        let holder = prefix.and_then(|key| {
-            let remembered = self.affinity.get(&key).map(|(id, _)| id.clone());
-            let all = 0..scored.len();
-            all.clone()
-                .find(|i| remembered.as_deref() == Some(scored[*i].1.id.as_str()))
-                .or_else(|| all.clone().find(|i| scored[*i].1.holds_prefix))
-        });
+        let holder = turn.and_then(|turn| self.holder(&scored, turn.key));
         // With every node busy the estimates are waits, not service times:
         // the cache is worth a fixed extra wait, not a multiple of a long one
         // (else a slow, busy holder keeps conversations for seconds).
@@ -259,10 +264,27 @@ impl Scheduler {
         let estimate = Duration::from_secs_f64(chosen.0.max(0.0) / 1000.0);
         let mut order = vec![chosen.1.id.clone()];
         order.extend(scored.iter().map(|(_, c)| c.id.clone()));
-        if let Some(key) = prefix {
-            self.remember(key, &order[0]);
+        if let Some(turn) = turn {
+            self.remember(turn, &order[0]);
         }
         Some(Choice { order, estimate, saturated, reason })
+    }
+
+    /// The candidate (index into `scored`) with the deepest turn of the
+    /// conversation `key`, by gossip or by what this entry node sent where
+    /// (fresher than gossip, so it wins a tie). Entries that each saw only
+    /// some turns disagree on where a conversation went last; the depth
+    /// settles it.
+    fn holder(&self, scored: &[(f64, &Candidate)], key: u64) -> Option<usize> {
+        let remembered = self.affinity.get(&key);
+        (0..scored.len())
+            .filter_map(|i| {
+                let sent = remembered.filter(|r| r.node == scored[i].1.id).map(|r| r.depth);
+                let depth = scored[i].1.held_depth.max(sent)?;
+                Some(((depth, sent.is_some()), i))
+            })
+            .max_by_key(|(rank, i)| (*rank, std::cmp::Reverse(*i)))
+            .map(|(_, i)| i)
     }
 
     /// Power of two choices among near-equal candidates (indices into
@@ -283,21 +305,25 @@ impl Scheduler {
         Some(if pick(a) <= pick(b) { a } else { b })
     }
 
-    fn remember(&mut self, key: u64, node: &str) {
+    fn remember(&mut self, turn: Turn, node: &str) {
         self.tick += 1;
-        if self.affinity.len() >= self.config.affinity_entries && !self.affinity.contains_key(&key) {
+        if self.affinity.len() >= self.config.affinity_entries && !self.affinity.contains_key(&turn.key) {
             // Evict the least recently used conversation.
-            if let Some(oldest) = self.affinity.iter().min_by_key(|(_, (_, t))| *t).map(|(k, _)| *k) {
+            if let Some(oldest) = self.affinity.iter().min_by_key(|(_, r)| r.tick).map(|(k, _)| *k) {
                 self.affinity.remove(&oldest);
             }
         }
-        self.affinity.insert(key, (node.to_string(), self.tick));
+        self.affinity.insert(turn.key, Remembered { node: node.to_string(), depth: turn.depth, tick: self.tick });
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn turn(key: u64) -> Option<Turn> {
+        Some(Turn { key, depth: 100 })
+    }
     use proptest::prelude::*;
 
     fn node(id: &str) -> Candidate {
@@ -314,7 +340,7 @@ mod tests {
             ttft_ms: Some(100.0),
             decode_tps: Some(50.0),
             rtt_ms: 1.0,
-            holds_prefix: false,
+            held_depth: None,
         }
     }
 
@@ -361,22 +387,22 @@ mod tests {
     #[test]
     fn a_conversation_stays_on_its_node_until_it_is_overloaded() {
         let mut s = scheduler();
-        let first = s.choose(&[node("a"), node("b")], Some(42), Some(50)).expect("choice").order[0].clone();
+        let first = s.choose(&[node("a"), node("b")], turn(42), Some(50)).expect("choice").order[0].clone();
         let other = if first == "a" { "b" } else { "a" };
         // Its node is busier than the other now but has a free slot: the
         // conversation stays, every time (no random spreading).
         let mut nodes = vec![Candidate { in_flight: 1, ..node(&first) }, node(other)];
         for _ in 0..10 {
-            assert_eq!(s.choose(&nodes, Some(42), Some(50)).expect("choice").order[0], first);
+            assert_eq!(s.choose(&nodes, turn(42), Some(50)).expect("choice").order[0], first);
         }
         // Every slot busy but a short line: it stays, to wait in that node's
         // queue (saturated), never in its backend.
         nodes[0].in_flight = 2;
-        let choice = s.choose(&nodes, Some(42), Some(50)).expect("choice");
+        let choice = s.choose(&nodes, turn(42), Some(50)).expect("choice");
         assert_eq!((choice.order[0].as_str(), choice.saturated), (first.as_str(), true));
         // A long line: it moves to the free node.
         nodes[0].queued = 4;
-        assert_eq!(s.choose(&nodes, Some(42), Some(50)).expect("choice").order[0], other);
+        assert_eq!(s.choose(&nodes, turn(42), Some(50)).expect("choice").order[0], other);
     }
 
     #[test]
@@ -401,17 +427,17 @@ mod tests {
         let mut s = scheduler();
         // The holder's line is a little longer than the other's: the
         // conversation waits for its cache.
-        let holder = Candidate { in_flight: 2, queued: 2, holds_prefix: true, ..node("holder") };
+        let holder = Candidate { in_flight: 2, queued: 2, held_depth: Some(100), ..node("holder") };
         let other = Candidate { in_flight: 2, queued: 1, ..node("other") };
-        let choice = s.choose(&[holder.clone(), other.clone()], Some(9), Some(50)).expect("choice");
+        let choice = s.choose(&[holder.clone(), other.clone()], turn(9), Some(50)).expect("choice");
         assert_eq!((choice.order[0].as_str(), choice.reason), ("holder", Reason::Affinity));
         // Its line grew long (a hot node collecting conversations): it goes
         // elsewhere, and is remembered there.
         let hot = Candidate { queued: 12, ..holder };
-        let choice = s.choose(&[hot.clone(), other.clone()], Some(9), Some(50)).expect("choice");
+        let choice = s.choose(&[hot.clone(), other.clone()], turn(9), Some(50)).expect("choice");
         assert_eq!(choice.order[0], "other");
-        let hot = Candidate { holds_prefix: false, ..hot };
-        let choice = s.choose(&[hot, Candidate { in_flight: 1, ..node("other") }], Some(9), Some(50)).expect("choice");
+        let hot = Candidate { held_depth: None, ..hot };
+        let choice = s.choose(&[hot, Candidate { in_flight: 1, ..node("other") }], turn(9), Some(50)).expect("choice");
         assert_eq!((choice.order[0].as_str(), choice.reason), ("other", Reason::Affinity));
     }
 
@@ -450,7 +476,7 @@ mod tests {
 
     proptest! {
         #[test]
-        fn never_a_dead_or_draining_node(nodes in arb_candidates(), prefix in proptest::option::of(0u64..4)) {
+        fn never_a_dead_or_draining_node(nodes in arb_candidates(), prefix in proptest::option::of((0u64..4).prop_map(|key| Turn { key, depth: 1 }))) {
             let mut s = scheduler();
             match s.choose(&nodes, prefix, None) {
                 None => prop_assert!(nodes.iter().all(|c| c.liveness == Liveness::Dead || c.draining)),
@@ -464,7 +490,7 @@ mod tests {
         }
 
         #[test]
-        fn work_goes_only_to_nodes_with_a_free_slot(nodes in arb_candidates(), prefix in proptest::option::of(0u64..4)) {
+        fn work_goes_only_to_nodes_with_a_free_slot(nodes in arb_candidates(), prefix in proptest::option::of((0u64..4).prop_map(|key| Turn { key, depth: 1 }))) {
             let mut s = scheduler();
             if let Some(choice) = s.choose(&nodes, prefix, None)
                 && !choice.saturated
@@ -480,10 +506,10 @@ mod tests {
             let names = ["a", "b", "c", "d"];
             let all: Vec<Candidate> = names.iter().map(|id| node(id)).collect();
             let mut s = scheduler();
-            let before: Vec<String> = keys.iter().map(|k| s.choose(&all, Some(*k), None).expect("choice").order[0].clone()).collect();
+            let before: Vec<String> = keys.iter().map(|k| s.choose(&all, turn(*k), None).expect("choice").order[0].clone()).collect();
             let remaining: Vec<Candidate> = all.iter().filter(|c| c.id != names[leaving]).cloned().collect();
             for (k, was) in keys.iter().zip(&before) {
-                let now = s.choose(&remaining, Some(*k), None).expect("choice").order[0].clone();
+                let now = s.choose(&remaining, turn(*k), None).expect("choice").order[0].clone();
                 if was != names[leaving] {
                     prop_assert_eq!(&now, was);
                 } else {
