@@ -14,6 +14,7 @@
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
+mod cadence;
 pub mod config;
 pub mod coordinator;
 pub mod dataplane;

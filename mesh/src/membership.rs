@@ -1,7 +1,9 @@
 //! Membership over libp2p: a private network keyed by the cluster secret
 //! (pnet over TCP, then noise and yamux), identify, mDNS on the LAN,
-//! bootstrap peers and Kademlia beyond it, and a gossipsub topic on which
-//! every node publishes its [`NodeState`] each heartbeat and on change.
+//! bootstrap peers and Kademlia beyond it, and gossipsub topics on which
+//! every node publishes its [`NodeState`] on change (and every few
+//! seconds) and a small [`Beat`] on the other heartbeats (see
+//! [`crate::cadence`]).
 //!
 //! Gossip carries [`SignedNodeState`]: states signed by their node's key
 //! with its CA-issued certificate (see [`crate::pki`]); anything else is
@@ -29,17 +31,21 @@ use libp2p::swarm::{NetworkBehaviour, SwarmEvent};
 use libp2p::{
     Multiaddr, PeerId, StreamProtocol, Swarm, Transport, gossipsub, identify, identity, kad, mdns, noise, tcp, yamux,
 };
-use llmesh_proto::{NodeState, SignedNodeState};
+use llmesh_proto::{Beat, NodeState, SignedNodeState};
 use prost::Message;
 use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 
+use crate::cadence::{Cadence, Publish};
 use crate::peers::{Change, Liveness, LivenessConfig, PeerTable};
 use crate::pki::{PkiError, Trust};
 use crate::secret::ClusterSecret;
 
 /// Gossipsub topic carrying [`SignedNodeState`].
 const STATE_TOPIC: &str = "llmesh/state/2";
+/// Gossipsub topic carrying [`Beat`]s. Nodes before beats do not subscribe,
+/// so they never receive one.
+const BEAT_TOPIC: &str = "llmesh/beat/1";
 /// Protocol on which a node without a certificate asks for one.
 const ENROLL_PROTOCOL: &str = "/llmesh/enroll/1";
 /// Tells a node, before its connections close for good, that the cluster
@@ -220,6 +226,10 @@ fn build_swarm(config: &MembershipConfig) -> Result<Swarm<Behaviour>, MeshError>
                 .mesh_n(4)
                 .mesh_n_high(8)
                 .mesh_outbound_min(0)
+                // Ids are announced to peers every heartbeat (IHAVE): 8
+                // bytes instead of the default ~70 (peer id and counter as
+                // text). The same on every node, so IWANT finds them.
+                .message_id_fn(compact_message_id)
                 .build()?;
             let gossipsub = gossipsub::Behaviour::<gossipsub::IdentityTransform>::new(
                 gossipsub::MessageAuthenticity::Signed(key.clone()),
@@ -264,6 +274,19 @@ fn build_swarm(config: &MembershipConfig) -> Result<Swarm<Behaviour>, MeshError>
     Ok(swarm)
 }
 
+/// A message's id: FNV-1a of its author and sequence number (unique per
+/// author, as the default's text is).
+fn compact_message_id(message: &gossipsub::Message) -> gossipsub::MessageId {
+    let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
+    let source = message.source.map(|p| p.to_bytes()).unwrap_or_default();
+    let seqno = message.sequence_number.unwrap_or_default().to_be_bytes();
+    for byte in source.iter().chain(&seqno) {
+        hash ^= u64::from(*byte);
+        hash = hash.wrapping_mul(0x0100_0000_01b3);
+    }
+    gossipsub::MessageId::new(&hash.to_be_bytes())
+}
+
 fn unix_ms() -> i64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64)
 }
@@ -283,7 +306,10 @@ pub async fn start(
 ) -> Result<(Membership, tokio::task::JoinHandle<()>), MeshError> {
     let mut swarm = build_swarm(&config)?;
     let topic = gossipsub::IdentTopic::new(STATE_TOPIC);
-    swarm.behaviour_mut().gossipsub.subscribe(&topic).map_err(|e| MeshError::Build(e.to_string()))?;
+    let beat_topic = gossipsub::IdentTopic::new(BEAT_TOPIC);
+    for t in [&topic, &beat_topic] {
+        swarm.behaviour_mut().gossipsub.subscribe(t).map_err(|e| MeshError::Build(e.to_string()))?;
+    }
     let mut listen_addrs = Vec::new();
     for addr in &config.listen {
         let id = swarm
@@ -316,13 +342,14 @@ pub async fn start(
     let event_loop = EventLoop {
         swarm,
         topic,
+        beat_topic,
         table: PeerTable::new(config.liveness),
         bootstrap: config.bootstrap.clone(),
         dialled: HashMap::new(),
         lan_peers: HashMap::new(),
         listen_addrs,
         local_rx,
-        published: None,
+        cadence: Cadence::default(),
         seq: 0,
         view: view_tx,
         suspects: suspects_rx,
@@ -342,6 +369,7 @@ pub async fn start(
 struct EventLoop {
     swarm: Swarm<Behaviour>,
     topic: gossipsub::IdentTopic,
+    beat_topic: gossipsub::IdentTopic,
     table: PeerTable,
     bootstrap: Vec<Multiaddr>,
     /// Which peer answered at each bootstrap address.
@@ -350,8 +378,8 @@ struct EventLoop {
     lan_peers: HashMap<PeerId, Vec<Multiaddr>>,
     listen_addrs: Vec<Multiaddr>,
     local_rx: watch::Receiver<Option<NodeState>>,
-    /// The last state published, without seq and timestamp, to detect change.
-    published: Option<NodeState>,
+    /// When to send the full state and when a beat.
+    cadence: Cadence,
     seq: u64,
     view: watch::Sender<Arc<MeshView>>,
     /// Peers the data plane lost a connection to.
@@ -413,22 +441,34 @@ impl EventLoop {
         tracing::debug!("membership stopped");
     }
 
-    /// Publishes the local state on every heartbeat, or at once when it
-    /// changed in substance.
+    /// On a heartbeat, the full state or a beat; on a change, the full
+    /// state if the change is one of substance (see [`crate::cadence`]).
     fn publish(&mut self, heartbeat: bool) {
         let Some(mut state) = self.local_rx.borrow_and_update().clone() else { return };
-        state.node_id = self.swarm.local_peer_id().to_string();
-        if !heartbeat && self.published.as_ref() == Some(&state) {
+        // Not enrolled yet: nobody would accept an unsigned state.
+        if !self.trust.is_enrolled() {
             return;
         }
-        self.published = Some(state.clone());
-        self.seq += 1;
-        state.seq = self.seq;
-        state.timestamp_ms = unix_ms();
-        // Not enrolled yet: nobody would accept an unsigned state.
-        let Some(signed) = self.trust.sign_state(&state) else { return };
-        let topic = self.topic.clone();
-        if let Err(err) = self.swarm.behaviour_mut().gossipsub.publish(topic, signed.encode_to_vec()) {
+        state.node_id = self.swarm.local_peer_id().to_string();
+        state.beats = true;
+        let now = Instant::now();
+        let what = if heartbeat {
+            self.cadence.on_heartbeat(&state, self.table.has_peers_without_beats(), now)
+        } else {
+            self.cadence.on_change(&state, now)
+        };
+        let (topic, data) = match what {
+            Publish::Nothing => return,
+            Publish::Beat => (self.beat_topic.clone(), Beat { state_seq: self.seq }.encode_to_vec()),
+            Publish::Full => {
+                self.seq += 1;
+                state.seq = self.seq;
+                state.timestamp_ms = unix_ms();
+                let Some(signed) = self.trust.sign_state(&state) else { return };
+                (self.topic.clone(), signed.encode_to_vec())
+            }
+        };
+        if let Err(err) = self.swarm.behaviour_mut().gossipsub.publish(topic, data) {
             // Expected while alone; anything else is worth a look.
             match err {
                 gossipsub::PublishError::NoPeersSubscribedToTopic | gossipsub::PublishError::Duplicate => {}
@@ -591,6 +631,11 @@ impl EventLoop {
     }
 
     fn report(&mut self, changes: Vec<Change>) {
+        if changes.iter().any(|c| matches!(c, Change::Joined(_) | Change::Liveness(_, Liveness::Alive))) {
+            // A newcomer, or one back from silence, may lack this node's
+            // state: send it in full for the next few heartbeats.
+            self.cadence.peer_joined();
+        }
         for change in changes {
             match &change {
                 Change::Joined(id) => tracing::info!(node = %id, "peer joined"),
@@ -660,7 +705,11 @@ impl EventLoop {
     fn on_event(&mut self, event: SwarmEvent<BehaviourEvent>) {
         match event {
             SwarmEvent::Behaviour(BehaviourEvent::Gossipsub(gossipsub::Event::Message { message, .. })) => {
-                self.on_state(message.source, &message.data);
+                if message.topic == self.beat_topic.hash() {
+                    self.on_beat(message.source, &message.data);
+                } else {
+                    self.on_state(message.source, &message.data);
+                }
             }
             SwarmEvent::Behaviour(BehaviourEvent::Enroll(event)) => self.on_enroll(event),
             SwarmEvent::Behaviour(BehaviourEvent::Notice(event)) => self.on_notice(event),
@@ -698,6 +747,9 @@ impl EventLoop {
                 self.enrollment.peers_changed(Instant::now());
                 // A new peer may issue: ask now, not at the next heartbeat.
                 self.enroll();
+                // It may not have this node's state (a newcomer, or one
+                // that forgot it across a partition).
+                self.cadence.peer_joined();
                 if endpoint.is_dialer() {
                     let addr = endpoint.get_remote_address().clone();
                     if let Some(bootstrap) = self.bootstrap.iter().find(|b| strip_p2p(b) == strip_p2p(&addr)) {
@@ -748,6 +800,20 @@ impl EventLoop {
         let changes = self.table.observe(state, Instant::now());
         self.report(changes);
         self.refresh_view();
+    }
+
+    /// A beat: alive. Gossipsub verified its author's signature; the table
+    /// takes it only from nodes whose signed state it holds.
+    fn on_beat(&mut self, source: Option<PeerId>, data: &[u8]) {
+        let (Some(source), Ok(_)) = (source, Beat::decode(data)) else {
+            tracing::debug!(source = ?source, "dropping a beat without an author or undecodable");
+            return;
+        };
+        let changes = self.table.beat(&source.to_string(), Instant::now());
+        if !changes.is_empty() {
+            self.report(changes);
+            self.refresh_view();
+        }
     }
 }
 

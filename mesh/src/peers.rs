@@ -113,6 +113,25 @@ impl PeerTable {
         }
     }
 
+    /// Records a beat from a known peer: it is alive; its state stays the
+    /// one last received in full. A beat from an unknown node is ignored
+    /// (its signed state, with its certificate, must come first).
+    pub fn beat(&mut self, node_id: &str, now: Instant) -> Vec<Change> {
+        let Some(entry) = self.entries.get_mut(node_id) else { return Vec::new() };
+        entry.last_seen = now;
+        if entry.liveness == Liveness::Alive {
+            return Vec::new();
+        }
+        entry.liveness = Liveness::Alive;
+        vec![Change::Liveness(node_id.to_string(), Liveness::Alive)]
+    }
+
+    /// Whether a peer that is not known dead reads only full states (it
+    /// predates beats).
+    pub fn has_peers_without_beats(&self) -> bool {
+        self.entries.values().any(|e| e.liveness != Liveness::Dead && !e.state.beats)
+    }
+
     /// Marks a peer suspect at once (its connection closed).
     pub fn suspect(&mut self, node_id: &str) -> Vec<Change> {
         match self.entries.get_mut(node_id) {
@@ -217,6 +236,26 @@ mod tests {
         // A restart: sequence numbers start over but time moves on.
         table.observe(state("b", 1, 70), t0 + Duration::from_secs(12));
         assert_eq!(table.get("b").map(|e| e.state.seq), Some(1));
+    }
+
+    #[test]
+    fn beats_keep_a_known_peer_alive_and_revive_it_but_introduce_nobody() {
+        let mut t = PeerTable::new(config());
+        let t0 = Instant::now();
+        assert!(t.beat("a", t0).is_empty() && t.get("a").is_none(), "unknown: ignored");
+        t.observe(state("a", 1, 1), t0);
+        assert!(t.has_peers_without_beats(), "a state without the flag");
+        t.observe(NodeState { beats: true, ..state("a", 2, 2) }, t0);
+        assert!(!t.has_peers_without_beats());
+        for s in 1..=5 {
+            t.beat("a", t0 + Duration::from_secs(s));
+        }
+        assert!(t.tick(t0 + Duration::from_secs(7)).is_empty(), "beats kept it alive");
+        assert_eq!(t.get("a").map(|e| e.state.seq), Some(2), "a beat changes no state");
+        t.tick(t0 + Duration::from_secs(16));
+        assert_eq!(t.get("a").map(|e| e.liveness), Some(Liveness::Dead));
+        let revived = t.beat("a", t0 + Duration::from_secs(17));
+        assert_eq!(revived, vec![Change::Liveness("a".into(), Liveness::Alive)]);
     }
 
     #[test]

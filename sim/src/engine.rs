@@ -5,7 +5,7 @@
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError, RwLock};
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
 use bytes::Bytes;
 use serde::Serialize;
@@ -131,6 +131,9 @@ struct Loaded {
     name: String,
     slots: Arc<Semaphore>,
     last_used: u64,
+    /// When it was last loaded or used: Ollama's `expires_at` is this plus
+    /// the keep-alive.
+    used_at: SystemTime,
 }
 
 #[derive(Default)]
@@ -172,6 +175,7 @@ pub struct SimEngine {
     draws: AtomicU64,
     last_request: Mutex<Option<(String, Bytes)>>,
     started: Instant,
+    started_at: SystemTime,
 }
 
 impl SimEngine {
@@ -196,6 +200,7 @@ impl SimEngine {
                 name: model.name.clone(),
                 slots: Arc::new(Semaphore::new(config.slots.max(1) as usize)),
                 last_used: state.tick,
+                used_at: SystemTime::now(),
             });
         }
         Ok(SimEngine {
@@ -208,6 +213,7 @@ impl SimEngine {
             draws: AtomicU64::new(0),
             last_request: Mutex::new(None),
             started: Instant::now(),
+            started_at: SystemTime::now(),
         })
     }
 
@@ -275,6 +281,20 @@ impl SimEngine {
         let mut loaded: Vec<&Loaded> = state.loaded.iter().collect();
         loaded.sort_by_key(|l| l.last_used);
         loaded.iter().map(|l| l.name.clone()).collect()
+    }
+
+    /// Loaded models with when each was last used, least recent first.
+    pub fn loaded_used_at(&self) -> Vec<(String, SystemTime)> {
+        let state = self.state.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut loaded: Vec<&Loaded> = state.loaded.iter().collect();
+        loaded.sort_by_key(|l| l.last_used);
+        loaded.iter().map(|l| (l.name.clone(), l.used_at)).collect()
+    }
+
+    /// When the sim started, as the models' `modified_at` (a model file's
+    /// time does not move while it sits on disk).
+    pub fn started_at(&self) -> SystemTime {
+        self.started_at
     }
 
     /// Seconds since the sim started; used for `created` timestamps' stability.
@@ -360,7 +380,12 @@ impl SimEngine {
         }
         state.tick += 1;
         let tick = state.tick;
-        state.loaded.push(Loaded { name: model.to_string(), slots: slots.clone(), last_used: tick });
+        state.loaded.push(Loaded {
+            name: model.to_string(),
+            slots: slots.clone(),
+            last_used: tick,
+            used_at: SystemTime::now(),
+        });
         (slots, began.elapsed())
     }
 
@@ -370,6 +395,7 @@ impl SimEngine {
         let tick = state.tick;
         let loaded = state.loaded.iter_mut().find(|l| l.name == model)?;
         loaded.last_used = tick;
+        loaded.used_at = SystemTime::now();
         Some(loaded.slots.clone())
     }
 

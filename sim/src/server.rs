@@ -244,10 +244,14 @@ pub(crate) fn unix_now() -> u64 {
 }
 
 fn rfc3339_now() -> String {
+    rfc3339_at(SystemTime::now())
+}
+
+fn rfc3339_at(at: SystemTime) -> String {
     if deterministic() {
         return "2026-01-01T00:00:00Z".to_string();
     }
-    humantime::format_rfc3339_nanos(SystemTime::now()).to_string()
+    humantime::format_rfc3339_nanos(at).to_string()
 }
 
 /// A response id: a counter, or in deterministic mode a hash of the body.
@@ -530,7 +534,7 @@ pub(crate) fn digest(model: &SimModel) -> String {
 }
 
 async fn tags(State(engine): Sim) -> Json<Value> {
-    let modified = rfc3339_now();
+    let modified = rfc3339_at(engine.started_at());
     let models: Vec<Value> = engine
         .models()
         .iter()
@@ -545,14 +549,14 @@ async fn tags(State(engine): Sim) -> Json<Value> {
 }
 
 async fn ps(State(engine): Sim) -> Json<Value> {
-    let expires =
-        humantime::format_rfc3339_seconds(SystemTime::now() + std::time::Duration::from_secs(300)).to_string();
     let models: Vec<Value> = engine
-        .loaded()
-        .iter()
-        .filter_map(|name| engine.model(name))
-        .map(|m| {
+        .loaded_used_at()
+        .into_iter()
+        .filter_map(|(name, used_at)| Some((engine.model(&name)?, used_at)))
+        .map(|(m, used_at)| {
             let m = &m;
+            // Ollama's default keep-alive: five minutes after the last use.
+            let expires = humantime::format_rfc3339_seconds(used_at + std::time::Duration::from_secs(300)).to_string();
             json!({
                 "name": m.name, "model": m.name, "size": m.size_bytes, "digest": digest(m),
                 "details": ollama_details(m), "expires_at": expires, "size_vram": m.size_bytes,

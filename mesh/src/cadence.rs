@@ -1,0 +1,169 @@
+//! When a node gossips its full state and when only a beat. Sans-IO: time
+//! comes in as an argument, so the rules are tested exactly.
+//!
+//! A full [`NodeState`] is a kilobyte or more (models, load, recent
+//! conversations, and the certificate that travels with it), and every
+//! node receives every node's messages several times over (gossipsub's
+//! mesh), so sending it every second made an idle mesh of 20 nodes move
+//! about 150 KB/s per node. Most seconds nothing has changed. The full
+//! state now goes out when it changes in substance, at least every
+//! [`FULL_STATE_EVERY`], and for a few beats after a peer joins or comes
+//! back (so a newcomer learns everyone at once); in between, a beat of a
+//! few bytes keeps liveness as fast as before.
+
+use std::time::{Duration, Instant};
+
+use llmesh_proto::NodeState;
+
+/// The longest a node stays without sending its full state: a peer that
+/// missed one (a lost message, a partition) is this stale at most.
+pub const FULL_STATE_EVERY: Duration = Duration::from_secs(10);
+
+/// Heartbeats after a peer joins during which full states are sent: the
+/// newcomer's gossipsub mesh takes a heartbeat or two to form, and a
+/// message sent before it reaches nobody.
+const FULL_AFTER_JOIN: u32 = 3;
+
+/// What to send now.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Publish {
+    /// The full signed state.
+    Full,
+    /// A beat: alive, with this state sequence number.
+    Beat,
+    /// Nothing.
+    Nothing,
+}
+
+/// The publishing rules for one node.
+#[derive(Debug, Default)]
+pub struct Cadence {
+    /// The state last sent in full, in substance (see [`substance`]).
+    sent: Option<NodeState>,
+    last_full: Option<Instant>,
+    /// Heartbeats that still send full states after a join.
+    full_due: u32,
+}
+
+impl Cadence {
+    /// A heartbeat: the full state when it changed, is due, or a peer
+    /// reads only full states (`legacy_peers`: nodes before beats, which
+    /// take a peer for gone after three silent seconds); else a beat.
+    pub fn on_heartbeat(&mut self, state: &NodeState, legacy_peers: bool, now: Instant) -> Publish {
+        let due = self.last_full.is_none_or(|at| now.saturating_duration_since(at) >= FULL_STATE_EVERY);
+        let joined = self.full_due > 0;
+        self.full_due = self.full_due.saturating_sub(1);
+        if due || joined || legacy_peers || self.changed(state) {
+            self.sent_full(state, now);
+            Publish::Full
+        } else {
+            Publish::Beat
+        }
+    }
+
+    /// The local state changed between heartbeats: the full state when it
+    /// changed in substance, else nothing (the next heartbeat beats).
+    pub fn on_change(&mut self, state: &NodeState, now: Instant) -> Publish {
+        if self.changed(state) {
+            self.sent_full(state, now);
+            Publish::Full
+        } else {
+            Publish::Nothing
+        }
+    }
+
+    /// A peer joined or came back: it has not heard this node's state.
+    pub fn peer_joined(&mut self) {
+        self.full_due = FULL_AFTER_JOIN;
+    }
+
+    fn changed(&self, state: &NodeState) -> bool {
+        self.sent.as_ref() != Some(&substance(state))
+    }
+
+    fn sent_full(&mut self, state: &NodeState, now: Instant) {
+        self.sent = Some(substance(state));
+        self.last_full = Some(now);
+    }
+}
+
+/// What of a state is worth sending at once: all of it but the sequence
+/// number and timestamp, with GPU readings coarsened (a temperature that
+/// wanders by a degree, or utilisation by a few percent, is not news; the
+/// periodic full state carries the exact figures).
+fn substance(state: &NodeState) -> NodeState {
+    let mut state = state.clone();
+    state.seq = 0;
+    state.timestamp_ms = 0;
+    for gpu in &mut state.gpus {
+        gpu.temperature_c -= gpu.temperature_c % 5;
+        gpu.utilization_percent -= gpu.utilization_percent % 10;
+        gpu.memory_used_bytes -= gpu.memory_used_bytes % (256 << 20);
+    }
+    state
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use llmesh_proto::GpuInfo;
+
+    fn state(in_flight: u32) -> NodeState {
+        NodeState { node_id: "n".into(), in_flight, ..NodeState::default() }
+    }
+
+    #[test]
+    fn an_idle_node_beats_and_sends_its_full_state_every_ten_seconds() {
+        let mut c = Cadence::default();
+        let t0 = Instant::now();
+        assert_eq!(c.on_heartbeat(&state(0), false, t0), Publish::Full, "the first heartbeat");
+        let sent: Vec<Publish> =
+            (1..=20).map(|s| c.on_heartbeat(&state(0), false, t0 + Duration::from_secs(s))).collect();
+        let full: Vec<usize> = (0..20).filter(|i| sent[*i] == Publish::Full).map(|i| i + 1).collect();
+        assert_eq!(full, [10, 20]);
+        assert!(sent.iter().all(|p| *p != Publish::Nothing));
+    }
+
+    #[test]
+    fn a_change_goes_out_at_once_and_only_once() {
+        let mut c = Cadence::default();
+        let t0 = Instant::now();
+        c.on_heartbeat(&state(0), false, t0);
+        let t = t0 + Duration::from_millis(300);
+        assert_eq!(c.on_change(&state(0), t), Publish::Nothing);
+        assert_eq!(c.on_change(&state(1), t), Publish::Full);
+        assert_eq!(c.on_change(&state(1), t), Publish::Nothing);
+        assert_eq!(c.on_heartbeat(&state(1), false, t0 + Duration::from_secs(1)), Publish::Beat);
+        // The seq and timestamp the membership task stamps are not news.
+        let stamped = NodeState { seq: 9, timestamp_ms: 5, ..state(1) };
+        assert_eq!(c.on_heartbeat(&stamped, false, t0 + Duration::from_secs(2)), Publish::Beat);
+    }
+
+    #[test]
+    fn a_join_and_an_older_peer_bring_full_states_back() {
+        let mut c = Cadence::default();
+        let t0 = Instant::now();
+        c.on_heartbeat(&state(0), false, t0);
+        c.peer_joined();
+        let at = |s: u64| t0 + Duration::from_secs(s);
+        let after_join: Vec<Publish> = (1..=4).map(|s| c.on_heartbeat(&state(0), false, at(s))).collect();
+        assert_eq!(after_join, [Publish::Full, Publish::Full, Publish::Full, Publish::Beat]);
+        assert_eq!(c.on_heartbeat(&state(0), true, at(5)), Publish::Full, "a peer that reads no beats");
+    }
+
+    #[test]
+    fn gpu_readings_that_wander_are_not_news() {
+        let gpu = |temperature_c, utilization_percent| GpuInfo {
+            temperature_c,
+            utilization_percent,
+            memory_used_bytes: 8 << 30,
+            ..GpuInfo::default()
+        };
+        let mut c = Cadence::default();
+        let t0 = Instant::now();
+        c.on_heartbeat(&NodeState { gpus: vec![gpu(61, 0)], ..state(0) }, false, t0);
+        assert_eq!(c.on_change(&NodeState { gpus: vec![gpu(63, 4)], ..state(0) }, t0), Publish::Nothing);
+        assert_eq!(c.on_change(&NodeState { gpus: vec![gpu(66, 4)], ..state(0) }, t0), Publish::Full);
+        assert_eq!(c.on_change(&NodeState { gpus: vec![gpu(66, 90)], ..state(0) }, t0), Publish::Full);
+    }
+}
