@@ -742,22 +742,7 @@ impl EventLoop {
                     }
                 }
             }
-            SwarmEvent::ConnectionEstablished { peer_id, endpoint, .. } => {
-                tracing::debug!(peer = %peer_id, addr = %endpoint.get_remote_address(), "connected");
-                self.enrollment.peers_changed(Instant::now());
-                // A new peer may issue: ask now, not at the next heartbeat.
-                self.enroll();
-                // It may not have this node's state (a newcomer, or one
-                // that forgot it across a partition).
-                self.cadence.peer_joined();
-                if endpoint.is_dialer() {
-                    let addr = endpoint.get_remote_address().clone();
-                    if let Some(bootstrap) = self.bootstrap.iter().find(|b| strip_p2p(b) == strip_p2p(&addr)) {
-                        self.dialled.insert(bootstrap.clone(), peer_id);
-                    }
-                }
-                self.refresh_view();
-            }
+            SwarmEvent::ConnectionEstablished { peer_id, endpoint, .. } => self.on_connected(peer_id, &endpoint),
             SwarmEvent::ConnectionClosed { peer_id, num_established: 0, .. } => {
                 let changes = self.table.suspect(&peer_id.to_string());
                 self.report(changes);
@@ -781,6 +766,23 @@ impl EventLoop {
             }
             _ => {}
         }
+    }
+
+    fn on_connected(&mut self, peer_id: PeerId, endpoint: &libp2p::core::ConnectedPoint) {
+        tracing::debug!(peer = %peer_id, addr = %endpoint.get_remote_address(), "connected");
+        self.enrollment.peers_changed(Instant::now());
+        // A new peer may issue: ask now, not at the next heartbeat.
+        self.enroll();
+        // It may not have this node's state (a newcomer, or one that
+        // forgot it across a partition).
+        self.cadence.peer_joined();
+        if endpoint.is_dialer() {
+            let addr = endpoint.get_remote_address().clone();
+            if let Some(bootstrap) = self.bootstrap.iter().find(|b| strip_p2p(b) == strip_p2p(&addr)) {
+                self.dialled.insert(bootstrap.clone(), peer_id);
+            }
+        }
+        self.refresh_view();
     }
 
     fn on_state(&mut self, source: Option<PeerId>, data: &[u8]) {
