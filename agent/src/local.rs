@@ -214,7 +214,8 @@ impl LocalBackend for LocalNode {
         let entry = snapshot.inventory.resolve(model)?;
         let stats = self.load.snapshot().into_iter().find(|m| same_model(&m.model, model));
         Some(LocalCapacity {
-            slots: self.slots,
+            // As configured, else as the backend says (llama-server).
+            slots: if self.slots > 0 { self.slots } else { snapshot.inventory.slots.unwrap_or(0) },
             in_flight: self.load.in_flight(),
             loaded: entry.loaded.is_some(),
             ttft_ms: stats.as_ref().map(|s| s.ttft_ewma_ms).filter(|t| *t > 0.0),

@@ -118,7 +118,11 @@ impl NodeStateBuilder {
             backend_healthy: snapshot.healthy,
             models: snapshot.inventory.models.iter().map(model_info).collect(),
             gpus: self.gpu.read(),
-            parallel_slots: self.parallel_slots,
+            parallel_slots: if self.parallel_slots > 0 {
+                self.parallel_slots
+            } else {
+                snapshot.inventory.slots.unwrap_or(0)
+            },
             in_flight: self.load.in_flight(),
             served_total: self.load.served(),
             tokens_out_total: self.entry.tokens_out(),

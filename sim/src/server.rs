@@ -40,6 +40,8 @@ pub fn router(engine: Arc<SimEngine>) -> Router {
         // routers poll before sending a worker anything.
         .route("/health", get(|| async { Json(json!({ "status": "ok" })) }))
         .route("/api/version", get(|| async { Json(json!({ "version": OLLAMA_COMPAT_VERSION })) }))
+        // llama-server's server properties: its parallel slots.
+        .route("/props", get(props))
         .route("/api/tags", get(tags))
         .route("/api/ps", get(ps))
         .route("/api/show", post(show))
@@ -546,6 +548,10 @@ async fn tags(State(engine): Sim) -> Json<Value> {
         })
         .collect();
     Json(json!({ "models": models }))
+}
+
+async fn props(State(engine): Sim) -> Json<Value> {
+    Json(json!({ "total_slots": engine.config().slots, "chat_template": "" }))
 }
 
 async fn ps(State(engine): Sim) -> Json<Value> {

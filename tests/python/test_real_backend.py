@@ -302,3 +302,10 @@ def test_a_drained_node_forwards_to_the_other_over_the_mesh(mesh):
         assert events[-1].type == "response.completed"
     finally:
         subprocess.run([*admin[:2], "undrain", "real-2", *admin[2:]], check=True, stdout=subprocess.DEVNULL)
+
+
+def test_the_nodes_learn_llama_servers_parallel_slots(mesh):
+    # llama-server runs with -np 4 and says so in /props; no node was told.
+    for url in mesh["urls"]:
+        this = next(n for n in get_json(f"{url}/mesh/v1/nodes")["nodes"] if n["self"])
+        assert this["load"]["slots"] == 4

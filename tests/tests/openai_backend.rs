@@ -107,3 +107,24 @@ async fn openai_requests_pass_through() {
     .expect("json");
     assert_eq!(body["usage"]["completion_tokens"], 2);
 }
+
+#[tokio::test]
+async fn the_backends_own_slot_count_is_used_unless_one_is_configured() {
+    // llama-server says its parallel slots in /props (`total_slots`); the
+    // sim does too. Gossip and the scheduler use them when the operator
+    // set none; a configured count wins.
+    let backend = sim(&["--slots", "3"]).await;
+    let slots = |url: String| async move {
+        let nodes = get_json(&format!("{url}/mesh/v1/nodes")).await;
+        let this = nodes["nodes"].as_array().expect("nodes").iter().find(|n| n["self"] == true).cloned();
+        this.expect("this node")["load"]["slots"].as_u64()
+    };
+    let learnt = agent(&backend.url, &["--backend-kind", "openai"]).await;
+    llmesh_tests::eventually("the slots from /props", || async { slots(learnt.url.clone()).await == Some(3) }).await;
+    let configured = agent(&backend.url, &["--backend-kind", "openai", "--parallel-slots", "5"]).await;
+    llmesh_tests::eventually("the configured slots", || async { slots(configured.url.clone()).await == Some(5) }).await;
+    // Ollama says nothing of its slots: unknown (0), the scheduler assumes 4.
+    let ollama = agent(&backend.url, &[]).await;
+    llmesh_tests::eventually("the node's state", || async { slots(ollama.url.clone()).await.is_some() }).await;
+    assert_eq!(slots(ollama.url.clone()).await, Some(0));
+}

@@ -70,7 +70,7 @@ fn mesh_models(state: &AppState) -> Inventory {
             }
         }
     }
-    Inventory { models }
+    Inventory { models, slots: snapshot.inventory.slots }
 }
 
 /// Models only a cloud provider serves, with that provider's name.

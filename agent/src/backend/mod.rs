@@ -72,6 +72,9 @@ pub struct ModelEntry {
 pub struct Inventory {
     /// Every model the backend can serve, loaded or not.
     pub models: Vec<ModelEntry>,
+    /// The requests it serves at once, when it says (llama-server's
+    /// `/props` `total_slots`); Ollama and vLLM do not.
+    pub slots: Option<u32>,
 }
 
 impl Inventory {
@@ -168,7 +171,8 @@ mod tests {
 
     #[test]
     fn resolves_the_implicit_latest_tag() {
-        let inventory = Inventory { models: vec![entry("llama3:latest"), entry("qwen2.5:7b"), entry("phi")] };
+        let inventory =
+            Inventory { models: vec![entry("llama3:latest"), entry("qwen2.5:7b"), entry("phi")], slots: None };
         assert_eq!(inventory.resolve("llama3").map(|m| m.name.as_str()), Some("llama3:latest"));
         assert_eq!(inventory.resolve("phi:latest").map(|m| m.name.as_str()), Some("phi"));
         assert_eq!(inventory.resolve("qwen2.5:7b").map(|m| m.name.as_str()), Some("qwen2.5:7b"));

@@ -102,7 +102,7 @@ fn merge(tags: TagList, ps: PsList) -> Inventory {
             }
         })
         .collect();
-    Inventory { models }
+    Inventory { models, slots: None }
 }
 
 #[async_trait::async_trait]

@@ -2,6 +2,7 @@
 //! inventory from `/v1/models`, OpenAI requests passed through untouched,
 //! Ollama-native requests translated (see `translate.rs`).
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
 
 use bytes::Bytes;
@@ -20,6 +21,8 @@ use crate::config::{BackendConfig, BackendKind};
 pub struct OpenAiBackend {
     http: HttpBackend,
     foreign: ForeignApis,
+    /// The server answered 404 for `/props`: not llama-server.
+    no_props: AtomicBool,
 }
 
 #[derive(Deserialize)]
@@ -52,6 +55,26 @@ fn parameter_size(n: u64) -> String {
 }
 
 impl OpenAiBackend {
+    /// The parallel slots llama-server reports in `/props`; `None` from a
+    /// server without it (vLLM, SGLang, cloud APIs), which is then not
+    /// asked again.
+    async fn slots(&self) -> Option<u32> {
+        if self.no_props.load(Ordering::Relaxed) {
+            return None;
+        }
+        let slots = match self.http.get_json::<Value>("/props").await {
+            Ok(props) => props.get("total_slots").and_then(Value::as_u64).and_then(|n| u32::try_from(n).ok()),
+            // Unreachable or slow: ask again at the next refresh.
+            Err(ServeError::BackendUnreachable(_) | ServeError::Timeout(_)) => return None,
+            // It answered, but not with llama-server's props.
+            Err(_) => None,
+        };
+        if slots.is_none() {
+            self.no_props.store(true, Ordering::Relaxed);
+        }
+        slots
+    }
+
     /// A backend at `config.url` (the base, without `/v1`).
     pub fn new(config: &BackendConfig) -> Result<OpenAiBackend, ServeError> {
         Ok(OpenAiBackend::from_http(HttpBackend::new(config)?))
@@ -59,7 +82,7 @@ impl OpenAiBackend {
 
     /// A backend over an already configured client (cloud providers).
     pub fn from_http(http: HttpBackend) -> OpenAiBackend {
-        OpenAiBackend { http, foreign: ForeignApis::default() }
+        OpenAiBackend { http, foreign: ForeignApis::default(), no_props: AtomicBool::new(false) }
     }
 }
 
@@ -93,7 +116,7 @@ fn to_inventory(list: ModelList) -> Inventory {
             }
         })
         .collect();
-    Inventory { models }
+    Inventory { models, slots: None }
 }
 
 #[async_trait::async_trait]
@@ -103,7 +126,9 @@ impl Backend for OpenAiBackend {
     }
 
     async fn inventory(&self) -> Result<Inventory, ServeError> {
-        Ok(to_inventory(self.http.get_json::<ModelList>("/v1/models").await?))
+        let mut inventory = to_inventory(self.http.get_json::<ModelList>("/v1/models").await?);
+        inventory.slots = self.slots().await;
+        Ok(inventory)
     }
 
     async fn probe(&self) -> Result<(), ServeError> {
