@@ -108,9 +108,13 @@ pub struct DataPlane {
     config: DataPlaneConfig,
 }
 
-fn transport() -> Arc<quinn::TransportConfig> {
+/// The transport of a connection; `keep_alive` on the side that dialled
+/// only: its pings and the peer's acknowledgements keep both ends' idle
+/// timers at bay, so the accepting side sending its own would double the
+/// packets of every idle connection for nothing.
+fn transport(keep_alive: bool) -> Arc<quinn::TransportConfig> {
     let mut transport = quinn::TransportConfig::default();
-    transport.keep_alive_interval(Some(KEEP_ALIVE));
+    transport.keep_alive_interval(keep_alive.then_some(KEEP_ALIVE));
     // Within the bounds quinn accepts; 3 s always fits.
     if let Ok(idle) = quinn::IdleTimeout::try_from(IDLE_TIMEOUT) {
         transport.max_idle_timeout(Some(idle));
@@ -134,7 +138,7 @@ impl DataPlane {
         let quic = quinn::crypto::rustls::QuicServerConfig::try_from(crypto)
             .map_err(|e| PkiError::Invalid(format!("QUIC TLS: {e}")))?;
         let mut server = quinn::ServerConfig::with_crypto(Arc::new(quic));
-        server.transport_config(transport());
+        server.transport_config(transport(false));
         server.max_incoming(MAX_INCOMING);
         let endpoint = quinn::Endpoint::server(server, config.listen)
             .map_err(|source| DataPlaneError::Bind { addr: config.listen, source })?;
@@ -262,7 +266,7 @@ impl DataPlane {
         let quic = quinn::crypto::rustls::QuicClientConfig::try_from(crypto)
             .map_err(|e| ServeError::Internal(e.to_string()))?;
         let mut client = quinn::ClientConfig::new(Arc::new(quic));
-        client.transport_config(transport());
+        client.transport_config(transport(true));
         let connecting = self
             .endpoint
             .connect_with(client, peer.addr, crate::pki::tls::SERVER_NAME)
