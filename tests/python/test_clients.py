@@ -287,6 +287,16 @@ def test_openai_responses_plain_and_streamed(oai):
     check_openai_responses(oai)
 
 
+def stop_all(procs, dirs):
+    """Kills `procs` and removes `dirs`: a fixture's teardown, also after a
+    failed start, so nothing is left running."""
+    for proc in procs:
+        proc.kill()
+        proc.wait(timeout=10)
+    for d in dirs:
+        shutil.rmtree(d, ignore_errors=True)
+
+
 @pytest.fixture(scope="module")
 def forwarded_url():
     """An entry node without a backend of its own in a mesh with one GPU
@@ -309,11 +319,7 @@ def forwarded_url():
             time.sleep(0.25)
         yield url
     finally:
-        for proc in procs:
-            proc.kill()
-            proc.wait(timeout=10)
-        for d in dirs:
-            shutil.rmtree(d, ignore_errors=True)
+        stop_all(procs, dirs)
 
 
 def test_anthropic_and_responses_through_a_forwarded_node(forwarded_url):

@@ -15,7 +15,7 @@ import openai
 import pytest
 from playwright.sync_api import sync_playwright
 
-from test_clients import BIN, ROOT, agent, start
+from test_clients import BIN, ROOT, agent, start, stop_all
 from test_real_backend import get_json, wait_for
 
 RATE = 10.0  # requests per second offered by the load
@@ -29,11 +29,7 @@ def mesh():
         yield build_mesh(procs, dirs)
     finally:
         # Also when building it failed: nothing is left running.
-        for proc in procs:
-            proc.kill()
-            proc.wait(timeout=10)
-        for d in dirs:
-            shutil.rmtree(d, ignore_errors=True)
+        stop_all(procs, dirs)
 
 
 def build_mesh(procs, dirs):
