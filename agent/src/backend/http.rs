@@ -8,6 +8,7 @@
 //! agent, and reqwest's extra layers (redirects, cookies, proxy checks)
 //! cost measurable CPU per request (see `scripts/bench/overhead`).
 
+use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
@@ -20,9 +21,10 @@ use hyper_rustls::HttpsConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
-use llmesh_mesh::{InferenceResponse, ServeError, StreamError};
+use llmesh_mesh::{BodyStream, InferenceResponse, ServeError, StreamError};
 use serde::de::DeserializeOwned;
 
+use super::inline_pool::{InlineError, InlinePool};
 use crate::config::BackendConfig;
 
 /// Largest inventory document accepted (model lists are a few KiB).
@@ -51,21 +53,84 @@ fn is_stale_connection(err: &hyper_util::client::legacy::Error) -> bool {
     false
 }
 
+/// A failed request, from either transport.
+#[derive(Debug)]
+enum SendFailure {
+    Inline(InlineError),
+    Pooled(hyper_util::client::legacy::Error),
+}
+
+impl SendFailure {
+    fn is_connect(&self) -> bool {
+        match self {
+            SendFailure::Inline(err) => matches!(err, InlineError::Connect(_)),
+            SendFailure::Pooled(err) => err.is_connect(),
+        }
+    }
+
+    fn is_stale(&self) -> bool {
+        match self {
+            SendFailure::Inline(err) => err.is_stale(),
+            SendFailure::Pooled(err) => is_stale_connection(err),
+        }
+    }
+}
+
+impl std::fmt::Display for SendFailure {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            SendFailure::Inline(err) => err.fmt(f),
+            SendFailure::Pooled(err) => err.fmt(f),
+        }
+    }
+}
+
+/// A response head with its body as a stream of chunks.
+struct Answer {
+    status: http::StatusCode,
+    headers: http::HeaderMap,
+    body: BodyStream,
+}
+
 /// The connection pool: plain HTTP for the backend beside the agent (the
-/// hot path, no TLS layer at all), HTTPS-capable for cloud providers.
+/// hot path: no TLS layer, connections driven inline by the reading task),
+/// HTTPS-capable for cloud providers.
 enum Transport {
-    Plain(Client<HttpConnector, Full<Bytes>>),
-    Tls(Client<HttpsConnector<HttpConnector>, Full<Bytes>>),
+    Plain(Arc<InlinePool>),
+    Tls(Box<TlsClients>),
+}
+
+/// The cloud side: a pooled client, and one that never pools (retries).
+struct TlsClients {
+    pooled: Client<HttpsConnector<HttpConnector>, Full<Bytes>>,
+    fresh: Client<HttpsConnector<HttpConnector>, Full<Bytes>>,
 }
 
 impl Transport {
-    async fn request(
-        &self,
-        request: Request<Full<Bytes>>,
-    ) -> Result<http::Response<hyper::body::Incoming>, hyper_util::client::legacy::Error> {
+    /// Sends `request`; `fresh`: on a new connection, not pooled after.
+    async fn request(&self, mut request: Request<Full<Bytes>>, fresh: bool) -> Result<Answer, SendFailure> {
         match self {
-            Transport::Plain(client) => client.request(request).await,
-            Transport::Tls(client) => client.request(request).await,
+            Transport::Plain(pool) => {
+                // HTTP/1.1 origin form: the path on the request line, the
+                // host in its header.
+                let path = request.uri().path_and_query().map_or("/", |p| p.as_str()).to_string();
+                if let Ok(host) = http::HeaderValue::from_str(pool.authority().as_str()) {
+                    request.headers_mut().insert(http::header::HOST, host);
+                }
+                if let Ok(uri) = path.parse() {
+                    *request.uri_mut() = uri;
+                }
+                let (status, headers, body) = pool.request(request, fresh).await.map_err(SendFailure::Inline)?;
+                let status = http::StatusCode::from_u16(status).unwrap_or(http::StatusCode::BAD_GATEWAY);
+                Ok(Answer { status, headers, body: Box::pin(body) })
+            }
+            Transport::Tls(clients) => {
+                let client = if fresh { &clients.fresh } else { &clients.pooled };
+                let response = client.request(request).await.map_err(SendFailure::Pooled)?;
+                let (parts, body) = response.into_parts();
+                let body = body.into_data_stream().map(|chunk| chunk.map_err(|e| StreamError::Backend(e.to_string())));
+                Ok(Answer { status: parts.status, headers: parts.headers, body: Box::pin(body) })
+            }
         }
     }
 }
@@ -99,8 +164,6 @@ pub struct HttpTarget {
 /// `Connection: close`, so their connections never return to the pool.
 pub struct HttpBackend {
     client: Transport,
-    /// Never pools: the retry of a request that failed on a stale connection.
-    fresh: Transport,
     /// The backend closed a pooled connection under a request.
     closes_after_stream: AtomicBool,
     base: String,
@@ -138,9 +201,7 @@ impl HttpBackend {
         connector.set_connect_timeout(Some(target.connect_timeout));
         // Small SSE/NDJSON chunks must not wait for Nagle.
         connector.set_nodelay(true);
-        let pooled = Client::builder(TokioExecutor::new()).pool_idle_timeout(Duration::from_secs(90)).clone();
-        let unpooled = Client::builder(TokioExecutor::new()).pool_max_idle_per_host(0).clone();
-        let (client, fresh) = if target.allow_https {
+        let client = if https {
             connector.enforce_http(false);
             let tls = hyper_rustls::HttpsConnectorBuilder::new()
                 .with_provider_and_native_roots(std::sync::Arc::new(rustls::crypto::ring::default_provider()))
@@ -148,9 +209,12 @@ impl HttpBackend {
                 .https_or_http()
                 .enable_http1()
                 .wrap_connector(connector);
-            (Transport::Tls(pooled.build(tls.clone())), Transport::Tls(unpooled.build(tls)))
+            let pooled =
+                Client::builder(TokioExecutor::new()).pool_idle_timeout(Duration::from_secs(90)).build(tls.clone());
+            let fresh = Client::builder(TokioExecutor::new()).pool_max_idle_per_host(0).build(tls);
+            Transport::Tls(Box::new(TlsClients { pooled, fresh }))
         } else {
-            (Transport::Plain(pooled.build(connector.clone())), Transport::Plain(unpooled.build(connector)))
+            Transport::Plain(InlinePool::new(&base, target.connect_timeout).map_err(ServeError::Internal)?)
         };
         let mut headers = Vec::new();
         for (name, value) in &target.headers {
@@ -162,7 +226,6 @@ impl HttpBackend {
         }
         Ok(HttpBackend {
             client,
-            fresh,
             closes_after_stream: AtomicBool::new(false),
             base,
             authorization: target.api_key.as_ref().map(|key| format!("Bearer {key}")),
@@ -194,7 +257,7 @@ impl HttpBackend {
             .map_err(|e| ServeError::Internal(format!("bad backend request for {path}: {e}")))
     }
 
-    fn classify(&self, path: &str, err: &hyper_util::client::legacy::Error) -> ServeError {
+    fn classify(&self, path: &str, err: &SendFailure) -> ServeError {
         let what = self.url(path);
         if err.is_connect() {
             ServeError::BackendUnreachable(format!("cannot connect to {what}"))
@@ -236,27 +299,20 @@ impl HttpBackend {
             }
             Ok(request)
         };
-        let response = match self.client.request(build()?).await {
+        let response = match self.client.request(build()?, false).await {
             Ok(response) => response,
-            Err(err) if is_stale_connection(&err) => {
+            Err(err) if err.is_stale() => {
                 if !self.closes_after_stream.swap(true, Ordering::Relaxed) {
                     tracing::info!(backend = %self.base, "the backend closes connections after streamed responses; streamed requests will not reuse them");
                 }
                 tracing::debug!(backend = %self.base, error = %err, "a pooled connection was dead; retrying on a new one");
-                self.fresh.request(build()?).await.map_err(|e| self.classify(path, &e))?
+                self.client.request(build()?, true).await.map_err(|e| self.classify(path, &e))?
             }
             Err(err) => return Err(self.classify(path, &err)),
         };
-        let status = response.status().as_u16();
-        let content_type = response
-            .headers()
-            .get(CONTENT_TYPE)
-            .and_then(|v| v.to_str().ok())
-            .unwrap_or("application/json")
-            .to_string();
-        let body =
-            response.into_body().into_data_stream().map(|chunk| chunk.map_err(|e| StreamError::Backend(e.to_string())));
-        Ok(InferenceResponse { status, content_type, body: Box::pin(body) })
+        let content_type =
+            response.headers.get(CONTENT_TYPE).and_then(|v| v.to_str().ok()).unwrap_or("application/json").to_string();
+        Ok(InferenceResponse { status: response.status.as_u16(), content_type, body: response.body })
     }
 
     /// Asks `path` on a new connection and reads the answer's head: a
@@ -265,9 +321,9 @@ impl HttpBackend {
     /// answers.
     pub async fn probe(&self, path: &str) -> Result<(), ServeError> {
         let request = self.request(Method::GET, path, Bytes::new())?;
-        let response = self.fresh.request(request).await.map_err(|e| self.classify(path, &e))?;
-        if response.status().is_server_error() {
-            return Err(ServeError::BackendUnavailable(format!("{} answered {}", self.url(path), response.status())));
+        let response = self.client.request(request, true).await.map_err(|e| self.classify(path, &e))?;
+        if response.status.is_server_error() {
+            return Err(ServeError::BackendUnavailable(format!("{} answered {}", self.url(path), response.status)));
         }
         Ok(())
     }
@@ -277,12 +333,12 @@ impl HttpBackend {
         let mut request = self.request(Method::GET, path, Bytes::new())?;
         request.headers_mut().insert(ACCEPT, http::HeaderValue::from_static("application/json"));
         let fetch = async {
-            let response = self.client.request(request).await.map_err(|e| self.classify(path, &e))?;
-            let status = response.status();
+            let response = self.client.request(request, false).await.map_err(|e| self.classify(path, &e))?;
+            let status = response.status;
             if !status.is_success() {
                 return Err(ServeError::BackendUnavailable(format!("{} answered {status}", self.url(path))));
             }
-            let mut body = response.into_body().into_data_stream();
+            let mut body = response.body;
             let mut buffer = BytesMut::new();
             while let Some(chunk) = body.next().await {
                 let chunk = chunk.map_err(|e| ServeError::BackendUnreachable(format!("{}: {e}", self.url(path))))?;

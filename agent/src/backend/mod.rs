@@ -4,6 +4,7 @@
 pub mod anthropic;
 pub mod foreign;
 pub mod http;
+mod inline_pool;
 mod ollama;
 pub mod openai;
 pub mod responses;
