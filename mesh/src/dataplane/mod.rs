@@ -14,7 +14,7 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
-use futures::{SinkExt, StreamExt};
+use futures::{FutureExt, SinkExt, StreamExt};
 use llmesh_proto::frame::{Frame, FrameCodec, body_frames};
 use llmesh_proto::{ApiKind, PROTOCOL_VERSION, RequestHead, ResponseHead, Trailer};
 use tokio_util::codec::{FramedRead, FramedWrite};
@@ -551,27 +551,39 @@ fn request_of(head: RequestHead, api: ApiKind, body: Bytes, from: &str) -> Infer
 /// which cancels the backend request) when the entry node goes away.
 async fn relay_body(writer: &mut FramedWrite<quinn::SendStream, FrameCodec>, mut body: crate::BodyStream) {
     loop {
-        let next = tokio::select! {
+        let mut next = tokio::select! {
             next = body.next() => next,
             _ = writer.get_mut().stopped() => {
                 tracing::debug!("forwarded request cancelled by the entry node");
                 return;
             }
         };
-        let trailer = match next {
-            Some(Ok(bytes)) => {
-                for frame in body_frames(bytes) {
-                    if writer.feed(frame).await.is_err() {
-                        return;
+        // Chunks the backend already sent go out in one flush: a burst of
+        // small SSE events costs one wake of the QUIC connection, not one
+        // each.
+        let end = loop {
+            match next {
+                Some(Ok(bytes)) => {
+                    for frame in body_frames(bytes) {
+                        if writer.feed(frame).await.is_err() {
+                            return;
+                        }
+                    }
+                    match body.next().now_or_never() {
+                        Some(more) => next = more,
+                        None => break None,
                     }
                 }
-                if writer.flush().await.is_err() {
-                    return;
-                }
-                continue;
+                end => break Some(end),
             }
-            Some(Err(err)) => Trailer { error: err.to_string() },
-            None => Trailer::default(),
+        };
+        if writer.flush().await.is_err() {
+            return;
+        }
+        let trailer = match end {
+            None => continue,
+            Some(Some(Err(err))) => Trailer { error: err.to_string() },
+            Some(_) => Trailer::default(),
         };
         let _ = writer.send(Frame::Trailer(trailer)).await;
         finish(writer).await;
