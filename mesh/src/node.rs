@@ -351,20 +351,13 @@ pub fn dialable(p2p: &[Multiaddr], advertise: Option<IpAddr>) -> Vec<Multiaddr> 
     sorted
 }
 
-/// Keeps the data plane's peer table in step with membership.
+/// Keeps the data plane's peer table in step with membership. Connections
+/// to peers open on demand: at rest a node keeps none, whatever the size
+/// of the mesh.
 async fn follow_peers(membership: Membership, dataplane: Arc<DataPlane>, shutdown: CancellationToken) {
     let mut view = membership.watch();
-    let mut warmed = std::collections::HashSet::new();
     loop {
         dataplane.update_peers(&view.borrow_and_update());
-        // Connect to new peers ahead of traffic: the hot path then opens a
-        // stream on a warm connection.
-        for peer in dataplane.known_peers() {
-            if warmed.insert(peer.clone()) {
-                let dataplane = dataplane.clone();
-                tokio::spawn(async move { dataplane.warm(&peer).await });
-            }
-        }
         tokio::select! {
             () = shutdown.cancelled() => return,
             changed = view.changed() => if changed.is_err() { return },

@@ -9,7 +9,7 @@ use llmesh_proto::ResponseHead;
 use llmesh_proto::frame::{Frame, FrameCodec};
 use tokio_util::codec::{FramedRead, FramedWrite};
 
-use super::Forwarded;
+use super::{Forwarded, InFlight};
 use crate::{InferenceRequest, InferenceResponse, ServeError, StreamError};
 
 /// A request a peer has received and not yet answered. Dropping it
@@ -18,6 +18,8 @@ pub struct Pending {
     node_id: String,
     writer: FramedWrite<quinn::SendStream, FrameCodec>,
     reader: FramedRead<quinn::RecvStream, FrameCodec>,
+    /// Keeps the connection open until the response ends.
+    in_flight: InFlight,
     /// The head, when it came while waiting for the start.
     head: Option<ResponseHead>,
     head_timeout: Duration,
@@ -28,8 +30,11 @@ pub struct Pending {
 impl Pending {
     pub(super) fn new(
         node_id: &str,
-        writer: FramedWrite<quinn::SendStream, FrameCodec>,
-        reader: FramedRead<quinn::RecvStream, FrameCodec>,
+        (writer, reader, in_flight): (
+            FramedWrite<quinn::SendStream, FrameCodec>,
+            FramedRead<quinn::RecvStream, FrameCodec>,
+            InFlight,
+        ),
         req: &InferenceRequest,
         head_timeout: Duration,
     ) -> Pending {
@@ -37,6 +42,7 @@ impl Pending {
             node_id: node_id.to_string(),
             writer,
             reader,
+            in_flight,
             head: None,
             head_timeout,
             deadline: req.deadline,
@@ -110,11 +116,12 @@ impl Pending {
         if !head.error_code.is_empty() {
             return Err(ServeError::from_code(&head.error_code, head.error_message));
         }
-        let Pending { writer, mut reader, .. } = self;
+        let Pending { writer, mut reader, in_flight, .. } = self;
         let body = async_stream::stream! {
             // Keep the send half until the response ends: dropping it early
             // is harmless after finish(), but this documents the pairing.
             let _writer = writer;
+            let _in_flight = in_flight;
             loop {
                 match reader.next().await {
                     Some(Ok(Frame::Body(bytes))) => yield Ok(bytes),

@@ -34,6 +34,9 @@ const REQUEST_READ_TIMEOUT: Duration = Duration::from_secs(30);
 /// peer be noticed within the idle timeout.
 const KEEP_ALIVE: Duration = Duration::from_millis(500);
 const IDLE_TIMEOUT: Duration = Duration::from_secs(3);
+/// A connection to a peer no request used for this long is closed; the
+/// next request to that peer opens a new one (one round trip on a LAN).
+const IDLE_CLOSE: Duration = Duration::from_secs(60);
 /// How long a peer may take to finish the QUIC and TLS handshake.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Handshakes in progress at once; more wait in quinn's buffer or are refused.
@@ -83,8 +86,10 @@ struct PeerAddr {
 }
 
 pub use exchange::Pending;
+pub use pool::InFlight;
 
 mod exchange;
+mod pool;
 
 /// A response from a peer, and which node produced it.
 #[derive(Debug)]
@@ -100,9 +105,8 @@ pub struct DataPlane {
     endpoint: quinn::Endpoint,
     trust: Arc<Trust>,
     peers: Mutex<HashMap<String, PeerAddr>>,
-    /// One slot per peer; its async lock makes concurrent requests to a
-    /// peer wait for one handshake instead of each starting their own.
-    pool: Mutex<HashMap<String, Arc<tokio::sync::Mutex<Option<quinn::Connection>>>>>,
+    /// Connections to peers, opened on demand.
+    pool: pool::Pool,
     draining: Arc<AtomicBool>,
     tracker: TaskTracker,
     config: DataPlaneConfig,
@@ -146,11 +150,12 @@ impl DataPlane {
             endpoint,
             trust,
             peers: Mutex::new(HashMap::new()),
-            pool: Mutex::new(HashMap::new()),
+            pool: pool::Pool::default(),
             draining: Arc::new(AtomicBool::new(false)),
             tracker: TaskTracker::new(),
             config,
         });
+        tokio::spawn(close_idle_connections(Arc::downgrade(&plane), shutdown.clone()));
         tokio::spawn(accept_loop(plane.clone(), handler, shutdown));
         Ok(plane)
     }
@@ -172,26 +177,7 @@ impl DataPlane {
             let Ok(addr) = peer.state.data_addr.parse::<SocketAddr>() else { continue };
             peers.insert(peer.state.node_id.clone(), PeerAddr { addr, node });
         }
-        let mut pool = self.pool.lock().unwrap_or_else(PoisonError::into_inner);
-        pool.retain(|id, slot| {
-            // A peer that is gone or came back with a new certificate or
-            // address gets a fresh connection.
-            let Some(peer) = peers.get(id) else {
-                if let Ok(mut conn) = slot.try_lock()
-                    && let Some(conn) = conn.take()
-                {
-                    conn.close(0u32.into(), b"peer left");
-                }
-                return false;
-            };
-            if let Ok(mut conn) = slot.try_lock()
-                && conn.as_ref().is_some_and(|c| c.remote_address() != peer.addr)
-                && let Some(stale) = conn.take()
-            {
-                stale.close(0u32.into(), b"peer moved");
-            }
-            true
-        });
+        self.pool.follow(|id| peers.get(id).map(|p| p.addr));
         *self.peers.lock().unwrap_or_else(PoisonError::into_inner) = peers;
     }
 
@@ -200,32 +186,16 @@ impl DataPlane {
         self.peers.lock().unwrap_or_else(PoisonError::into_inner).keys().cloned().collect()
     }
 
-    /// Round-trip time of each open pooled connection, by peer id (QUIC's
-    /// own smoothed estimate).
+    /// Round-trip time to each peer this node has had a connection to, by
+    /// peer id (QUIC's own smoothed estimate; the last one measured for a
+    /// connection closed since).
     pub fn peer_rtts(&self) -> Vec<(String, Duration)> {
-        let pool = self.pool.lock().unwrap_or_else(PoisonError::into_inner);
-        pool.iter()
-            .filter_map(|(id, slot)| {
-                let slot = slot.try_lock().ok()?;
-                let connection = slot.as_ref().filter(|c| c.close_reason().is_none())?;
-                Some((id.clone(), connection.rtt()))
-            })
-            .collect()
+        self.pool.rtts()
     }
 
-    /// Round-trip time of the pooled connection to `node_id`, when open.
+    /// Round-trip time to `node_id`, as [`Self::peer_rtts`].
     pub fn peer_rtt(&self, node_id: &str) -> Option<Duration> {
-        let pool = self.pool.lock().unwrap_or_else(PoisonError::into_inner);
-        let slot = pool.get(node_id)?.try_lock().ok()?;
-        slot.as_ref().filter(|c| c.close_reason().is_none()).map(quinn::Connection::rtt)
-    }
-
-    /// Opens the pooled connection to `node_id` now, so the first request
-    /// does not pay for the handshake.
-    pub async fn warm(&self, node_id: &str) {
-        if let Err(err) = self.connection(node_id).await {
-            tracing::debug!(peer = %node_id, error = %err, "cannot pre-connect (will retry on demand)");
-        }
+        self.pool.rtt(node_id)
     }
 
     /// Refuses new requests from now on (they fail over to other nodes);
@@ -248,10 +218,8 @@ impl DataPlane {
         let _ = tokio::time::timeout(Duration::from_secs(1), self.endpoint.wait_idle()).await;
     }
 
-    async fn connection(&self, node_id: &str) -> Result<quinn::Connection, ServeError> {
-        let slot =
-            self.pool.lock().unwrap_or_else(PoisonError::into_inner).entry(node_id.to_string()).or_default().clone();
-        let mut slot = slot.lock().await;
+    async fn connection(&self, node_id: &str, slot: &pool::Slot) -> Result<quinn::Connection, ServeError> {
+        let mut slot = slot.conn.lock().await;
         if let Some(conn) = slot.as_ref()
             && conn.close_reason().is_none()
         {
@@ -267,10 +235,15 @@ impl DataPlane {
             .map_err(|e| ServeError::Internal(e.to_string()))?;
         let mut client = quinn::ClientConfig::new(Arc::new(quic));
         client.transport_config(transport(true));
-        let connecting = self
-            .endpoint
-            .connect_with(client, peer.addr, crate::pki::tls::SERVER_NAME)
-            .map_err(|e| ServeError::BackendUnreachable(format!("cannot dial {}: {e}", peer.addr)))?;
+        // quinn's connection task takes on the current span, and would hold
+        // the first request's trace open for as long as the connection
+        // lives: it is started from a task of its own, outside any span.
+        let endpoint = self.endpoint.clone();
+        let connecting =
+            tokio::spawn(async move { endpoint.connect_with(client, peer.addr, crate::pki::tls::SERVER_NAME) })
+                .await
+                .map_err(|e| ServeError::Internal(format!("dialling task failed: {e}")))?
+                .map_err(|e| ServeError::BackendUnreachable(format!("cannot dial {}: {e}", peer.addr)))?;
         let conn = tokio::time::timeout(self.config.connect_timeout, connecting)
             .await
             .map_err(|_| ServeError::BackendUnreachable(format!("no QUIC handshake with {} in time", peer.addr)))?
@@ -288,7 +261,9 @@ impl DataPlane {
     /// [`Pending`]. `reserve`: the request is queued elsewhere too, and the
     /// peer says when it gives it a slot ([`Pending::started`]).
     pub async fn send(&self, node_id: &str, req: &InferenceRequest, reserve: bool) -> Result<Pending, ServeError> {
-        let conn = self.connection(node_id).await?;
+        let slot = self.pool.slot(node_id);
+        let in_flight = slot.begin();
+        let conn = self.connection(node_id, &slot).await?;
         let (send, recv) =
             conn.open_bi().await.map_err(|e| ServeError::BackendUnreachable(format!("cannot open a stream: {e}")))?;
         let mut writer = FramedWrite::new(send, FrameCodec::default());
@@ -319,7 +294,23 @@ impl DataPlane {
         // Tell the peer the request is complete; a finished stream stays
         // readable in the other direction.
         writer.get_mut().finish().map_err(|e| ServeError::BackendUnreachable(format!("closing the request: {e}")))?;
-        Ok(Pending::new(node_id, writer, FramedRead::new(recv, FrameCodec::default()), req, self.config.head_timeout))
+        let reader = FramedRead::new(recv, FrameCodec::default());
+        Ok(Pending::new(node_id, (writer, reader, in_flight), req, self.config.head_timeout))
+    }
+}
+
+/// Closes the connections to peers that no request used for
+/// [`IDLE_CLOSE`], until `shutdown` or the data plane is gone.
+async fn close_idle_connections(plane: std::sync::Weak<DataPlane>, shutdown: CancellationToken) {
+    let mut tick = tokio::time::interval(IDLE_CLOSE / 6);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            () = shutdown.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        let Some(plane) = plane.upgrade() else { return };
+        plane.pool.close_idle(IDLE_CLOSE);
     }
 }
 
@@ -743,9 +734,40 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn an_idle_connection_closes_and_the_next_request_opens_one() {
+        let (a, b, _dirs) = pair();
+        assert!(a.peer_rtt(&id(&b)).is_none(), "no connection before the first request");
+        let body = |r: Forwarded| body_of(r.response);
+        assert_eq!(
+            body(a.forward(&id(&b), &request("m", b"1")).await.expect("forwarded")).await.as_deref(),
+            Ok(&b"one 1 three"[..])
+        );
+        let slot = a.pool.slot(&id(&b));
+        let first = slot.conn.lock().await.clone().expect("a pooled connection");
+        assert!(a.peer_rtt(&id(&b)).is_some(), "measured");
+
+        // In use: a response still streaming keeps its connection.
+        let streaming = a.forward(&id(&b), &request("m", b"2")).await.expect("forwarded");
+        a.pool.close_idle(Duration::ZERO);
+        assert!(first.close_reason().is_none(), "closed under a response");
+        assert_eq!(body(streaming).await.as_deref(), Ok(&b"one 2 three"[..]));
+
+        let rtt = first.rtt();
+        a.pool.close_idle(Duration::ZERO);
+        assert!(first.close_reason().is_some(), "idle, so closed");
+        assert_eq!(a.peer_rtt(&id(&b)), Some(rtt), "the last round trip is remembered");
+        assert_eq!(
+            body(a.forward(&id(&b), &request("m", b"3")).await.expect("forwarded")).await.as_deref(),
+            Ok(&b"one 3 three"[..])
+        );
+        let second = slot.conn.lock().await.clone().expect("a new connection");
+        assert_ne!(first.stable_id(), second.stable_id());
+    }
+
+    #[tokio::test]
     async fn an_incompatible_peer_gets_a_clear_refusal() {
         let (a, b, _dirs) = pair();
-        let conn = a.connection(&id(&b)).await.expect("connects");
+        let conn = a.connection(&id(&b), &a.pool.slot(&id(&b))).await.expect("connects");
         let (send, recv) = conn.open_bi().await.expect("stream");
         let mut writer = FramedWrite::new(send, FrameCodec::default());
         let head = RequestHead { protocol_version: 99, request_id: "old".into(), ..RequestHead::default() };
