@@ -2,6 +2,8 @@
 //! (no HTTP listener of its own: `/metrics` on the API port renders it).
 //! Gauges that describe the mesh (Raft, peers, queue) are set when scraped.
 
+use std::collections::HashMap;
+use std::hash::{Hash, Hasher};
 use std::sync::OnceLock;
 use std::time::Duration;
 
@@ -91,23 +93,77 @@ pub struct RequestOutcome<'a> {
     pub tokens_out: u64,
 }
 
+/// The metric handles of one label set of [`request`]: registering them
+/// costs eleven label strings and five registry look-ups, so they are made
+/// once per (model, route, outcome, key) and kept.
+#[derive(Clone)]
+struct RequestHandles {
+    requests: metrics::Counter,
+    ttfb: metrics::Histogram,
+    duration: metrics::Histogram,
+    tokens_in: metrics::Counter,
+    tokens_out: metrics::Counter,
+}
+
+impl RequestHandles {
+    fn register(o: &RequestOutcome<'_>) -> RequestHandles {
+        let labels = [
+            ("model", o.model.to_string()),
+            ("route", o.route.to_string()),
+            ("outcome", o.outcome.to_string()),
+            ("key", o.key.to_string()),
+        ];
+        let timing = [("model", o.model.to_string()), ("route", o.route.to_string())];
+        let tokens = |direction: &'static str| {
+            [("model", o.model.to_string()), ("direction", direction.to_string()), ("key", o.key.to_string())]
+        };
+        RequestHandles {
+            requests: counter!("llmesh_requests_total", &labels),
+            ttfb: histogram!("llmesh_time_to_first_byte_seconds", &timing),
+            duration: histogram!("llmesh_request_duration_seconds", &timing),
+            tokens_in: counter!("llmesh_tokens_total", &tokens("in")),
+            tokens_out: counter!("llmesh_tokens_total", &tokens("out")),
+        }
+    }
+}
+
+/// Label sets kept at most; past it (a flood of made-up keys or models
+/// cannot get this far, but the bound costs nothing) handles are
+/// registered per request as before.
+const MAX_CACHED_LABEL_SETS: usize = 4096;
+
+type HandleCache = std::sync::Mutex<HashMap<u64, Vec<([String; 4], RequestHandles)>>>;
+
+fn cached_handles(o: &RequestOutcome<'_>) -> RequestHandles {
+    static CACHE: OnceLock<HandleCache> = OnceLock::new();
+    // Handles made before the recorder exists would record nowhere.
+    if handle().is_none() {
+        return RequestHandles::register(o);
+    }
+    let names = [o.model, o.route, o.outcome, o.key];
+    let mut hasher = std::hash::DefaultHasher::new();
+    names.hash(&mut hasher);
+    let hash = hasher.finish();
+    let cache = CACHE.get_or_init(Default::default);
+    let mut cache = cache.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+    if let Some((_, handles)) = cache.get(&hash).and_then(|bucket| bucket.iter().find(|(labels, _)| labels == &names)) {
+        return handles.clone();
+    }
+    let handles = RequestHandles::register(o);
+    if cache.len() < MAX_CACHED_LABEL_SETS {
+        cache.entry(hash).or_default().push((names.map(str::to_string), handles.clone()));
+    }
+    handles
+}
+
 /// Records one finished request.
 pub fn request(o: &RequestOutcome<'_>) {
-    let labels = [
-        ("model", o.model.to_string()),
-        ("route", o.route.to_string()),
-        ("outcome", o.outcome.to_string()),
-        ("key", o.key.to_string()),
-    ];
-    counter!("llmesh_requests_total", &labels).increment(1);
-    let timing = [("model", o.model.to_string()), ("route", o.route.to_string())];
-    histogram!("llmesh_time_to_first_byte_seconds", &timing).record(o.ttft.as_secs_f64());
-    histogram!("llmesh_request_duration_seconds", &timing).record(o.total.as_secs_f64());
-    let tokens = |direction: &'static str| {
-        [("model", o.model.to_string()), ("direction", direction.to_string()), ("key", o.key.to_string())]
-    };
-    counter!("llmesh_tokens_total", &tokens("in")).increment(o.tokens_in);
-    counter!("llmesh_tokens_total", &tokens("out")).increment(o.tokens_out);
+    let handles = cached_handles(o);
+    handles.requests.increment(1);
+    handles.ttfb.record(o.ttft.as_secs_f64());
+    handles.duration.record(o.total.as_secs_f64());
+    handles.tokens_in.increment(o.tokens_in);
+    handles.tokens_out.increment(o.tokens_out);
 }
 
 /// Spend at a cloud provider.
