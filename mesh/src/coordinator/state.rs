@@ -245,13 +245,17 @@ impl ClusterState {
         self.routes.get(model).map(String::as_str)
     }
 
-    /// A member by node name, node id, or a unique suffix of its id.
+    /// A member by node name, node id, or a unique suffix of its id. An
+    /// exact name or id wins over suffixes: a node named `a` must not be
+    /// ambiguous because some other node's id happens to end in `a`.
     pub fn find_member(&self, reference: &str) -> Result<&Member, ApplyError> {
-        let matches: Vec<&Member> = self
-            .members
-            .values()
-            .filter(|m| m.name == reference || m.node_id == reference || m.node_id.ends_with(reference))
-            .collect();
+        let exact: Vec<&Member> =
+            self.members.values().filter(|m| m.name == reference || m.node_id == reference).collect();
+        let matches = if exact.is_empty() {
+            self.members.values().filter(|m| m.node_id.ends_with(reference)).collect()
+        } else {
+            exact
+        };
         match matches.as_slice() {
             [one] => Ok(one),
             [] => Err(ApplyError::NotFound(format!("no member named {reference}"))),
@@ -470,6 +474,23 @@ mod tests {
         assert_eq!(state.find_member("node-1").map(|m| m.raft_id), Ok(1));
         state.set_configuration(&[1], &[], None);
         assert!(state.find_member("b").is_err());
+    }
+
+    #[test]
+    fn an_exact_name_wins_over_another_nodes_id_suffix() {
+        let mut state = ClusterState::default();
+        let member =
+            |id: u64, node_id: &str, name: &str| Member { raft_id: id, node_id: node_id.into(), name: name.into() };
+        state.set_configuration(&[1], &[], Some(member(1, "12D3KooWxa", "a")));
+        state.set_configuration(&[1, 2], &[], Some(member(2, "12D3KooWya", "b")));
+        assert_eq!(state.find_member("a").map(|m| m.raft_id), Ok(1));
+        assert_eq!(state.find_member("Wya").map(|m| m.raft_id), Ok(2));
+        assert!(matches!(state.find_member("xb"), Err(ApplyError::NotFound(_))));
+        // Without a name match, a suffix that two ids share stays ambiguous.
+        let mut two = ClusterState::default();
+        two.set_configuration(&[1], &[], Some(member(1, "12D3KooWxa", "n1")));
+        two.set_configuration(&[1, 2], &[], Some(member(2, "12D3KooWya", "n2")));
+        assert!(matches!(two.find_member("a"), Err(ApplyError::Invalid(_))));
     }
 
     fn arb_command() -> impl Strategy<Value = Command> {
