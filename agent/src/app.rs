@@ -238,15 +238,14 @@ pub async fn run_agent(
     if crate::service_manager::listening() {
         tokio::spawn(crate::service_manager::report(state.clone(), shutdown.clone()));
     }
-    let result = crate::http_server::serve(
-        listener,
-        router(state.clone()),
-        config.api.max_connections,
-        shutdown.clone(),
-        config.api.drain_timeout,
-    )
-    .await
-    .map_err(RunError::Serve);
+    let limits = crate::http_server::ServeLimits {
+        max_connections: config.api.max_connections,
+        drain: config.api.drain_timeout,
+        threads: config.api.connection_threads(),
+    };
+    let result = crate::http_server::serve(listener, router(state.clone()), limits, shutdown.clone())
+        .await
+        .map_err(RunError::Serve);
     shutdown.cancel();
     if let Some(node) = state.mesh_node.get() {
         finish_forwarded(node, config.api.drain_timeout).await;

@@ -195,6 +195,11 @@ pub struct ApiConfig {
     pub max_response_bytes: usize,
     /// Most client connections open at once; more wait to be accepted.
     pub max_connections: usize,
+    /// Threads that client connections run on, each with a runtime of its
+    /// own; unset: one per CPU core, at most 8; 0: on the main runtime
+    /// (see [`ApiConfig::connection_threads`]).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub http_threads: Option<usize>,
     /// Time a client has to send its whole request body; slower gets 408.
     #[serde(with = "humantime_serde")]
     pub body_read_timeout: Duration,
@@ -308,6 +313,16 @@ impl Default for NodeConfig {
     }
 }
 
+impl ApiConfig {
+    /// The connection threads to start: as configured, else one per CPU
+    /// core up to 8 (more would only share the cores the mesh and the
+    /// backend need too).
+    pub fn connection_threads(&self) -> usize {
+        self.http_threads
+            .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get).min(8))
+    }
+}
+
 impl Default for ApiConfig {
     fn default() -> Self {
         ApiConfig {
@@ -315,6 +330,7 @@ impl Default for ApiConfig {
             max_body_bytes: 32 * 1024 * 1024,
             max_response_bytes: 64 * 1024 * 1024,
             max_connections: 4096,
+            http_threads: None,
             body_read_timeout: Duration::from_secs(30),
             drain_timeout: Duration::from_secs(30),
             anonymous: AnonymousAccess::Loopback,

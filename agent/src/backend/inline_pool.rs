@@ -18,6 +18,7 @@
 use std::collections::VecDeque;
 use std::future::{Future, poll_fn};
 use std::pin::Pin;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
@@ -114,13 +115,29 @@ struct Idle {
     since: Instant,
 }
 
-/// Idle connections to one backend, most recently used last.
+/// Idle connections to one backend, most recently used last, in one
+/// shard per thread: a connection's socket belongs to the reactor of the
+/// thread that opened it, and used from another thread every read would
+/// wake a task across threads (see `http_server::threads`).
 pub struct InlinePool {
     authority: http::uri::Authority,
     connect_timeout: Duration,
     idle_timeout: Duration,
     max_idle: usize,
-    idle: Mutex<VecDeque<Idle>>,
+    idle: Vec<Mutex<VecDeque<Idle>>>,
+}
+
+/// Pool shards: more than the connection threads and the main runtime's
+/// workers of a typical box, so each thread usually has its own.
+const SHARDS: usize = 16;
+
+/// This thread's shard.
+fn shard_of_this_thread() -> usize {
+    static NEXT: AtomicUsize = AtomicUsize::new(0);
+    thread_local! {
+        static SHARD: usize = NEXT.fetch_add(1, Ordering::Relaxed) % SHARDS;
+    }
+    SHARD.with(|shard| *shard)
 }
 
 impl InlinePool {
@@ -132,8 +149,8 @@ impl InlinePool {
             authority,
             connect_timeout,
             idle_timeout: Duration::from_secs(90),
-            max_idle: 512,
-            idle: Mutex::new(VecDeque::new()),
+            max_idle: 256,
+            idle: (0..SHARDS).map(|_| Mutex::new(VecDeque::new())).collect(),
         }))
     }
 
@@ -157,8 +174,12 @@ impl InlinePool {
         Ok(Leased { sender, connection, done: false })
     }
 
+    fn shard(&self) -> &Mutex<VecDeque<Idle>> {
+        &self.idle[shard_of_this_thread() % self.idle.len()]
+    }
+
     fn checkout(&self) -> Option<Leased> {
-        let mut idle = self.idle.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut idle = self.shard().lock().unwrap_or_else(PoisonError::into_inner);
         while idle.front().is_some_and(|entry| entry.since.elapsed() > self.idle_timeout) {
             idle.pop_front();
         }
@@ -169,7 +190,7 @@ impl InlinePool {
         if leased.done || leased.sender.is_closed() {
             return;
         }
-        let mut idle = self.idle.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut idle = self.shard().lock().unwrap_or_else(PoisonError::into_inner);
         if idle.len() >= self.max_idle {
             idle.pop_front();
         }

@@ -5,6 +5,7 @@
 //! once (the rest wait in the kernel's backlog). Shutdown stops accepting
 //! and lets open requests finish.
 
+use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
@@ -19,10 +20,13 @@ pub struct OnThisMachine(pub bool);
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::GracefulShutdown;
-use tokio::net::TcpListener;
-use tokio::sync::Semaphore;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tower::ServiceExt as _;
+
+mod threads;
+use threads::ConnectionThreads;
 
 /// Time a client has to send its whole request head.
 pub const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
@@ -32,30 +36,22 @@ pub const MAX_HEAD_BYTES: usize = 64 * 1024;
 pub const MAX_HEADERS: usize = 100;
 
 /// Serves `app` on `listener` until `shutdown`, then waits for open
-/// connections to finish for at most `drain`.
+/// connections to finish for at most `drain`. With `threads` above zero,
+/// each accepted connection lives on one of that many connection threads
+/// (see [`ConnectionThreads`]); with zero, on the calling runtime.
 pub async fn serve(
     listener: TcpListener,
     app: Router,
-    max_connections: usize,
+    limits: ServeLimits,
     shutdown: CancellationToken,
-    drain: Duration,
 ) -> std::io::Result<()> {
-    let mut builder = auto::Builder::new(TokioExecutor::new());
-    builder
-        .http1()
-        .timer(TokioTimer::new())
-        .header_read_timeout(HEADER_READ_TIMEOUT)
-        .max_buf_size(MAX_HEAD_BYTES)
-        .max_headers(MAX_HEADERS);
-    builder
-        .http2()
-        .timer(TokioTimer::new())
-        .max_header_list_size(MAX_HEAD_BYTES as u32)
-        .max_concurrent_streams(256)
-        .keep_alive_interval(Some(Duration::from_secs(20)));
-    let builder = Arc::new(builder);
+    let builder = Arc::new(connection_builder());
+    let threads = match limits.threads {
+        0 => None,
+        n => Some(ConnectionThreads::start(n, builder.clone(), app.clone(), limits.drain)?),
+    };
     let graceful = GracefulShutdown::new();
-    let slots = Arc::new(Semaphore::new(max_connections.max(1)));
+    let slots = Arc::new(Semaphore::new(limits.max_connections.max(1)));
     loop {
         // Wait for a free slot before accepting: excess clients queue in the
         // backlog instead of costing memory here.
@@ -78,6 +74,65 @@ pub async fn serve(
                 }
             },
         };
+        let accepted = Accepted::new(stream, remote, permit);
+        match &threads {
+            Some(threads) => threads.hand_over(accepted),
+            None => {
+                tokio::spawn(accepted.serve(&builder, app.clone(), &graceful));
+            }
+        }
+    }
+    drop(listener);
+    if let Some(threads) = threads {
+        threads.finish().await;
+    }
+    if tokio::time::timeout(limits.drain, graceful.shutdown()).await.is_err() {
+        tracing::warn!(drain = ?limits.drain, "drain timeout reached; closing remaining connections");
+    }
+    Ok(())
+}
+
+/// How [`serve`] bounds its connections.
+#[derive(Debug, Clone, Copy)]
+pub struct ServeLimits {
+    /// Most connections open at once; more wait in the kernel's backlog.
+    pub max_connections: usize,
+    /// How long a shutdown waits for open connections.
+    pub drain: Duration,
+    /// Connection threads (0: connections run on the calling runtime).
+    pub threads: usize,
+}
+
+type ConnectionBuilder = auto::Builder<TokioExecutor>;
+
+fn connection_builder() -> ConnectionBuilder {
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(HEADER_READ_TIMEOUT)
+        .max_buf_size(MAX_HEAD_BYTES)
+        .max_headers(MAX_HEADERS);
+    builder
+        .http2()
+        .timer(TokioTimer::new())
+        .max_header_list_size(MAX_HEAD_BYTES as u32)
+        .max_concurrent_streams(256)
+        .keep_alive_interval(Some(Duration::from_secs(20)));
+    builder
+}
+
+/// A client connection just accepted, with its slot under
+/// `max_connections`.
+struct Accepted {
+    stream: TcpStream,
+    remote: SocketAddr,
+    here: OnThisMachine,
+    permit: OwnedSemaphorePermit,
+}
+
+impl Accepted {
+    fn new(stream: TcpStream, remote: SocketAddr, permit: OwnedSemaphorePermit) -> Accepted {
         // Small SSE/NDJSON chunks must leave at once, not wait for Nagle.
         if let Err(err) = stream.set_nodelay(true) {
             tracing::debug!(error = %err, "cannot set TCP_NODELAY");
@@ -85,7 +140,18 @@ pub async fn serve(
         // A client that dialled one of this box's own addresses (its LAN
         // address, say) is on this machine: both ends share the IP.
         let here = OnThisMachine(remote.ip().is_loopback() || stream.local_addr().is_ok_and(|l| l.ip() == remote.ip()));
-        let app = app.clone();
+        Accepted { stream, remote, here, permit }
+    }
+
+    /// The connection's future: serves its requests until it closes, or
+    /// until `graceful` shuts down and its open requests finish.
+    fn serve(
+        self,
+        builder: &ConnectionBuilder,
+        app: Router,
+        graceful: &GracefulShutdown,
+    ) -> impl Future<Output = ()> + Send + 'static {
+        let Accepted { stream, remote, here, permit } = self;
         let service = hyper::service::service_fn(move |mut request: hyper::Request<hyper::body::Incoming>| {
             request.extensions_mut().insert(ConnectInfo::<SocketAddr>(remote));
             request.extensions_mut().insert(here);
@@ -93,16 +159,11 @@ pub async fn serve(
         });
         let connection = builder.serve_connection_with_upgrades(TokioIo::new(stream), service).into_owned();
         let connection = graceful.watch(connection);
-        tokio::spawn(async move {
+        async move {
             let _permit = permit;
             if let Err(err) = connection.await {
                 tracing::debug!(%remote, error = %err, "HTTP connection ended with an error");
             }
-        });
+        }
     }
-    drop(listener);
-    if tokio::time::timeout(drain, graceful.shutdown()).await.is_err() {
-        tracing::warn!(?drain, "drain timeout reached; closing remaining connections");
-    }
-    Ok(())
 }
