@@ -243,9 +243,7 @@ pub async fn run_agent(
         drain: config.api.drain_timeout,
         threads: config.api.connection_threads(),
     };
-    let result = crate::http_server::serve(listener, router(state.clone()), limits, shutdown.clone())
-        .await
-        .map_err(RunError::Serve);
+    let served = crate::http_server::serve(listener, router(state.clone()), limits, shutdown.clone()).await;
     shutdown.cancel();
     if let Some(node) = state.mesh_node.get() {
         finish_forwarded(node, config.api.drain_timeout).await;
@@ -254,6 +252,13 @@ pub async fn run_agent(
     if let Err(err) = parts.poller.await {
         tracing::warn!(error = %err, "inventory poller ended abnormally");
     }
+    let result = match served {
+        Ok(lingering) => {
+            lingering.end().await;
+            Ok(())
+        }
+        Err(err) => Err(RunError::Serve(err)),
+    };
     tracing::info!("llmesh agent stopped");
     result
 }

@@ -182,10 +182,21 @@ impl Proc {
 
     /// Sends SIGTERM and waits for exit, returning whether it exited 0.
     pub async fn terminate(&mut self) -> bool {
+        self.terminate_why().await.is_ok()
+    }
+
+    /// [`Proc::terminate`], saying why when the exit was not clean: still
+    /// running after the patience, or the exit status.
+    pub async fn terminate_why(&mut self) -> Result<(), String> {
         if let Some(pid) = self.child.id() {
             let _ = std::process::Command::new("kill").args(["-TERM", &pid.to_string()]).status();
         }
-        matches!(tokio::time::timeout(patience(), self.child.wait()).await, Ok(Ok(status)) if status.success())
+        match tokio::time::timeout(patience(), self.child.wait()).await {
+            Ok(Ok(status)) if status.success() => Ok(()),
+            Ok(Ok(status)) => Err(format!("exited with {status}")),
+            Ok(Err(err)) => Err(format!("cannot wait for it: {err}")),
+            Err(_) => Err(format!("still running {:?} after SIGTERM", patience())),
+        }
     }
 }
 

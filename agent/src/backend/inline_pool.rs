@@ -81,6 +81,9 @@ struct Leased {
     connection: Connection,
     /// The connection future resolved: the socket is finished with.
     done: bool,
+    /// The pool shard of the thread that opened it, whose reactor its
+    /// socket is registered with: it goes back there when idle.
+    home: usize,
 }
 
 impl Leased {
@@ -171,15 +174,25 @@ impl InlinePool {
         // Small SSE/NDJSON chunks must not wait for Nagle.
         stream.set_nodelay(true).map_err(|e| InlineError::Connect(format!("{address}: {e}")))?;
         let (sender, connection) = http1::handshake(TokioIo::new(stream)).await?;
-        Ok(Leased { sender, connection, done: false })
+        Ok(Leased { sender, connection, done: false, home: self.home_shard() })
     }
 
-    fn shard(&self) -> &Mutex<VecDeque<Idle>> {
-        &self.idle[shard_of_this_thread() % self.idle.len()]
+    fn home_shard(&self) -> usize {
+        shard_of_this_thread() % self.idle.len()
     }
 
+    /// An idle connection: this thread's own first, else another thread's
+    /// (used from here, its reads wake that thread's reactor: slower, but
+    /// cheaper than one more connection, and it keeps the idle stock at
+    /// what the whole agent needs rather than what each thread once
+    /// needed).
     fn checkout(&self) -> Option<Leased> {
-        let mut idle = self.shard().lock().unwrap_or_else(PoisonError::into_inner);
+        let home = self.home_shard();
+        (0..self.idle.len()).find_map(|step| self.checkout_from((home + step) % self.idle.len()))
+    }
+
+    fn checkout_from(&self, shard: usize) -> Option<Leased> {
+        let mut idle = self.idle[shard].lock().unwrap_or_else(PoisonError::into_inner);
         while idle.front().is_some_and(|entry| entry.since.elapsed() > self.idle_timeout) {
             idle.pop_front();
         }
@@ -190,7 +203,7 @@ impl InlinePool {
         if leased.done || leased.sender.is_closed() {
             return;
         }
-        let mut idle = self.shard().lock().unwrap_or_else(PoisonError::into_inner);
+        let mut idle = self.idle[leased.home].lock().unwrap_or_else(PoisonError::into_inner);
         if idle.len() >= self.max_idle {
             idle.pop_front();
         }

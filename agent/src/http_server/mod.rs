@@ -27,6 +27,7 @@ use tower::ServiceExt as _;
 
 mod threads;
 use threads::ConnectionThreads;
+pub use threads::Lingering;
 
 /// Time a client has to send its whole request head.
 pub const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
@@ -38,13 +39,14 @@ pub const MAX_HEADERS: usize = 100;
 /// Serves `app` on `listener` until `shutdown`, then waits for open
 /// connections to finish for at most `drain`. With `threads` above zero,
 /// each accepted connection lives on one of that many connection threads
-/// (see [`ConnectionThreads`]); with zero, on the calling runtime.
+/// (see [`ConnectionThreads`]), which run on until the returned
+/// [`Lingering`] ends; with zero, on the calling runtime.
 pub async fn serve(
     listener: TcpListener,
     app: Router,
     limits: ServeLimits,
     shutdown: CancellationToken,
-) -> std::io::Result<()> {
+) -> std::io::Result<Lingering> {
     let builder = Arc::new(connection_builder());
     let threads = match limits.threads {
         0 => None,
@@ -83,13 +85,14 @@ pub async fn serve(
         }
     }
     drop(listener);
-    if let Some(threads) = threads {
-        threads.finish().await;
-    }
+    let lingering = match threads {
+        Some(threads) => threads.finish().await,
+        None => Lingering::default(),
+    };
     if tokio::time::timeout(limits.drain, graceful.shutdown()).await.is_err() {
         tracing::warn!(drain = ?limits.drain, "drain timeout reached; closing remaining connections");
     }
-    Ok(())
+    Ok(lingering)
 }
 
 /// How [`serve`] bounds its connections.

@@ -36,7 +36,12 @@ struct Lane {
     handoffs: mpsc::UnboundedSender<Handoff>,
     /// Connections open on it, to send the next one to the least busy.
     open: Arc<AtomicUsize>,
-    finished: oneshot::Receiver<()>,
+    /// Fires once its connections have drained.
+    drained: oneshot::Receiver<()>,
+    /// Sent (or dropped) to end its runtime.
+    release: oneshot::Sender<()>,
+    /// Fires once its runtime is gone.
+    ended: oneshot::Receiver<()>,
 }
 
 /// The connection threads of one listener.
@@ -57,16 +62,25 @@ impl ConnectionThreads {
         for index in 0..count {
             let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
             let (handoffs, incoming) = mpsc::unbounded_channel();
-            let (done, finished) = oneshot::channel();
+            let (drained_tx, drained) = oneshot::channel();
+            let (release, released) = oneshot::channel::<()>();
+            let (ended_tx, ended) = oneshot::channel();
             let open = Arc::new(AtomicUsize::new(0));
             let lane = LaneRun { incoming, open: open.clone(), builder: builder.clone(), app: app.clone(), drain };
             std::thread::Builder::new().name(format!("llmesh-http-{index}")).spawn(move || {
-                runtime.block_on(lane.run());
-                // Tasks the connections left behind end with the runtime.
+                runtime.block_on(async move {
+                    lane.run().await;
+                    let _ = drained_tx.send(());
+                    // Tasks the connections started (a backend connection
+                    // another thread's request may be reading, a cloud
+                    // call) keep running until the agent has finished
+                    // its forwarded requests: see `Lingering`.
+                    let _ = released.await;
+                });
                 drop(runtime);
-                let _ = done.send(());
+                let _ = ended_tx.send(());
             })?;
-            lanes.push(Lane { handoffs, open, finished });
+            lanes.push(Lane { handoffs, open, drained, release, ended });
         }
         Ok(ConnectionThreads { lanes })
     }
@@ -92,16 +106,45 @@ impl ConnectionThreads {
         }
     }
 
-    /// Stops handing over and waits for every thread to drain and end.
-    pub(super) async fn finish(self) {
-        let mut finished = Vec::with_capacity(self.lanes.len());
+    /// Stops handing over and waits for every thread's connections to
+    /// drain; the threads themselves run on until the returned
+    /// [`Lingering`] ends.
+    pub(super) async fn finish(self) -> Lingering {
+        let mut lingering = Lingering { release: Vec::new(), ended: Vec::new() };
+        let mut drained = Vec::with_capacity(self.lanes.len());
         for lane in self.lanes {
             drop(lane.handoffs);
-            finished.push(lane.finished);
+            drained.push(lane.drained);
+            lingering.release.push(lane.release);
+            lingering.ended.push(lane.ended);
         }
-        for done in finished {
+        for done in drained {
             // An error: the thread panicked; nothing is left to wait for.
             let _ = done.await;
+        }
+        lingering
+    }
+}
+
+/// Connection threads whose connections have drained but whose runtimes
+/// still run: tasks started there (backend and cloud connections that the
+/// pools share between threads) may still serve the agent's last
+/// forwarded requests. [`Lingering::end`] (or dropping it) ends them.
+#[derive(Default)]
+pub struct Lingering {
+    release: Vec<oneshot::Sender<()>>,
+    ended: Vec<oneshot::Receiver<()>>,
+}
+
+impl Lingering {
+    /// Ends the threads' runtimes and waits (briefly) for them to go.
+    pub async fn end(self) {
+        let Lingering { release, ended } = self;
+        drop(release);
+        for done in ended {
+            if tokio::time::timeout(Duration::from_secs(2), done).await.is_err() {
+                tracing::warn!("a connection thread did not end within 2 s");
+            }
         }
     }
 }

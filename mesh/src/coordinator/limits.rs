@@ -32,6 +32,10 @@ pub struct LimitsClient {
     channels: Mutex<HashMap<SocketAddr, Channel>>,
     tag: MetadataValue<tonic::metadata::Ascii>,
     trust: Arc<Trust>,
+    /// The runtime this client was made on: channels are opened on it, so
+    /// their connection tasks stay with the mesh and not on whichever
+    /// HTTP connection thread asked first.
+    runtime: Option<tokio::runtime::Handle>,
 }
 
 fn decision(reply: &AcquireReply) -> Decision {
@@ -57,6 +61,7 @@ impl LimitsClient {
             channels: Mutex::new(HashMap::new()),
             tag: tag.parse().unwrap_or_else(|_| MetadataValue::from_static("invalid")),
             trust,
+            runtime: tokio::runtime::Handle::try_current().ok(),
         }
     }
 
@@ -72,6 +77,7 @@ impl LimitsClient {
             return Some(channel.clone());
         }
         let options = ChannelOptions { connect_timeout: Duration::from_millis(500), timeout: CALL_TIMEOUT };
+        let _on_mesh_runtime = self.runtime.as_ref().map(tokio::runtime::Handle::enter);
         let channel = crate::pki::grpc::channel(addr, &self.trust, options).ok()?;
         channels.insert(addr, channel.clone());
         Some(channel)

@@ -110,6 +110,13 @@ pub struct DataPlane {
     draining: Arc<AtomicBool>,
     tracker: TaskTracker,
     config: DataPlaneConfig,
+    /// The runtime the endpoint was bound on. Connections are dialled on
+    /// it, so their driver tasks live with the rest of the mesh: a request
+    /// handled on an HTTP connection thread (see the agent's
+    /// `http_server::threads`) would otherwise leave the connection's
+    /// driver on that thread, where every other thread's streams depend on
+    /// it and it ends with that thread.
+    runtime: tokio::runtime::Handle,
 }
 
 /// The transport of a connection; `keep_alive` on the side that dialled
@@ -154,6 +161,7 @@ impl DataPlane {
             draining: Arc::new(AtomicBool::new(false)),
             tracker: TaskTracker::new(),
             config,
+            runtime: tokio::runtime::Handle::current(),
         });
         tokio::spawn(close_idle_connections(Arc::downgrade(&plane), shutdown.clone()));
         tokio::spawn(accept_loop(plane.clone(), handler, shutdown));
@@ -237,13 +245,15 @@ impl DataPlane {
         client.transport_config(transport(true));
         // quinn's connection task takes on the current span, and would hold
         // the first request's trace open for as long as the connection
-        // lives: it is started from a task of its own, outside any span.
+        // lives: it is started from a task of its own, outside any span,
+        // on the endpoint's runtime.
         let endpoint = self.endpoint.clone();
-        let connecting =
-            tokio::spawn(async move { endpoint.connect_with(client, peer.addr, crate::pki::tls::SERVER_NAME) })
-                .await
-                .map_err(|e| ServeError::Internal(format!("dialling task failed: {e}")))?
-                .map_err(|e| ServeError::BackendUnreachable(format!("cannot dial {}: {e}", peer.addr)))?;
+        let connecting = self
+            .runtime
+            .spawn(async move { endpoint.connect_with(client, peer.addr, crate::pki::tls::SERVER_NAME) })
+            .await
+            .map_err(|e| ServeError::Internal(format!("dialling task failed: {e}")))?
+            .map_err(|e| ServeError::BackendUnreachable(format!("cannot dial {}: {e}", peer.addr)))?;
         let conn = tokio::time::timeout(self.config.connect_timeout, connecting)
             .await
             .map_err(|_| ServeError::BackendUnreachable(format!("no QUIC handshake with {} in time", peer.addr)))?

@@ -247,7 +247,17 @@ impl<'lan> Fleet<'lan> {
     pub async fn stop(&mut self, i: usize) -> bool {
         self.downtime.lock().unwrap_or_else(PoisonError::into_inner).down(i);
         match self.hosts[i].agent.take() {
-            Some(mut agent) => agent.terminate().await,
+            Some(mut agent) => match agent.terminate_why().await {
+                Ok(()) => true,
+                Err(why) => {
+                    // The drill's verdict only counts; the log says why.
+                    let logs = agent.logs();
+                    let tail: Vec<&str> = logs.lines().rev().take(40).collect();
+                    let tail: Vec<&str> = tail.into_iter().rev().collect();
+                    eprintln!("chaos: {} {why}; the end of its log:\n{}", node_name(i), tail.join("\n"));
+                    false
+                }
+            },
             None => true,
         }
     }
