@@ -416,6 +416,31 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_connection_left_idle_by_another_thread_is_reused_before_a_new_one_is_opened() {
+        let server = server(2, false).await;
+        let pool = InlinePool::new(&server.base, Duration::from_secs(2)).expect("pool");
+        let (done_tx, done) = tokio::sync::oneshot::channel();
+        let (release, released) = tokio::sync::oneshot::channel::<()>();
+        let other = Arc::clone(&pool);
+        // A thread with a runtime of its own, as a connection thread has,
+        // that stays up (its reactor holds the socket) until released.
+        let thread = std::thread::spawn(move || {
+            let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
+            runtime.block_on(async move {
+                let (_, _, body) = other.request(get(&other), false).await.expect("response");
+                let _ = done_tx.send(read_all(body).await);
+                let _ = released.await;
+            });
+        });
+        assert_eq!(done.await.expect("the other thread answered"), "data: 0\n\ndata: 1\n\n");
+        let (_, _, body) = pool.request(get(&pool), false).await.expect("response");
+        assert_eq!(read_all(body).await, "data: 0\n\ndata: 1\n\n");
+        assert_eq!(server.accepted.load(Ordering::SeqCst), 1, "the other thread's idle connection was reused");
+        drop(release);
+        thread.join().expect("the other thread ends");
+    }
+
+    #[tokio::test]
     async fn a_backend_that_closes_after_each_response_gets_a_new_connection_each_time() {
         let server = server(2, true).await;
         let pool = InlinePool::new(&server.base, Duration::from_secs(2)).expect("pool");
