@@ -299,7 +299,14 @@ pub async fn read_body(State(app): State<std::sync::Arc<AppState>>, request: Req
     let format = format_for(request.uri().path());
     let (parts, body) = request.into_parts();
     let limited = http_body_util::Limited::new(body, app.max_body_bytes);
-    match tokio::time::timeout(app.body_read_timeout, limited.collect()).await {
+    let mut collect = std::pin::pin!(limited.collect());
+    // A small body usually came in with the head: no timer for it (arming
+    // one wakes the connection thread's reactor through its eventfd).
+    let read = match futures::poll!(collect.as_mut()) {
+        std::task::Poll::Ready(read) => Ok(read),
+        std::task::Poll::Pending => tokio::time::timeout(app.body_read_timeout, collect).await,
+    };
+    match read {
         Ok(Ok(collected)) => next.run(Request::from_parts(parts, axum::body::Body::from(collected.to_bytes()))).await,
         Ok(Err(err)) if err.downcast_ref::<http_body_util::LengthLimitError>().is_some() => {
             ApiError::too_large(app.max_body_bytes).with_format(format).into_response()
