@@ -15,6 +15,9 @@ use tokio_util::sync::CancellationToken;
 // Every request allocates and frees small buffers across worker threads
 // (headers, JSON, body chunks); glibc's malloc spent about a sixth of the
 // agent's CPU on them under load, mimalloc's thread-local free lists much less.
+// Built without transparent huge pages (`no_thp`): with them, where the
+// kernel grants THP on request, each arena mimalloc touched became 2 MiB
+// pages, and an idle agent held 43 MiB instead of 28.
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
