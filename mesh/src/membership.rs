@@ -198,6 +198,33 @@ struct Behaviour {
     mdns: Toggle<mdns::tokio::Behaviour>,
 }
 
+/// Gossipsub's settings for the membership topics.
+fn gossip_config() -> Result<gossipsub::Config, gossipsub::ConfigBuilderError> {
+    gossipsub::ConfigBuilder::default()
+        .heartbeat_interval(Duration::from_secs(1))
+        .max_transmit_size(MAX_GOSSIP_BYTES)
+        .validation_mode(gossipsub::ValidationMode::Strict)
+        // Small clusters: keep a mesh even with one or two peers.
+        .mesh_n_low(1)
+        .mesh_n(4)
+        .mesh_n_high(8)
+        .mesh_outbound_min(0)
+        // Lazy gossip (IHAVE) repairs holes in the mesh; beats repeat
+        // every second and full states at least every few (see
+        // `cadence`), so two peers per heartbeat with the ids of the
+        // last two heartbeats are plenty. The default's quarter of all
+        // other peers grows with the mesh: at 100 nodes, 24 IHAVEs a
+        // second of up to 300 ids each.
+        .gossip_lazy(2)
+        .gossip_factor(0.0)
+        .history_gossip(2)
+        // Ids are announced to peers every heartbeat (IHAVE): 8
+        // bytes instead of the default ~70 (peer id and counter as
+        // text). The same on every node, so IWANT finds them.
+        .message_id_fn(compact_message_id)
+        .build()
+}
+
 fn build_swarm(config: &MembershipConfig) -> Result<Swarm<Behaviour>, MeshError> {
     let psk = PreSharedKey::new(config.secret.bytes());
     let mdns_enabled = config.mdns;
@@ -217,29 +244,7 @@ fn build_swarm(config: &MembershipConfig) -> Result<Swarm<Behaviour>, MeshError>
         .map_err(|e| MeshError::Build(e.to_string()))?
         .with_behaviour(|key| -> Result<_, Box<dyn std::error::Error + Send + Sync>> {
             let peer_id = key.public().to_peer_id();
-            let gossip_config = gossipsub::ConfigBuilder::default()
-                .heartbeat_interval(Duration::from_secs(1))
-                .max_transmit_size(MAX_GOSSIP_BYTES)
-                .validation_mode(gossipsub::ValidationMode::Strict)
-                // Small clusters: keep a mesh even with one or two peers.
-                .mesh_n_low(1)
-                .mesh_n(4)
-                .mesh_n_high(8)
-                .mesh_outbound_min(0)
-                // Lazy gossip (IHAVE) repairs holes in the mesh; beats repeat
-                // every second and full states at least every few (see
-                // `cadence`), so two peers per heartbeat with the ids of the
-                // last two heartbeats are plenty. The default's quarter of all other peers
-                // grows with the mesh: at 100 nodes, 24 IHAVEs a second of
-                // up to 300 ids each.
-                .gossip_lazy(2)
-                .gossip_factor(0.0)
-                .history_gossip(2)
-                // Ids are announced to peers every heartbeat (IHAVE): 8
-                // bytes instead of the default ~70 (peer id and counter as
-                // text). The same on every node, so IWANT finds them.
-                .message_id_fn(compact_message_id)
-                .build()?;
+            let gossip_config = gossip_config()?;
             let gossipsub = gossipsub::Behaviour::<gossipsub::IdentityTransform>::new(
                 gossipsub::MessageAuthenticity::Signed(key.clone()),
                 gossip_config,
