@@ -133,6 +133,7 @@ impl NodeStateBuilder {
             recent_prefix_depths,
             // Stamped by membership, which sends the beats.
             beats: false,
+            pulses: false,
             draining: self.draining.load(std::sync::atomic::Ordering::SeqCst),
             seq: 0,
             timestamp_ms: SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64),

@@ -7,22 +7,38 @@
 //! mesh), so sending it every second made an idle mesh of 20 nodes move
 //! about 150 KB/s per node. Most seconds nothing has changed. The full
 //! state now goes out when it changes in substance, at least every
-//! [`FULL_STATE_EVERY`], and for a few beats after a peer joins or comes
-//! back (so a newcomer learns everyone at once); in between, a beat of a
-//! few bytes keeps liveness as fast as before.
+//! [`FULL_STATE_EVERY`], and for a few heartbeats after a peer joins or
+//! comes back (so a newcomer learns everyone at once). In between nothing
+//! goes out: liveness is the pulses' job (see [`crate::pulse`]), unless a
+//! peer from before pulses is alive, which expects a beat from everyone
+//! every heartbeat.
 
 use std::time::{Duration, Instant};
 
 use llmesh_proto::NodeState;
 
 /// The longest a node stays without sending its full state: a peer that
-/// missed one (a lost message, a partition) is this stale at most.
-pub const FULL_STATE_EVERY: Duration = Duration::from_secs(10);
+/// missed one (a lost message) is this stale at most. Long, because a
+/// peer cut off and back is sent every state again (a join), and because
+/// at 100 nodes even one state every few minutes from each is most of
+/// what an idle mesh says.
+pub const FULL_STATE_EVERY: Duration = Duration::from_secs(300);
 
 /// Heartbeats after a peer joins during which full states are sent: the
 /// newcomer's gossipsub mesh takes a heartbeat or two to form, and a
 /// message sent before it reaches nobody.
 const FULL_AFTER_JOIN: u32 = 3;
+
+/// What the peers alive read, by the oldest of them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Readers {
+    /// Every peer reads pulses: nothing between full states.
+    Pulses,
+    /// A peer predates pulses: a beat every heartbeat.
+    Beats,
+    /// A peer predates beats: the full state every heartbeat.
+    FullOnly,
+}
 
 /// What to send now.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -47,18 +63,26 @@ pub struct Cadence {
 
 impl Cadence {
     /// A heartbeat: the full state when it changed, is due, or a peer
-    /// reads only full states (`legacy_peers`: nodes before beats, which
-    /// take a peer for gone after three silent seconds); else a beat.
-    pub fn on_heartbeat(&mut self, state: &NodeState, legacy_peers: bool, now: Instant) -> Publish {
+    /// reads only full states (nodes before beats, which take a peer for
+    /// gone after three silent seconds); else a beat if a peer needs one.
+    pub fn on_heartbeat(&mut self, state: &NodeState, readers: Readers, now: Instant) -> Publish {
         let due = self.last_full.is_none_or(|at| now.saturating_duration_since(at) >= FULL_STATE_EVERY);
         let joined = self.full_due > 0;
         self.full_due = self.full_due.saturating_sub(1);
-        if due || joined || legacy_peers || self.changed(state) {
+        if due || joined || readers == Readers::FullOnly || self.changed(state) {
             self.sent_full(state, now);
             Publish::Full
-        } else {
+        } else if readers == Readers::Beats {
             Publish::Beat
+        } else {
+            Publish::Nothing
         }
+    }
+
+    /// The mesh suspects this node: the next chance sends the full state
+    /// (a newer one refutes the suspicion).
+    pub fn refute(&mut self) {
+        self.sent = None;
     }
 
     /// The local state changed between heartbeats: the full state when it
@@ -113,42 +137,56 @@ mod tests {
     }
 
     #[test]
-    fn an_idle_node_beats_and_sends_its_full_state_every_ten_seconds() {
+    fn an_idle_node_beats_for_older_peers_and_sends_its_full_state_every_few_minutes() {
         let mut c = Cadence::default();
         let t0 = Instant::now();
-        assert_eq!(c.on_heartbeat(&state(0), false, t0), Publish::Full, "the first heartbeat");
+        assert_eq!(c.on_heartbeat(&state(0), Readers::Beats, t0), Publish::Full, "the first heartbeat");
         let sent: Vec<Publish> =
-            (1..=20).map(|s| c.on_heartbeat(&state(0), false, t0 + Duration::from_secs(s))).collect();
-        let full: Vec<usize> = (0..20).filter(|i| sent[*i] == Publish::Full).map(|i| i + 1).collect();
-        assert_eq!(full, [10, 20]);
+            (1..=600).map(|s| c.on_heartbeat(&state(0), Readers::Beats, t0 + Duration::from_secs(s))).collect();
+        let full: Vec<usize> = (0..600).filter(|i| sent[*i] == Publish::Full).map(|i| i + 1).collect();
+        assert_eq!(full, [300, 600]);
         assert!(sent.iter().all(|p| *p != Publish::Nothing));
+    }
+
+    #[test]
+    fn among_pulsing_peers_an_idle_node_is_quiet_until_its_state_changes_or_is_refuted() {
+        let mut c = Cadence::default();
+        let t0 = Instant::now();
+        let at = |s: u64| t0 + Duration::from_secs(s);
+        assert_eq!(c.on_heartbeat(&state(0), Readers::Pulses, t0), Publish::Full);
+        assert!((1..=299).all(|s| c.on_heartbeat(&state(0), Readers::Pulses, at(s)) == Publish::Nothing));
+        assert_eq!(c.on_heartbeat(&state(0), Readers::Pulses, at(300)), Publish::Full, "the slow refresh");
+        assert_eq!(c.on_heartbeat(&state(1), Readers::Pulses, at(301)), Publish::Full, "a change");
+        c.refute();
+        assert_eq!(c.on_change(&state(1), at(301)), Publish::Full, "a suspicion refuted at once");
+        assert_eq!(c.on_heartbeat(&state(1), Readers::Pulses, at(302)), Publish::Nothing);
     }
 
     #[test]
     fn a_change_goes_out_at_once_and_only_once() {
         let mut c = Cadence::default();
         let t0 = Instant::now();
-        c.on_heartbeat(&state(0), false, t0);
+        c.on_heartbeat(&state(0), Readers::Beats, t0);
         let t = t0 + Duration::from_millis(300);
         assert_eq!(c.on_change(&state(0), t), Publish::Nothing);
         assert_eq!(c.on_change(&state(1), t), Publish::Full);
         assert_eq!(c.on_change(&state(1), t), Publish::Nothing);
-        assert_eq!(c.on_heartbeat(&state(1), false, t0 + Duration::from_secs(1)), Publish::Beat);
+        assert_eq!(c.on_heartbeat(&state(1), Readers::Beats, t0 + Duration::from_secs(1)), Publish::Beat);
         // The seq and timestamp the membership task stamps are not news.
         let stamped = NodeState { seq: 9, timestamp_ms: 5, ..state(1) };
-        assert_eq!(c.on_heartbeat(&stamped, false, t0 + Duration::from_secs(2)), Publish::Beat);
+        assert_eq!(c.on_heartbeat(&stamped, Readers::Beats, t0 + Duration::from_secs(2)), Publish::Beat);
     }
 
     #[test]
     fn a_join_and_an_older_peer_bring_full_states_back() {
         let mut c = Cadence::default();
         let t0 = Instant::now();
-        c.on_heartbeat(&state(0), false, t0);
+        c.on_heartbeat(&state(0), Readers::Beats, t0);
         c.peer_joined();
         let at = |s: u64| t0 + Duration::from_secs(s);
-        let after_join: Vec<Publish> = (1..=4).map(|s| c.on_heartbeat(&state(0), false, at(s))).collect();
+        let after_join: Vec<Publish> = (1..=4).map(|s| c.on_heartbeat(&state(0), Readers::Beats, at(s))).collect();
         assert_eq!(after_join, [Publish::Full, Publish::Full, Publish::Full, Publish::Beat]);
-        assert_eq!(c.on_heartbeat(&state(0), true, at(5)), Publish::Full, "a peer that reads no beats");
+        assert_eq!(c.on_heartbeat(&state(0), Readers::FullOnly, at(5)), Publish::Full, "a peer that reads no beats");
     }
 
     #[test]
@@ -161,7 +199,7 @@ mod tests {
         };
         let mut c = Cadence::default();
         let t0 = Instant::now();
-        c.on_heartbeat(&NodeState { gpus: vec![gpu(61, 0)], ..state(0) }, false, t0);
+        c.on_heartbeat(&NodeState { gpus: vec![gpu(61, 0)], ..state(0) }, Readers::Beats, t0);
         assert_eq!(c.on_change(&NodeState { gpus: vec![gpu(63, 4)], ..state(0) }, t0), Publish::Nothing);
         assert_eq!(c.on_change(&NodeState { gpus: vec![gpu(66, 4)], ..state(0) }, t0), Publish::Full);
         assert_eq!(c.on_change(&NodeState { gpus: vec![gpu(66, 90)], ..state(0) }, t0), Publish::Full);

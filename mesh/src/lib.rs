@@ -26,6 +26,7 @@ pub mod membership;
 pub mod node;
 pub mod peers;
 pub mod pki;
+mod pulse;
 pub mod route;
 pub mod secret;
 pub mod seed;

@@ -1,9 +1,11 @@
 //! Membership over libp2p: a private network keyed by the cluster secret
 //! (pnet over TCP, then noise and yamux), identify, mDNS on the LAN,
 //! bootstrap peers and Kademlia beyond it, and gossipsub topics on which
-//! every node publishes its [`NodeState`] on change (and every few
-//! seconds) and a small [`Beat`] on the other heartbeats (see
-//! [`crate::cadence`]).
+//! every node publishes its [`NodeState`] on change (see
+//! [`crate::cadence`]) and a [`llmesh_proto::Suspicion`] when a peer it watches falls
+//! silent. Liveness comes from pulse streams to a few ring neighbours
+//! ([`crate::pulse`]); nodes from before pulses are sent a small [`Beat`]
+//! every heartbeat, as they expect.
 //!
 //! Gossip carries [`SignedNodeState`]: states signed by their node's key
 //! with its CA-issued certificate (see [`crate::pki`]); anything else is
@@ -36,16 +38,23 @@ use prost::Message;
 use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 
-use crate::cadence::{Cadence, Publish};
+use crate::cadence::{Cadence, Publish, Readers};
 use crate::peers::{Change, Liveness, LivenessConfig, PeerTable};
 use crate::pki::{PkiError, Trust};
 use crate::secret::ClusterSecret;
+
+mod watching;
 
 /// Gossipsub topic carrying [`SignedNodeState`].
 const STATE_TOPIC: &str = "llmesh/state/2";
 /// Gossipsub topic carrying [`Beat`]s. Nodes before beats do not subscribe,
 /// so they never receive one.
 const BEAT_TOPIC: &str = "llmesh/beat/1";
+/// Gossipsub topic carrying [`llmesh_proto::Suspicion`]s.
+const SUSPICION_TOPIC: &str = "llmesh/suspicion/1";
+/// How often a node that reported a peer silent says it again while the
+/// peer stays dead here: a node cut off when it first went out learns it.
+const SUSPICION_REPEAT: Duration = Duration::from_secs(30);
 /// Protocol on which a node without a certificate asks for one.
 const ENROLL_PROTOCOL: &str = "/llmesh/enroll/1";
 /// Tells a node, before its connections close for good, that the cluster
@@ -196,6 +205,7 @@ struct Behaviour {
     identify: identify::Behaviour,
     kad: kad::Behaviour<kad::store::MemoryStore>,
     mdns: Toggle<mdns::tokio::Behaviour>,
+    pulse: libp2p_stream::Behaviour,
 }
 
 /// Gossipsub's settings for the membership topics.
@@ -280,6 +290,7 @@ fn build_swarm(config: &MembershipConfig) -> Result<Swarm<Behaviour>, MeshError>
                 identify,
                 kad,
                 mdns: Toggle::from(mdns),
+                pulse: libp2p_stream::Behaviour::new(),
             })
         })
         .map_err(|e| MeshError::Build(e.to_string()))?
@@ -321,7 +332,8 @@ pub async fn start(
     let mut swarm = build_swarm(&config)?;
     let topic = gossipsub::IdentTopic::new(STATE_TOPIC);
     let beat_topic = gossipsub::IdentTopic::new(BEAT_TOPIC);
-    for t in [&topic, &beat_topic] {
+    let suspicion_topic = gossipsub::IdentTopic::new(SUSPICION_TOPIC);
+    for t in [&topic, &beat_topic, &suspicion_topic] {
         swarm.behaviour_mut().gossipsub.subscribe(t).map_err(|e| MeshError::Build(e.to_string()))?;
     }
     let mut listen_addrs = Vec::new();
@@ -353,10 +365,22 @@ pub async fn start(
         MeshView { local_id: local_id.to_string(), listen_addrs: listen_addrs.clone(), ..MeshView::default() };
     let (view_tx, view) = watch::channel(Arc::new(initial));
     let (suspects, suspects_rx) = mpsc::unbounded_channel();
+    let (control, pulse_seq) = serve_pulses(&swarm, config.heartbeat, &shutdown)?;
+    let (heard_tx, heard) = mpsc::unbounded_channel();
     let event_loop = EventLoop {
         swarm,
         topic,
         beat_topic,
+        suspicion_topic,
+        control,
+        heard_tx,
+        heard,
+        watching: HashMap::new(),
+        next_watch: 0,
+        watch_stop: shutdown.child_token(),
+        pulse_seq,
+        announced: HashMap::new(),
+        refuted_at: None,
         table: PeerTable::new(config.liveness),
         bootstrap: config.bootstrap.clone(),
         dialled: HashMap::new(),
@@ -380,10 +404,41 @@ pub async fn start(
     Ok((Membership { local_id, local_state, view, suspects }, task))
 }
 
+/// Starts answering watchers; returns the control that opens this node's
+/// own watches and the sender of the sequence number its pulses carry.
+fn serve_pulses(
+    swarm: &Swarm<Behaviour>,
+    period: Duration,
+    shutdown: &CancellationToken,
+) -> Result<(libp2p_stream::Control, watch::Sender<u64>), MeshError> {
+    let mut control = swarm.behaviour().pulse.new_control();
+    let incoming = control.accept(crate::pulse::PROTOCOL).map_err(|e| MeshError::Build(e.to_string()))?;
+    let (pulse_seq, pulse_seq_rx) = watch::channel(0);
+    crate::pulse::serve(incoming, pulse_seq_rx, period, shutdown.child_token());
+    Ok((control, pulse_seq))
+}
+
 struct EventLoop {
     swarm: Swarm<Behaviour>,
     topic: gossipsub::IdentTopic,
     beat_topic: gossipsub::IdentTopic,
+    suspicion_topic: gossipsub::IdentTopic,
+    /// Opens pulse streams to the peers this node watches.
+    control: libp2p_stream::Control,
+    heard_tx: mpsc::UnboundedSender<crate::pulse::Heard>,
+    /// What the watches heard.
+    heard: mpsc::UnboundedReceiver<crate::pulse::Heard>,
+    /// The peers watched now: which watch, and how to stop it.
+    watching: HashMap<PeerId, (u64, CancellationToken)>,
+    next_watch: u64,
+    /// Stops every watch at shutdown.
+    watch_stop: CancellationToken,
+    /// The sequence number the pulses to watchers carry.
+    pulse_seq: watch::Sender<u64>,
+    /// Peers this node reported silent, and when it last said so.
+    announced: HashMap<String, Instant>,
+    /// When this node last refuted a suspicion about itself.
+    refuted_at: Option<Instant>,
     table: PeerTable,
     bootstrap: Vec<Multiaddr>,
     /// Which peer answered at each bootstrap address.
@@ -436,12 +491,16 @@ impl EventLoop {
                 _ = heartbeat.tick() => {
                     self.enroll();
                     self.publish(true);
-                    let changes = self.table.tick(Instant::now());
-                    self.report(changes);
+                    let now = Instant::now();
+                    let tick = self.table.tick(now);
+                    self.report(tick.changes);
+                    self.announce_silent(tick.fell_silent, now);
+                    self.rewatch(now);
                     self.refresh_view();
                 }
+                Some(heard) = self.heard.recv() => self.on_heard(heard),
                 Some(node) = self.suspects.recv() => {
-                    let changes = self.table.suspect(&node);
+                    let changes = self.table.suspect(&node, Instant::now());
                     self.report(changes);
                     self.refresh_view();
                 }
@@ -452,6 +511,7 @@ impl EventLoop {
                 }
             }
         }
+        self.watch_stop.cancel();
         tracing::debug!("membership stopped");
     }
 
@@ -465,9 +525,17 @@ impl EventLoop {
         }
         state.node_id = self.swarm.local_peer_id().to_string();
         state.beats = true;
+        state.pulses = true;
         let now = Instant::now();
+        let readers = if self.table.has_peers_without_beats() {
+            Readers::FullOnly
+        } else if self.table.has_peers_without_pulses() {
+            Readers::Beats
+        } else {
+            Readers::Pulses
+        };
         let what = if heartbeat {
-            self.cadence.on_heartbeat(&state, self.table.has_peers_without_beats(), now)
+            self.cadence.on_heartbeat(&state, readers, now)
         } else {
             self.cadence.on_change(&state, now)
         };
@@ -479,6 +547,7 @@ impl EventLoop {
                 state.seq = self.seq;
                 state.timestamp_ms = unix_ms();
                 let Some(signed) = self.trust.sign_state(&state) else { return };
+                self.pulse_seq.send_replace(self.seq);
                 (self.topic.clone(), signed.encode_to_vec())
             }
         };
@@ -721,6 +790,8 @@ impl EventLoop {
             SwarmEvent::Behaviour(BehaviourEvent::Gossipsub(gossipsub::Event::Message { message, .. })) => {
                 if message.topic == self.beat_topic.hash() {
                     self.on_beat(message.source, &message.data);
+                } else if message.topic == self.suspicion_topic.hash() {
+                    self.on_suspicion(message.source, &message.data);
                 } else {
                     self.on_state(message.source, &message.data);
                 }
@@ -758,7 +829,16 @@ impl EventLoop {
             }
             SwarmEvent::ConnectionEstablished { peer_id, endpoint, .. } => self.on_connected(peer_id, &endpoint),
             SwarmEvent::ConnectionClosed { peer_id, num_established: 0, .. } => {
-                let changes = self.table.suspect(&peer_id.to_string());
+                let id = peer_id.to_string();
+                let now = Instant::now();
+                // A watched peer's connection stays open for its pulse
+                // stream: its closing is news for the whole mesh.
+                let watched = self.table.watches(&id);
+                let changes = self.table.suspect(&id, now);
+                if watched && !changes.is_empty() {
+                    let timestamp = self.table.get(&id).map_or(0, |e| e.state.timestamp_ms);
+                    self.announce_silent(vec![(id, timestamp)], now);
+                }
                 self.report(changes);
                 self.refresh_view();
             }

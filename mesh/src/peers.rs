@@ -1,8 +1,24 @@
 //! The peers view: what every other node last said about itself and
 //! whether it is still alive. Sans-IO: time comes in as an argument, so the
 //! liveness rules are tested exactly, without sleeps.
+//!
+//! Two kinds of peer are judged differently:
+//! - **by silence**: peers this node watches (their pulse streams, see
+//!   [`crate::pulse`]) and peers from before pulses (they beat to everyone
+//!   every second): silent past `suspect_after` is suspect, past
+//!   `dead_after` dead, as before;
+//! - **by the mesh's word**: every other peer. Nobody hears from it at
+//!   rest; it stays alive while this node hears the mesh (its own watched
+//!   peers' pulses) and nobody has said otherwise. A [`suspicion`] (a
+//!   watcher found it silent, or its connection broke) makes it suspect at
+//!   once and dead `dead_after - suspect_after` later, unless it refutes
+//!   with a newer state. Were this node cut off, its watched peers fall
+//!   silent, it stops vouching, and everyone ages into suspect and dead as
+//!   under silence, `suspect_after` later.
+//!
+//! [`suspicion`]: PeerTable::suspicion
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::time::{Duration, Instant};
 
 use llmesh_proto::NodeState;
@@ -66,10 +82,23 @@ pub enum Change {
 pub struct PeerEntry {
     /// Its latest state.
     pub state: NodeState,
-    /// When that state arrived.
+    /// When it was last heard from, or vouched for by the mesh.
     pub last_seen: Instant,
     /// Current liveness.
     pub liveness: Liveness,
+    /// Someone said it went silent (a watcher, a broken connection) and it
+    /// has not been heard since: nobody vouches for it until it is.
+    pub suspected: bool,
+}
+
+/// What a tick found.
+#[derive(Debug, Default, PartialEq)]
+pub struct Tick {
+    /// Liveness changes.
+    pub changes: Vec<Change>,
+    /// Watched peers that fell silent just now: the mesh should hear it
+    /// (node id and the timestamp of its latest state).
+    pub fell_silent: Vec<(String, i64)>,
 }
 
 /// Every known peer, keyed by node id.
@@ -77,12 +106,16 @@ pub struct PeerEntry {
 pub struct PeerTable {
     config: LivenessConfig,
     entries: BTreeMap<String, PeerEntry>,
+    /// Peers whose pulses this node reads.
+    watched: BTreeSet<String>,
+    /// When a watched peer last pulsed (or watching began).
+    mesh_heard_at: Option<Instant>,
 }
 
 impl PeerTable {
     /// An empty table with these liveness rules.
     pub fn new(config: LivenessConfig) -> PeerTable {
-        PeerTable { config, entries: BTreeMap::new() }
+        PeerTable { config, ..PeerTable::default() }
     }
 
     /// Records a state a peer published. Older or replayed states (by
@@ -99,15 +132,11 @@ impl PeerTable {
                     return Vec::new();
                 }
                 entry.state = state;
-                entry.last_seen = now;
-                if entry.liveness != Liveness::Alive {
-                    entry.liveness = Liveness::Alive;
-                    return vec![Change::Liveness(id, Liveness::Alive)];
-                }
-                Vec::new()
+                heard(&id, entry, now)
             }
             None => {
-                self.entries.insert(id.clone(), PeerEntry { state, last_seen: now, liveness: Liveness::Alive });
+                let entry = PeerEntry { state, last_seen: now, liveness: Liveness::Alive, suspected: false };
+                self.entries.insert(id.clone(), entry);
                 vec![Change::Joined(id)]
             }
         }
@@ -118,12 +147,16 @@ impl PeerTable {
     /// (its signed state, with its certificate, must come first).
     pub fn beat(&mut self, node_id: &str, now: Instant) -> Vec<Change> {
         let Some(entry) = self.entries.get_mut(node_id) else { return Vec::new() };
-        entry.last_seen = now;
-        if entry.liveness == Liveness::Alive {
-            return Vec::new();
+        heard(node_id, entry, now)
+    }
+
+    /// Records a pulse from a watched peer: a beat, and proof that this
+    /// node still hears the mesh.
+    pub fn pulse(&mut self, node_id: &str, now: Instant) -> Vec<Change> {
+        if self.watched.contains(node_id) {
+            self.mesh_heard_at = Some(now);
         }
-        entry.liveness = Liveness::Alive;
-        vec![Change::Liveness(node_id.to_string(), Liveness::Alive)]
+        self.beat(node_id, now)
     }
 
     /// Whether a peer that is not known dead reads only full states (it
@@ -132,34 +165,96 @@ impl PeerTable {
         self.entries.values().any(|e| e.liveness != Liveness::Dead && !e.state.beats)
     }
 
-    /// Marks a peer suspect at once (its connection closed).
-    pub fn suspect(&mut self, node_id: &str) -> Vec<Change> {
-        match self.entries.get_mut(node_id) {
-            Some(entry) if entry.liveness == Liveness::Alive => {
-                entry.liveness = Liveness::Suspect;
-                vec![Change::Liveness(node_id.to_string(), Liveness::Suspect)]
-            }
-            _ => Vec::new(),
+    /// Whether a peer that is not known dead expects a beat from everyone
+    /// every heartbeat (it predates pulses).
+    pub fn has_peers_without_pulses(&self) -> bool {
+        self.entries.values().any(|e| e.liveness != Liveness::Dead && !e.state.pulses)
+    }
+
+    /// Sets the peers this node watches. One newly watched is given a
+    /// full `suspect_after` from now before its silence counts.
+    pub fn set_watched(&mut self, watched: BTreeSet<String>, now: Instant) {
+        if self.watched.is_empty() && !watched.is_empty() {
+            self.mesh_heard_at = Some(now);
         }
+        for id in watched.difference(&self.watched) {
+            if let Some(entry) = self.entries.get_mut(id)
+                && !entry.suspected
+            {
+                entry.last_seen = entry.last_seen.max(now);
+            }
+        }
+        self.watched = watched;
+    }
+
+    /// Marks a peer suspect at once: its connection closed, a forward to
+    /// it failed. It is dead `dead_after - suspect_after` from now unless
+    /// heard from before.
+    pub fn suspect(&mut self, node_id: &str, now: Instant) -> Vec<Change> {
+        let config = self.config;
+        let Some(entry) = self.entries.get_mut(node_id) else { return Vec::new() };
+        entry.suspected = true;
+        if let Some(since) = now.checked_sub(config.suspect_after) {
+            entry.last_seen = entry.last_seen.min(since);
+        }
+        if entry.liveness == Liveness::Alive {
+            entry.liveness = Liveness::Suspect;
+            return vec![Change::Liveness(node_id.to_string(), Liveness::Suspect)];
+        }
+        Vec::new()
+    }
+
+    /// The mesh says a peer went silent when its latest state was the one
+    /// stamped `timestamp_ms`. Ignored when this node has a newer state
+    /// from it, or watches it and heard it within `suspect_after`: the
+    /// peer refutes it itself when it hears it.
+    pub fn suspicion(&mut self, node_id: &str, timestamp_ms: i64, now: Instant) -> Vec<Change> {
+        let Some(entry) = self.entries.get(node_id) else { return Vec::new() };
+        let newer = entry.state.timestamp_ms > timestamp_ms;
+        let heard_lately = self.watched.contains(node_id)
+            && now.saturating_duration_since(entry.last_seen) < self.config.suspect_after;
+        if newer || heard_lately {
+            return Vec::new();
+        }
+        self.suspect(node_id, now)
     }
 
     /// Drops a peer at once (revoked): it leaves the view without passing
     /// through suspect and dead.
     pub fn forget(&mut self, node_id: &str) -> Vec<Change> {
+        self.watched.remove(node_id);
         match self.entries.remove(node_id) {
             Some(_) => vec![Change::Forgotten(node_id.to_string())],
             None => Vec::new(),
         }
     }
 
+    /// Whether this node watches the peer (reads its pulses).
+    pub fn watches(&self, node_id: &str) -> bool {
+        self.watched.contains(node_id)
+    }
+
+    /// Whether this node hears the mesh: it watches nobody, or a watched
+    /// peer pulsed within `suspect_after`.
+    fn hears_mesh(&self, now: Instant) -> bool {
+        self.watched.is_empty()
+            || self.mesh_heard_at.is_some_and(|at| now.saturating_duration_since(at) < self.config.suspect_after)
+    }
+
     /// Applies the liveness rules at `now`.
-    pub fn tick(&mut self, now: Instant) -> Vec<Change> {
-        let mut changes = Vec::new();
+    pub fn tick(&mut self, now: Instant) -> Tick {
+        let mut tick = Tick::default();
         let config = self.config;
+        let vouch = self.hears_mesh(now);
+        let watched = &self.watched;
         self.entries.retain(|id, entry| {
+            let by_silence = watched.contains(id) || !entry.state.pulses;
+            if !by_silence && vouch && !entry.suspected {
+                tick.changes.extend(heard(id, entry, now));
+            }
             let silent = now.saturating_duration_since(entry.last_seen);
             if silent >= config.forget_after {
-                changes.push(Change::Forgotten(id.clone()));
+                tick.changes.push(Change::Forgotten(id.clone()));
                 return false;
             }
             let due = if silent >= config.dead_after {
@@ -171,12 +266,16 @@ impl PeerTable {
             };
             // Silence only ever makes things worse; news makes them better.
             if due > entry.liveness {
+                if entry.liveness == Liveness::Alive && watched.contains(id) && entry.state.pulses {
+                    entry.suspected = true;
+                    tick.fell_silent.push((id.clone(), entry.state.timestamp_ms));
+                }
                 entry.liveness = due;
-                changes.push(Change::Liveness(id.clone(), due));
+                tick.changes.push(Change::Liveness(id.clone(), due));
             }
             true
         });
-        changes
+        tick
     }
 
     /// Every known peer, in node-id order.
@@ -188,6 +287,17 @@ impl PeerTable {
     pub fn get(&self, node_id: &str) -> Option<&PeerEntry> {
         self.entries.get(node_id)
     }
+}
+
+/// A peer was heard from (or vouched for): alive, no longer suspected.
+fn heard(id: &str, entry: &mut PeerEntry, now: Instant) -> Vec<Change> {
+    entry.last_seen = entry.last_seen.max(now);
+    entry.suspected = false;
+    if entry.liveness == Liveness::Alive {
+        return Vec::new();
+    }
+    entry.liveness = Liveness::Alive;
+    vec![Change::Liveness(id.to_string(), Liveness::Alive)]
 }
 
 #[cfg(test)]
@@ -212,11 +322,14 @@ mod tests {
         let t0 = Instant::now();
         let mut table = PeerTable::new(config());
         assert_eq!(table.observe(state("b", 1, 1), t0), vec![Change::Joined("b".into())]);
-        assert!(table.tick(t0 + Duration::from_secs(2)).is_empty());
-        assert_eq!(table.tick(t0 + Duration::from_secs(3)), vec![Change::Liveness("b".into(), Liveness::Suspect)]);
-        assert_eq!(table.tick(t0 + Duration::from_secs(6)), vec![Change::Liveness("b".into(), Liveness::Dead)]);
-        assert!(table.tick(t0 + Duration::from_secs(7)).is_empty(), "a change is reported once");
-        assert_eq!(table.tick(t0 + Duration::from_secs(60)), vec![Change::Forgotten("b".into())]);
+        assert!(table.tick(t0 + Duration::from_secs(2)).changes.is_empty());
+        assert_eq!(
+            table.tick(t0 + Duration::from_secs(3)).changes,
+            vec![Change::Liveness("b".into(), Liveness::Suspect)]
+        );
+        assert_eq!(table.tick(t0 + Duration::from_secs(6)).changes, vec![Change::Liveness("b".into(), Liveness::Dead)]);
+        assert!(table.tick(t0 + Duration::from_secs(7)).changes.is_empty(), "a change is reported once");
+        assert_eq!(table.tick(t0 + Duration::from_secs(60)).changes, vec![Change::Forgotten("b".into())]);
         assert!(table.get("b").is_none());
     }
 
@@ -250,7 +363,7 @@ mod tests {
         for s in 1..=5 {
             t.beat("a", t0 + Duration::from_secs(s));
         }
-        assert!(t.tick(t0 + Duration::from_secs(7)).is_empty(), "beats kept it alive");
+        assert!(t.tick(t0 + Duration::from_secs(7)).changes.is_empty(), "beats kept it alive");
         assert_eq!(t.get("a").map(|e| e.state.seq), Some(2), "a beat changes no state");
         t.tick(t0 + Duration::from_secs(16));
         assert_eq!(t.get("a").map(|e| e.liveness), Some(Liveness::Dead));
@@ -263,9 +376,108 @@ mod tests {
         let t0 = Instant::now();
         let mut table = PeerTable::new(config());
         table.observe(state("b", 1, 1), t0);
-        assert_eq!(table.suspect("b"), vec![Change::Liveness("b".into(), Liveness::Suspect)]);
-        assert!(table.suspect("b").is_empty());
-        assert!(table.suspect("unknown").is_empty());
+        assert_eq!(table.suspect("b", t0), vec![Change::Liveness("b".into(), Liveness::Suspect)]);
+        assert!(table.suspect("b", t0).is_empty());
+        assert!(table.suspect("unknown", t0).is_empty());
+    }
+
+    fn pulsing(id: &str, seq: u64, ts: i64) -> NodeState {
+        NodeState { pulses: true, beats: true, ..state(id, seq, ts) }
+    }
+
+    fn liveness(table: &PeerTable, id: &str) -> Option<Liveness> {
+        table.get(id).map(|e| e.liveness)
+    }
+
+    fn watching(ids: &[&str]) -> BTreeSet<String> {
+        ids.iter().map(|s| s.to_string()).collect()
+    }
+
+    #[test]
+    fn a_pulsing_peer_nobody_suspects_stays_alive_while_the_mesh_is_heard() {
+        let t0 = Instant::now();
+        let at = |s: u64| t0 + Duration::from_secs(s);
+        let mut table = PeerTable::new(config());
+        table.observe(pulsing("b", 1, 1), t0);
+        table.observe(pulsing("c", 1, 1), t0);
+        table.set_watched(watching(&["c"]), t0);
+        for s in 1..=100 {
+            table.pulse("c", at(s));
+            assert!(table.tick(at(s)).changes.is_empty(), "second {s}");
+        }
+        assert_eq!(liveness(&table, "b"), Some(Liveness::Alive), "never heard directly, never doubted");
+        assert!(!table.has_peers_without_pulses());
+    }
+
+    #[test]
+    fn a_suspicion_makes_a_peer_suspect_at_once_and_dead_later_unless_refuted() {
+        let t0 = Instant::now();
+        let at = |s: u64| t0 + Duration::from_secs(s);
+        let mut table = PeerTable::new(config());
+        table.observe(pulsing("b", 2, 20), t0);
+        table.observe(pulsing("c", 1, 1), t0);
+        table.set_watched(watching(&["c"]), t0);
+        let pulse_and_tick = |table: &mut PeerTable, s: u64| {
+            table.pulse("c", at(s));
+            table.tick(at(s)).changes
+        };
+        pulse_and_tick(&mut table, 10);
+        assert!(table.suspicion("b", 19, at(10)).is_empty(), "about an older state than the one held");
+        assert_eq!(table.suspicion("b", 20, at(10)), vec![Change::Liveness("b".into(), Liveness::Suspect)]);
+        assert!(pulse_and_tick(&mut table, 12).is_empty(), "still suspect; no vouching for it");
+        assert_eq!(pulse_and_tick(&mut table, 13), vec![Change::Liveness("b".into(), Liveness::Dead)]);
+        // The node was alive after all: its newer state refutes it.
+        assert_eq!(table.observe(pulsing("b", 3, 30), at(14)), vec![Change::Liveness("b".into(), Liveness::Alive)]);
+        assert!(pulse_and_tick(&mut table, 20).is_empty(), "vouched for again");
+    }
+
+    #[test]
+    fn a_watched_peer_that_falls_silent_is_reported_once_and_its_pulse_clears_it() {
+        let t0 = Instant::now();
+        let at = |s: u64| t0 + Duration::from_secs(s);
+        let mut table = PeerTable::new(config());
+        table.observe(pulsing("c", 1, 7), t0);
+        table.set_watched(watching(&["c"]), t0);
+        table.pulse("c", at(1));
+        assert_eq!(table.tick(at(3)), Tick::default());
+        let tick = table.tick(at(4));
+        assert_eq!(tick.changes, vec![Change::Liveness("c".into(), Liveness::Suspect)]);
+        assert_eq!(tick.fell_silent, vec![("c".to_string(), 7)]);
+        assert!(table.tick(at(5)).fell_silent.is_empty(), "reported once");
+        assert_eq!(table.pulse("c", at(6)), vec![Change::Liveness("c".into(), Liveness::Alive)]);
+        assert!(!table.get("c").is_some_and(|e| e.suspected));
+    }
+
+    #[test]
+    fn a_watcher_that_hears_its_peer_ignores_the_mesh_suspecting_it() {
+        let t0 = Instant::now();
+        let mut table = PeerTable::new(config());
+        table.observe(pulsing("c", 1, 1), t0);
+        table.set_watched(watching(&["c"]), t0);
+        table.pulse("c", t0 + Duration::from_secs(1));
+        assert!(table.suspicion("c", 1, t0 + Duration::from_secs(2)).is_empty());
+        assert_eq!(liveness(&table, "c"), Some(Liveness::Alive));
+    }
+
+    #[test]
+    fn a_node_cut_off_from_its_watched_peers_ages_everyone_then_recovers() {
+        let t0 = Instant::now();
+        let at = |s: u64| t0 + Duration::from_secs(s);
+        let mut table = PeerTable::new(config());
+        table.observe(pulsing("b", 1, 1), t0);
+        table.observe(pulsing("c", 1, 1), t0);
+        table.set_watched(watching(&["c"]), t0);
+        table.pulse("c", at(1));
+        let ticks: Vec<Vec<Change>> = (2..=12).map(|s| table.tick(at(s)).changes).collect();
+        // c, watched, is suspect 3 s after its last pulse and dead after 6;
+        // b, vouched for until the mesh went quiet (3 s), 3 s after that.
+        assert_eq!(ticks[2], vec![Change::Liveness("c".into(), Liveness::Suspect)], "second 4");
+        assert_eq!(ticks[4], vec![Change::Liveness("b".into(), Liveness::Suspect)], "second 6");
+        assert_eq!(ticks[5], vec![Change::Liveness("c".into(), Liveness::Dead)], "second 7");
+        assert_eq!(ticks[7], vec![Change::Liveness("b".into(), Liveness::Dead)], "second 9");
+        // Back: c pulses again, and b, which nobody suspected, is vouched for.
+        table.pulse("c", at(13));
+        assert_eq!(table.tick(at(13)).changes, vec![Change::Liveness("b".into(), Liveness::Alive)]);
     }
 
     proptest! {

@@ -1,0 +1,136 @@
+//! The membership loop's side of pulses and suspicions: whom this node
+//! watches, what the watches heard, and what it tells the mesh about a
+//! peer that fell silent (see [`crate::pulse`] and [`crate::peers`]).
+
+use std::collections::BTreeSet;
+use std::time::Instant;
+
+use libp2p::PeerId;
+use llmesh_proto::Suspicion;
+use prost::Message;
+
+use super::{EventLoop, SUSPICION_REPEAT};
+use crate::peers::Liveness;
+use crate::pulse::{self, Heard};
+
+/// The least time between two refutations of suspicions about this node.
+const REFUTE_EVERY: std::time::Duration = std::time::Duration::from_secs(1);
+
+impl EventLoop {
+    /// Watches the ring neighbours after this node among the live peers
+    /// that speak pulses, and probes every suspect one (its first pulse
+    /// clears it); stops watching the rest.
+    pub(super) fn rewatch(&mut self, now: Instant) {
+        let me = self.swarm.local_peer_id().to_string();
+        let speaks = |liveness| {
+            self.table
+                .entries()
+                .filter(move |e| e.state.pulses && e.liveness == liveness)
+                .map(|e| e.state.node_id.clone())
+        };
+        let mut want = pulse::watched_by(&me, speaks(Liveness::Alive), pulse::WATCHED);
+        want.extend(speaks(Liveness::Suspect));
+        let peers: BTreeSet<PeerId> = want.iter().filter_map(|id| id.parse().ok()).collect();
+        self.table.set_watched(want, now);
+        self.watching.retain(|peer, (_, stop)| {
+            let keep = peers.contains(peer);
+            if !keep {
+                stop.cancel();
+            }
+            keep
+        });
+        for peer in peers {
+            if self.watching.contains_key(&peer) {
+                continue;
+            }
+            self.next_watch += 1;
+            let stop = self.watch_stop.child_token();
+            pulse::watch(self.control.clone(), peer, self.next_watch, self.heard_tx.clone(), stop.clone());
+            self.watching.insert(peer, (self.next_watch, stop));
+        }
+    }
+
+    /// A watch heard a pulse, or ended (the next heartbeat opens it again
+    /// if the peer is still wanted).
+    pub(super) fn on_heard(&mut self, heard: Heard) {
+        match heard {
+            Heard::Pulse { peer, watch, .. } => {
+                if self.watching.get(&peer).map(|w| w.0) != Some(watch) {
+                    return;
+                }
+                let changes = self.table.pulse(&peer.to_string(), Instant::now());
+                if !changes.is_empty() {
+                    self.report(changes);
+                    self.refresh_view();
+                }
+            }
+            Heard::Ended { peer, watch } => {
+                if self.watching.get(&peer).is_some_and(|w| w.0 == watch) {
+                    self.watching.remove(&peer);
+                }
+            }
+        }
+    }
+
+    /// Tells the mesh that watched peers fell silent, and says it again
+    /// every [`SUSPICION_REPEAT`] for those still suspect or dead here.
+    pub(super) fn announce_silent(&mut self, silent: Vec<(String, i64)>, now: Instant) {
+        for (node_id, timestamp_ms) in silent {
+            tracing::info!(node = %node_id, "a watched peer fell silent: telling the mesh");
+            self.publish_suspicion(&node_id, timestamp_ms);
+            self.announced.insert(node_id, now);
+        }
+        let table = &self.table;
+        self.announced.retain(|id, _| table.get(id).is_some_and(|e| e.suspected));
+        let again: Vec<(String, i64)> = self
+            .announced
+            .iter()
+            .filter(|(_, at)| now.saturating_duration_since(**at) >= SUSPICION_REPEAT)
+            .filter_map(|(id, _)| Some((id.clone(), self.table.get(id)?.state.timestamp_ms)))
+            .collect();
+        for (node_id, timestamp_ms) in again {
+            self.publish_suspicion(&node_id, timestamp_ms);
+            self.announced.insert(node_id, now);
+        }
+    }
+
+    fn publish_suspicion(&mut self, node_id: &str, timestamp_ms: i64) {
+        let data = Suspicion { node_id: node_id.to_string(), timestamp_ms }.encode_to_vec();
+        let topic = self.suspicion_topic.clone();
+        if let Err(err) = self.swarm.behaviour_mut().gossipsub.publish(topic, data) {
+            tracing::debug!(error = %err, node = %node_id, "cannot publish a suspicion");
+        }
+    }
+
+    /// The mesh says a peer went silent: suspect it here (see
+    /// [`crate::peers::PeerTable::suspicion`]), or, about this node,
+    /// refute it with a newer state.
+    pub(super) fn on_suspicion(&mut self, source: Option<PeerId>, data: &[u8]) {
+        // Gossipsub checked the author's signature; take it only from
+        // members, as beats.
+        let known = source.is_some_and(|s| self.table.get(&s.to_string()).is_some());
+        let Ok(suspicion) = Suspicion::decode(data) else {
+            tracing::debug!(source = ?source, "dropping an undecodable suspicion");
+            return;
+        };
+        if !known {
+            return;
+        }
+        let now = Instant::now();
+        if suspicion.node_id == self.swarm.local_peer_id().to_string() {
+            if self.refuted_at.is_some_and(|at| now.saturating_duration_since(at) < REFUTE_EVERY) {
+                return;
+            }
+            tracing::info!(by = ?source, "the mesh suspects this node: refuting with a newer state");
+            self.refuted_at = Some(now);
+            self.cadence.refute();
+            self.publish(false);
+            return;
+        }
+        let changes = self.table.suspicion(&suspicion.node_id, suspicion.timestamp_ms, now);
+        if !changes.is_empty() {
+            self.report(changes);
+            self.refresh_view();
+        }
+    }
+}
