@@ -526,6 +526,13 @@ impl EventLoop {
         state.node_id = self.swarm.local_peer_id().to_string();
         state.beats = true;
         state.pulses = true;
+        state.p2p_addrs = self
+            .listen_addrs
+            .iter()
+            .map(strip_p2p)
+            .filter(|a| !a.iter().any(|p| matches!(p, Protocol::Ip4(ip) if ip.is_unspecified())))
+            .map(|a| a.to_string())
+            .collect();
         let now = Instant::now();
         let readers = if self.table.has_peers_without_beats() {
             Readers::FullOnly

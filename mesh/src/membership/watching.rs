@@ -43,6 +43,11 @@ impl EventLoop {
             if self.watching.contains_key(&peer) {
                 continue;
             }
+            // Not connected yet, perhaps: tell the swarm where it listens.
+            let addrs = self.table.get(&peer.to_string()).map(|e| e.state.p2p_addrs.clone()).unwrap_or_default();
+            for addr in addrs.iter().filter_map(|a| a.parse::<libp2p::Multiaddr>().ok()) {
+                self.swarm.add_peer_address(peer, addr);
+            }
             self.next_watch += 1;
             let stop = self.watch_stop.child_token();
             pulse::watch(self.control.clone(), peer, self.next_watch, self.heard_tx.clone(), stop.clone());
