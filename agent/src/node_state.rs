@@ -136,6 +136,7 @@ impl NodeStateBuilder {
             pulses: false,
             // Stamped by membership, which knows its listen addresses.
             p2p_addrs: Vec::new(),
+            pulls_states: false,
             draining: self.draining.load(std::sync::atomic::Ordering::SeqCst),
             seq: 0,
             timestamp_ms: SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64),

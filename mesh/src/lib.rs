@@ -30,6 +30,7 @@ mod pulse;
 pub mod route;
 pub mod secret;
 pub mod seed;
+mod statesync;
 mod store;
 
 pub use config::MeshConfig;

@@ -1,6 +1,7 @@
 //! Membership over libp2p: a private network keyed by the cluster secret
 //! (pnet over TCP, then noise and yamux), identify, mDNS on the LAN,
-//! bootstrap peers and Kademlia beyond it, and gossipsub topics on which
+//! bootstrap peers and the addresses members gossip beyond them (see
+//! `membership/syncing.rs`), and gossipsub topics on which
 //! every node publishes its [`NodeState`] on change (see
 //! [`crate::cadence`]) and a [`llmesh_proto::Suspicion`] when a peer it watches falls
 //! silent. Liveness comes from pulse streams to a few ring neighbours
@@ -20,6 +21,7 @@ use std::collections::{BTreeSet, HashMap};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
+use bytes::Bytes;
 use futures::StreamExt;
 use libp2p::allow_block_list::{self, BlockedPeers};
 use libp2p::core::muxing::StreamMuxerBox;
@@ -31,7 +33,7 @@ use libp2p::swarm::behaviour::toggle::Toggle;
 use libp2p::swarm::dial_opts::{DialOpts, PeerCondition};
 use libp2p::swarm::{NetworkBehaviour, SwarmEvent};
 use libp2p::{
-    Multiaddr, PeerId, StreamProtocol, Swarm, Transport, gossipsub, identify, identity, kad, mdns, noise, tcp, yamux,
+    Multiaddr, PeerId, StreamProtocol, Swarm, Transport, gossipsub, identify, identity, mdns, noise, tcp, yamux,
 };
 use llmesh_proto::{Beat, NodeState, SignedNodeState};
 use prost::Message;
@@ -43,6 +45,7 @@ use crate::peers::{Change, Liveness, LivenessConfig, PeerTable};
 use crate::pki::{PkiError, Trust};
 use crate::secret::ClusterSecret;
 
+mod syncing;
 mod watching;
 
 /// Gossipsub topic carrying [`SignedNodeState`].
@@ -65,8 +68,22 @@ const NOTICE_PROTOCOL: &str = "/llmesh/notice/1";
 const MAX_GOSSIP_BYTES: usize = 256 * 1024;
 /// How often unreachable bootstrap peers are dialled again.
 const REDIAL_INTERVAL: Duration = Duration::from_secs(5);
-/// How often Kademlia refreshes its routing table.
-const KAD_BOOTSTRAP_INTERVAL: Duration = Duration::from_secs(30);
+/// The least time between two views handed to readers.
+const VIEW_EVERY: Duration = Duration::from_millis(100);
+/// How long a connection nothing uses stays open. Gossip's mesh links and
+/// pulse streams keep theirs; the rest (an enrollment, a state pull) need
+/// not stay, or every node ends connected to every other.
+const IDLE_CONNECTION: Duration = Duration::from_secs(30);
+/// Connections a node keeps at least, to members picked at random: with
+/// the ring's (see [`crate::pulse`]) they are what gossip's mesh is
+/// made of. Kademlia did this before, but its walks connected each node
+/// to most of a 100-node mesh.
+const LINKS: usize = 6;
+/// Below this many connections, bootstrap peers are dialled again.
+const MIN_CONNECTED: usize = 3;
+/// Peers taken for dead dialled per redial round (a healed partition
+/// shows itself by a dial that works).
+const DEAD_DIALS: usize = 2;
 
 /// A failure to start membership.
 #[derive(Debug, thiserror::Error)]
@@ -203,7 +220,6 @@ struct Behaviour {
     enroll: request_response::json::Behaviour<EnrollRequest, EnrollResponse>,
     notice: request_response::json::Behaviour<Notice, ()>,
     identify: identify::Behaviour,
-    kad: kad::Behaviour<kad::store::MemoryStore>,
     mdns: Toggle<mdns::tokio::Behaviour>,
     pulse: libp2p_stream::Behaviour,
 }
@@ -260,12 +276,6 @@ fn build_swarm(config: &MembershipConfig) -> Result<Swarm<Behaviour>, MeshError>
                 gossip_config,
             )?;
             let identify = identify::Behaviour::new(identify::Config::new("/llmesh/id/1.0.0".into(), key.public()));
-            let mut kad = kad::Behaviour::with_config(
-                peer_id,
-                kad::store::MemoryStore::new(peer_id),
-                kad::Config::new(StreamProtocol::new("/llmesh/kad/1.0.0")),
-            );
-            kad.set_mode(Some(kad::Mode::Server));
             let mdns = if mdns_enabled {
                 // Query every few seconds rather than the default five minutes, so a
                 // node that missed the first answers still finds its LAN soon.
@@ -288,13 +298,12 @@ fn build_swarm(config: &MembershipConfig) -> Result<Swarm<Behaviour>, MeshError>
                 enroll,
                 notice,
                 identify,
-                kad,
                 mdns: Toggle::from(mdns),
                 pulse: libp2p_stream::Behaviour::new(),
             })
         })
         .map_err(|e| MeshError::Build(e.to_string()))?
-        .with_swarm_config(|c| c.with_idle_connection_timeout(Duration::from_secs(120)))
+        .with_swarm_config(|c| c.with_idle_connection_timeout(IDLE_CONNECTION))
         .build();
     Ok(swarm)
 }
@@ -324,6 +333,76 @@ fn peer_of(addr: &Multiaddr) -> Option<PeerId> {
     })
 }
 
+/// Listens on every address; returns the bound ones (with this node's
+/// `/p2p/` id), so callers learn the real ports.
+async fn listen_all(swarm: &mut Swarm<Behaviour>, listen: &[Multiaddr]) -> Result<Vec<Multiaddr>, MeshError> {
+    let mut listen_addrs = Vec::new();
+    for addr in listen {
+        let id = swarm
+            .listen_on(addr.clone())
+            .map_err(|e| MeshError::Listen { addr: addr.clone(), reason: e.to_string() })?;
+        let bound = bind_one(swarm, id, addr).await?;
+        listen_addrs.extend(bound);
+    }
+    Ok(listen_addrs)
+}
+
+/// How long a listener on every interface may take to report a routable
+/// address after its loopback one.
+const ROUTABLE_WAIT: Duration = Duration::from_millis(300);
+
+/// Waits for one listener to bind (or fail). A listener on every
+/// interface reports loopback first and the box's own addresses just
+/// after; those are what the data and control planes advertise, so wait
+/// (briefly) for one of them too.
+async fn bind_one(
+    swarm: &mut Swarm<Behaviour>,
+    id: libp2p::core::transport::ListenerId,
+    addr: &Multiaddr,
+) -> Result<Vec<Multiaddr>, MeshError> {
+    let mut bound: Vec<Multiaddr> = Vec::new();
+    let mut deadline: Option<tokio::time::Instant> = None;
+    let routable = |a: &Multiaddr| {
+        a.iter().any(|p| match p {
+            Protocol::Ip4(ip) => !ip.is_loopback(),
+            Protocol::Ip6(ip) => !ip.is_loopback(),
+            _ => false,
+        })
+    };
+    loop {
+        let event = match deadline {
+            None => swarm.select_next_some().await,
+            Some(at) => match tokio::time::timeout_at(at, swarm.select_next_some()).await {
+                Ok(event) => event,
+                Err(_) => return Ok(bound),
+            },
+        };
+        match event {
+            SwarmEvent::NewListenAddr { listener_id, address } if listener_id == id => {
+                let any_interface = addr.iter().any(|p| match p {
+                    Protocol::Ip4(ip) => ip.is_unspecified(),
+                    Protocol::Ip6(ip) => ip.is_unspecified(),
+                    _ => false,
+                });
+                let done = !any_interface || routable(&address);
+                bound.push(address.with(Protocol::P2p(*swarm.local_peer_id())));
+                if done {
+                    return Ok(bound);
+                }
+                deadline.get_or_insert_with(|| tokio::time::Instant::now() + ROUTABLE_WAIT);
+            }
+            SwarmEvent::ListenerClosed { listener_id, reason, .. } if listener_id == id => {
+                let reason = reason.err().map_or_else(|| "closed".to_string(), |e| e.to_string());
+                return Err(MeshError::Listen { addr: addr.clone(), reason });
+            }
+            SwarmEvent::ListenerError { listener_id, error } if listener_id == id => {
+                return Err(MeshError::Listen { addr: addr.clone(), reason: error.to_string() });
+            }
+            _ => {}
+        }
+    }
+}
+
 /// Starts membership; returns once every listen address is bound.
 pub async fn start(
     config: MembershipConfig,
@@ -336,37 +415,20 @@ pub async fn start(
     for t in [&topic, &beat_topic, &suspicion_topic] {
         swarm.behaviour_mut().gossipsub.subscribe(t).map_err(|e| MeshError::Build(e.to_string()))?;
     }
-    let mut listen_addrs = Vec::new();
-    for addr in &config.listen {
-        let id = swarm
-            .listen_on(addr.clone())
-            .map_err(|e| MeshError::Listen { addr: addr.clone(), reason: e.to_string() })?;
-        // Wait for the bind to succeed or fail, so callers learn the real port.
-        loop {
-            match swarm.select_next_some().await {
-                SwarmEvent::NewListenAddr { listener_id, address } if listener_id == id => {
-                    listen_addrs.push(address.with(Protocol::P2p(*swarm.local_peer_id())));
-                    break;
-                }
-                SwarmEvent::ListenerClosed { listener_id, reason, .. } if listener_id == id => {
-                    let reason = reason.err().map_or_else(|| "closed".to_string(), |e| e.to_string());
-                    return Err(MeshError::Listen { addr: addr.clone(), reason });
-                }
-                SwarmEvent::ListenerError { listener_id, error } if listener_id == id => {
-                    return Err(MeshError::Listen { addr: addr.clone(), reason: error.to_string() });
-                }
-                _ => {}
-            }
-        }
-    }
+    let listen_addrs = listen_all(&mut swarm, &config.listen).await?;
     let local_id = *swarm.local_peer_id();
     let (local_state, local_rx) = watch::channel(None);
     let initial =
         MeshView { local_id: local_id.to_string(), listen_addrs: listen_addrs.clone(), ..MeshView::default() };
     let (view_tx, view) = watch::channel(Arc::new(initial));
     let (suspects, suspects_rx) = mpsc::unbounded_channel();
-    let (control, pulse_seq) = serve_pulses(&swarm, config.heartbeat, &shutdown)?;
+    let (control, pulse_news) = serve_pulses(&swarm, config.heartbeat, &shutdown)?;
     let (heard_tx, heard) = mpsc::unbounded_channel();
+    let shelf = serve_states(&swarm, &shutdown)?;
+    let (pulled_tx, pulled) = mpsc::unbounded_channel();
+    let mut cadence = Cadence::default();
+    // Peers hear a starting node's state only once its gossip mesh forms.
+    cadence.peer_joined();
     let event_loop = EventLoop {
         swarm,
         topic,
@@ -378,7 +440,16 @@ pub async fn start(
         watching: HashMap::new(),
         next_watch: 0,
         watch_stop: shutdown.child_token(),
-        pulse_seq,
+        pulse_news,
+        mismatched: HashMap::new(),
+        shelf,
+        pulled_tx,
+        pulled,
+        sync: syncing::Sync::default(),
+        last_tick: Instant::now(),
+        view_at: None,
+        view_due: false,
+        dead_dials: 0,
         announced: HashMap::new(),
         refuted_at: None,
         table: PeerTable::new(config.liveness),
@@ -387,12 +458,11 @@ pub async fn start(
         lan_peers: HashMap::new(),
         listen_addrs,
         local_rx,
-        cadence: Cadence::default(),
+        cadence,
         seq: 0,
         view: view_tx,
         suspects: suspects_rx,
         heartbeat: config.heartbeat,
-        kad_bootstrapped: false,
         revoked: config.trust.watch_revoked(),
         trust: config.trust.clone(),
         enrollment: crate::enroll::Enrollment::new(Instant::now()),
@@ -405,17 +475,26 @@ pub async fn start(
 }
 
 /// Starts answering watchers; returns the control that opens this node's
-/// own watches and the sender of the sequence number its pulses carry.
+/// own watches and the sender of what its pulses carry.
 fn serve_pulses(
     swarm: &Swarm<Behaviour>,
     period: Duration,
     shutdown: &CancellationToken,
-) -> Result<(libp2p_stream::Control, watch::Sender<u64>), MeshError> {
+) -> Result<(libp2p_stream::Control, watch::Sender<llmesh_proto::Pulse>), MeshError> {
     let mut control = swarm.behaviour().pulse.new_control();
     let incoming = control.accept(crate::pulse::PROTOCOL).map_err(|e| MeshError::Build(e.to_string()))?;
-    let (pulse_seq, pulse_seq_rx) = watch::channel(0);
-    crate::pulse::serve(incoming, pulse_seq_rx, period, shutdown.child_token());
-    Ok((control, pulse_seq))
+    let (pulse_news, pulse_news_rx) = watch::channel(llmesh_proto::Pulse::default());
+    crate::pulse::serve(incoming, pulse_news_rx, period, shutdown.child_token());
+    Ok((control, pulse_news))
+}
+
+/// Starts answering state pulls; returns the shelf they are served from.
+fn serve_states(swarm: &Swarm<Behaviour>, shutdown: &CancellationToken) -> Result<crate::statesync::Shelf, MeshError> {
+    let mut control = swarm.behaviour().pulse.new_control();
+    let incoming = control.accept(crate::statesync::PROTOCOL).map_err(|e| MeshError::Build(e.to_string()))?;
+    let shelf = crate::statesync::Shelf::default();
+    crate::statesync::serve(incoming, shelf.clone(), shutdown.child_token());
+    Ok(shelf)
 }
 
 struct EventLoop {
@@ -433,8 +512,26 @@ struct EventLoop {
     next_watch: u64,
     /// Stops every watch at shutdown.
     watch_stop: CancellationToken,
-    /// The sequence number the pulses to watchers carry.
-    pulse_seq: watch::Sender<u64>,
+    /// What the pulses to watchers carry.
+    pulse_news: watch::Sender<llmesh_proto::Pulse>,
+    /// Pulses in a row from each watched peer whose news differed from
+    /// this node's view (see [`crate::pulse::view_digest`]).
+    mismatched: HashMap<PeerId, u32>,
+    /// The signed states this node serves to pullers.
+    shelf: crate::statesync::Shelf,
+    pulled_tx: mpsc::UnboundedSender<crate::statesync::Pulled>,
+    /// Snapshots pulled from peers.
+    pulled: mpsc::UnboundedReceiver<crate::statesync::Pulled>,
+    sync: syncing::Sync,
+    /// When the view was last handed to readers.
+    view_at: Option<Instant>,
+    /// Changes wait for the next view.
+    view_due: bool,
+    /// Turns taken dialling dead peers.
+    dead_dials: usize,
+    /// When the last heartbeat ran: a late one means this process was
+    /// starved, not that its peers fell silent.
+    last_tick: Instant,
     /// Peers this node reported silent, and when it last said so.
     announced: HashMap<String, Instant>,
     /// When this node last refuted a suspicion about itself.
@@ -454,7 +551,6 @@ struct EventLoop {
     /// Peers the data plane lost a connection to.
     suspects: mpsc::UnboundedReceiver<String>,
     heartbeat: Duration,
-    kad_bootstrapped: bool,
     trust: Arc<Trust>,
     revoked: watch::Receiver<Arc<BTreeSet<String>>>,
     /// Where the wait for this node's certificate stands.
@@ -470,12 +566,18 @@ impl EventLoop {
         let mut heartbeat = tokio::time::interval(self.heartbeat);
         heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut redial = tokio::time::interval(REDIAL_INTERVAL);
-        let mut kad_refresh = tokio::time::interval(KAD_BOOTSTRAP_INTERVAL);
         self.block_revoked();
         loop {
             tokio::select! {
+                // Pulses first: on a starved machine a heartbeat that runs
+                // before the pulses queued behind it misjudges silence.
+                biased;
                 () = shutdown.cancelled() => break,
+                Some(heard) = self.heard.recv() => self.on_heard(heard),
                 event = self.swarm.select_next_some() => self.on_event(event),
+                Some(pulled) = self.pulled.recv() => self.on_pulled(pulled),
+                () = tokio::time::sleep_until(tokio::time::Instant::from_std(self.view_at.unwrap_or_else(Instant::now)) + VIEW_EVERY),
+                    if self.view_due => self.publish_view(Instant::now()),
                 changed = self.local_rx.changed() => {
                     if changed.is_err() {
                         break;
@@ -492,23 +594,27 @@ impl EventLoop {
                     self.enroll();
                     self.publish(true);
                     let now = Instant::now();
+                    self.sync_on_heartbeat(now);
+                    self.digest_view();
+                    // Time this loop could not run is nobody's silence.
+                    let lag = now.saturating_duration_since(self.last_tick).saturating_sub(self.heartbeat * 3 / 2);
+                    self.last_tick = now;
+                    if !lag.is_zero() {
+                        tracing::debug!(?lag, "heartbeat late: not counting the lag as peers' silence");
+                        self.table.excuse(lag, now);
+                    }
                     let tick = self.table.tick(now);
                     self.report(tick.changes);
                     self.announce_silent(tick.fell_silent, now);
                     self.rewatch(now);
                     self.refresh_view();
                 }
-                Some(heard) = self.heard.recv() => self.on_heard(heard),
                 Some(node) = self.suspects.recv() => {
                     let changes = self.table.suspect(&node, Instant::now());
                     self.report(changes);
                     self.refresh_view();
                 }
                 _ = redial.tick() => self.dial_bootstrap(),
-                _ = kad_refresh.tick() => {
-                    // Fails harmlessly while the routing table is empty.
-                    let _ = self.swarm.behaviour_mut().kad.bootstrap();
-                }
             }
         }
         self.watch_stop.cancel();
@@ -526,6 +632,7 @@ impl EventLoop {
         state.node_id = self.swarm.local_peer_id().to_string();
         state.beats = true;
         state.pulses = true;
+        state.pulls_states = true;
         state.p2p_addrs = self
             .listen_addrs
             .iter()
@@ -548,14 +655,17 @@ impl EventLoop {
         };
         let (topic, data) = match what {
             Publish::Nothing => return,
-            Publish::Beat => (self.beat_topic.clone(), Beat { state_seq: self.seq }.encode_to_vec()),
+            Publish::Beat => (self.beat_topic.clone(), Bytes::from(Beat { state_seq: self.seq }.encode_to_vec())),
             Publish::Full => {
                 self.seq += 1;
                 state.seq = self.seq;
                 state.timestamp_ms = unix_ms();
                 let Some(signed) = self.trust.sign_state(&state) else { return };
-                self.pulse_seq.send_replace(self.seq);
-                (self.topic.clone(), signed.encode_to_vec())
+                let seq = self.seq;
+                self.pulse_news.send_modify(|news| news.state_seq = seq);
+                let data = Bytes::from(signed.encode_to_vec());
+                self.shelve(&state.node_id, data.clone());
+                (self.topic.clone(), data)
             }
         };
         if let Err(err) = self.swarm.behaviour_mut().gossipsub.publish(topic, data) {
@@ -721,11 +831,7 @@ impl EventLoop {
     }
 
     fn report(&mut self, changes: Vec<Change>) {
-        if changes.iter().any(|c| matches!(c, Change::Joined(_) | Change::Liveness(_, Liveness::Alive))) {
-            // A newcomer, or one back from silence, may lack this node's
-            // state: send it in full for the next few heartbeats.
-            self.cadence.peer_joined();
-        }
+        self.sync_on_changes(&changes, Instant::now());
         for change in changes {
             match &change {
                 Change::Joined(id) => tracing::info!(node = %id, "peer joined"),
@@ -737,8 +843,21 @@ impl EventLoop {
         }
     }
 
+    /// Publishes the view now, or at most [`VIEW_EVERY`] after the last
+    /// time: each reader does work for the whole table on every view, and
+    /// a mesh of 100 starting at once changes hundreds of times a second.
     fn refresh_view(&mut self) {
         let now = Instant::now();
+        if self.view_at.is_some_and(|at| now.saturating_duration_since(at) < VIEW_EVERY) {
+            self.view_due = true;
+            return;
+        }
+        self.publish_view(now);
+    }
+
+    fn publish_view(&mut self, now: Instant) {
+        self.view_at = Some(now);
+        self.view_due = false;
         let view = MeshView {
             local_id: self.swarm.local_peer_id().to_string(),
             listen_addrs: self.listen_addrs.clone(),
@@ -781,6 +900,13 @@ impl EventLoop {
         for peer in lan {
             self.dial_lan_peer(peer);
         }
+        self.dial_dead();
+        self.dial_links();
+        // In the mesh, the bootstrap peers are peers like any other: dialling
+        // them forever made each a hub every node stays connected to.
+        if self.swarm.connected_peers().count() >= MIN_CONNECTED {
+            return;
+        }
         for addr in self.bootstrap.clone() {
             let known = peer_of(&addr).or_else(|| self.dialled.get(&addr).copied());
             if known.is_some_and(|peer| self.swarm.is_connected(&peer)) {
@@ -788,6 +914,72 @@ impl EventLoop {
             }
             if let Err(err) = self.swarm.dial(addr.clone()) {
                 tracing::debug!(%addr, error = %err, "cannot dial bootstrap peer");
+            }
+        }
+    }
+
+    /// Tops this node's connections up to [`LINKS`] with members alive
+    /// picked at random, at the addresses their states give.
+    fn dial_links(&mut self) {
+        use rand::seq::SliceRandom;
+        let connected = self.swarm.connected_peers().count();
+        if connected >= LINKS {
+            return;
+        }
+        let mut candidates: Vec<(PeerId, Vec<Multiaddr>)> = self
+            .table
+            .entries()
+            .filter(|e| e.liveness == Liveness::Alive)
+            .filter_map(|e| {
+                let peer = e.state.node_id.parse::<PeerId>().ok()?;
+                let addrs = e.state.p2p_addrs.iter().filter_map(|a| a.parse().ok()).collect::<Vec<_>>();
+                (!addrs.is_empty() && !self.swarm.is_connected(&peer)).then_some((peer, addrs))
+            })
+            .collect();
+        candidates.shuffle(&mut rand::thread_rng());
+        for (peer, addrs) in candidates.into_iter().take(LINKS - connected) {
+            let opts =
+                DialOpts::peer_id(peer).addresses(addrs).condition(PeerCondition::DisconnectedAndNotDialing).build();
+            if let Err(err) = self.swarm.dial(opts) {
+                tracing::debug!(%peer, error = %err, "cannot dial a member");
+            }
+        }
+    }
+
+    /// Dials a few peers taken for dead, in turn, at the addresses their
+    /// last state gave: one that answers is across a healed partition.
+    fn dial_dead(&mut self) {
+        // Dead yet connected: this node missed the news that revived it.
+        let connected = self
+            .table
+            .entries()
+            .filter(|e| e.liveness == Liveness::Dead)
+            .filter_map(|e| e.state.node_id.parse::<PeerId>().ok())
+            .find(|p| self.swarm.is_connected(p));
+        if let Some(peer) = connected {
+            self.pull_soon(peer, Instant::now());
+        }
+        let mut dead: Vec<(PeerId, Vec<Multiaddr>)> = self
+            .table
+            .entries()
+            .filter(|e| e.liveness == Liveness::Dead)
+            .filter_map(|e| {
+                let peer = e.state.node_id.parse::<PeerId>().ok()?;
+                let addrs = e.state.p2p_addrs.iter().filter_map(|a| a.parse().ok()).collect::<Vec<_>>();
+                (!addrs.is_empty() && !self.swarm.is_connected(&peer)).then_some((peer, addrs))
+            })
+            .collect();
+        if dead.is_empty() {
+            return;
+        }
+        self.dead_dials = self.dead_dials.wrapping_add(1);
+        let turn = self.dead_dials % dead.len();
+        dead.rotate_left(turn);
+        for (peer, addrs) in dead.into_iter().take(DEAD_DIALS) {
+            let opts =
+                DialOpts::peer_id(peer).addresses(addrs).condition(PeerCondition::DisconnectedAndNotDialing).build();
+            if let Err(err) = self.swarm.dial(opts) {
+                tracing::debug!(%peer, error = %err, "cannot dial a peer taken for dead");
             }
         }
     }
@@ -800,19 +992,14 @@ impl EventLoop {
                 } else if message.topic == self.suspicion_topic.hash() {
                     self.on_suspicion(message.source, &message.data);
                 } else {
-                    self.on_state(message.source, &message.data);
+                    self.take_state(message.source, Bytes::from(message.data), None);
                 }
             }
             SwarmEvent::Behaviour(BehaviourEvent::Enroll(event)) => self.on_enroll(event),
             SwarmEvent::Behaviour(BehaviourEvent::Notice(event)) => self.on_notice(event),
             SwarmEvent::Behaviour(BehaviourEvent::Identify(identify::Event::Received { peer_id, info, .. })) => {
                 for addr in info.listen_addrs {
-                    self.swarm.behaviour_mut().kad.add_address(&peer_id, addr);
-                }
-                if !self.kad_bootstrapped {
-                    // The first peer known: ask it for the rest of the mesh
-                    // now rather than at the next periodic refresh.
-                    self.kad_bootstrapped = self.swarm.behaviour_mut().kad.bootstrap().is_ok();
+                    self.swarm.add_peer_address(peer_id, addr);
                 }
             }
             SwarmEvent::Behaviour(BehaviourEvent::Mdns(mdns::Event::Discovered(found))) => {
@@ -853,6 +1040,7 @@ impl EventLoop {
                 let address = address.with(Protocol::P2p(*self.swarm.local_peer_id()));
                 if !self.listen_addrs.contains(&address) {
                     self.listen_addrs.push(address);
+                    self.refresh_view();
                 }
             }
             SwarmEvent::OutgoingConnectionError { peer_id, error, .. } => {
@@ -874,9 +1062,9 @@ impl EventLoop {
         self.enrollment.peers_changed(Instant::now());
         // A new peer may issue: ask now, not at the next heartbeat.
         self.enroll();
-        // It may not have this node's state (a newcomer, or one that
-        // forgot it across a partition).
-        self.cadence.peer_joined();
+        // A newcomer pulls what it lacks; a peer from across a partition
+        // is sent and asked for news.
+        self.sync_on_connected(peer_id, Instant::now());
         if endpoint.is_dialer() {
             let addr = endpoint.get_remote_address().clone();
             if let Some(bootstrap) = self.bootstrap.iter().find(|b| strip_p2p(b) == strip_p2p(&addr)) {
@@ -886,11 +1074,14 @@ impl EventLoop {
         self.refresh_view();
     }
 
-    fn on_state(&mut self, source: Option<PeerId>, data: &[u8]) {
+    /// A state from gossip (`source` its author) or from a pulled
+    /// snapshot (`snapshot_of` this node's id, whose own state in it is
+    /// skipped).
+    fn take_state(&mut self, source: Option<PeerId>, data: Bytes, snapshot_of: Option<&str>) {
         // A state must carry a member's certificate and signature and be
         // about its author, so no outsider is seen and no node can speak
         // for another.
-        let opened = SignedNodeState::decode(data)
+        let opened = SignedNodeState::decode(data.as_ref())
             .map_err(|e| PkiError::BadState(format!("undecodable: {e}")))
             .and_then(|signed| self.trust.open_state(&signed, source));
         let state = match opened {
@@ -900,7 +1091,19 @@ impl EventLoop {
                 return;
             }
         };
-        let changes = self.table.observe(state, Instant::now());
+        if snapshot_of == Some(state.node_id.as_str()) {
+            return;
+        }
+        let (id, seq, now) = (state.node_id.clone(), state.seq, Instant::now());
+        let held = |table: &PeerTable| table.get(&id).map(|e| (e.state.seq, e.state.timestamp_ms));
+        let before = held(&self.table);
+        let mut changes = self.table.observe(state, now);
+        if held(&self.table) != before {
+            self.shelve(&id, data);
+        } else if snapshot_of.is_some() && before.is_some_and(|(s, _)| s == seq) {
+            // The peer takes it for alive on the same news: a beat.
+            changes = self.table.beat(&id, now);
+        }
         self.report(changes);
         self.refresh_view();
     }

@@ -89,6 +89,10 @@ pub struct PeerEntry {
     /// Someone said it went silent (a watcher, a broken connection) and it
     /// has not been heard since: nobody vouches for it until it is.
     pub suspected: bool,
+    /// This node suspects it on its own evidence (a broken connection, a
+    /// failed forward) and probes it; on the mesh's word it waits for the
+    /// peer's refutation instead, or every node would dial the suspect.
+    pub probed: bool,
 }
 
 /// What a tick found.
@@ -100,6 +104,11 @@ pub struct Tick {
     /// (node id and the timestamp of its latest state).
     pub fell_silent: Vec<(String, i64)>,
 }
+
+/// How long a newly watched peer's pulse stream may take to open (a dial
+/// included) before its silence starts to count: the pulse stream's own
+/// open timeout.
+pub const NEW_WATCH_GRACE: Duration = Duration::from_secs(5);
 
 /// Every known peer, keyed by node id.
 #[derive(Debug, Clone, Default)]
@@ -135,7 +144,8 @@ impl PeerTable {
                 heard(&id, entry, now)
             }
             None => {
-                let entry = PeerEntry { state, last_seen: now, liveness: Liveness::Alive, suspected: false };
+                let entry =
+                    PeerEntry { state, last_seen: now, liveness: Liveness::Alive, suspected: false, probed: false };
                 self.entries.insert(id.clone(), entry);
                 vec![Change::Joined(id)]
             }
@@ -171,17 +181,19 @@ impl PeerTable {
         self.entries.values().any(|e| e.liveness != Liveness::Dead && !e.state.pulses)
     }
 
-    /// Sets the peers this node watches. One newly watched is given a
-    /// full `suspect_after` from now before its silence counts.
+    /// Sets the peers this node watches. One newly watched is given
+    /// [`NEW_WATCH_GRACE`] and then a full `suspect_after` before its
+    /// silence counts: its pulse stream may need a dial first, which on a
+    /// busy machine (a whole mesh starting at once) takes seconds.
     pub fn set_watched(&mut self, watched: BTreeSet<String>, now: Instant) {
         if self.watched.is_empty() && !watched.is_empty() {
-            self.mesh_heard_at = Some(now);
+            self.mesh_heard_at = Some(now + NEW_WATCH_GRACE);
         }
         for id in watched.difference(&self.watched) {
             if let Some(entry) = self.entries.get_mut(id)
                 && !entry.suspected
             {
-                entry.last_seen = entry.last_seen.max(now);
+                entry.last_seen = entry.last_seen.max(now + NEW_WATCH_GRACE);
             }
         }
         self.watched = watched;
@@ -191,6 +203,13 @@ impl PeerTable {
     /// it failed. It is dead `dead_after - suspect_after` from now unless
     /// heard from before.
     pub fn suspect(&mut self, node_id: &str, now: Instant) -> Vec<Change> {
+        if let Some(entry) = self.entries.get_mut(node_id) {
+            entry.probed = true;
+        }
+        self.suspect_on_word(node_id, now)
+    }
+
+    fn suspect_on_word(&mut self, node_id: &str, now: Instant) -> Vec<Change> {
         let config = self.config;
         let Some(entry) = self.entries.get_mut(node_id) else { return Vec::new() };
         entry.suspected = true;
@@ -216,7 +235,7 @@ impl PeerTable {
         if newer || heard_lately {
             return Vec::new();
         }
-        self.suspect(node_id, now)
+        self.suspect_on_word(node_id, now)
     }
 
     /// Drops a peer at once (revoked): it leaves the view without passing
@@ -226,6 +245,18 @@ impl PeerTable {
         match self.entries.remove(node_id) {
             Some(_) => vec![Change::Forgotten(node_id.to_string())],
             None => Vec::new(),
+        }
+    }
+
+    /// This node could not run for `lag` (a starved process, a paused
+    /// VM): that time does not count as anyone's silence. Peers suspected
+    /// on the mesh's word stay as they are.
+    pub fn excuse(&mut self, lag: Duration, now: Instant) {
+        for entry in self.entries.values_mut().filter(|e| !e.suspected) {
+            entry.last_seen = (entry.last_seen + lag).min(now);
+        }
+        if let Some(at) = self.mesh_heard_at.as_mut() {
+            *at = (*at + lag).min(now);
         }
     }
 
@@ -268,6 +299,7 @@ impl PeerTable {
             if due > entry.liveness {
                 if entry.liveness == Liveness::Alive && watched.contains(id) && entry.state.pulses {
                     entry.suspected = true;
+                    entry.probed = true;
                     tick.fell_silent.push((id.clone(), entry.state.timestamp_ms));
                 }
                 entry.liveness = due;
@@ -291,8 +323,11 @@ impl PeerTable {
 
 /// A peer was heard from (or vouched for): alive, no longer suspected.
 fn heard(id: &str, entry: &mut PeerEntry, now: Instant) -> Vec<Change> {
-    entry.last_seen = entry.last_seen.max(now);
+    // Not `max`: a newly watched peer's grace (a `last_seen` ahead of
+    // now) ends with its first pulse.
+    entry.last_seen = now;
     entry.suspected = false;
+    entry.probed = false;
     if entry.liveness == Liveness::Alive {
         return Vec::new();
     }
@@ -381,6 +416,37 @@ mod tests {
         assert!(table.suspect("unknown", t0).is_empty());
     }
 
+    #[test]
+    fn only_a_suspicion_on_this_nodes_own_evidence_is_probed() {
+        let t0 = Instant::now();
+        let mut table = PeerTable::new(config());
+        table.observe(state("b", 1, 1), t0);
+        table.observe(state("c", 1, 1), t0);
+        table.suspicion("b", 1, t0);
+        table.suspect("c", t0);
+        let probed = |t: &PeerTable, id: &str| t.get(id).map(|e| (e.suspected, e.probed));
+        assert_eq!(probed(&table, "b"), Some((true, false)), "the mesh's word: wait for the refutation");
+        assert_eq!(probed(&table, "c"), Some((true, true)), "a broken connection here: probe it");
+        table.beat("c", t0 + Duration::from_secs(1));
+        assert_eq!(probed(&table, "c"), Some((false, false)));
+    }
+
+    #[test]
+    fn time_this_node_could_not_run_is_nobodys_silence() {
+        let t0 = Instant::now();
+        let at = |s: u64| t0 + Duration::from_secs(s);
+        let mut table = PeerTable::new(config());
+        table.observe(state("b", 1, 1), t0);
+        table.observe(state("c", 1, 1), t0);
+        table.suspect("c", t0);
+        // Stalled from 1 s to 9 s: b's silence is 1 s long, not 9.
+        table.excuse(Duration::from_secs(8), at(9));
+        assert!(table.tick(at(9)).changes.iter().all(|c| !matches!(c, Change::Liveness(id, _) if id == "b")));
+        assert_eq!(liveness(&table, "b"), Some(Liveness::Alive));
+        // A suspect on someone's word gets no such grace.
+        assert_eq!(liveness(&table, "c"), Some(Liveness::Dead));
+    }
+
     fn pulsing(id: &str, seq: u64, ts: i64) -> NodeState {
         NodeState { pulses: true, beats: true, ..state(id, seq, ts) }
     }
@@ -446,6 +512,23 @@ mod tests {
         assert!(table.tick(at(5)).fell_silent.is_empty(), "reported once");
         assert_eq!(table.pulse("c", at(6)), vec![Change::Liveness("c".into(), Liveness::Alive)]);
         assert!(!table.get("c").is_some_and(|e| e.suspected));
+    }
+
+    #[test]
+    fn a_newly_watched_peer_has_time_for_its_stream_to_open() {
+        let t0 = Instant::now();
+        let at = |s: u64| t0 + Duration::from_secs(s);
+        let mut table = PeerTable::new(config());
+        table.observe(pulsing("c", 1, 7), t0);
+        table.observe(pulsing("d", 1, 7), t0);
+        table.set_watched(watching(&["c", "d"]), t0);
+        // No pulse yet from either: the dial may be slow.
+        assert!(table.tick(at(7)).fell_silent.is_empty());
+        // c's first pulse ends its grace; d never pulses.
+        table.pulse("c", at(7));
+        let tick = table.tick(at(8));
+        assert_eq!(tick.fell_silent, vec![("d".to_string(), 7)]);
+        assert_eq!(table.tick(at(10)).fell_silent, vec![("c".to_string(), 7)]);
     }
 
     #[test]

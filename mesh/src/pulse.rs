@@ -53,6 +53,8 @@ pub enum Heard {
         watch: u64,
         /// The sequence number of its latest state.
         state_seq: u64,
+        /// Its view's digest (see [`view_digest`]); 0 from older nodes.
+        view_digest: u64,
     },
     /// The watch ended: the stream could not be opened or closed.
     Ended {
@@ -72,16 +74,33 @@ pub fn watched_by(me: &str, members: impl IntoIterator<Item = String>, k: usize)
     after.chain(before).take(k).cloned().collect()
 }
 
+/// A digest of a view: the members not known dead, `(node id, state
+/// sequence number)` each, this node included, in any order. Two nodes
+/// that agree on who is in the mesh and on each one's latest state have
+/// the same digest; FNV-1a per member, combined by XOR.
+pub fn view_digest<'a>(members: impl IntoIterator<Item = (&'a str, u64)>) -> u64 {
+    members
+        .into_iter()
+        .map(|(id, seq)| {
+            let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
+            for byte in id.as_bytes().iter().chain(&seq.to_be_bytes()) {
+                hash ^= u64::from(*byte);
+                hash = hash.wrapping_mul(0x0100_0000_01b3);
+            }
+            hash
+        })
+        .fold(0, |acc, h| acc ^ h)
+}
+
 fn codec() -> LengthDelimitedCodec {
     LengthDelimitedCodec::builder().length_field_length(2).max_frame_length(MAX_FRAME).new_codec()
 }
 
 /// Answers watchers: every stream opened to this node gets a pulse each
-/// `period` carrying `state_seq`'s value, until the watcher closes it or
-/// `shutdown`.
+/// `period`, `news`' latest, until the watcher closes it or `shutdown`.
 pub fn serve(
     mut incoming: libp2p_stream::IncomingStreams,
-    state_seq: watch::Receiver<u64>,
+    news: watch::Receiver<Pulse>,
     period: Duration,
     shutdown: CancellationToken,
 ) -> tokio::task::JoinHandle<()> {
@@ -99,9 +118,9 @@ pub fn serve(
                 tracing::debug!(%peer, "too many watchers: refusing a pulse stream");
                 continue;
             };
-            let (seq, stop) = (state_seq.clone(), shutdown.child_token());
+            let (news, stop) = (news.clone(), shutdown.child_token());
             tokio::spawn(async move {
-                pulse_to(stream, seq, period, stop).await;
+                pulse_to(stream, news, period, stop).await;
                 tracing::debug!(%peer, "pulse stream to a watcher ended");
                 drop(slot);
             });
@@ -111,7 +130,7 @@ pub fn serve(
 
 /// Writes pulses on one stream until the watcher closes its side (or the
 /// write fails or stalls).
-async fn pulse_to(stream: Stream, state_seq: watch::Receiver<u64>, period: Duration, stop: CancellationToken) {
+async fn pulse_to(stream: Stream, news: watch::Receiver<Pulse>, period: Duration, stop: CancellationToken) {
     let (mut sink, mut from_watcher) = Framed::new(stream.compat(), codec()).split();
     let mut every = tokio::time::interval(period);
     every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -121,7 +140,7 @@ async fn pulse_to(stream: Stream, state_seq: watch::Receiver<u64>, period: Durat
             // The watcher never writes: anything here is its side closing.
             _ = from_watcher.next() => break,
             _ = every.tick() => {
-                let pulse = Pulse { state_seq: *state_seq.borrow() }.encode_to_vec();
+                let pulse = news.borrow().encode_to_vec();
                 match tokio::time::timeout(period * 3, sink.send(Bytes::from(pulse))).await {
                     Ok(Ok(())) => {}
                     _ => break,
@@ -175,7 +194,8 @@ async fn read_pulses(
             tracing::debug!(%peer, "undecodable pulse");
             return;
         };
-        if heard.send(Heard::Pulse { peer, watch: id, state_seq: pulse.state_seq }).is_err() {
+        let news = Heard::Pulse { peer, watch: id, state_seq: pulse.state_seq, view_digest: pulse.view_digest };
+        if heard.send(news).is_err() {
             return;
         }
     }
@@ -216,6 +236,16 @@ mod tests {
             }
         }
         assert!(watchers.values().all(|n| *n == WATCHED), "{watchers:?}");
+    }
+
+    #[test]
+    fn views_agree_whatever_the_order_and_differ_on_a_member_or_a_state() {
+        let view = [("a", 1), ("b", 7), ("c", 3)];
+        let digest = view_digest(view);
+        assert_eq!(digest, view_digest([("c", 3), ("a", 1), ("b", 7)]));
+        assert_ne!(digest, view_digest([("a", 1), ("b", 7)]), "a member missing");
+        assert_ne!(digest, view_digest([("a", 1), ("b", 8), ("c", 3)]), "an older state");
+        assert_ne!(digest, 0);
     }
 
     #[test]

@@ -13,25 +13,33 @@ use super::{EventLoop, SUSPICION_REPEAT};
 use crate::peers::Liveness;
 use crate::pulse::{self, Heard};
 
+/// Pulses in a row telling of other news before this node pulls.
+const MISMATCHED_PULSES: u32 = 5;
+
 /// The least time between two refutations of suspicions about this node.
 const REFUTE_EVERY: std::time::Duration = std::time::Duration::from_secs(1);
 
 impl EventLoop {
     /// Watches the ring neighbours after this node among the live peers
-    /// that speak pulses, and probes every suspect one (its first pulse
-    /// clears it); stops watching the rest.
+    /// that speak pulses, and probes the ones it suspects on its own
+    /// evidence (their first pulse clears them); stops watching the rest.
     pub(super) fn rewatch(&mut self, now: Instant) {
         let me = self.swarm.local_peer_id().to_string();
-        let speaks = |liveness| {
+        let alive = self
+            .table
+            .entries()
+            .filter(|e| e.state.pulses && e.liveness == Liveness::Alive)
+            .map(|e| e.state.node_id.clone());
+        let mut want = pulse::watched_by(&me, alive, pulse::WATCHED);
+        want.extend(
             self.table
                 .entries()
-                .filter(move |e| e.state.pulses && e.liveness == liveness)
-                .map(|e| e.state.node_id.clone())
-        };
-        let mut want = pulse::watched_by(&me, speaks(Liveness::Alive), pulse::WATCHED);
-        want.extend(speaks(Liveness::Suspect));
+                .filter(|e| e.state.pulses && e.liveness == Liveness::Suspect && e.probed)
+                .map(|e| e.state.node_id.clone()),
+        );
         let peers: BTreeSet<PeerId> = want.iter().filter_map(|id| id.parse().ok()).collect();
         self.table.set_watched(want, now);
+        self.mismatched.retain(|peer, _| peers.contains(peer));
         self.watching.retain(|peer, (_, stop)| {
             let keep = peers.contains(peer);
             if !keep {
@@ -59,10 +67,11 @@ impl EventLoop {
     /// if the peer is still wanted).
     pub(super) fn on_heard(&mut self, heard: Heard) {
         match heard {
-            Heard::Pulse { peer, watch, .. } => {
+            Heard::Pulse { peer, watch, state_seq, view_digest } => {
                 if self.watching.get(&peer).map(|w| w.0) != Some(watch) {
                     return;
                 }
+                self.compare_views(peer, state_seq, view_digest);
                 let changes = self.table.pulse(&peer.to_string(), Instant::now());
                 if !changes.is_empty() {
                     self.report(changes);
@@ -74,6 +83,44 @@ impl EventLoop {
                     self.watching.remove(&peer);
                 }
             }
+        }
+    }
+
+    /// Sets the digest of this node's view that its pulses carry.
+    pub(super) fn digest_view(&mut self) {
+        let me = self.swarm.local_peer_id().to_string();
+        let digest = self.view_digest(&me);
+        self.pulse_news.send_if_modified(|news| {
+            let changed = news.view_digest != digest;
+            news.view_digest = digest;
+            changed
+        });
+    }
+
+    fn view_digest(&self, me: &str) -> u64 {
+        let members = self
+            .table
+            .entries()
+            .filter(|e| e.liveness != Liveness::Dead)
+            .map(|e| (e.state.node_id.as_str(), e.state.seq))
+            .chain(std::iter::once((me, self.seq)));
+        pulse::view_digest(members)
+    }
+
+    /// Anti-entropy: a watched peer whose pulses keep telling of a newer
+    /// state than the one held, or of a view other than this node's, has
+    /// news this node missed (a lost gossip message): pull its snapshot.
+    /// Views differ for a moment whenever news travels, hence the wait.
+    fn compare_views(&mut self, peer: PeerId, state_seq: u64, view_digest: u64) {
+        let me = self.swarm.local_peer_id().to_string();
+        let held = self.table.get(&peer.to_string()).map_or(0, |e| e.state.seq);
+        let differs = state_seq > held || (view_digest != 0 && view_digest != self.view_digest(&me));
+        let count = self.mismatched.entry(peer).or_default();
+        *count = if differs { *count + 1 } else { 0 };
+        if *count >= MISMATCHED_PULSES {
+            tracing::debug!(%peer, "a watched peer's view differs from this node's: pulling its snapshot");
+            *count = 0;
+            self.pull_soon(peer, Instant::now());
         }
     }
 
@@ -130,6 +177,7 @@ impl EventLoop {
             self.refuted_at = Some(now);
             self.cadence.refute();
             self.publish(false);
+            self.sync_after_refuting(source, now);
             return;
         }
         let changes = self.table.suspicion(&suspicion.node_id, suspicion.timestamp_ms, now);

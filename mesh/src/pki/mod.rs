@@ -21,10 +21,11 @@
 pub mod grpc;
 pub mod tls;
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeSet, HashMap};
 use std::fmt;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, OnceLock};
+use std::time::{Duration, Instant};
 
 use libp2p::PeerId;
 use libp2p::identity::{self, Keypair};
@@ -42,6 +43,11 @@ const NODE_CERT_FILE: &str = "node.crt";
 /// Written when the cluster revokes this node; holds when.
 const REVOKED_MARKER_FILE: &str = "revoked";
 const CA_NAME: &str = "llmesh cluster CA";
+/// How long a verified member certificate is taken on trust before its
+/// chain (and expiry) is checked again.
+const VERIFIED_FOR: Duration = Duration::from_secs(60);
+/// The most certificates remembered as verified (a mesh's members).
+const VERIFIED_MAX: usize = 4096;
 /// Domain separation for state signatures: a signature made for gossip can
 /// never be replayed as anything else signed by the node key.
 const STATE_SIGNING_CONTEXT: &[u8] = b"llmesh-node-state-v1:";
@@ -312,6 +318,10 @@ pub struct Trust {
     revoked: watch::Sender<Arc<BTreeSet<String>>>,
     enrolled: watch::Sender<bool>,
     provider: Arc<CryptoProvider>,
+    /// Member certificates that verified lately, by fingerprint: every
+    /// gossiped state carries its author's, and checking the chain each
+    /// time cost a busy 100-node mesh more CPU than anything else.
+    verified: std::sync::Mutex<HashMap<Fingerprint, (PeerId, Instant)>>,
 }
 
 impl fmt::Debug for Trust {
@@ -362,6 +372,7 @@ impl Trust {
             revoked: watch::Sender::new(Arc::default()),
             enrolled: watch::Sender::new(false),
             provider: Arc::new(rustls::crypto::ring::default_provider()),
+            verified: std::sync::Mutex::default(),
         });
         let Some(ca_der) = ca_der else {
             if trust.can_issue() {
@@ -644,6 +655,32 @@ impl Trust {
         self.revoked.subscribe()
     }
 
+    /// The member a state's certificate names, verified at most once per
+    /// [`VERIFIED_FOR`] (revocation is checked every time).
+    fn verified_author(&self, der: &[u8]) -> Result<PeerId, PkiError> {
+        let print = fingerprint(der);
+        let now = Instant::now();
+        let cached = self.verified.lock().ok().and_then(|cache| cache.get(&print).copied());
+        if let Some((author, at)) = cached
+            && now.saturating_duration_since(at) < VERIFIED_FOR
+        {
+            if self.is_revoked(&author.to_string()) {
+                return Err(PkiError::Revoked(author.to_string()));
+            }
+            return Ok(author);
+        }
+        let author = self.verify_member(&CertificateDer::from(der), &[], Usage::Client)?;
+        if let Ok(mut cache) = self.verified.lock() {
+            if cache.len() >= VERIFIED_MAX {
+                cache.retain(|_, (_, at)| now.saturating_duration_since(*at) < VERIFIED_FOR);
+            }
+            if cache.len() < VERIFIED_MAX {
+                cache.insert(print, (author, now));
+            }
+        }
+        Ok(author)
+    }
+
     /// Signs a state for gossip; `None` until enrolled.
     pub fn sign_state(&self, state: &NodeState) -> Option<SignedNodeState> {
         let cert = self.cert.get()?;
@@ -658,11 +695,10 @@ impl Trust {
     /// signature is by that certificate's key, and the state is about that
     /// node and came from it (`source`, the gossip author).
     pub fn open_state(&self, signed: &SignedNodeState, source: Option<PeerId>) -> Result<NodeState, PkiError> {
-        let cert = CertificateDer::from(signed.cert.as_slice());
-        let author = self.verify_member(&cert, &[], Usage::Client)?;
+        let author = self.verified_author(&signed.cert)?;
         let mut message = STATE_SIGNING_CONTEXT.to_vec();
         message.extend_from_slice(&signed.state);
-        if !ed25519_key_of(&cert)?.verify(&message, &signed.signature) {
+        if !ed25519_key_of(&CertificateDer::from(signed.cert.as_slice()))?.verify(&message, &signed.signature) {
             return Err(PkiError::BadState("state signature does not verify".into()));
         }
         let state =
