@@ -335,6 +335,20 @@ fn peer_of(addr: &Multiaddr) -> Option<PeerId> {
 
 /// Listens on every address; returns the bound ones (with this node's
 /// `/p2p/` id), so callers learn the real ports.
+/// Whether every address of a dial was refused outright (nothing listens
+/// there), as opposed to timing out or failing a handshake.
+fn refused(error: &libp2p::swarm::DialError) -> bool {
+    let libp2p::swarm::DialError::Transport(attempts) = error else { return false };
+    fn refused_io(err: &std::io::Error) -> bool {
+        // The transport's layers (pnet, upgrades) wrap the socket's error
+        // in `Either`s, whose `source()` skips the wrapped error itself, so
+        // the socket's error kind is only visible in the debug form.
+        err.kind() == std::io::ErrorKind::ConnectionRefused || format!("{err:?}").contains("ConnectionRefused")
+    }
+    !attempts.is_empty()
+        && attempts.iter().all(|(_, e)| matches!(e, libp2p::TransportError::Other(io) if refused_io(io)))
+}
+
 async fn listen_all(swarm: &mut Swarm<Behaviour>, listen: &[Multiaddr]) -> Result<Vec<Multiaddr>, MeshError> {
     let mut listen_addrs = Vec::new();
     for addr in listen {
@@ -1027,9 +1041,14 @@ impl EventLoop {
                 let now = Instant::now();
                 // A watched peer's connection stays open for its pulse
                 // stream: its closing is news for the whole mesh.
+                // Any other connection may just have gone idle: no news.
                 let watched = self.table.watches(&id);
+                if !watched {
+                    self.refresh_view();
+                    return;
+                }
                 let changes = self.table.suspect(&id, now);
-                if watched && !changes.is_empty() {
+                if !changes.is_empty() {
                     let timestamp = self.table.get(&id).map_or(0, |e| e.state.timestamp_ms);
                     self.announce_silent(vec![(id, timestamp)], now);
                 }
@@ -1047,6 +1066,16 @@ impl EventLoop {
                 tracing::debug!(peer = ?peer_id, error = %error, "dial failed");
                 if !self.trust.is_enrolled() {
                     self.enrollment.last_dial_error = Some(error.to_string());
+                }
+                // Nothing listens where a watched peer said it would: this
+                // node's own evidence, as good as a broken connection.
+                if let Some(peer) = peer_id.map(|p| p.to_string())
+                    && self.table.watches(&peer)
+                    && refused(&error)
+                {
+                    let changes = self.table.suspect(&peer, Instant::now());
+                    self.report(changes);
+                    self.refresh_view();
                 }
             }
             SwarmEvent::IncomingConnectionError { send_back_addr, error, .. } => {
@@ -1102,7 +1131,7 @@ impl EventLoop {
             self.shelve(&id, data);
         } else if snapshot_of.is_some() && before.is_some_and(|(s, _)| s == seq) {
             // The peer takes it for alive on the same news: a beat.
-            changes = self.table.beat(&id, now);
+            changes = self.table.vouch(&id, now);
         }
         self.report(changes);
         self.refresh_view();
@@ -1125,4 +1154,28 @@ impl EventLoop {
 
 fn strip_p2p(addr: &Multiaddr) -> Multiaddr {
     addr.iter().filter(|p| !matches!(p, Protocol::P2p(_))).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_a_dial_refused_at_every_address_counts_as_refused() {
+        let addr: Multiaddr = "/ip4/127.0.0.1/tcp/9".parse().expect("multiaddr");
+        let io = |kind: std::io::ErrorKind| {
+            // libp2p's TCP transport wraps the socket's error in another.
+            let socket = std::io::Error::from(kind);
+            libp2p::TransportError::Other(std::io::Error::other(libp2p::TransportError::Other(socket)))
+        };
+        let dial = |kinds: &[std::io::ErrorKind]| {
+            libp2p::swarm::DialError::Transport(kinds.iter().map(|k| (addr.clone(), io(*k))).collect())
+        };
+        use std::io::ErrorKind::{ConnectionRefused, TimedOut};
+        assert!(refused(&dial(&[ConnectionRefused])));
+        assert!(refused(&dial(&[ConnectionRefused, ConnectionRefused])));
+        assert!(!refused(&dial(&[ConnectionRefused, TimedOut])), "one address may still answer");
+        assert!(!refused(&dial(&[])));
+        assert!(!refused(&libp2p::swarm::DialError::Aborted));
+    }
 }

@@ -93,6 +93,10 @@ pub struct PeerEntry {
     /// failed forward) and probes it; on the mesh's word it waits for the
     /// peer's refutation instead, or every node would dial the suspect.
     pub probed: bool,
+    /// When (this node's wall clock, ms) it began to suspect it on its own
+    /// evidence: a state stamped before then, relayed by others, was in
+    /// flight before the peer fell silent and proves nothing.
+    pub probed_at_ms: i64,
 }
 
 /// What a tick found.
@@ -140,12 +144,22 @@ impl PeerTable {
                 if state.seq <= entry.state.seq && !restarted {
                     return Vec::new();
                 }
+                let stale = entry.probed && state.timestamp_ms <= entry.probed_at_ms;
                 entry.state = state;
+                if stale {
+                    return Vec::new();
+                }
                 heard(&id, entry, now)
             }
             None => {
-                let entry =
-                    PeerEntry { state, last_seen: now, liveness: Liveness::Alive, suspected: false, probed: false };
+                let entry = PeerEntry {
+                    state,
+                    last_seen: now,
+                    liveness: Liveness::Alive,
+                    suspected: false,
+                    probed: false,
+                    probed_at_ms: 0,
+                };
                 self.entries.insert(id.clone(), entry);
                 vec![Change::Joined(id)]
             }
@@ -157,6 +171,17 @@ impl PeerTable {
     /// (its signed state, with its certificate, must come first).
     pub fn beat(&mut self, node_id: &str, now: Instant) -> Vec<Change> {
         let Some(entry) = self.entries.get_mut(node_id) else { return Vec::new() };
+        heard(node_id, entry, now)
+    }
+
+    /// Another node holds the same state of a peer as this one: alive on
+    /// the mesh's word, unless this node has its own evidence otherwise
+    /// (then only the peer itself, or a newer state, revives it).
+    pub fn vouch(&mut self, node_id: &str, now: Instant) -> Vec<Change> {
+        let Some(entry) = self.entries.get_mut(node_id) else { return Vec::new() };
+        if entry.probed {
+            return Vec::new();
+        }
         heard(node_id, entry, now)
     }
 
@@ -204,7 +229,7 @@ impl PeerTable {
     /// heard from before.
     pub fn suspect(&mut self, node_id: &str, now: Instant) -> Vec<Change> {
         if let Some(entry) = self.entries.get_mut(node_id) {
-            entry.probed = true;
+            probe(entry);
         }
         self.suspect_on_word(node_id, now)
     }
@@ -230,7 +255,10 @@ impl PeerTable {
     pub fn suspicion(&mut self, node_id: &str, timestamp_ms: i64, now: Instant) -> Vec<Change> {
         let Some(entry) = self.entries.get(node_id) else { return Vec::new() };
         let newer = entry.state.timestamp_ms > timestamp_ms;
+        // A `last_seen` ahead of now is a newly watched peer's grace, not
+        // a pulse: nothing here speaks against the mesh's word.
         let heard_lately = self.watched.contains(node_id)
+            && entry.last_seen <= now
             && now.saturating_duration_since(entry.last_seen) < self.config.suspect_after;
         if newer || heard_lately {
             return Vec::new();
@@ -299,7 +327,7 @@ impl PeerTable {
             if due > entry.liveness {
                 if entry.liveness == Liveness::Alive && watched.contains(id) && entry.state.pulses {
                     entry.suspected = true;
-                    entry.probed = true;
+                    probe(entry);
                     tick.fell_silent.push((id.clone(), entry.state.timestamp_ms));
                 }
                 entry.liveness = due;
@@ -319,6 +347,19 @@ impl PeerTable {
     pub fn get(&self, node_id: &str) -> Option<&PeerEntry> {
         self.entries.get(node_id)
     }
+}
+
+/// This node suspects a peer on its own evidence, from now.
+fn probe(entry: &mut PeerEntry) {
+    if !entry.probed {
+        entry.probed = true;
+        entry.probed_at_ms = wall_clock_ms();
+    }
+}
+
+fn wall_clock_ms() -> i64 {
+    let since = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
+    i64::try_from(since.as_millis()).unwrap_or(i64::MAX)
 }
 
 /// A peer was heard from (or vouched for): alive, no longer suspected.
@@ -384,6 +425,21 @@ mod tests {
         // A restart: sequence numbers start over but time moves on.
         table.observe(state("b", 1, 70), t0 + Duration::from_secs(12));
         assert_eq!(table.get("b").map(|e| e.state.seq), Some(1));
+    }
+
+    #[test]
+    fn a_state_stamped_before_this_nodes_own_suspicion_does_not_revive() {
+        let mut t = PeerTable::new(config());
+        let t0 = Instant::now();
+        let stamp = wall_clock_ms();
+        t.observe(state("a", 1, stamp - 10), t0);
+        t.suspect("a", t0);
+        let in_flight = t.observe(state("a", 2, stamp - 5), t0 + Duration::from_millis(50));
+        assert!(in_flight.is_empty(), "sent before it fell silent: {in_flight:?}");
+        assert_eq!(t.get("a").map(|e| e.state.seq), Some(2), "the newer state is still kept");
+        assert!(t.vouch("a", t0).is_empty(), "another node's copy proves nothing either");
+        let refuted = t.observe(state("a", 3, wall_clock_ms() + 1), t0 + Duration::from_millis(100));
+        assert_eq!(refuted, vec![Change::Liveness("a".into(), Liveness::Alive)]);
     }
 
     #[test]
@@ -512,6 +568,16 @@ mod tests {
         assert!(table.tick(at(5)).fell_silent.is_empty(), "reported once");
         assert_eq!(table.pulse("c", at(6)), vec![Change::Liveness("c".into(), Liveness::Alive)]);
         assert!(!table.get("c").is_some_and(|e| e.suspected));
+    }
+
+    #[test]
+    fn the_mesh_s_word_counts_for_a_newly_watched_peer_not_yet_heard() {
+        let t0 = Instant::now();
+        let mut table = PeerTable::new(config());
+        table.observe(pulsing("c", 1, 7), t0);
+        table.set_watched(watching(&["c"]), t0);
+        let word = table.suspicion("c", 7, t0 + Duration::from_millis(100));
+        assert_eq!(word, vec![Change::Liveness("c".into(), Liveness::Suspect)], "its grace is not a pulse");
     }
 
     #[test]

@@ -446,9 +446,16 @@ impl SimEngine {
             std::future::pending::<()>().await;
         }
         let (slots, load) = self.ensure_loaded(&model).await;
-        self.stats.queued.fetch_add(1, Ordering::Relaxed);
-        let permit = slots.acquire_owned().await;
-        self.stats.queued.fetch_sub(1, Ordering::Relaxed);
+        // Counted as queued only when it really waits for a slot.
+        let permit = match slots.clone().try_acquire_owned() {
+            Ok(permit) => Ok(permit),
+            Err(_) => {
+                self.stats.queued.fetch_add(1, Ordering::Relaxed);
+                let permit = slots.acquire_owned().await;
+                self.stats.queued.fetch_sub(1, Ordering::Relaxed);
+                permit
+            }
+        };
         let Ok(permit) = permit else {
             // The semaphore is never closed; treat it as a bug, not a hang.
             guard.finished = true;
@@ -504,7 +511,7 @@ impl SimEngine {
             load,
             prompt_eval,
             decode_began: Instant::now(),
-            _permit: permit,
+            permit: Some(permit),
             guard,
         })
     }
@@ -605,7 +612,9 @@ pub struct Run {
     /// Time spent evaluating the prompt.
     pub prompt_eval: Duration,
     decode_began: Instant,
-    _permit: OwnedSemaphorePermit,
+    /// The slot, freed when the last token is out (as a real server frees
+    /// it before the response's closing bytes reach the client).
+    permit: Option<OwnedSemaphorePermit>,
     guard: RunGuard,
 }
 
@@ -613,6 +622,7 @@ impl Run {
     /// The next token, after waiting for its decode time; `None` at the end.
     pub async fn next_token(&mut self) -> Option<Result<String, Dropped>> {
         if self.next >= self.tokens.len() {
+            self.permit = None;
             return None;
         }
         if self.drop_after.is_some_and(|n| self.next >= n as usize) {

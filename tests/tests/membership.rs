@@ -189,7 +189,7 @@ async fn status_prints_the_mesh() {
 }
 
 #[tokio::test]
-async fn kademlia_connects_nodes_that_only_know_a_middle_node() {
+async fn nodes_that_only_know_a_middle_node_connect_by_gossiped_addresses() {
     let sims = [sim(&[]).await, sim(&[]).await, sim(&[]).await];
     let a = agent(&sims[0].url, &["--name", "chain-a"]).await;
     let token = join_token(a.data_dir.as_deref().expect("data dir"));
