@@ -111,8 +111,9 @@ pub struct Tick {
 
 /// How long a newly watched peer's pulse stream may take to open (a dial
 /// included) before its silence starts to count: the pulse stream's own
-/// open timeout.
-pub const NEW_WATCH_GRACE: Duration = Duration::from_secs(5);
+/// open timeout (5 s), then a second try at the next heartbeat. On a box
+/// starting a hundred agents at once the first try does time out.
+pub const NEW_WATCH_GRACE: Duration = Duration::from_secs(8);
 
 /// Every known peer, keyed by node id.
 #[derive(Debug, Clone, Default)]
@@ -191,7 +192,13 @@ impl PeerTable {
         if self.watched.contains(node_id) {
             self.mesh_heard_at = Some(now);
         }
-        self.beat(node_id, now)
+        let changes = self.beat(node_id, now);
+        // Its first pulse ends a newly watched peer's grace (a `last_seen`
+        // ahead of now): its stream is open, so silence counts from here.
+        if let Some(entry) = self.entries.get_mut(node_id) {
+            entry.last_seen = now;
+        }
+        changes
     }
 
     /// Whether a peer that is not known dead reads only full states (it
@@ -364,9 +371,11 @@ fn wall_clock_ms() -> i64 {
 
 /// A peer was heard from (or vouched for): alive, no longer suspected.
 fn heard(id: &str, entry: &mut PeerEntry, now: Instant) -> Vec<Change> {
-    // Not `max`: a newly watched peer's grace (a `last_seen` ahead of
-    // now) ends with its first pulse.
-    entry.last_seen = now;
+    // `max`: other evidence (a relayed state) does not end a newly
+    // watched peer's grace (a `last_seen` ahead of now); only its first
+    // pulse does (see `pulse`), or its silence would count before its
+    // stream could open.
+    entry.last_seen = entry.last_seen.max(now);
     entry.suspected = false;
     entry.probed = false;
     if entry.liveness == Liveness::Alive {
@@ -581,6 +590,19 @@ mod tests {
     }
 
     #[test]
+    fn a_relayed_state_does_not_end_a_newly_watched_peers_grace() {
+        let t0 = Instant::now();
+        let at = |s: u64| t0 + Duration::from_secs(s);
+        let mut table = PeerTable::new(config());
+        table.observe(pulsing("c", 1, 7), t0);
+        table.set_watched(watching(&["c"]), t0);
+        table.observe(pulsing("c", 2, 8), at(1));
+        let grace = NEW_WATCH_GRACE.as_secs();
+        assert!(table.tick(at(grace + 2)).fell_silent.is_empty(), "its stream may still be opening");
+        assert_eq!(table.tick(at(grace + 3)).fell_silent, vec![("c".to_string(), 8)]);
+    }
+
+    #[test]
     fn a_newly_watched_peer_has_time_for_its_stream_to_open() {
         let t0 = Instant::now();
         let at = |s: u64| t0 + Duration::from_secs(s);
@@ -588,13 +610,14 @@ mod tests {
         table.observe(pulsing("c", 1, 7), t0);
         table.observe(pulsing("d", 1, 7), t0);
         table.set_watched(watching(&["c", "d"]), t0);
+        let grace = NEW_WATCH_GRACE.as_secs();
         // No pulse yet from either: the dial may be slow.
-        assert!(table.tick(at(7)).fell_silent.is_empty());
+        assert!(table.tick(at(grace + 2)).fell_silent.is_empty());
         // c's first pulse ends its grace; d never pulses.
-        table.pulse("c", at(7));
-        let tick = table.tick(at(8));
+        table.pulse("c", at(grace + 2));
+        let tick = table.tick(at(grace + 3));
         assert_eq!(tick.fell_silent, vec![("d".to_string(), 7)]);
-        assert_eq!(table.tick(at(10)).fell_silent, vec![("c".to_string(), 7)]);
+        assert_eq!(table.tick(at(grace + 5)).fell_silent, vec![("c".to_string(), 7)]);
     }
 
     #[test]
