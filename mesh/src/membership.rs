@@ -1036,25 +1036,7 @@ impl EventLoop {
                 }
             }
             SwarmEvent::ConnectionEstablished { peer_id, endpoint, .. } => self.on_connected(peer_id, &endpoint),
-            SwarmEvent::ConnectionClosed { peer_id, num_established: 0, .. } => {
-                let id = peer_id.to_string();
-                let now = Instant::now();
-                // A watched peer's connection stays open for its pulse
-                // stream: its closing is news for the whole mesh.
-                // Any other connection may just have gone idle: no news.
-                let watched = self.table.watches(&id);
-                if !watched {
-                    self.refresh_view();
-                    return;
-                }
-                let changes = self.table.suspect(&id, now);
-                if !changes.is_empty() {
-                    let timestamp = self.table.get(&id).map_or(0, |e| e.state.timestamp_ms);
-                    self.announce_silent(vec![(id, timestamp)], now);
-                }
-                self.report(changes);
-                self.refresh_view();
-            }
+            SwarmEvent::ConnectionClosed { peer_id, num_established: 0, .. } => self.on_disconnected(peer_id),
             SwarmEvent::NewListenAddr { address, .. } => {
                 let address = address.with(Protocol::P2p(*self.swarm.local_peer_id()));
                 if !self.listen_addrs.contains(&address) {
@@ -1062,27 +1044,46 @@ impl EventLoop {
                     self.refresh_view();
                 }
             }
-            SwarmEvent::OutgoingConnectionError { peer_id, error, .. } => {
-                tracing::debug!(peer = ?peer_id, error = %error, "dial failed");
-                if !self.trust.is_enrolled() {
-                    self.enrollment.last_dial_error = Some(error.to_string());
-                }
-                // Nothing listens where a watched peer said it would: this
-                // node's own evidence, as good as a broken connection.
-                if let Some(peer) = peer_id.map(|p| p.to_string())
-                    && self.table.watches(&peer)
-                    && refused(&error)
-                {
-                    let changes = self.table.suspect(&peer, Instant::now());
-                    self.report(changes);
-                    self.refresh_view();
-                }
-            }
+            SwarmEvent::OutgoingConnectionError { peer_id, error, .. } => self.on_dial_failed(peer_id, &error),
             SwarmEvent::IncomingConnectionError { send_back_addr, error, .. } => {
                 // Outsiders without the cluster secret end here.
                 tracing::debug!(from = %send_back_addr, error = %error, "refused an incoming connection");
             }
             _ => {}
+        }
+    }
+
+    /// The last connection to a peer closed. A watched peer's connection
+    /// stays open for its pulse stream: its closing is news for the whole
+    /// mesh. Any other connection may just have gone idle: no news.
+    fn on_disconnected(&mut self, peer_id: PeerId) {
+        let id = peer_id.to_string();
+        let now = Instant::now();
+        if self.table.watches(&id) {
+            let changes = self.table.suspect(&id, now);
+            if !changes.is_empty() {
+                let timestamp = self.table.get(&id).map_or(0, |e| e.state.timestamp_ms);
+                self.announce_silent(vec![(id, timestamp)], now);
+            }
+            self.report(changes);
+        }
+        self.refresh_view();
+    }
+
+    /// A dial failed. Nothing listening where a watched peer said it would
+    /// is this node's own evidence, as good as a broken connection.
+    fn on_dial_failed(&mut self, peer_id: Option<PeerId>, error: &libp2p::swarm::DialError) {
+        tracing::debug!(peer = ?peer_id, error = %error, "dial failed");
+        if !self.trust.is_enrolled() {
+            self.enrollment.last_dial_error = Some(error.to_string());
+        }
+        if let Some(peer) = peer_id.map(|p| p.to_string())
+            && self.table.watches(&peer)
+            && refused(error)
+        {
+            let changes = self.table.suspect(&peer, Instant::now());
+            self.report(changes);
+            self.refresh_view();
         }
     }
 
