@@ -940,16 +940,7 @@ impl EventLoop {
         if connected >= LINKS {
             return;
         }
-        let mut candidates: Vec<(PeerId, Vec<Multiaddr>)> = self
-            .table
-            .entries()
-            .filter(|e| e.liveness == Liveness::Alive)
-            .filter_map(|e| {
-                let peer = e.state.node_id.parse::<PeerId>().ok()?;
-                let addrs = e.state.p2p_addrs.iter().filter_map(|a| a.parse().ok()).collect::<Vec<_>>();
-                (!addrs.is_empty() && !self.swarm.is_connected(&peer)).then_some((peer, addrs))
-            })
-            .collect();
+        let mut candidates = self.dialable(Liveness::Alive);
         candidates.shuffle(&mut rand::thread_rng());
         for (peer, addrs) in candidates.into_iter().take(LINKS - connected) {
             let opts =
@@ -958,6 +949,20 @@ impl EventLoop {
                 tracing::debug!(%peer, error = %err, "cannot dial a member");
             }
         }
+    }
+
+    /// Peers in `liveness` this node is not connected to, with the libp2p
+    /// addresses their last state gave (those without any are left out).
+    fn dialable(&self, liveness: Liveness) -> Vec<(PeerId, Vec<Multiaddr>)> {
+        self.table
+            .entries()
+            .filter(|e| e.liveness == liveness)
+            .filter_map(|e| {
+                let peer = e.state.node_id.parse::<PeerId>().ok()?;
+                let addrs = e.state.p2p_addrs.iter().filter_map(|a| a.parse().ok()).collect::<Vec<_>>();
+                (!addrs.is_empty() && !self.swarm.is_connected(&peer)).then_some((peer, addrs))
+            })
+            .collect()
     }
 
     /// Dials a few peers taken for dead, in turn, at the addresses their
@@ -973,16 +978,7 @@ impl EventLoop {
         if let Some(peer) = connected {
             self.pull_soon(peer, Instant::now());
         }
-        let mut dead: Vec<(PeerId, Vec<Multiaddr>)> = self
-            .table
-            .entries()
-            .filter(|e| e.liveness == Liveness::Dead)
-            .filter_map(|e| {
-                let peer = e.state.node_id.parse::<PeerId>().ok()?;
-                let addrs = e.state.p2p_addrs.iter().filter_map(|a| a.parse().ok()).collect::<Vec<_>>();
-                (!addrs.is_empty() && !self.swarm.is_connected(&peer)).then_some((peer, addrs))
-            })
-            .collect();
+        let mut dead = self.dialable(Liveness::Dead);
         if dead.is_empty() {
             return;
         }
