@@ -137,6 +137,7 @@ impl NodeStateBuilder {
             // Stamped by membership, which knows its listen addresses.
             p2p_addrs: Vec::new(),
             pulls_states: false,
+            fetches_certs: false,
             draining: self.draining.load(std::sync::atomic::Ordering::SeqCst),
             seq: 0,
             timestamp_ms: SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64),

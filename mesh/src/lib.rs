@@ -22,6 +22,7 @@ mod enroll;
 pub mod error;
 pub mod handler;
 pub mod identity;
+mod inbound;
 pub mod membership;
 pub mod node;
 pub mod peers;

@@ -45,6 +45,7 @@ use crate::peers::{Change, Liveness, LivenessConfig, PeerTable};
 use crate::pki::{PkiError, Trust};
 use crate::secret::ClusterSecret;
 
+mod certs;
 mod syncing;
 mod watching;
 
@@ -460,6 +461,7 @@ pub async fn start(
         pulled_tx,
         pulled,
         sync: syncing::Sync::default(),
+        certs: certs::Certs::default(),
         last_tick: Instant::now(),
         view_at: None,
         view_due: false,
@@ -502,12 +504,16 @@ fn serve_pulses(
     Ok((control, pulse_news))
 }
 
-/// Starts answering state pulls; returns the shelf they are served from.
+/// Starts answering state pulls and certificate fetches; returns the
+/// shelf both are served from.
 fn serve_states(swarm: &Swarm<Behaviour>, shutdown: &CancellationToken) -> Result<crate::statesync::Shelf, MeshError> {
     let mut control = swarm.behaviour().pulse.new_control();
-    let incoming = control.accept(crate::statesync::PROTOCOL).map_err(|e| MeshError::Build(e.to_string()))?;
+    let build = |e: libp2p_stream::AlreadyRegistered| MeshError::Build(e.to_string());
+    let pulls = control.accept(crate::statesync::PROTOCOL).map_err(build)?;
+    let fetches = control.accept(crate::statesync::CERTS_PROTOCOL).map_err(build)?;
     let shelf = crate::statesync::Shelf::default();
-    crate::statesync::serve(incoming, shelf.clone(), shutdown.child_token());
+    crate::statesync::serve(pulls, shelf.clone(), shutdown.child_token());
+    crate::statesync::serve_certs(fetches, shelf.clone(), shutdown.child_token());
     Ok(shelf)
 }
 
@@ -537,6 +543,8 @@ struct EventLoop {
     /// Snapshots pulled from peers.
     pulled: mpsc::UnboundedReceiver<crate::statesync::Pulled>,
     sync: syncing::Sync,
+    /// States waiting for their author's certificate.
+    certs: certs::Certs,
     /// When the view was last handed to readers.
     view_at: Option<Instant>,
     /// Changes wait for the next view.
@@ -609,6 +617,7 @@ impl EventLoop {
                     self.publish(true);
                     let now = Instant::now();
                     self.sync_on_heartbeat(now);
+                    self.certs_on_heartbeat(now);
                     self.digest_view();
                     // Time this loop could not run is nobody's silence.
                     let lag = now.saturating_duration_since(self.last_tick).saturating_sub(self.heartbeat * 3 / 2);
@@ -647,6 +656,7 @@ impl EventLoop {
         state.beats = true;
         state.pulses = true;
         state.pulls_states = true;
+        state.fetches_certs = true;
         state.p2p_addrs = self
             .listen_addrs
             .iter()
@@ -674,12 +684,16 @@ impl EventLoop {
                 self.seq += 1;
                 state.seq = self.seq;
                 state.timestamp_ms = unix_ms();
-                let Some(signed) = self.trust.sign_state(&state) else { return };
+                let Some(mut signed) = self.trust.sign_state(&state, true) else { return };
                 let seq = self.seq;
                 self.pulse_news.send_modify(|news| news.state_seq = seq);
-                let data = Bytes::from(signed.encode_to_vec());
-                self.shelve(&state.node_id, data.clone());
-                (self.topic.clone(), data)
+                // Pullers and fetchers get the certificate; gossip
+                // carries it only until the mesh has it.
+                self.shelve(&state.node_id, Bytes::from(signed.encode_to_vec()));
+                if !self.publish_with_cert() {
+                    signed.cert.clear();
+                }
+                (self.topic.clone(), Bytes::from(signed.encode_to_vec()))
             }
         };
         if let Err(err) = self.swarm.behaviour_mut().gossipsub.publish(topic, data) {
@@ -996,13 +1010,17 @@ impl EventLoop {
 
     fn on_event(&mut self, event: SwarmEvent<BehaviourEvent>) {
         match event {
-            SwarmEvent::Behaviour(BehaviourEvent::Gossipsub(gossipsub::Event::Message { message, .. })) => {
+            SwarmEvent::Behaviour(BehaviourEvent::Gossipsub(gossipsub::Event::Message {
+                message,
+                propagation_source,
+                ..
+            })) => {
                 if message.topic == self.beat_topic.hash() {
                     self.on_beat(message.source, &message.data);
                 } else if message.topic == self.suspicion_topic.hash() {
                     self.on_suspicion(message.source, &message.data);
                 } else {
-                    self.take_state(message.source, Bytes::from(message.data), None);
+                    self.take_state(message.source, propagation_source, Bytes::from(message.data), None);
                 }
             }
             SwarmEvent::Behaviour(BehaviourEvent::Enroll(event)) => self.on_enroll(event),
@@ -1100,22 +1118,35 @@ impl EventLoop {
         self.refresh_view();
     }
 
-    /// A state from gossip (`source` its author) or from a pulled
-    /// snapshot (`snapshot_of` this node's id, whose own state in it is
-    /// skipped).
-    fn take_state(&mut self, source: Option<PeerId>, data: Bytes, snapshot_of: Option<&str>) {
-        // A state must carry a member's certificate and signature and be
-        // about its author, so no outsider is seen and no node can speak
-        // for another.
+    /// A state from gossip (`source` its author, `relay` the peer it came
+    /// through) or from a pulled snapshot (`snapshot_of` this node's id,
+    /// whose own state in it is skipped).
+    fn take_state(&mut self, source: Option<PeerId>, relay: PeerId, data: Bytes, snapshot_of: Option<&str>) {
+        // A state must carry a member's certificate (or be by a member
+        // whose certificate this node holds) and signature and be about
+        // its author, so no outsider is seen and no node can speak for
+        // another.
         let opened = SignedNodeState::decode(data.as_ref())
             .map_err(|e| PkiError::BadState(format!("undecodable: {e}")))
-            .and_then(|signed| self.trust.open_state(&signed, source));
-        let state = match opened {
-            Ok(state) => state,
+            .and_then(|signed| self.trust.open_state(&signed, source).map(|state| (state, signed)));
+        let (state, signed) = match opened {
+            Ok(opened) => opened,
+            Err(PkiError::CertUnknown(author)) => {
+                self.await_cert(author, relay, data, Instant::now());
+                return;
+            }
             Err(err) => {
                 tracing::debug!(source = ?source, error = %err, "dropping node state");
                 return;
             }
+        };
+        // What this node serves carries the certificate, however it came.
+        let data = match signed.cert.is_empty() {
+            false => data,
+            true => match state.node_id.parse().ok().and_then(|author| self.trust.with_cert(signed, &author)) {
+                Some(full) => Bytes::from(full.encode_to_vec()),
+                None => return,
+            },
         };
         if snapshot_of == Some(state.node_id.as_str()) {
             return;

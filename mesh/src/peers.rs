@@ -213,6 +213,12 @@ impl PeerTable {
         self.entries.values().any(|e| e.liveness != Liveness::Dead && !e.state.pulses)
     }
 
+    /// Whether a live peer needs every state with its certificate (it
+    /// predates certificate fetches).
+    pub fn has_peers_without_cert_fetch(&self) -> bool {
+        self.entries.values().any(|e| e.liveness != Liveness::Dead && !e.state.fetches_certs)
+    }
+
     /// Sets the peers this node watches. One newly watched is given
     /// [`NEW_WATCH_GRACE`] and then a full `suspect_after` before its
     /// silence counts: its pulse stream may need a dial first, which on a

@@ -16,7 +16,6 @@
 //! whom to watch and reads what they hear.
 
 use std::collections::BTreeSet;
-use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -25,10 +24,12 @@ use libp2p::swarm::Stream;
 use libp2p::{PeerId, StreamProtocol};
 use llmesh_proto::Pulse;
 use prost::Message;
-use tokio::sync::{Semaphore, mpsc, watch};
+use tokio::sync::{mpsc, watch};
 use tokio_util::codec::{Framed, LengthDelimitedCodec};
 use tokio_util::compat::FuturesAsyncReadCompatExt;
 use tokio_util::sync::CancellationToken;
+
+use crate::inbound::Overflow;
 
 /// The pulse protocol.
 pub const PROTOCOL: StreamProtocol = StreamProtocol::new("/llmesh/pulse/1");
@@ -99,33 +100,25 @@ fn codec() -> LengthDelimitedCodec {
 /// Answers watchers: every stream opened to this node gets a pulse each
 /// `period`, `news`' latest, until the watcher closes it or `shutdown`.
 pub fn serve(
-    mut incoming: libp2p_stream::IncomingStreams,
+    incoming: libp2p_stream::IncomingStreams,
     news: watch::Receiver<Pulse>,
     period: Duration,
     shutdown: CancellationToken,
 ) -> tokio::task::JoinHandle<()> {
-    let slots = Arc::new(Semaphore::new(MAX_WATCHERS));
-    tokio::spawn(async move {
-        loop {
-            let (peer, stream) = tokio::select! {
-                () = shutdown.cancelled() => break,
-                next = incoming.next() => match next {
-                    Some(next) => next,
-                    None => break,
-                },
-            };
-            let Ok(slot) = slots.clone().try_acquire_owned() else {
-                tracing::debug!(%peer, "too many watchers: refusing a pulse stream");
-                continue;
-            };
-            let (news, stop) = (news.clone(), shutdown.child_token());
-            tokio::spawn(async move {
+    crate::inbound::serve_bounded(
+        incoming,
+        MAX_WATCHERS,
+        Overflow::Refuse,
+        "pulse",
+        shutdown,
+        move |peer, stream, stop| {
+            let news = news.clone();
+            async move {
                 pulse_to(stream, news, period, stop).await;
                 tracing::debug!(%peer, "pulse stream to a watcher ended");
-                drop(slot);
-            });
-        }
-    })
+            }
+        },
+    )
 }
 
 /// Writes pulses on one stream until the watcher closes its side (or the

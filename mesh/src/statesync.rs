@@ -23,13 +23,22 @@ use std::time::Duration;
 use bytes::Bytes;
 use futures::{SinkExt, StreamExt};
 use libp2p::{PeerId, StreamProtocol};
-use tokio::sync::{Semaphore, mpsc};
+use llmesh_proto::CertRequest;
+use prost::Message;
+use tokio::sync::mpsc;
 use tokio_util::codec::{Framed, LengthDelimitedCodec};
 use tokio_util::compat::FuturesAsyncReadCompatExt;
 use tokio_util::sync::CancellationToken;
 
+use crate::inbound::{Overflow, serve_bounded};
+
 /// The state sync protocol.
 pub const PROTOCOL: StreamProtocol = StreamProtocol::new("/llmesh/states/1");
+/// The certificate fetch protocol: a [`CertRequest`], answered with the
+/// named nodes' states, each with its certificate.
+pub const CERTS_PROTOCOL: StreamProtocol = StreamProtocol::new("/llmesh/certs/1");
+/// The most nodes one certificate fetch may name.
+const MAX_CERTS_ASKED: usize = 256;
 /// The longest a pull may take, the stream's opening (a dial) included.
 const PULL_TIMEOUT: Duration = Duration::from_secs(10);
 /// The largest signed state read (a state with a certificate is a few
@@ -71,6 +80,11 @@ impl Shelf {
         }
     }
 
+    /// The state held of `node_id`, alive or not.
+    pub fn get(&self, node_id: &str) -> Option<Bytes> {
+        self.0.lock().ok().and_then(|shelf| shelf.get(node_id).map(|e| e.0.clone()))
+    }
+
     /// The states of the nodes taken for alive.
     pub fn alive(&self) -> Vec<Bytes> {
         self.0.lock().map(|shelf| shelf.values().filter(|e| e.1).map(|e| e.0.clone()).collect()).unwrap_or_default()
@@ -92,66 +106,122 @@ fn codec() -> LengthDelimitedCodec {
 
 /// Answers pulls with what `shelf` holds until `shutdown`.
 pub fn serve(
-    mut incoming: libp2p_stream::IncomingStreams,
+    incoming: libp2p_stream::IncomingStreams,
     shelf: Shelf,
     shutdown: CancellationToken,
 ) -> tokio::task::JoinHandle<()> {
-    let slots = Arc::new(Semaphore::new(MAX_SERVING));
-    tokio::spawn(async move {
-        loop {
-            let (peer, stream) = tokio::select! {
-                () = shutdown.cancelled() => break,
-                next = incoming.next() => match next {
-                    Some(next) => next,
-                    None => break,
+    serve_bounded(incoming, MAX_SERVING, Overflow::Wait, "state snapshot", shutdown, move |peer, stream, stop| {
+        let states = shelf.alive();
+        async move {
+            let mut frames = Framed::new(stream.compat(), codec());
+            tokio::select! {
+                () = stop.cancelled() => {}
+                sent = tokio::time::timeout(PULL_TIMEOUT, send_all(&mut frames, states)) => match sent {
+                    Ok(Ok(())) => tracing::debug!(%peer, "served a state snapshot"),
+                    Ok(Err(err)) => tracing::debug!(%peer, error = %err, "serving a state snapshot failed"),
+                    Err(_) => tracing::debug!(%peer, "serving a state snapshot timed out"),
                 },
-            };
-            let (slots, states) = (slots.clone(), shelf.alive());
-            let stop = shutdown.child_token();
-            tokio::spawn(async move {
-                let Ok(_slot) = slots.acquire_owned().await else { return };
-                let mut frames = Framed::new(stream.compat(), codec());
-                let send = async {
-                    for state in states {
-                        frames.feed(state).await?;
-                    }
-                    SinkExt::<Bytes>::close(&mut frames).await
-                };
-                tokio::select! {
-                    () = stop.cancelled() => {}
-                    sent = tokio::time::timeout(PULL_TIMEOUT, send) => match sent {
-                        Ok(Ok(())) => tracing::debug!(%peer, "served a state snapshot"),
-                        Ok(Err(err)) => tracing::debug!(%peer, error = %err, "serving a state snapshot failed"),
-                        Err(_) => tracing::debug!(%peer, "serving a state snapshot timed out"),
-                    },
-                }
-            });
+            }
         }
     })
+}
+
+/// Answers certificate fetches (a [`CertRequest`]) with the states
+/// `shelf` holds of the nodes asked for, each with its certificate,
+/// until `shutdown`.
+pub fn serve_certs(
+    incoming: libp2p_stream::IncomingStreams,
+    shelf: Shelf,
+    shutdown: CancellationToken,
+) -> tokio::task::JoinHandle<()> {
+    serve_bounded(incoming, MAX_SERVING, Overflow::Wait, "certificate fetch", shutdown, move |peer, stream, stop| {
+        let shelf = shelf.clone();
+        async move {
+            let mut frames = Framed::new(stream.compat(), codec());
+            let answer = async {
+                let asked = frames.next().await.ok_or_else(|| std::io::Error::other("no request"))??;
+                let asked = CertRequest::decode(asked.freeze()).map_err(std::io::Error::other)?;
+                let ids = asked.node_ids.iter().take(MAX_CERTS_ASKED);
+                send_all(&mut frames, ids.filter_map(|id| shelf.get(id)).collect()).await
+            };
+            tokio::select! {
+                () = stop.cancelled() => {}
+                sent = tokio::time::timeout(PULL_TIMEOUT, answer) => match sent {
+                    Ok(Ok(())) => tracing::debug!(%peer, "served a certificate fetch"),
+                    Ok(Err(err)) => tracing::debug!(%peer, error = %err, "serving a certificate fetch failed"),
+                    Err(_) => tracing::debug!(%peer, "serving a certificate fetch timed out"),
+                },
+            }
+        }
+    })
+}
+
+async fn send_all<S>(frames: &mut Framed<S, LengthDelimitedCodec>, states: Vec<Bytes>) -> std::io::Result<()>
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    for state in states {
+        frames.feed(state).await?;
+    }
+    SinkExt::<Bytes>::close(frames).await
+}
+
+async fn read_all<S>(frames: &mut Framed<S, LengthDelimitedCodec>) -> Result<Vec<Bytes>, String>
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    let mut states = Vec::new();
+    while let Some(frame) = frames.next().await {
+        let frame = frame.map_err(|e| e.to_string())?;
+        if states.len() >= MAX_STATES {
+            return Err(format!("more than {MAX_STATES} states"));
+        }
+        states.push(frame.freeze());
+    }
+    Ok(states)
 }
 
 /// Pulls `peer`'s snapshot (dialling it if need be) and hands it to
 /// `done`; gives up quietly after [`PULL_TIMEOUT`], on error, or when
 /// `stop` fires.
 pub fn pull(
+    control: libp2p_stream::Control,
+    peer: PeerId,
+    done: mpsc::UnboundedSender<Pulled>,
+    stop: CancellationToken,
+) {
+    ask(control, peer, PROTOCOL, None, done, stop);
+}
+
+/// Asks `peer` for the states, with certificates, of `node_ids` and
+/// hands them to `done` as a [`Pulled`]; quiet on failure, like [`pull`].
+pub fn fetch_certs(
+    control: libp2p_stream::Control,
+    peer: PeerId,
+    node_ids: Vec<String>,
+    done: mpsc::UnboundedSender<Pulled>,
+    stop: CancellationToken,
+) {
+    let request = Bytes::from(CertRequest { node_ids }.encode_to_vec());
+    ask(control, peer, CERTS_PROTOCOL, Some(request), done, stop);
+}
+
+fn ask(
     mut control: libp2p_stream::Control,
     peer: PeerId,
+    protocol: StreamProtocol,
+    request: Option<Bytes>,
     done: mpsc::UnboundedSender<Pulled>,
     stop: CancellationToken,
 ) {
     tokio::spawn(async move {
         let read = async {
-            let stream = control.open_stream(peer, PROTOCOL).await.map_err(|e| e.to_string())?;
+            let stream = control.open_stream(peer, protocol.clone()).await.map_err(|e| e.to_string())?;
             let mut frames = Framed::new(stream.compat(), codec());
-            let mut states = Vec::new();
-            while let Some(frame) = frames.next().await {
-                let frame = frame.map_err(|e| e.to_string())?;
-                if states.len() >= MAX_STATES {
-                    return Err(format!("more than {MAX_STATES} states"));
-                }
-                states.push(frame.freeze());
+            if let Some(request) = request {
+                frames.send(request).await.map_err(|e| e.to_string())?;
             }
-            Ok::<_, String>(states)
+            read_all(&mut frames).await
         };
         tokio::select! {
             () = stop.cancelled() => {}
@@ -159,8 +229,8 @@ pub fn pull(
                 Ok(Ok(states)) => {
                     let _ = done.send(Pulled { peer, states });
                 }
-                Ok(Err(err)) => tracing::debug!(%peer, error = %err, "pulling a state snapshot failed"),
-                Err(_) => tracing::debug!(%peer, "pulling a state snapshot timed out"),
+                Ok(Err(err)) => tracing::debug!(%peer, %protocol, error = %err, "asking for states failed"),
+                Err(_) => tracing::debug!(%peer, %protocol, "asking for states timed out"),
             },
         }
     });
@@ -169,6 +239,71 @@ pub fn pull(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use libp2p::swarm::SwarmEvent;
+    use libp2p::{Multiaddr, Swarm, noise, tcp, yamux};
+
+    fn swarm() -> Swarm<libp2p_stream::Behaviour> {
+        libp2p::SwarmBuilder::with_new_identity()
+            .with_tokio()
+            .with_tcp(tcp::Config::default(), noise::Config::new, yamux::Config::default)
+            .expect("transport")
+            .with_behaviour(|_| libp2p_stream::Behaviour::new())
+            .expect("behaviour")
+            .with_swarm_config(|c| c.with_idle_connection_timeout(Duration::from_secs(30)))
+            .build()
+    }
+
+    /// Drives `swarm` on its own task until `stop`; returns its address.
+    async fn drive(mut swarm: Swarm<libp2p_stream::Behaviour>, stop: CancellationToken) -> Multiaddr {
+        swarm.listen_on("/ip4/127.0.0.1/tcp/0".parse().expect("addr")).expect("listens");
+        let addr = loop {
+            if let SwarmEvent::NewListenAddr { address, .. } = swarm.select_next_some().await {
+                break address;
+            }
+        };
+        tokio::spawn(async move {
+            loop {
+                tokio::select! {
+                    () = stop.cancelled() => break,
+                    _ = swarm.select_next_some() => {}
+                }
+            }
+        });
+        addr
+    }
+
+    #[tokio::test]
+    async fn a_certificate_fetch_answers_with_the_states_asked_for_and_a_pull_with_the_live_ones() {
+        let stop = CancellationToken::new();
+        let (server, client) = (swarm(), swarm());
+        let (server_id, shelf) = (*server.local_peer_id(), Shelf::default());
+        shelf.put("a", Bytes::from_static(b"state of a"));
+        shelf.put("b", Bytes::from_static(b"state of b"));
+        shelf.set_alive("b", false);
+        let mut control = server.behaviour().new_control();
+        serve_certs(control.accept(CERTS_PROTOCOL).expect("accepts"), shelf.clone(), stop.child_token());
+        serve(control.accept(PROTOCOL).expect("accepts"), shelf, stop.child_token());
+        let server_addr = drive(server, stop.child_token()).await;
+        let client_control = client.behaviour().new_control();
+        let mut client = client;
+        client.dial(server_addr.with(libp2p::multiaddr::Protocol::P2p(server_id))).expect("dials");
+        drive(client, stop.child_token()).await;
+
+        let (done, mut answers) = mpsc::unbounded_channel();
+        let ask = |ids: &[&str]| ids.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        let wait = Duration::from_secs(10);
+        // A dead node's state is still served to a fetch: its certificate
+        // is what was asked for. Unknown ids are left out.
+        fetch_certs(client_control.clone(), server_id, ask(&["b", "nobody"]), done.clone(), stop.child_token());
+        let got = tokio::time::timeout(wait, answers.recv()).await.expect("answers in time").expect("answer");
+        assert_eq!(got.peer, server_id);
+        assert_eq!(got.states, vec![Bytes::from_static(b"state of b")]);
+        // A pull serves only the live.
+        pull(client_control, server_id, done, stop.child_token());
+        let got = tokio::time::timeout(wait, answers.recv()).await.expect("answers in time").expect("answer");
+        assert_eq!(got.states, vec![Bytes::from_static(b"state of a")]);
+        stop.cancel();
+    }
 
     #[test]
     fn the_shelf_serves_only_the_nodes_taken_for_alive() {

@@ -157,8 +157,9 @@ impl EventLoop {
         tracing::debug!(peer = %pulled.peer, states = pulled.states.len(), "pulled a state snapshot");
         let me = self.swarm.local_peer_id().to_string();
         for data in pulled.states {
-            self.take_state(None, data, Some(&me));
+            self.take_state(None, pulled.peer, data, Some(&me));
         }
+        self.retry_awaiting_certs();
     }
 
     /// Keeps `data` as the state served for `node_id`.

@@ -140,6 +140,10 @@ pub enum PkiError {
     /// The signed state does not hold together.
     #[error("{0}")]
     BadState(String),
+    /// A state without a certificate from a node whose certificate this
+    /// node does not hold yet: fetch it, then open the state again.
+    #[error("no certificate known for node {0}")]
+    CertUnknown(PeerId),
 }
 
 fn io_error(path: &Path, err: &std::io::Error) -> PkiError {
@@ -322,6 +326,9 @@ pub struct Trust {
     /// gossiped state carries its author's, and checking the chain each
     /// time cost a busy 100-node mesh more CPU than anything else.
     verified: std::sync::Mutex<HashMap<Fingerprint, (PeerId, Instant)>>,
+    /// The latest certificate each member's states came with: states on
+    /// gossip travel without one once the mesh has seen it.
+    members: std::sync::Mutex<HashMap<PeerId, Arc<[u8]>>>,
 }
 
 impl fmt::Debug for Trust {
@@ -373,6 +380,7 @@ impl Trust {
             enrolled: watch::Sender::new(false),
             provider: Arc::new(rustls::crypto::ring::default_provider()),
             verified: std::sync::Mutex::default(),
+            members: std::sync::Mutex::default(),
         });
         let Some(ca_der) = ca_der else {
             if trust.can_issue() {
@@ -681,35 +689,78 @@ impl Trust {
         Ok(author)
     }
 
-    /// Signs a state for gossip; `None` until enrolled.
-    pub fn sign_state(&self, state: &NodeState) -> Option<SignedNodeState> {
+    /// Signs a state for gossip; `None` until enrolled. With `with_cert`
+    /// false the state travels without this node's certificate (readers
+    /// that lack it fetch it).
+    pub fn sign_state(&self, state: &NodeState, with_cert: bool) -> Option<SignedNodeState> {
         let cert = self.cert.get()?;
         let bytes = state.encode_to_vec();
         let mut message = STATE_SIGNING_CONTEXT.to_vec();
         message.extend_from_slice(&bytes);
         let signature = self.keypair.sign(&message).ok()?;
-        Some(SignedNodeState { state: bytes, signature, cert: cert.to_vec() })
+        let cert = if with_cert { cert.to_vec() } else { Vec::new() };
+        Some(SignedNodeState { state: bytes, signature, cert })
     }
 
-    /// Checks a gossiped state: its certificate is a live member's, the
-    /// signature is by that certificate's key, and the state is about that
-    /// node and came from it (`source`, the gossip author).
+    /// Checks a gossiped state: its certificate (carried, or the one held
+    /// for its author) is a live member's, the signature is by that
+    /// certificate's key, and the state is about that node and came from
+    /// it (`source`, the gossip author). A carried certificate is kept
+    /// for the author's later states.
     pub fn open_state(&self, signed: &SignedNodeState, source: Option<PeerId>) -> Result<NodeState, PkiError> {
-        let author = self.verified_author(&signed.cert)?;
-        let mut message = STATE_SIGNING_CONTEXT.to_vec();
-        message.extend_from_slice(&signed.state);
-        if !ed25519_key_of(&CertificateDer::from(signed.cert.as_slice()))?.verify(&message, &signed.signature) {
-            return Err(PkiError::BadState("state signature does not verify".into()));
-        }
         let state =
             NodeState::decode(signed.state.as_slice()).map_err(|e| PkiError::BadState(format!("undecodable: {e}")))?;
+        let cert: Arc<[u8]> = if signed.cert.is_empty() {
+            let named = state.node_id.parse::<PeerId>().map_err(|e| PkiError::BadState(format!("node id: {e}")))?;
+            self.member_cert(&named).ok_or(PkiError::CertUnknown(named))?
+        } else {
+            Arc::from(signed.cert.as_slice())
+        };
+        let author = self.verified_author(&cert)?;
+        let mut message = STATE_SIGNING_CONTEXT.to_vec();
+        message.extend_from_slice(&signed.state);
+        if !ed25519_key_of(&CertificateDer::from(&cert[..]))?.verify(&message, &signed.signature) {
+            return Err(PkiError::BadState("state signature does not verify".into()));
+        }
         if state.node_id != author.to_string() {
             return Err(PkiError::BadState(format!("state names {} but is signed by {author}", state.node_id)));
         }
         if source.is_some_and(|s| s != author) {
             return Err(PkiError::BadState(format!("state of {author} published by another node")));
         }
+        if !signed.cert.is_empty() {
+            self.keep_member_cert(author, cert);
+        }
         Ok(state)
+    }
+
+    /// The certificate held for `node`'s states, if any.
+    pub fn member_cert(&self, node: &PeerId) -> Option<Arc<[u8]>> {
+        self.members.lock().ok().and_then(|members| members.get(node).cloned())
+    }
+
+    /// `signed` with its author's certificate attached if it came
+    /// without (what a snapshot or a certificate fetch serves).
+    pub fn with_cert(&self, mut signed: SignedNodeState, author: &PeerId) -> Option<SignedNodeState> {
+        if signed.cert.is_empty() {
+            signed.cert = self.member_cert(author)?.to_vec();
+        }
+        Some(signed)
+    }
+
+    fn keep_member_cert(&self, author: PeerId, cert: Arc<[u8]>) {
+        let Ok(mut members) = self.members.lock() else { return };
+        if members.len() >= VERIFIED_MAX && !members.contains_key(&author) {
+            // Far more members than a mesh has: forget revoked ones first,
+            // then any one, so a newcomer is never refused.
+            members.retain(|node, _| !self.is_revoked(&node.to_string()));
+            if members.len() >= VERIFIED_MAX
+                && let Some(any) = members.keys().next().copied()
+            {
+                members.remove(&any);
+            }
+        }
+        members.insert(author, cert);
     }
 }
 

@@ -46,7 +46,7 @@ fn the_certificate_survives_a_restart_and_needs_no_issuer() {
 fn a_revoked_node_is_refused_everywhere_its_certificate_is_checked() {
     let (_s, seed, _m, member) = seed_and_member();
     let cert = member.cert().expect("cert");
-    let signed = member.sign_state(&state_of(&member)).expect("signs");
+    let signed = member.sign_state(&state_of(&member), true).expect("signs");
     assert!(seed.open_state(&signed, Some(member.node_id())).is_ok());
     seed.set_revoked([member.node_id().to_string()].into());
     assert_eq!(seed.verify_member(&cert, &[], Usage::Client), Err(PkiError::Revoked(member.node_id().to_string())));
@@ -87,7 +87,7 @@ fn a_certificate_for_someone_elses_key_is_not_accepted_as_ours() {
 #[test]
 fn tampered_unsigned_or_misattributed_states_are_dropped() {
     let (_s, seed, _m, member) = seed_and_member();
-    let good = member.sign_state(&state_of(&member)).expect("signs");
+    let good = member.sign_state(&state_of(&member), true).expect("signs");
     assert_eq!(seed.open_state(&good, Some(member.node_id())).expect("opens").name, "n");
 
     let mut tampered = good.clone();
@@ -99,17 +99,45 @@ fn tampered_unsigned_or_misattributed_states_are_dropped() {
     assert!(seed.open_state(&SignedNodeState::default(), Some(member.node_id())).is_err());
 
     // A member speaking for the seed: its own certificate, the seed's id.
-    let impostor = member.sign_state(&state_of(&seed)).expect("signs");
+    let impostor = member.sign_state(&state_of(&seed), true).expect("signs");
     assert!(matches!(seed.open_state(&impostor, Some(member.node_id())), Err(PkiError::BadState(_))));
     // A valid state relayed under another author.
     assert!(matches!(seed.open_state(&good, Some(seed.node_id())), Err(PkiError::BadState(_))));
 }
 
 #[test]
+fn a_state_without_its_certificate_opens_once_the_authors_is_held() {
+    let (_s, seed, _m, member) = seed_and_member();
+    let bare = member.sign_state(&state_of(&member), false).expect("signs");
+    assert!(bare.cert.is_empty());
+    let unknown = seed.open_state(&bare, Some(member.node_id()));
+    assert_eq!(unknown, Err(PkiError::CertUnknown(member.node_id())));
+    assert!(seed.with_cert(bare.clone(), &member.node_id()).is_none(), "nothing to attach yet");
+
+    // One state with the certificate, and the bare ones open after it.
+    let full = member.sign_state(&state_of(&member), true).expect("signs");
+    seed.open_state(&full, Some(member.node_id())).expect("opens");
+    assert_eq!(seed.open_state(&bare, Some(member.node_id())).expect("opens").name, "n");
+    assert_eq!(seed.with_cert(bare.clone(), &member.node_id()), Some(full.clone()));
+
+    // The held certificate is still checked: revocation, tampering and
+    // another author's name all fail as they do with a carried one.
+    let mut tampered = bare.clone();
+    tampered.state = NodeState { name: "evil".into(), ..state_of(&member) }.encode_to_vec();
+    assert!(matches!(seed.open_state(&tampered, Some(member.node_id())), Err(PkiError::BadState(_))));
+    assert!(matches!(seed.open_state(&bare, Some(seed.node_id())), Err(PkiError::BadState(_))));
+    // A bare state naming the seed, signed by the member's key.
+    let impostor = member.sign_state(&state_of(&seed), false).expect("signs");
+    assert!(seed.open_state(&impostor, None).is_err());
+    seed.set_revoked([member.node_id().to_string()].into());
+    assert!(matches!(seed.open_state(&bare, Some(member.node_id())), Err(PkiError::Revoked(_))));
+}
+
+#[test]
 fn an_unenrolled_node_trusts_nobody_and_signs_nothing() {
     let dir = tempfile::tempdir().expect("tempdir");
     let lone = Trust::load(dir.path(), Keypair::generate_ed25519(), Some([7; 32])).expect("loads");
-    assert!(lone.sign_state(&state_of(&lone)).is_none());
+    assert!(lone.sign_state(&state_of(&lone), true).is_none());
     let (_s, _seed, _m, member) = seed_and_member();
     assert_eq!(lone.verify_member(&member.cert().expect("cert"), &[], Usage::Client), Err(PkiError::NotEnrolled));
 }
