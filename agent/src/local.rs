@@ -5,9 +5,10 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use bytes::Bytes;
 use futures::StreamExt;
 use llmesh_mesh::route::candidates::same_model;
-use llmesh_mesh::route::prefix::RecentPrefixes;
+use llmesh_mesh::route::prefix::{Held, RecentPrefixes};
 use llmesh_mesh::route::{LocalBackend, LocalCapacity};
 use llmesh_mesh::{InferenceRequest, InferenceResponse, RequestHandler, RequestMeta, ServeError};
 
@@ -165,9 +166,8 @@ impl LocalNode {
             return self.manage(req).await;
         }
         self.check_model(&req.meta.model).await?;
-        if let Some(turn) = req.meta.turn() {
-            self.recent_prefixes.record(turn);
-        }
+        let turn = req.meta.turn();
+        let held = turn.and_then(|turn| Some((self.recent_prefixes.record(turn)?, turn.depth)));
         let budget = req
             .deadline
             .map(|d| d.saturating_duration_since(Instant::now()).min(self.response_timeout))
@@ -194,10 +194,16 @@ impl LocalNode {
         // The request counts as in flight until its body is finished or
         // dropped; a streamed body also yields a decode-speed sample.
         let mut meter = DecodeMeter::new(self.load.clone(), &req.meta.model, &response.content_type);
+        // The backend's usage (in the body's last bytes) says whether it
+        // still held the conversation this node took for cached.
+        let mut cache = held.map(|(held, depth)| CacheCheck::new(self.recent_prefixes.clone(), held, depth));
         response.body = Box::pin(response.body.map(move |chunk| {
             let _held = &in_flight;
             if let Ok(bytes) = &chunk {
                 meter.observe(bytes);
+                if let Some(cache) = &mut cache {
+                    cache.observe(bytes);
+                }
             }
             chunk
         }));
@@ -231,6 +237,58 @@ impl LocalBackend for LocalNode {
     fn waiting(&self, model: &str) -> Box<dyn Send + Sync> {
         Box::new(self.load.enqueue(model))
     }
+}
+
+/// Reads the backend's reported cache use from the end of a response body
+/// (the usage of an OpenAI-style response or last stream event:
+/// `prompt_tokens` and `cached_tokens`) and tells [`RecentPrefixes`]
+/// whether the conversation it took for cached was.
+struct CacheCheck {
+    recent: Arc<RecentPrefixes>,
+    held: Held,
+    depth: u32,
+    /// The last two chunks: usage sits in the last event or at the end of
+    /// the document, possibly across a chunk boundary.
+    tail: [Bytes; 2],
+}
+
+impl CacheCheck {
+    fn new(recent: Arc<RecentPrefixes>, held: Held, depth: u32) -> CacheCheck {
+        CacheCheck { recent, held, depth, tail: Default::default() }
+    }
+
+    fn observe(&mut self, chunk: &Bytes) {
+        self.tail = [std::mem::take(&mut self.tail[1]), chunk.clone()];
+    }
+}
+
+impl Drop for CacheCheck {
+    fn drop(&mut self) {
+        let tail = [self.tail[0].as_ref(), self.tail[1].as_ref()].concat();
+        if let Some((prompt, cached)) = reported_cache_use(&tail) {
+            self.recent.observe_cache(self.held, self.depth, prompt, cached);
+        }
+    }
+}
+
+/// `(prompt tokens, cached prompt tokens)` from the end of a response:
+/// OpenAI usage (`prompt_tokens`, `cached_tokens`: llama-server, vLLM and
+/// SGLang report it), else llama-server's timings (`prompt_n` evaluated
+/// plus `cache_n` reused), which its streams carry without usage. Ollama
+/// reports no cache use.
+fn reported_cache_use(tail: &[u8]) -> Option<(u32, u32)> {
+    let number_after = |key: &[u8]| -> Option<u32> {
+        let at = tail.windows(key.len()).rposition(|w| w == key)? + key.len();
+        let rest = &tail[at..];
+        let start = rest.iter().position(|b| !b.is_ascii_whitespace())?;
+        let digits = rest[start..].iter().take_while(|b| b.is_ascii_digit()).count();
+        std::str::from_utf8(&rest[start..start + digits]).ok()?.parse().ok()
+    };
+    if let (Some(prompt), Some(cached)) = (number_after(b"\"prompt_tokens\":"), number_after(b"\"cached_tokens\":")) {
+        return Some((prompt, cached));
+    }
+    let (evaluated, cached) = (number_after(b"\"prompt_n\":")?, number_after(b"\"cache_n\":")?);
+    Some((evaluated.saturating_add(cached), cached))
 }
 
 /// Estimates decode speed from a streamed body: one SSE event or NDJSON
@@ -278,5 +336,25 @@ impl Drop for DecodeMeter {
         if tokens >= 4 && span > 0.0 {
             self.load.record_decode(&self.model, tokens.saturating_sub(1) as f64 / span);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::reported_cache_use;
+
+    #[test]
+    fn cache_use_comes_from_openai_usage_or_llama_server_timings() {
+        let usage = br#"{"choices":[],"usage":{"completion_tokens":5,"prompt_tokens":25,"total_tokens":30,"prompt_tokens_details":{"cached_tokens":17}}}"#;
+        assert_eq!(reported_cache_use(usage), Some((25, 17)));
+        // llama-server's last stream event has timings, not usage.
+        let stream = b"data: {\"choices\":[],\"timings\":{\"cache_n\":30,\"prompt_n\":1,\"prompt_ms\":10.6}}\n\ndata: [DONE]\n\n";
+        assert_eq!(reported_cache_use(stream), Some((31, 30)));
+        // Spaces after the colon (another server's JSON writer).
+        assert_eq!(reported_cache_use(br#"{"prompt_tokens": 9, "cached_tokens": 4}"#), Some((9, 4)));
+        // Ollama: token counts without cache use.
+        assert_eq!(reported_cache_use(br#"{"done":true,"prompt_eval_count":25,"eval_count":5}"#), None);
+        assert_eq!(reported_cache_use(br#"{"usage":{"prompt_tokens":25}}"#), None);
+        assert_eq!(reported_cache_use(b""), None);
     }
 }

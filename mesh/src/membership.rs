@@ -979,17 +979,20 @@ impl EventLoop {
             .collect()
     }
 
+    /// A peer in `liveness` this node is connected to, if any.
+    pub(super) fn connected_in(&self, liveness: Liveness) -> Option<PeerId> {
+        self.table
+            .entries()
+            .filter(|e| e.liveness == liveness)
+            .filter_map(|e| e.state.node_id.parse::<PeerId>().ok())
+            .find(|p| self.swarm.is_connected(p))
+    }
+
     /// Dials a few peers taken for dead, in turn, at the addresses their
     /// last state gave: one that answers is across a healed partition.
     fn dial_dead(&mut self) {
         // Dead yet connected: this node missed the news that revived it.
-        let connected = self
-            .table
-            .entries()
-            .filter(|e| e.liveness == Liveness::Dead)
-            .filter_map(|e| e.state.node_id.parse::<PeerId>().ok())
-            .find(|p| self.swarm.is_connected(p));
-        if let Some(peer) = connected {
+        if let Some(peer) = self.connected_in(Liveness::Dead) {
             self.pull_soon(peer, Instant::now());
         }
         let mut dead = self.dialable(Liveness::Dead);

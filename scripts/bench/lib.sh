@@ -6,6 +6,7 @@ OHA_VERSION=1.16.0
 as_root() { if [ "$(id -u)" = 0 ]; then "$@"; else sudo "$@"; fi; }
 
 # Installs oha (and nginx when asked) if missing, builds the release binary.
+# `bench_setup no-oha`: a benchmark that sends no HTTP load skips oha.
 bench_setup() {
   export PATH="$HOME/.cargo/bin:$PATH"
   if [ "${1:-}" = nginx ] && ! command -v nginx >/dev/null && [ ! -x /usr/sbin/nginx ]; then
@@ -13,7 +14,7 @@ bench_setup() {
     as_root apt-get update -qq
     DEBIAN_FRONTEND=noninteractive as_root apt-get install -y -qq nginx-light >/dev/null
   fi
-  if ! command -v oha >/dev/null; then
+  if [ "${1:-}" != no-oha ] && ! command -v oha >/dev/null; then
     echo "==> installing oha $OHA_VERSION (cargo install; a few minutes, once)"
     cargo install --locked --quiet oha --version "$OHA_VERSION"
   fi

@@ -138,6 +138,11 @@ pub struct LoadView {
     /// rates divide by the node's own time, not by gossip's delays.
     #[serde(default)]
     pub sampled_at_ms: i64,
+    /// Conversations whose KV cache it is taken to hold (the prefix keys
+    /// it gossips: those it served lately, as many as its backend's
+    /// reported cache hits say the backend keeps).
+    #[serde(default)]
+    pub cached_conversations: usize,
     /// Per model.
     pub models: Vec<ModelLoadView>,
 }
@@ -215,6 +220,7 @@ impl NodeView {
                 tokens_out_total: state.tokens_out_total,
                 ttft_ms_histogram: state.ttft_ms_histogram.clone(),
                 sampled_at_ms: state.timestamp_ms,
+                cached_conversations: state.recent_prefixes.len(),
                 models: per_model,
             },
             draining: state.draining,

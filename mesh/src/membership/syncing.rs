@@ -61,12 +61,7 @@ impl EventLoop {
         }
         // A member this node already knows alive, else any connection
         // (at first, the bootstrap peer).
-        let alive = self
-            .table
-            .entries()
-            .filter(|e| e.liveness == Liveness::Alive)
-            .filter_map(|e| e.state.node_id.parse::<PeerId>().ok())
-            .find(|p| self.swarm.is_connected(p));
+        let alive = self.connected_in(Liveness::Alive);
         let Some(peer) = alive.or_else(|| self.swarm.connected_peers().next().copied()) else { return };
         self.sync.start_pulls += 1;
         self.pull_from(peer, now);
