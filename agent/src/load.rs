@@ -21,6 +21,8 @@ struct ModelStats {
     samples: u64,
     decode_ewma: f64,
     decode_samples: u64,
+    prefill_ewma: f64,
+    prefill_samples: u64,
 }
 
 fn ewma(current: f64, samples: u64, sample: f64) -> f64 {
@@ -89,6 +91,19 @@ impl LoadTracker {
         stats.decode_samples += 1;
     }
 
+    /// Records a prompt evaluation speed (request-body bytes of uncached
+    /// prompt per second) the backend reported or the response's timing
+    /// showed.
+    pub fn record_prefill(&self, model: &str, bytes_per_s: f64) {
+        if !bytes_per_s.is_finite() || bytes_per_s <= 0.0 {
+            return;
+        }
+        let mut models = self.models.lock().unwrap_or_else(PoisonError::into_inner);
+        let stats = models.entry(model.to_string()).or_default();
+        stats.prefill_ewma = ewma(stats.prefill_ewma, stats.prefill_samples, bytes_per_s);
+        stats.prefill_samples += 1;
+    }
+
     /// Requests in flight on this node.
     pub fn in_flight(&self) -> u32 {
         self.in_flight.load(Ordering::Relaxed)
@@ -110,6 +125,7 @@ impl LoadTracker {
                 decode_tokens_per_s_ewma: s.decode_ewma,
                 in_flight: s.in_flight,
                 queued: s.queued,
+                prefill_bytes_per_s_ewma: s.prefill_ewma,
             })
             .collect();
         out.sort_by(|a, b| a.model.cmp(&b.model));

@@ -167,7 +167,7 @@ impl LocalNode {
         }
         self.check_model(&req.meta.model).await?;
         let turn = req.meta.turn();
-        let held = turn.and_then(|turn| Some((self.recent_prefixes.record(turn)?, turn.depth)));
+        let held = turn.and_then(|turn| Some((self.recent_prefixes.record(turn, &req.meta.model)?, turn.depth)));
         let budget = req
             .deadline
             .map(|d| d.saturating_duration_since(Instant::now()).min(self.response_timeout))
@@ -190,19 +190,31 @@ impl LocalNode {
             let body = std::mem::replace(&mut response.body, Box::pin(futures::stream::empty()));
             response.body = watch.watch_body(body);
         }
-        self.load.record_ttft(&req.meta.model, started.elapsed());
+        let head_after = started.elapsed();
+        self.load.record_ttft(&req.meta.model, head_after);
         // The request counts as in flight until its body is finished or
         // dropped; a streamed body also yields a decode-speed sample.
         let mut meter = DecodeMeter::new(self.load.clone(), &req.meta.model, &response.content_type);
         // The backend's usage (in the body's last bytes) says whether it
-        // still held the conversation this node took for cached.
-        let mut cache = held.map(|(held, depth)| CacheCheck::new(self.recent_prefixes.clone(), held, depth));
+        // still held the conversation this node took for cached, and how
+        // fast it evaluates prompts. A tiny prompt says neither: its time
+        // is the request's overheads (and small requests skip the work).
+        let mut usage = (held.is_some() || req.body.len() >= USAGE_METER_MIN_BODY).then(|| UsageMeter {
+            recent: self.recent_prefixes.clone(),
+            load: self.load.clone(),
+            model: req.meta.model.clone(),
+            held,
+            body_len: req.body.len(),
+            // A stream's head comes with its first token.
+            first_token: meter.is_stream().then_some(head_after),
+            tail: Default::default(),
+        });
         response.body = Box::pin(response.body.map(move |chunk| {
             let _held = &in_flight;
             if let Ok(bytes) = &chunk {
                 meter.observe(bytes);
-                if let Some(cache) = &mut cache {
-                    cache.observe(bytes);
+                if let Some(usage) = &mut usage {
+                    usage.observe(bytes);
                 }
             }
             chunk
@@ -226,6 +238,7 @@ impl LocalBackend for LocalNode {
             loaded: entry.loaded.is_some(),
             ttft_ms: stats.as_ref().map(|s| s.ttft_ewma_ms).filter(|t| *t > 0.0),
             decode_tps: stats.as_ref().map(|s| s.decode_tokens_per_s_ewma).filter(|t| *t > 0.0),
+            prefill_bps: stats.as_ref().map(|s| s.prefill_bytes_per_s_ewma).filter(|t| *t > 0.0),
             held_depth: prefix.and_then(|key| self.recent_prefixes.depth(key)),
         })
     }
@@ -239,36 +252,78 @@ impl LocalBackend for LocalNode {
     }
 }
 
-/// Reads the backend's reported cache use from the end of a response body
-/// (the usage of an OpenAI-style response or last stream event:
-/// `prompt_tokens` and `cached_tokens`) and tells [`RecentPrefixes`]
-/// whether the conversation it took for cached was.
-struct CacheCheck {
+/// Requests with a body at least this long (or continuing a conversation)
+/// have their usage read: below it a prompt's evaluation is too short to
+/// time.
+const USAGE_METER_MIN_BODY: usize = 512;
+/// Uncached prompt tokens a prompt evaluation sample needs: fewer, and
+/// the time to first token is mostly the request's own overheads.
+const MIN_PREFILL_SAMPLE_TOKENS: u32 = 64;
+
+/// Reads what the backend reports at the end of a response (OpenAI usage,
+/// or llama-server's timings): whether it still held the conversation
+/// this node took for cached (see [`RecentPrefixes::observe_cache`]), and
+/// how fast it evaluates prompts, in request-body bytes per second (what
+/// a conversation's cache is worth here; gossiped).
+struct UsageMeter {
     recent: Arc<RecentPrefixes>,
-    held: Held,
-    depth: u32,
+    load: Arc<LoadTracker>,
+    model: String,
+    /// Where the conversation stood here, and this turn's depth.
+    held: Option<(Held, u32)>,
+    body_len: usize,
+    /// Time to the first token, when the response head carried it (a
+    /// stream).
+    first_token: Option<Duration>,
     /// The last two chunks: usage sits in the last event or at the end of
     /// the document, possibly across a chunk boundary.
     tail: [Bytes; 2],
 }
 
-impl CacheCheck {
-    fn new(recent: Arc<RecentPrefixes>, held: Held, depth: u32) -> CacheCheck {
-        CacheCheck { recent, held, depth, tail: Default::default() }
-    }
-
+impl UsageMeter {
     fn observe(&mut self, chunk: &Bytes) {
         self.tail = [std::mem::take(&mut self.tail[1]), chunk.clone()];
     }
-}
 
-impl Drop for CacheCheck {
-    fn drop(&mut self) {
-        let tail = [self.tail[0].as_ref(), self.tail[1].as_ref()].concat();
-        if let Some((prompt, cached)) = reported_cache_use(&tail) {
-            self.recent.observe_cache(self.held, self.depth, prompt, cached);
+    /// Prompt evaluation speed in request-body bytes per second: the
+    /// backend's own figure (llama-server's `prompt_per_second`), else the
+    /// uncached prompt over the time to first token.
+    fn prefill_rate(&self, tail: &[u8], prompt: u32, cached: u32) -> Option<f64> {
+        let uncached = prompt.saturating_sub(cached);
+        if prompt == 0 || uncached < MIN_PREFILL_SAMPLE_TOKENS {
+            return None;
+        }
+        let bytes_per_token = self.body_len as f64 / f64::from(prompt);
+        match reported_number(tail, b"\"prompt_per_second\":") {
+            Some(tokens_per_s) => Some(tokens_per_s * bytes_per_token),
+            None => {
+                let ttft = self.first_token?.as_secs_f64();
+                (ttft > 0.0).then(|| f64::from(uncached) * bytes_per_token / ttft)
+            }
         }
     }
+}
+
+impl Drop for UsageMeter {
+    fn drop(&mut self) {
+        let tail = [self.tail[0].as_ref(), self.tail[1].as_ref()].concat();
+        let Some((prompt, cached)) = reported_cache_use(&tail) else { return };
+        if let Some((held, depth)) = self.held {
+            self.recent.observe_cache(held, depth, prompt, cached);
+        }
+        if let Some(rate) = self.prefill_rate(&tail, prompt, cached) {
+            self.load.record_prefill(&self.model, rate);
+        }
+    }
+}
+
+/// The number after the last `key` in `tail` (JSON, maybe spaced).
+fn reported_number(tail: &[u8], key: &[u8]) -> Option<f64> {
+    let at = tail.windows(key.len()).rposition(|w| w == key)? + key.len();
+    let rest = &tail[at..];
+    let start = rest.iter().position(|b| !b.is_ascii_whitespace())?;
+    let len = rest[start..].iter().take_while(|b| b.is_ascii_digit() || b".eE+-".contains(b)).count();
+    std::str::from_utf8(&rest[start..start + len]).ok()?.parse().ok().filter(|n: &f64| n.is_finite() && *n >= 0.0)
 }
 
 /// `(prompt tokens, cached prompt tokens)` from the end of a response:
@@ -277,12 +332,10 @@ impl Drop for CacheCheck {
 /// plus `cache_n` reused), which its streams carry without usage. Ollama
 /// reports no cache use.
 fn reported_cache_use(tail: &[u8]) -> Option<(u32, u32)> {
+    // Token counts: whole numbers within u32.
     let number_after = |key: &[u8]| -> Option<u32> {
-        let at = tail.windows(key.len()).rposition(|w| w == key)? + key.len();
-        let rest = &tail[at..];
-        let start = rest.iter().position(|b| !b.is_ascii_whitespace())?;
-        let digits = rest[start..].iter().take_while(|b| b.is_ascii_digit()).count();
-        std::str::from_utf8(&rest[start..start + digits]).ok()?.parse().ok()
+        let n = reported_number(tail, key)?;
+        (n.fract() == 0.0 && n <= f64::from(u32::MAX)).then_some(n as u32)
     };
     if let (Some(prompt), Some(cached)) = (number_after(b"\"prompt_tokens\":"), number_after(b"\"cached_tokens\":")) {
         return Some((prompt, cached));
@@ -316,6 +369,12 @@ impl DecodeMeter {
         DecodeMeter { load, model: model.to_string(), newlines_per_token, newlines: 0, first: None, last: None }
     }
 
+    /// Whether the body streams (SSE or NDJSON): its head came with the
+    /// first token.
+    fn is_stream(&self) -> bool {
+        self.newlines_per_token > 0
+    }
+
     fn observe(&mut self, bytes: &[u8]) {
         if self.newlines_per_token == 0 {
             return;
@@ -341,7 +400,7 @@ impl Drop for DecodeMeter {
 
 #[cfg(test)]
 mod tests {
-    use super::reported_cache_use;
+    use super::{reported_cache_use, reported_number};
 
     #[test]
     fn cache_use_comes_from_openai_usage_or_llama_server_timings() {
@@ -356,5 +415,14 @@ mod tests {
         assert_eq!(reported_cache_use(br#"{"done":true,"prompt_eval_count":25,"eval_count":5}"#), None);
         assert_eq!(reported_cache_use(br#"{"usage":{"prompt_tokens":25}}"#), None);
         assert_eq!(reported_cache_use(b""), None);
+        assert_eq!(reported_cache_use(br#"{"prompt_tokens":-3,"cached_tokens":1.5}"#), None);
+    }
+
+    #[test]
+    fn llama_servers_prompt_speed_is_read_as_a_number() {
+        let timings = br#""timings":{"cache_n":0,"prompt_n":31,"prompt_ms":115.769,"prompt_per_second":267.7746201487445,"predicted_n":3}"#;
+        assert_eq!(reported_number(timings, b"\"prompt_per_second\":"), Some(267.7746201487445));
+        assert_eq!(reported_number(br#"{"prompt_per_second":2.5e3}"#, b"\"prompt_per_second\":"), Some(2500.0));
+        assert_eq!(reported_number(br#"{"prompt_per_second":null}"#, b"\"prompt_per_second\":"), None);
     }
 }

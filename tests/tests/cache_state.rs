@@ -81,3 +81,34 @@ async fn a_backend_that_keeps_every_conversation_is_credited_with_all() {
     tokio::time::sleep(Duration::from_secs(2)).await;
     assert_eq!(claimed(&node).await, 12);
 }
+
+#[tokio::test]
+async fn a_node_measures_how_fast_its_backend_evaluates_prompts() {
+    // 2000 prompt tokens a second: a 400-word prompt takes 0.2 s to read.
+    let backend = sim(&["--prompt-tps", "2000", "--decode-tps", "1000"]).await;
+    let node = agent(&backend.url, &[]).await;
+    let words = "word ".repeat(400);
+    let body = json!({ "model": "qwen2.5:7b", "max_tokens": 4, "stream": true,
+        "stream_options": { "include_usage": true },
+        "messages": [{ "role": "user", "content": words }] });
+    let sent = serde_json::to_vec(&body).expect("json").len() as f64;
+    let response = client().post(format!("{}/v1/chat/completions", node.url)).json(&body).send().await.expect("POST");
+    assert_eq!(response.status(), 200);
+    let text = response.text().await.expect("stream");
+    let prompt = text
+        .lines()
+        .filter_map(|l| l.strip_prefix("data: "))
+        .filter_map(|d| serde_json::from_str::<Value>(d).ok())
+        .find_map(|event| event["usage"]["prompt_tokens"].as_f64())
+        .expect("usage in the stream");
+    // What the sim's speed is in request bytes: its tokens are words.
+    let truth = 2000.0 * sent / prompt;
+    let measured = || async {
+        let view = get_json(&format!("{}/mesh/v1/nodes", node.url)).await;
+        view["nodes"][0]["load"]["models"][0]["prefill_bytes_per_s_ewma"].as_f64().unwrap_or(0.0)
+    };
+    eventually("a prompt evaluation speed", || async { measured().await > 0.0 }).await;
+    let rate = measured().await;
+    // The time to first token also holds the request's own overheads.
+    assert!(rate > truth * 0.5 && rate < truth * 1.1, "measured {rate:.0} B/s, the sim reads {truth:.0} B/s");
+}

@@ -139,8 +139,8 @@ pub struct LoadView {
     #[serde(default)]
     pub sampled_at_ms: i64,
     /// Conversations whose KV cache it is taken to hold (the prefix keys
-    /// it gossips: those it served lately, as many as its backend's
-    /// reported cache hits say the backend keeps).
+    /// it gossips: those it served lately, less those its backend's
+    /// reported cache use showed evicted).
     #[serde(default)]
     pub cached_conversations: usize,
     /// Per model.
@@ -160,6 +160,10 @@ pub struct ModelLoadView {
     pub ttft_ewma_ms: f64,
     /// Moving average of decode speed.
     pub decode_tokens_per_s_ewma: f64,
+    /// Moving average of prompt evaluation speed, in request-body bytes of
+    /// uncached prompt per second (0: not measured).
+    #[serde(default)]
+    pub prefill_bytes_per_s_ewma: f64,
 }
 
 impl NodeView {
@@ -196,6 +200,7 @@ impl NodeView {
                 queued: m.queued,
                 ttft_ewma_ms: m.ttft_ewma_ms,
                 decode_tokens_per_s_ewma: m.decode_tokens_per_s_ewma,
+                prefill_bytes_per_s_ewma: m.prefill_bytes_per_s_ewma,
             })
             .collect();
         NodeView {

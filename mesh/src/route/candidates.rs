@@ -33,6 +33,9 @@ pub struct LocalCapacity {
     pub ttft_ms: Option<f64>,
     /// Its average decode speed for the model.
     pub decode_tps: Option<f64>,
+    /// Its average prompt evaluation speed for the model (request-body
+    /// bytes of uncached prompt per second).
+    pub prefill_bps: Option<f64>,
     /// How deep this conversation got here lately (see
     /// [`super::prefix::Turn`]); `None` when it did not serve it.
     pub held_depth: Option<u32>,
@@ -89,6 +92,7 @@ pub fn build(model: &str, prefix: Option<u64>, sources: &Sources<'_>) -> Vec<Can
             loaded: local.loaded,
             ttft_ms: local.ttft_ms,
             decode_tps: local.decode_tps,
+            prefill_bps: local.prefill_bps,
             rtt_ms: 0.0,
             held_depth: local.held_depth,
         });
@@ -142,6 +146,7 @@ fn peer_candidate(
         loaded: info.loaded,
         ttft_ms: stats.map(|s| s.ttft_ewma_ms).filter(|t| *t > 0.0),
         decode_tps: stats.map(|s| s.decode_tokens_per_s_ewma).filter(|t| *t > 0.0),
+        prefill_bps: stats.map(|s| s.prefill_bytes_per_s_ewma).filter(|t| *t > 0.0),
         // Not measured yet: filled in by `build` from the measured peers.
         rtt_ms: (sources.rtt)(&state.node_id).map_or(f64::INFINITY, |d| d.as_secs_f64() * 1000.0),
         // A node that predates the depths holds the conversation at an
@@ -285,8 +290,15 @@ pub(crate) mod tests {
         let peers = [p];
         let rtt = |_: &str| Some(Duration::from_millis(4));
         let outstanding = |id: &str| if id == "p" { 1 } else { 0 };
-        let local =
-            LocalCapacity { slots: 1, in_flight: 0, loaded: false, ttft_ms: None, decode_tps: None, held_depth: None };
+        let local = LocalCapacity {
+            slots: 1,
+            in_flight: 0,
+            loaded: false,
+            ttft_ms: None,
+            decode_tps: None,
+            prefill_bps: None,
+            held_depth: None,
+        };
         let s = Sources { local: Some(local), rtt: &rtt, outstanding: &outstanding, ..sources(&peers, None) };
         let candidates = build("m", Some(9), &s);
         assert_eq!(candidates.len(), 2);

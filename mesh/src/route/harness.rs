@@ -218,6 +218,7 @@ impl Cluster {
             loaded: true,
             ttft_ms: None,
             decode_tps: None,
+            prefill_bps: None,
             held_depth: node.prefixes.iter().find(|(key, _)| Some(*key) == prefix).map(|(_, depth)| *depth),
         });
         let mut peers: Vec<(usize, PeerSnapshot)> = node.view.iter().map(|(i, p)| (*i, p.clone())).collect();

@@ -54,107 +54,110 @@ pub struct Turn {
 }
 
 /// The prefix keys this node served most recently, newest last, each with
-/// the deepest turn of it served here, and how many of them the backend
-/// is measured to keep cached.
-#[derive(Debug)]
+/// the deepest turn of it served here; what the backend reports about its
+/// cache removes those it no longer holds.
+#[derive(Debug, Default)]
 pub struct RecentPrefixes(Mutex<Recent>);
 
-#[derive(Debug)]
+#[derive(Debug, Default)]
 struct Recent {
-    keys: VecDeque<(u64, u32)>,
-    /// How many of the newest conversations the backend still holds, as
-    /// its reported cache hits say (see [`RecentPrefixes::observe_cache`]);
-    /// [`RECENT_PREFIXES`] until a backend reports any.
-    retained: f64,
+    /// Newest last.
+    entries: VecDeque<Entry>,
+    /// Counts records: an entry's `at` orders entries by last use.
+    records: u64,
 }
 
-impl Default for RecentPrefixes {
-    fn default() -> RecentPrefixes {
-        RecentPrefixes(Mutex::new(Recent { keys: VecDeque::new(), retained: RECENT_PREFIXES as f64 }))
-    }
+#[derive(Debug, Clone, Copy)]
+struct Entry {
+    key: u64,
+    depth: u32,
+    /// Which model's cache holds it (a hash of the name).
+    model: u64,
+    /// When it was last served here (see [`Recent::records`]).
+    at: u64,
 }
 
-/// Where a conversation stood here when its next turn came: how many
-/// conversations were served since (0: it was the newest) and how deep it
-/// had got. What the backend then reports as cached says whether it still
-/// held it.
+/// Where a conversation stood here when its next turn came. What the
+/// backend then reports as cached says whether it still held it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Held {
-    /// Conversations served here since this one's last turn.
-    pub rank: usize,
     /// The deepest turn of it served here (request bytes).
     pub depth: u32,
+    model: u64,
+    /// When it was last served here.
+    at: u64,
 }
 
-/// The fewest conversations taken for retained, whatever the misses say:
-/// a backend keeps at least the one it just served.
-const MIN_RETAINED: f64 = 2.0;
+fn model_tag(model: &str) -> u64 {
+    PrefixKey::new(model).finish()
+}
 
 impl RecentPrefixes {
-    /// Notes that this node just served `turn`; returns where the
-    /// conversation stood before, if it was among the recent ones.
-    pub fn record(&self, turn: Turn) -> Option<Held> {
+    /// Notes that this node just served `turn` with `model`; returns where
+    /// the conversation stood before, if it was among the recent ones.
+    pub fn record(&self, turn: Turn, model: &str) -> Option<Held> {
         let mut recent = self.0.lock().unwrap_or_else(PoisonError::into_inner);
-        let keys = &mut recent.keys;
+        recent.records += 1;
+        let (at, model) = (recent.records, model_tag(model));
+        let entries = &mut recent.entries;
         let mut depth = turn.depth;
         let mut held = None;
-        if let Some(at) = keys.iter().position(|(k, _)| *k == turn.key) {
-            let before = keys.remove(at).map_or(0, |(_, d)| d);
-            held = Some(Held { rank: keys.len() - at, depth: before });
-            // The backend's cache still holds the deeper turn too.
-            depth = depth.max(before);
-        } else if keys.len() == RECENT_PREFIXES {
-            keys.pop_front();
+        if let Some(i) = entries.iter().position(|e| e.key == turn.key) {
+            let before = entries.remove(i);
+            if let Some(before) = before {
+                held = Some(Held { depth: before.depth, model: before.model, at: before.at });
+                // The backend's cache still holds the deeper turn too.
+                depth = depth.max(before.depth);
+            }
+        } else if entries.len() == RECENT_PREFIXES {
+            entries.pop_front();
         }
-        keys.push_back((turn.key, depth));
+        entries.push_back(Entry { key: turn.key, depth, model, at });
         held
     }
 
     /// What the backend reported for a turn `depth` bytes deep of a
     /// conversation that stood at `held`: `cached` of its `prompt` tokens
-    /// came from its cache. A hit this far back says the backend keeps at
-    /// least that many conversations; a miss nearer than the current
-    /// estimate halves the distance to it. Turns that add most of their
-    /// prompt anew say nothing either way.
+    /// came from its cache. A turn that was mostly the earlier one's
+    /// prompt but found little of it cached shows the conversation was
+    /// evicted, and with it every conversation of that model served
+    /// before it (caches evict the least recently used first; a model
+    /// unloaded loses all): they are no longer claimed. Turns that add
+    /// most of their prompt anew say nothing.
     pub fn observe_cache(&self, held: Held, depth: u32, prompt: u32, cached: u32) {
         if prompt == 0 || depth == 0 || held.depth == 0 {
             return;
         }
         // The share of this prompt the earlier turn already was.
         let expected = (f64::from(held.depth) / f64::from(depth)).min(1.0);
-        if expected < 0.5 {
+        if expected < 0.5 || f64::from(cached) / f64::from(prompt) >= expected * 0.6 {
             return;
         }
-        let hit = f64::from(cached) / f64::from(prompt) >= expected * 0.6;
         let mut recent = self.0.lock().unwrap_or_else(PoisonError::into_inner);
-        let rank = held.rank as f64;
-        if hit {
-            recent.retained = recent.retained.max(rank + 1.0).min(RECENT_PREFIXES as f64);
-        } else if rank < recent.retained {
-            recent.retained = ((recent.retained + rank) / 2.0).max(MIN_RETAINED);
-        }
+        recent.entries.retain(|e| e.model != held.model || e.at > held.at);
     }
 
-    /// How many of the newest conversations are taken for still cached.
-    pub fn retained(&self) -> usize {
-        let recent = self.0.lock().unwrap_or_else(PoisonError::into_inner);
-        (recent.retained.ceil() as usize).min(recent.keys.len())
+    /// How many conversations this node claims to hold.
+    pub fn len(&self) -> usize {
+        self.0.lock().unwrap_or_else(PoisonError::into_inner).entries.len()
+    }
+
+    /// Whether it claims none.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
     }
 
     /// How deep the conversation `key` got here, if it is among the recent
-    /// ones the backend is taken to hold.
+    /// ones.
     pub fn depth(&self, key: u64) -> Option<u32> {
         let recent = self.0.lock().unwrap_or_else(PoisonError::into_inner);
-        let keep = recent.retained.ceil() as usize;
-        recent.keys.iter().rev().take(keep).find(|(k, _)| *k == key).map(|(_, d)| *d)
+        recent.entries.iter().find(|e| e.key == key).map(|e| e.depth)
     }
 
-    /// The keys the backend is taken to hold and their depths (same
-    /// order, newest last), for gossip.
+    /// The keys and their depths (same order, newest last), for gossip.
     pub fn snapshot(&self) -> (Vec<u64>, Vec<u32>) {
         let recent = self.0.lock().unwrap_or_else(PoisonError::into_inner);
-        let skip = recent.keys.len().saturating_sub(recent.retained.ceil() as usize);
-        recent.keys.iter().skip(skip).copied().unzip()
+        recent.entries.iter().map(|e| (e.key, e.depth)).unzip()
     }
 }
 
@@ -174,10 +177,10 @@ mod tests {
     fn recent_prefixes_keep_the_newest_distinct_keys_at_their_deepest() {
         let recent = RecentPrefixes::default();
         for key in 0..(RECENT_PREFIXES as u64 + 5) {
-            recent.record(Turn { key, depth: 100 });
+            recent.record(Turn { key, depth: 100 }, "m");
         }
-        recent.record(Turn { key: 10, depth: 300 });
-        recent.record(Turn { key: 10, depth: 200 });
+        recent.record(Turn { key: 10, depth: 300 }, "m");
+        recent.record(Turn { key: 10, depth: 200 }, "m");
         let (keys, depths) = recent.snapshot();
         assert_eq!((keys.len(), depths.len()), (RECENT_PREFIXES, RECENT_PREFIXES));
         assert_eq!((keys.last(), depths.last()), (Some(&10), Some(&300)));
@@ -188,45 +191,42 @@ mod tests {
     #[test]
     fn a_turn_reports_where_its_conversation_stood() {
         let recent = RecentPrefixes::default();
-        assert_eq!(recent.record(Turn { key: 1, depth: 100 }), None);
-        recent.record(Turn { key: 2, depth: 100 });
-        recent.record(Turn { key: 3, depth: 100 });
-        assert_eq!(recent.record(Turn { key: 1, depth: 200 }), Some(Held { rank: 2, depth: 100 }));
-        assert_eq!(recent.record(Turn { key: 1, depth: 300 }), Some(Held { rank: 0, depth: 200 }));
+        assert_eq!(recent.record(Turn { key: 1, depth: 100 }, "m"), None);
+        let held = recent.record(Turn { key: 1, depth: 200 }, "m").expect("held");
+        assert_eq!(held.depth, 100);
+        assert_eq!(recent.record(Turn { key: 1, depth: 150 }, "m").map(|h| h.depth), Some(200));
     }
 
     #[test]
-    fn the_backends_cache_hits_bound_what_is_gossiped_as_held() {
+    fn a_reported_miss_drops_that_models_older_conversations() {
         let recent = RecentPrefixes::default();
-        for key in 0..40 {
-            recent.record(Turn { key, depth: 100 });
+        // Conversations 0..10 of model a, 100..105 of model b, interleaved.
+        for key in 0..10 {
+            recent.record(Turn { key, depth: 100 }, "a");
+            if key < 5 {
+                recent.record(Turn { key: 100 + key, depth: 100 }, "b");
+            }
         }
-        assert_eq!(recent.retained(), 40, "nothing measured: every recent conversation counts");
-        // A turn of a conversation 30 back found nothing cached: the
-        // backend keeps fewer; misses further back move the estimate down.
         let (deep, prompt) = (120, 1000);
-        for _ in 0..6 {
-            recent.observe_cache(Held { rank: 30, depth: 100 }, deep, prompt, 50);
-            recent.observe_cache(Held { rank: 10, depth: 100 }, deep, prompt, 0);
-        }
-        let after_misses = recent.retained();
-        assert!(after_misses < 12, "retained {after_misses}");
+        // Conversation 6's next turn hit the cache: nothing changes.
+        let held = recent.record(Turn { key: 6, depth: deep }, "a").expect("held");
+        recent.observe_cache(held, deep, prompt, 800);
+        assert_eq!(recent.len(), 15);
+        // A turn that is mostly new prompt says nothing either way.
+        let held = recent.record(Turn { key: 4, depth: 400 }, "a").expect("held");
+        recent.observe_cache(held, 400, prompt, 0);
+        assert_eq!(recent.len(), 15);
+        // Conversation 3 of a was evicted: so were a's 0, 1 and 2; b's
+        // and a's later ones stay, and 3 itself is cached again.
+        let held = recent.record(Turn { key: 3, depth: deep }, "a").expect("held");
+        recent.observe_cache(held, deep, prompt, 30);
         let (keys, _) = recent.snapshot();
-        assert_eq!(keys.len(), after_misses);
-        assert_eq!(keys.last(), Some(&39), "the newest stay");
-        assert_eq!(recent.depth(0), None, "an old conversation is no longer claimed");
-        assert_eq!(recent.depth(39), Some(100));
-        // A hit 7 back proves the backend holds at least 8.
-        recent.observe_cache(Held { rank: 7, depth: 100 }, deep, prompt, 800);
-        assert!(recent.retained() >= 8);
-        // A turn that is mostly new prompt says nothing.
-        let before = recent.retained();
-        recent.observe_cache(Held { rank: 1, depth: 20 }, deep, prompt, 0);
-        assert_eq!(recent.retained(), before);
-        // Misses never take it below two.
-        for _ in 0..20 {
-            recent.observe_cache(Held { rank: 0, depth: 100 }, deep, prompt, 0);
+        for gone in [0, 1, 2] {
+            assert!(!keys.contains(&gone), "{gone} still claimed: {keys:?}");
         }
-        assert_eq!(recent.retained(), 2);
+        for kept in [3, 4, 5, 6, 7, 8, 9, 100, 101, 102, 103, 104] {
+            assert!(keys.contains(&kept), "{kept} dropped: {keys:?}");
+        }
+        assert_eq!(recent.len(), 12);
     }
 }

@@ -50,14 +50,18 @@ pub struct SchedulerConfig {
     /// of the best plus `affinity_extra_ms` (bounded load): a warm KV cache
     /// saves the prompt evaluation of the whole conversation so far.
     pub affinity_slack: f64,
-    /// Extra wait accepted to reuse a conversation's cache.
+    /// Extra wait accepted to reuse a conversation's cache at a holder
+    /// whose prompt evaluation speed is not measured yet (measured, the
+    /// cache is worth the evaluation of the conversation so far there).
     pub affinity_extra_ms: f64,
     /// Extra wait accepted to reuse a conversation's cache when every node
     /// is busy (every choice waits then, so the estimates are waits, not
     /// service times). Measured side by side: 2 s instead of 1 s raised the
     /// warm benchmark's hit rate at 95% load (0.83 vs 0.77) and cut its
     /// TTFT p95, but in the cold-load scenario, where slow boxes hold
-    /// conversations, it tripled TTFT p95 at 95%; 1 s is kept.
+    /// conversations, it tripled TTFT p95 at 95%; 1 s is kept. Like
+    /// `affinity_extra_ms`, only while the holder's prompt evaluation
+    /// speed is not measured.
     pub affinity_extra_busy_ms: f64,
     /// Conversations remembered for affinity.
     pub affinity_entries: usize,
@@ -106,6 +110,9 @@ pub struct Candidate {
     pub ttft_ms: Option<f64>,
     /// Its average decode speed for the model, when known.
     pub decode_tps: Option<f64>,
+    /// Its average prompt evaluation speed for the model (request-body
+    /// bytes of uncached prompt per second), when known.
+    pub prefill_bps: Option<f64>,
     /// Round trip to it; 0 for the entry node.
     pub rtt_ms: f64,
     /// How deep it says this conversation got there (see
@@ -243,12 +250,11 @@ impl Scheduler {
         // With every node busy the estimates are waits, not service times:
         // the cache is worth a fixed extra wait, not a multiple of a long one
         // (else a slow, busy holder keeps conversations for seconds).
-        let allowance = if saturated {
-            best + self.config.affinity_extra_busy_ms
-        } else {
-            best * self.config.affinity_slack + self.config.affinity_extra_ms
+        let allowance = |(i, depth): (usize, u32)| {
+            let worth = self.cache_worth_ms(scored[i].1, depth, saturated);
+            if saturated { best + worth } else { best * self.config.affinity_slack + worth }
         };
-        if let Some(i) = holder.filter(|i| scored[*i].0 <= allowance) {
+        if let Some((i, _)) = holder.filter(|h| scored[h.0].0 <= allowance(*h)) {
             first = i;
             reason = Reason::Affinity;
             // Busy in every slot: it waits there rather than in the backend.
@@ -275,7 +281,7 @@ impl Scheduler {
     /// (fresher than gossip, so it wins a tie). Entries that each saw only
     /// some turns disagree on where a conversation went last; the depth
     /// settles it.
-    fn holder(&self, scored: &[(f64, &Candidate)], key: u64) -> Option<usize> {
+    fn holder(&self, scored: &[(f64, &Candidate)], key: u64) -> Option<(usize, u32)> {
         let remembered = self.affinity.get(&key);
         (0..scored.len())
             .filter_map(|i| {
@@ -284,7 +290,19 @@ impl Scheduler {
                 Some(((depth, sent.is_some()), i))
             })
             .max_by_key(|(rank, i)| (*rank, std::cmp::Reverse(*i)))
-            .map(|(_, i)| i)
+            .map(|((depth, _), i)| (i, depth))
+    }
+
+    /// The extra wait a conversation `depth` bytes deep is worth at its
+    /// holder `c`: the prompt evaluation its KV cache saves there, at the
+    /// holder's measured speed (a slow CPU box saves seconds, a fast GPU a
+    /// few milliseconds); the configured extra while unmeasured.
+    pub fn cache_worth_ms(&self, c: &Candidate, depth: u32, saturated: bool) -> f64 {
+        match c.prefill_bps.filter(|b| *b > 0.0) {
+            Some(bytes_per_s) => f64::from(depth) / bytes_per_s * 1000.0,
+            None if saturated => self.config.affinity_extra_busy_ms,
+            None => self.config.affinity_extra_ms,
+        }
     }
 
     /// Power of two choices among near-equal candidates (indices into
@@ -339,6 +357,7 @@ mod tests {
             loaded: true,
             ttft_ms: Some(100.0),
             decode_tps: Some(50.0),
+            prefill_bps: None,
             rtt_ms: 1.0,
             held_depth: None,
         }
@@ -439,6 +458,32 @@ mod tests {
         let hot = Candidate { held_depth: None, ..hot };
         let choice = s.choose(&[hot, Candidate { in_flight: 1, ..node("other") }], turn(9), Some(50)).expect("choice");
         assert_eq!((choice.order[0].as_str(), choice.reason), ("other", Reason::Affinity));
+    }
+
+    #[test]
+    fn a_cache_is_worth_the_prompt_evaluation_it_saves_at_its_holder() {
+        let s = scheduler();
+        let deep = 40_000;
+        // Unmeasured: the configured extra.
+        assert_eq!(s.cache_worth_ms(&node("a"), deep, false), 1_000.0);
+        assert_eq!(s.cache_worth_ms(&node("a"), deep, true), 1_000.0);
+        // A CPU box evaluating 4 kB of prompt a second saves 10 s; a GPU
+        // at 400 kB/s saves 100 ms.
+        let slow = Candidate { prefill_bps: Some(4_000.0), ..node("cpu") };
+        let fast = Candidate { prefill_bps: Some(400_000.0), ..node("gpu") };
+        assert_eq!(s.cache_worth_ms(&slow, deep, true), 10_000.0);
+        assert_eq!(s.cache_worth_ms(&fast, deep, true), 100.0);
+
+        // Both holders have a line of the same length, 1.1 s past the other
+        // node's: the slow box keeps its conversation (re-reading it
+        // elsewhere would cost more), the fast one lets it go.
+        let other = Candidate { in_flight: 2, queued: 1, ..node("other") };
+        let line = |c: Candidate| Candidate { in_flight: 2, queued: 3, held_depth: Some(deep), ..c };
+        let turn = Some(Turn { key: 5, depth: deep + 100 });
+        let kept = scheduler().choose(&[line(slow), other.clone()], turn, Some(50)).expect("choice");
+        assert_eq!((kept.order[0].as_str(), kept.reason), ("cpu", Reason::Affinity));
+        let moved = scheduler().choose(&[line(fast), other], turn, Some(50)).expect("choice");
+        assert_eq!(moved.order[0], "other");
     }
 
     #[test]
