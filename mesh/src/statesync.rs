@@ -17,6 +17,7 @@
 //! verifying states for minutes after it started.
 
 use std::collections::HashMap;
+use std::future::Future;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -114,14 +115,7 @@ pub fn serve(
         let states = shelf.alive();
         async move {
             let mut frames = Framed::new(stream.compat(), codec());
-            tokio::select! {
-                () = stop.cancelled() => {}
-                sent = tokio::time::timeout(PULL_TIMEOUT, send_all(&mut frames, states)) => match sent {
-                    Ok(Ok(())) => tracing::debug!(%peer, "served a state snapshot"),
-                    Ok(Err(err)) => tracing::debug!(%peer, error = %err, "serving a state snapshot failed"),
-                    Err(_) => tracing::debug!(%peer, "serving a state snapshot timed out"),
-                },
-            }
+            answer(peer, "state snapshot", stop, send_all(&mut frames, states)).await;
         }
     })
 }
@@ -138,22 +132,33 @@ pub fn serve_certs(
         let shelf = shelf.clone();
         async move {
             let mut frames = Framed::new(stream.compat(), codec());
-            let answer = async {
+            let work = async {
                 let asked = frames.next().await.ok_or_else(|| std::io::Error::other("no request"))??;
                 let asked = CertRequest::decode(asked.freeze()).map_err(std::io::Error::other)?;
                 let ids = asked.node_ids.iter().take(MAX_CERTS_ASKED);
                 send_all(&mut frames, ids.filter_map(|id| shelf.get(id)).collect()).await
             };
-            tokio::select! {
-                () = stop.cancelled() => {}
-                sent = tokio::time::timeout(PULL_TIMEOUT, answer) => match sent {
-                    Ok(Ok(())) => tracing::debug!(%peer, "served a certificate fetch"),
-                    Ok(Err(err)) => tracing::debug!(%peer, error = %err, "serving a certificate fetch failed"),
-                    Err(_) => tracing::debug!(%peer, "serving a certificate fetch timed out"),
-                },
-            }
+            answer(peer, "certificate fetch", stop, work).await;
         }
     })
+}
+
+/// Runs one answer to `peer` (`what`, for the logs) within
+/// [`PULL_TIMEOUT`], unless `stop` fires first.
+async fn answer(
+    peer: PeerId,
+    what: &'static str,
+    stop: CancellationToken,
+    work: impl Future<Output = std::io::Result<()>>,
+) {
+    tokio::select! {
+        () = stop.cancelled() => {}
+        sent = tokio::time::timeout(PULL_TIMEOUT, work) => match sent {
+            Ok(Ok(())) => tracing::debug!(%peer, what, "answered"),
+            Ok(Err(err)) => tracing::debug!(%peer, what, error = %err, "answering failed"),
+            Err(_) => tracing::debug!(%peer, what, "answering timed out"),
+        },
+    }
 }
 
 async fn send_all<S>(frames: &mut Framed<S, LengthDelimitedCodec>, states: Vec<Bytes>) -> std::io::Result<()>
