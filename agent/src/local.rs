@@ -197,9 +197,10 @@ impl LocalNode {
         let mut meter = DecodeMeter::new(self.load.clone(), &req.meta.model, &response.content_type);
         // The backend's usage (in the body's last bytes) says whether it
         // still held the conversation this node took for cached, and how
-        // fast it evaluates prompts. A tiny prompt says neither: its time
-        // is the request's overheads (and small requests skip the work).
-        let mut usage = (held.is_some() || req.body.len() >= USAGE_METER_MIN_BODY).then(|| UsageMeter {
+        // fast it evaluates prompts. A short prompt says neither (its time
+        // is the request's overheads, its cache is worth nothing), and
+        // small requests, the hot path, skip the work.
+        let mut usage = (req.body.len() >= USAGE_METER_MIN_BODY).then(|| UsageMeter {
             recent: self.recent_prefixes.clone(),
             load: self.load.clone(),
             model: req.meta.model.clone(),
@@ -252,9 +253,9 @@ impl LocalBackend for LocalNode {
     }
 }
 
-/// Requests with a body at least this long (or continuing a conversation)
-/// have their usage read: below it a prompt's evaluation is too short to
-/// time.
+/// Requests with a body at least this long have their usage read: below
+/// it a prompt's evaluation is too short to time and its cache too small
+/// to matter.
 const USAGE_METER_MIN_BODY: usize = 512;
 /// Uncached prompt tokens a prompt evaluation sample needs: fewer, and
 /// the time to first token is mostly the request's own overheads.
