@@ -712,6 +712,11 @@ impl Trust {
             NodeState::decode(signed.state.as_slice()).map_err(|e| PkiError::BadState(format!("undecodable: {e}")))?;
         let cert: Arc<[u8]> = if signed.cert.is_empty() {
             let named = state.node_id.parse::<PeerId>().map_err(|e| PkiError::BadState(format!("node id: {e}")))?;
+            // Checked before the lookup: a state relayed under another
+            // author must not send this node fetching certificates.
+            if source.is_some_and(|s| s != named) {
+                return Err(PkiError::BadState(format!("state of {named} published by another node")));
+            }
             self.member_cert(&named).ok_or(PkiError::CertUnknown(named))?
         } else {
             Arc::from(signed.cert.as_slice())

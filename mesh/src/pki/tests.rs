@@ -112,6 +112,9 @@ fn a_state_without_its_certificate_opens_once_the_authors_is_held() {
     assert!(bare.cert.is_empty());
     let unknown = seed.open_state(&bare, Some(member.node_id()));
     assert_eq!(unknown, Err(PkiError::CertUnknown(member.node_id())));
+    // Published by someone else than the node it names: dropped, not
+    // fetched for.
+    assert!(matches!(seed.open_state(&bare, Some(seed.node_id())), Err(PkiError::BadState(_))));
     assert!(seed.with_cert(bare.clone(), &member.node_id()).is_none(), "nothing to attach yet");
 
     // One state with the certificate, and the bare ones open after it.
