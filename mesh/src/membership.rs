@@ -677,6 +677,7 @@ impl EventLoop {
         } else {
             self.cadence.on_change(&state, now)
         };
+        let mut with_cert = false;
         let (topic, data) = match what {
             Publish::Nothing => return,
             Publish::Beat => (self.beat_topic.clone(), Bytes::from(Beat { state_seq: self.seq }.encode_to_vec())),
@@ -690,18 +691,20 @@ impl EventLoop {
                 // Pullers and fetchers get the certificate; gossip
                 // carries it only until the mesh has it.
                 self.shelve(&state.node_id, Bytes::from(signed.encode_to_vec()));
-                if !self.publish_with_cert() {
+                with_cert = self.publish_with_cert();
+                if !with_cert {
                     signed.cert.clear();
                 }
                 (self.topic.clone(), Bytes::from(signed.encode_to_vec()))
             }
         };
-        if let Err(err) = self.swarm.behaviour_mut().gossipsub.publish(topic, data) {
+        match self.swarm.behaviour_mut().gossipsub.publish(topic, data) {
+            // Only a certificate that went out to someone counts.
+            Ok(_) if with_cert => self.sent_cert(),
+            Ok(_) => {}
             // Expected while alone; anything else is worth a look.
-            match err {
-                gossipsub::PublishError::NoPeersSubscribedToTopic | gossipsub::PublishError::Duplicate => {}
-                other => tracing::debug!(error = %other, "cannot publish node state"),
-            }
+            Err(gossipsub::PublishError::NoPeersSubscribedToTopic | gossipsub::PublishError::Duplicate) => {}
+            Err(other) => tracing::debug!(error = %other, "cannot publish node state"),
         }
     }
 

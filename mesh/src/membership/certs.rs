@@ -15,9 +15,9 @@ use libp2p::PeerId;
 use super::EventLoop;
 use crate::statesync;
 
-/// Full publishes after start that carry this node's certificate: the
-/// first reaches every peer that is up, the others cover a gossip mesh
-/// still forming.
+/// Full publishes after start that carry this node's certificate (counting
+/// only those that reached a gossip peer): the first reaches every peer
+/// that is up, the others cover a gossip mesh still forming.
 const CERT_PUBLISHES: u32 = 3;
 /// The least time between two fetches for one author's certificate.
 const ASK_AGAIN: Duration = Duration::from_secs(2);
@@ -46,12 +46,13 @@ struct Awaiting {
 impl EventLoop {
     /// Whether the full state about to be published carries this node's
     /// certificate.
-    pub(super) fn publish_with_cert(&mut self) -> bool {
-        let with = self.certs.sent_with < CERT_PUBLISHES || self.table.has_peers_without_cert_fetch();
-        if with {
-            self.certs.sent_with = self.certs.sent_with.saturating_add(1);
-        }
-        with
+    pub(super) fn publish_with_cert(&self) -> bool {
+        self.certs.sent_with < CERT_PUBLISHES || self.table.has_peers_without_cert_fetch()
+    }
+
+    /// A full state with the certificate reached gossip peers.
+    pub(super) fn sent_cert(&mut self) {
+        self.certs.sent_with = self.certs.sent_with.saturating_add(1);
     }
 
     /// A state from `author`, whose certificate this node lacks, came
