@@ -61,9 +61,7 @@ const JOIN_KEY_FILE: &str = "join.key";
 /// Records the join key after a rotation, so `llmesh init` on this
 /// directory prints the current token.
 pub fn store_join_key(dir: &Path, key: &[u8; 32]) -> Result<(), ClusterFileError> {
-    let path = dir.join(JOIN_KEY_FILE);
-    let _ = std::fs::remove_file(&path);
-    write_private(&path, format!("{}\n", crate::pki::hex(key)).as_bytes())
+    replace_private(&dir.join(JOIN_KEY_FILE), format!("{}\n", crate::pki::hex(key)).as_bytes())
 }
 
 /// The join key for tokens printed from `dir`: the last rotated one stored
@@ -89,9 +87,8 @@ const BOOTSTRAP_FILE: &str = "bootstrap.addrs";
 /// Records the cluster's bootstrap addresses (one per line), so tokens
 /// printed from `dir` carry them.
 pub fn store_bootstrap_addrs(dir: &Path, addrs: &[String]) -> Result<(), ClusterFileError> {
-    let path = dir.join(BOOTSTRAP_FILE);
     let text: String = addrs.iter().map(|a| format!("{a}\n")).collect();
-    std::fs::write(&path, text).map_err(io(&path))
+    replace_private(&dir.join(BOOTSTRAP_FILE), text.as_bytes())
 }
 
 /// The bootstrap addresses recorded in `dir` (none when absent).
@@ -112,6 +109,18 @@ pub fn seed(dir: &Path) -> Result<Option<Vec<u8>>, ClusterFileError> {
         return Ok(None);
     }
     Ok(admin_token(dir)?.map(|t| secret_hash(&t)))
+}
+
+/// Replaces `path` with `bytes` through a rename, so that a reader (`llmesh
+/// init` printing a token while the agent records a new key) sees the old
+/// file or the new one, never an empty or half-written one.
+fn replace_private(path: &Path, bytes: &[u8]) -> Result<(), ClusterFileError> {
+    let mut name = path.file_name().map(|n| n.to_os_string()).unwrap_or_default();
+    name.push(".new");
+    let fresh = path.with_file_name(name);
+    let _ = std::fs::remove_file(&fresh);
+    write_private(&fresh, bytes)?;
+    std::fs::rename(&fresh, path).map_err(io(path))
 }
 
 fn write_private(path: &Path, bytes: &[u8]) -> Result<(), ClusterFileError> {
@@ -149,5 +158,29 @@ mod tests {
             let mode = std::fs::metadata(dir.path().join(ADMIN_TOKEN_FILE)).expect("meta").permissions().mode();
             assert_eq!(mode & 0o777, 0o600);
         }
+    }
+
+    #[test]
+    fn a_reader_never_sees_a_half_written_join_key() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let secret = crate::ClusterSecret::generate();
+        store_join_key(dir.path(), &[1; 32]).expect("writes");
+        let writer = {
+            let dir = dir.path().to_path_buf();
+            std::thread::spawn(move || {
+                for i in 0..300u32 {
+                    store_join_key(&dir, &[(i % 250) as u8 + 1; 32]).expect("writes");
+                }
+            })
+        };
+        // As `llmesh init` does while the agent records keys.
+        let mut reads = 0;
+        while !writer.is_finished() && reads < 100_000 {
+            let key = join_key(dir.path(), &secret).expect("a whole key every time");
+            assert_ne!(key, secret.initial_join_key(), "the file was missing for a moment");
+            reads += 1;
+        }
+        writer.join().expect("writer");
+        assert_eq!(join_key(dir.path(), &secret).expect("reads"), [(299 % 250) as u8 + 1; 32]);
     }
 }
