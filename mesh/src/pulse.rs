@@ -56,6 +56,8 @@ pub enum Heard {
         state_seq: u64,
         /// Its view's digest (see [`view_digest`]); 0 from older nodes.
         view_digest: u64,
+        /// How many members its view holds; 0 from older nodes.
+        members: u32,
     },
     /// The watch ended: the stream could not be opened or closed.
     Ended {
@@ -187,7 +189,13 @@ async fn read_pulses(
             tracing::debug!(%peer, "undecodable pulse");
             return;
         };
-        let news = Heard::Pulse { peer, watch: id, state_seq: pulse.state_seq, view_digest: pulse.view_digest };
+        let news = Heard::Pulse {
+            peer,
+            watch: id,
+            state_seq: pulse.state_seq,
+            view_digest: pulse.view_digest,
+            members: pulse.members,
+        };
         if heard.send(news).is_err() {
             return;
         }

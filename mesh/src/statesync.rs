@@ -99,6 +99,12 @@ pub struct Pulled {
     pub peer: PeerId,
     /// Signed states (`SignedNodeState`, encoded), unchecked.
     pub states: Vec<Bytes>,
+    /// Whether it answers a pull (else a certificate fetch). A pull's
+    /// answer always holds the server's own state, so an empty one is a
+    /// stream the server dropped: libp2p-stream drops inbound streams
+    /// while its one-slot accept queue is full, as when a hundred nodes
+    /// pull from one at once.
+    pub snapshot: bool,
 }
 
 fn codec() -> LengthDelimitedCodec {
@@ -223,7 +229,7 @@ fn ask(
         let read = async {
             let stream = control.open_stream(peer, protocol.clone()).await.map_err(|e| e.to_string())?;
             let mut frames = Framed::new(stream.compat(), codec());
-            if let Some(request) = request {
+            if let Some(request) = request.clone() {
                 frames.send(request).await.map_err(|e| e.to_string())?;
             }
             read_all(&mut frames).await
@@ -232,7 +238,7 @@ fn ask(
             () = stop.cancelled() => {}
             read = tokio::time::timeout(PULL_TIMEOUT, read) => match read {
                 Ok(Ok(states)) => {
-                    let _ = done.send(Pulled { peer, states });
+                    let _ = done.send(Pulled { peer, states, snapshot: request.is_none() });
                 }
                 Ok(Err(err)) => tracing::debug!(%peer, %protocol, error = %err, "asking for states failed"),
                 Err(_) => tracing::debug!(%peer, %protocol, "asking for states timed out"),

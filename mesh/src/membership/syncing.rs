@@ -29,6 +29,8 @@ use crate::statesync::{self, Pulled};
 const START_PULLS: u32 = 2;
 /// Between a starting node's pulls.
 const START_PULL_GAP: Duration = Duration::from_secs(3);
+/// Empty pulls retried at most (over this node's life).
+const EMPTY_PULLS_RETRIED: u32 = 8;
 /// The least time between two pulls once started.
 const PULL_EVERY: Duration = Duration::from_secs(10);
 /// How long a forgotten peer that connects again counts as a healing
@@ -48,6 +50,11 @@ pub(super) struct Sync {
     forgotten: std::collections::HashMap<String, Instant>,
     /// Peers taken for dead now.
     dead: std::collections::HashSet<String>,
+    /// Empty pulls retried so far.
+    empty_pulls: u32,
+    /// This node's view size when it last pulled from a peer that knew
+    /// of more members.
+    larger_view_pull_at: Option<u32>,
 }
 
 impl EventLoop {
@@ -139,6 +146,23 @@ impl EventLoop {
         self.pull_from(peer, now);
     }
 
+    /// Pulls from `peer`, which knows of more members than this node
+    /// (`view_size`), unless a pull began within [`START_PULL_GAP`]:
+    /// missing members are worth more than the usual gap. Only while
+    /// such pulls help: when the last one left the view no larger (the
+    /// peer holds members this node knows dead), the usual gap applies.
+    pub(super) fn pull_for_larger_view(&mut self, peer: PeerId, view_size: u32, now: Instant) {
+        if self.sync.larger_view_pull_at.is_some_and(|size| view_size <= size) {
+            self.pull_soon(peer, now);
+            return;
+        }
+        if self.sync.last_pull.is_some_and(|at| now.saturating_duration_since(at) < START_PULL_GAP) {
+            return;
+        }
+        self.sync.larger_view_pull_at = Some(view_size);
+        self.pull_from(peer, now);
+    }
+
     fn pull_from(&mut self, peer: PeerId, now: Instant) {
         tracing::debug!(%peer, "pulling a state snapshot");
         self.sync.last_pull = Some(now);
@@ -150,11 +174,31 @@ impl EventLoop {
     /// vouching that its author is alive.
     pub(super) fn on_pulled(&mut self, pulled: Pulled) {
         tracing::debug!(peer = %pulled.peer, states = pulled.states.len(), "pulled a state snapshot");
+        if pulled.snapshot && pulled.states.is_empty() {
+            self.retry_pull();
+            return;
+        }
         let me = self.swarm.local_peer_id().to_string();
         for data in pulled.states {
             self.take_state(None, pulled.peer, data, Some(&me));
         }
         self.retry_awaiting_certs();
+    }
+
+    /// A pull came back empty (see [`Pulled::snapshot`]): it does not
+    /// count, and the next chance pulls again, [`EMPTY_PULLS_RETRIED`]
+    /// times at most.
+    fn retry_pull(&mut self) {
+        if self.sync.empty_pulls >= EMPTY_PULLS_RETRIED {
+            return;
+        }
+        self.sync.empty_pulls += 1;
+        tracing::debug!("a pulled snapshot was empty (the peer dropped the stream): pulling again");
+        if (1..=START_PULLS).contains(&self.sync.start_pulls) {
+            self.sync.start_pulls -= 1;
+        }
+        self.sync.last_pull = None;
+        self.sync.larger_view_pull_at = None;
     }
 
     /// Keeps `data` as the state served for `node_id`.

@@ -16,6 +16,10 @@ use crate::pulse::{self, Heard};
 /// Pulses in a row telling of other news before this node pulls.
 const MISMATCHED_PULSES: u32 = 5;
 
+/// Pulses in a row from a peer that knows of more members than this node
+/// before this node pulls from it.
+const LARGER_VIEW_PULSES: u32 = 2;
+
 /// The least time between two refutations of suspicions about this node.
 const REFUTE_EVERY: std::time::Duration = std::time::Duration::from_secs(1);
 
@@ -67,11 +71,11 @@ impl EventLoop {
     /// if the peer is still wanted).
     pub(super) fn on_heard(&mut self, heard: Heard) {
         match heard {
-            Heard::Pulse { peer, watch, state_seq, view_digest } => {
+            Heard::Pulse { peer, watch, state_seq, view_digest, members } => {
                 if self.watching.get(&peer).map(|w| w.0) != Some(watch) {
                     return;
                 }
-                self.compare_views(peer, state_seq, view_digest);
+                self.compare_views(peer, state_seq, view_digest, members);
                 let changes = self.table.pulse(&peer.to_string(), Instant::now());
                 if !changes.is_empty() {
                     self.report(changes);
@@ -86,15 +90,25 @@ impl EventLoop {
         }
     }
 
-    /// Sets the digest of this node's view that its pulses carry.
+    /// Sets the digest of this node's view, and its size, that its
+    /// pulses carry.
     pub(super) fn digest_view(&mut self) {
         let me = self.swarm.local_peer_id().to_string();
         let digest = self.view_digest(&me);
+        let members = self.view_size();
         self.pulse_news.send_if_modified(|news| {
-            let changed = news.view_digest != digest;
+            let changed = news.view_digest != digest || news.members != members;
             news.view_digest = digest;
+            news.members = members;
             changed
         });
+    }
+
+    /// The members in this node's view digest: those not known dead,
+    /// this node included.
+    fn view_size(&self) -> u32 {
+        let others = self.table.entries().filter(|e| e.liveness != Liveness::Dead).count();
+        u32::try_from(others + 1).unwrap_or(u32::MAX)
     }
 
     fn view_digest(&self, me: &str) -> u64 {
@@ -111,13 +125,23 @@ impl EventLoop {
     /// state than the one held, or of a view other than this node's, has
     /// news this node missed (a lost gossip message): pull its snapshot.
     /// Views differ for a moment whenever news travels, hence the wait.
-    fn compare_views(&mut self, peer: PeerId, state_seq: u64, view_digest: u64) {
+    /// A peer that knows of more members is a newcomer's case (its start
+    /// pulls came from a peer that had not heard of everyone yet): that
+    /// waits only [`LARGER_VIEW_PULSES`] and not the usual gap between
+    /// pulls, so a late starter is not left with half a view for 10 s.
+    fn compare_views(&mut self, peer: PeerId, state_seq: u64, view_digest: u64, members: u32) {
         let me = self.swarm.local_peer_id().to_string();
         let held = self.table.get(&peer.to_string()).map_or(0, |e| e.state.seq);
         let differs = state_seq > held || (view_digest != 0 && view_digest != self.view_digest(&me));
+        let view_size = self.view_size();
+        let larger = members > view_size;
         let count = self.mismatched.entry(peer).or_default();
-        *count = if differs { *count + 1 } else { 0 };
-        if *count >= MISMATCHED_PULSES {
+        *count = if differs || larger { *count + 1 } else { 0 };
+        if larger && *count >= LARGER_VIEW_PULSES {
+            tracing::debug!(%peer, members, "a watched peer knows of more members than this node: pulling its snapshot");
+            *count = 0;
+            self.pull_for_larger_view(peer, view_size, Instant::now());
+        } else if *count >= MISMATCHED_PULSES {
             tracing::debug!(%peer, "a watched peer's view differs from this node's: pulling its snapshot");
             *count = 0;
             self.pull_soon(peer, Instant::now());
