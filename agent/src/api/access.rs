@@ -202,20 +202,19 @@ pub async fn authenticate(State(app): State<std::sync::Arc<AppState>>, mut reque
         // moment ago that has not reached this node yet (a follower cannot
         // know it is behind until the entry arrives): such a key gets a
         // short grace before it is called wrong.
-        let headers = request.headers().clone();
         let started = tokio::time::Instant::now();
-        let stale = |err: &ApiError| {
-            let unknown_key = bearer(&headers).is_some() && matches!(err.code, "missing_api_key" | "invalid_api_key");
+        let stale = |err: &ApiError, headers: &HeaderMap| {
+            let unknown_key = bearer(headers).is_some() && matches!(err.code, "missing_api_key" | "invalid_api_key");
             let waited = started.elapsed();
             err.code == "cluster_state_pending"
                 || (unknown_key && (waited < NEW_KEY_GRACE || coordinator.status().behind()))
         };
         while let Err(err) = &result {
-            if !stale(err) || started.elapsed() >= STATE_WAIT {
+            if !stale(err, request.headers()) || started.elapsed() >= STATE_WAIT {
                 break;
             }
             tokio::time::sleep(STATE_LOOK_AGAIN).await;
-            result = caller(Some(&coordinator.state()), &headers, app.anonymous, loopback);
+            result = caller(Some(&coordinator.state()), request.headers(), app.anonymous, loopback);
         }
     }
     match result {
