@@ -225,11 +225,12 @@ fn ask(
     done: mpsc::UnboundedSender<Pulled>,
     stop: CancellationToken,
 ) {
+    let snapshot = request.is_none();
     tokio::spawn(async move {
         let read = async {
             let stream = control.open_stream(peer, protocol.clone()).await.map_err(|e| e.to_string())?;
             let mut frames = Framed::new(stream.compat(), codec());
-            if let Some(request) = request.clone() {
+            if let Some(request) = request {
                 frames.send(request).await.map_err(|e| e.to_string())?;
             }
             read_all(&mut frames).await
@@ -238,7 +239,7 @@ fn ask(
             () = stop.cancelled() => {}
             read = tokio::time::timeout(PULL_TIMEOUT, read) => match read {
                 Ok(Ok(states)) => {
-                    let _ = done.send(Pulled { peer, states, snapshot: request.is_none() });
+                    let _ = done.send(Pulled { peer, states, snapshot });
                 }
                 Ok(Err(err)) => tracing::debug!(%peer, %protocol, error = %err, "asking for states failed"),
                 Err(_) => tracing::debug!(%peer, %protocol, "asking for states timed out"),
@@ -309,10 +310,12 @@ mod tests {
         let got = tokio::time::timeout(wait, answers.recv()).await.expect("answers in time").expect("answer");
         assert_eq!(got.peer, server_id);
         assert_eq!(got.states, vec![Bytes::from_static(b"state of b")]);
+        assert!(!got.snapshot, "a fetch's answer is not a snapshot");
         // A pull serves only the live.
         pull(client_control, server_id, done, stop.child_token());
         let got = tokio::time::timeout(wait, answers.recv()).await.expect("answers in time").expect("answer");
         assert_eq!(got.states, vec![Bytes::from_static(b"state of a")]);
+        assert!(got.snapshot, "a pull's answer is a snapshot");
         stop.cancel();
     }
 
