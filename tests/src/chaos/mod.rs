@@ -330,7 +330,7 @@ async fn drill_on(fleet: &mut Fleet<'_>, scenario: Scenario, options: &Options) 
             );
         }
         Scenario::RestartAll => {
-            let before = raft_state(fleet).await?;
+            let before = filled_raft_state(fleet).await?;
             for (round, graceful) in [(1, true), (2, false)] {
                 tokio::time::sleep(options.every).await;
                 let hosts = fleet.up();
@@ -565,6 +565,30 @@ struct RaftState {
     commit: u64,
     voters: Vec<String>,
     routes: BTreeMap<String, Value>,
+}
+
+/// The agents' default voter target (`mesh.voters`).
+const TARGET_VOTERS: usize = 3;
+
+/// The Raft state once the leader has promoted its voters: a settled mesh
+/// may still be adding learners and promoting them one change at a time,
+/// and a snapshot taken halfway would read a later promotion as a changed
+/// voter set.
+async fn filled_raft_state(fleet: &Fleet<'_>) -> Result<RaftState, String> {
+    let want = TARGET_VOTERS.min(fleet.up().len());
+    let deadline = Instant::now() + SETTLE;
+    loop {
+        let late = Instant::now() > deadline;
+        match raft_state(fleet).await {
+            Ok(state) if state.voters.len() >= want => return Ok(state),
+            Ok(state) if late => {
+                return Err(format!("the leader promoted only {:?} of {want} voters within {SETTLE:?}", state.voters));
+            }
+            Err(err) if late => return Err(err),
+            _ => {}
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
 }
 
 async fn raft_state(fleet: &Fleet<'_>) -> Result<RaftState, String> {
