@@ -6,6 +6,7 @@ overflow a saturated mesh, go through LiteLLM and come back intact
 
 import concurrent.futures
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -81,6 +82,7 @@ def mesh():
         for proc in reversed(procs):
             proc.terminate()
             proc.wait(timeout=15)
+        shutil.rmtree(work, ignore_errors=True)
 
 
 def client(base):

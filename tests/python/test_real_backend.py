@@ -8,6 +8,7 @@ Nothing here is simulated: the text comes from the model."""
 
 import os
 import re
+import shutil
 import socket
 import subprocess
 import tempfile
@@ -104,16 +105,17 @@ def mesh():
     )
     backend = f"http://127.0.0.1:{port}"
     procs = [server]
+    dirs = []
     try:
         wait_for("llama-server to load the model", lambda: get_json(f"{backend}/health").get("status") == "ok")
         seed = tempfile.mkdtemp(prefix="llmesh-real-seed-")
+        dirs.append(seed)
         init = subprocess.run([BIN, "init", "--data-dir", seed], check=True, stdout=subprocess.PIPE, text=True)
         token = next(line for line in init.stdout.splitlines() if line.startswith("lmj2."))
         first, url1, boot = start_agent("real-1", seed, backend, "--join", token)
         procs.append(first)
-        second, url2, _ = start_agent(
-            "real-2", tempfile.mkdtemp(prefix="llmesh-real-"), backend, "--join", token, "--bootstrap", boot
-        )
+        dirs.append(tempfile.mkdtemp(prefix="llmesh-real-"))
+        second, url2, _ = start_agent("real-2", dirs[-1], backend, "--join", token, "--bootstrap", boot)
         procs.append(second)
 
         def both_see_both():
@@ -136,6 +138,8 @@ def mesh():
                 proc.wait(timeout=15)
             except subprocess.TimeoutExpired:
                 proc.kill()
+        for path in dirs:
+            shutil.rmtree(path, ignore_errors=True)
 
 
 @pytest.fixture(params=[0, 1], ids=["node-1", "node-2"])

@@ -1,7 +1,7 @@
 //! Test harness: starts real `llmesh` processes (agents, simulated
 //! backends, the demo) on loopback with OS-assigned ports, and helpers to
 //! talk to them. Processes die with their handles.
-#![forbid(unsafe_code)]
+#![deny(unsafe_code)]
 #![warn(missing_docs)]
 
 use std::path::PathBuf;
@@ -240,10 +240,40 @@ pub async fn sim(args: &[&str]) -> Proc {
 }
 
 /// A fresh data directory that outlives the processes using it (a node
-/// restarted on it keeps its identity); removed when the test binary exits
-/// is not needed: it lives under the system temp dir.
+/// restarted on it keeps its identity). It is removed when the test process
+/// exits, unless `LLMESH_KEEP_TEST_DIRS` is set (to read a failed test's
+/// agent files).
 pub fn data_dir() -> PathBuf {
-    tempfile::Builder::new().prefix("llmesh-test-").tempdir().expect("tempdir").keep()
+    let dir = tempfile::Builder::new().prefix("llmesh-test-").tempdir().expect("tempdir").keep();
+    if std::env::var_os("LLMESH_KEEP_TEST_DIRS").is_none() {
+        remove_at_exit(dir.clone());
+    }
+    dir
+}
+
+/// Directories [`remove_test_dirs`] removes when the process exits.
+static TEST_DIRS: std::sync::Mutex<Vec<PathBuf>> = std::sync::Mutex::new(Vec::new());
+
+/// Registers `dir` for removal at exit; the first call installs the hook.
+/// An exit hook rather than a guard value because the directories are
+/// handed around as plain paths and must outlive every agent a test
+/// restarts on them.
+fn remove_at_exit(dir: PathBuf) {
+    static HOOK: std::sync::Once = std::sync::Once::new();
+    #[allow(unsafe_code)]
+    HOOK.call_once(|| {
+        // SAFETY: `remove_test_dirs` is a plain `extern "C"` function that
+        // does not unwind; registering it has no other precondition.
+        unsafe { libc::atexit(remove_test_dirs) };
+    });
+    TEST_DIRS.lock().unwrap_or_else(std::sync::PoisonError::into_inner).push(dir);
+}
+
+extern "C" fn remove_test_dirs() {
+    let dirs = std::mem::take(&mut *TEST_DIRS.lock().unwrap_or_else(std::sync::PoisonError::into_inner));
+    for dir in dirs {
+        let _ = std::fs::remove_dir_all(dir);
+    }
 }
 
 /// Starts an agent in front of `backend_url` (Ollama kind) with extra flags,

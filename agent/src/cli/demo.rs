@@ -116,7 +116,9 @@ async fn start_node(
 
 /// Runs the demo until `shutdown`; `print` receives the banner.
 pub async fn run(args: &DemoArgs, shutdown: CancellationToken, print: impl FnOnce(&str)) -> Result<(), RunError> {
-    let data_dir = std::env::temp_dir().join(format!("llmesh-demo-{}", std::process::id()));
+    sweep_dead_demos();
+    let data_dir = std::env::temp_dir().join(format!("{DEMO_DIR_PREFIX}{}", std::process::id()));
+    let _remove = RemoveOnDrop(data_dir.clone());
     let secret = ClusterSecret::generate();
     let mut configs: Vec<Config> = (0..NODES.len()).map(|i| node_config(args, i, &data_dir)).collect();
     // demo-1 created the cluster: it holds the CA, starts the Raft group and
@@ -151,8 +153,39 @@ pub async fn run(args: &DemoArgs, shutdown: CancellationToken, print: impl FnOnc
             Ok(Ok(())) => {}
         }
     }
-    let _ = std::fs::remove_dir_all(&data_dir);
     result
+}
+
+/// Prefix of a demo's data directory under the temp dir; the process id follows.
+const DEMO_DIR_PREFIX: &str = "llmesh-demo-";
+
+/// Removes the demo's data directory however `run` ends.
+struct RemoveOnDrop(std::path::PathBuf);
+
+impl Drop for RemoveOnDrop {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// Removes the data directories of demos that were killed (their process
+/// is gone), so repeated demos do not fill the temp dir. Only where
+/// `/proc` tells which processes live.
+fn sweep_dead_demos() {
+    if !Path::new("/proc/self").exists() {
+        return;
+    }
+    let Ok(entries) = std::fs::read_dir(std::env::temp_dir()) else { return };
+    for entry in entries.flatten() {
+        let name = entry.file_name();
+        let Some(pid) = name.to_str().and_then(|n| n.strip_prefix(DEMO_DIR_PREFIX)).and_then(|p| p.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        if !Path::new(&format!("/proc/{pid}")).exists() {
+            let _ = std::fs::remove_dir_all(entry.path());
+        }
+    }
 }
 
 /// Waits (up to 10 s) until the first node sees every demo node alive.
