@@ -18,8 +18,8 @@ use std::time::{Duration, Instant};
 
 use axum::Router;
 use axum::extract::rejection::BytesRejection;
-use axum::extract::{DefaultBodyLimit, Extension, State};
-use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, Uri};
+use axum::extract::{DefaultBodyLimit, Request, State};
+use axum::http::{HeaderMap, HeaderName, HeaderValue, Method, StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{delete, get, post};
 use bytes::Bytes;
@@ -41,6 +41,11 @@ pub const NODE_HEADER: &str = "x-llmesh-node";
 pub const ROUTE_HEADER: &str = "x-llmesh-route";
 /// Header carrying the request id (taken from the client when it sends one).
 pub const REQUEST_ID_HEADER: &str = "x-request-id";
+/// [`REQUEST_ID_HEADER`], [`NODE_HEADER`] and [`ROUTE_HEADER`] as header
+/// names made once: inserting a `&str` name copies it on every response.
+const REQUEST_ID_NAME: HeaderName = HeaderName::from_static(REQUEST_ID_HEADER);
+const NODE_NAME: HeaderName = HeaderName::from_static(NODE_HEADER);
+const ROUTE_NAME: HeaderName = HeaderName::from_static(ROUTE_HEADER);
 /// Header with which a client shortens the time allowed until the response
 /// starts, in milliseconds; the deadline travels with forwarded requests.
 pub const TIMEOUT_HEADER: &str = "x-llmesh-timeout-ms";
@@ -120,20 +125,20 @@ pub fn router(state: Arc<AppState>) -> Router {
     let client_api = Router::new()
         .route("/v1/models", get(models::openai_models))
         .route("/v1/models/{*id}", get(models::openai_model))
-        .route("/v1/chat/completions", post(|s: AppStateRef, c, h, b| infer(s, ApiKind::OpenaiChat, c, h, b)))
-        .route("/v1/completions", post(|s: AppStateRef, c, h, b| infer(s, ApiKind::OpenaiCompletions, c, h, b)))
-        .route("/v1/embeddings", post(|s: AppStateRef, c, h, b| infer(s, ApiKind::OpenaiEmbeddings, c, h, b)))
-        .route("/v1/responses", post(|s: AppStateRef, c, h, b| infer(s, ApiKind::OpenaiResponses, c, h, b)))
-        .route("/v1/messages", post(|s: AppStateRef, c, h, b| infer(s, ApiKind::AnthropicMessages, c, h, b)))
+        .route("/v1/chat/completions", post(|s: AppStateRef, r: Request| infer(s, ApiKind::OpenaiChat, r)))
+        .route("/v1/completions", post(|s: AppStateRef, r: Request| infer(s, ApiKind::OpenaiCompletions, r)))
+        .route("/v1/embeddings", post(|s: AppStateRef, r: Request| infer(s, ApiKind::OpenaiEmbeddings, r)))
+        .route("/v1/responses", post(|s: AppStateRef, r: Request| infer(s, ApiKind::OpenaiResponses, r)))
+        .route("/v1/messages", post(|s: AppStateRef, r: Request| infer(s, ApiKind::AnthropicMessages, r)))
         .route(
             "/v1/messages/count_tokens",
-            post(|s: AppStateRef, c, h, b| infer(s, ApiKind::AnthropicCountTokens, c, h, b)),
+            post(|s: AppStateRef, r: Request| infer(s, ApiKind::AnthropicCountTokens, r)),
         )
-        .route("/api/chat", post(|s: AppStateRef, c, h, b| infer(s, ApiKind::OllamaChat, c, h, b)))
-        .route("/api/generate", post(|s: AppStateRef, c, h, b| infer(s, ApiKind::OllamaGenerate, c, h, b)))
-        .route("/api/embed", post(|s: AppStateRef, c, h, b| infer(s, ApiKind::OllamaEmbed, c, h, b)))
-        .route("/api/embeddings", post(|s: AppStateRef, c, h, b| infer(s, ApiKind::OllamaEmbeddings, c, h, b)))
-        .route("/api/show", post(|s: AppStateRef, c, h, b| infer(s, ApiKind::OllamaShow, c, h, b)))
+        .route("/api/chat", post(|s: AppStateRef, r: Request| infer(s, ApiKind::OllamaChat, r)))
+        .route("/api/generate", post(|s: AppStateRef, r: Request| infer(s, ApiKind::OllamaGenerate, r)))
+        .route("/api/embed", post(|s: AppStateRef, r: Request| infer(s, ApiKind::OllamaEmbed, r)))
+        .route("/api/embeddings", post(|s: AppStateRef, r: Request| infer(s, ApiKind::OllamaEmbeddings, r)))
+        .route("/api/show", post(|s: AppStateRef, r: Request| infer(s, ApiKind::OllamaShow, r)))
         .route("/api/pull", post(|s: AppStateRef, c, h, b| manage::manage(s, ApiKind::OllamaPull, c, h, b)))
         .route("/api/push", post(|s: AppStateRef, c, h, b| manage::manage(s, ApiKind::OllamaPush, c, h, b)))
         .route("/api/create", post(|s: AppStateRef, c, h, b| manage::manage(s, ApiKind::OllamaCreate, c, h, b)))
@@ -242,16 +247,21 @@ fn new_request_id() -> String {
     format!("{:016x}{n:016x}", *PREFIX)
 }
 
-fn stamp(response: &mut Response, node: &str, request_id: &str, route: Option<&str>) {
+fn stamp(response: &mut Response, node: &str, request_id: &str, route: Option<&Route>) {
     let headers = response.headers_mut();
     if let Ok(value) = HeaderValue::from_str(request_id) {
-        headers.insert(REQUEST_ID_HEADER, value);
+        headers.insert(REQUEST_ID_NAME, value);
     }
     if let Ok(value) = HeaderValue::from_str(node) {
-        headers.insert(NODE_HEADER, value);
+        headers.insert(NODE_NAME, value);
     }
-    if let Some(route) = route.and_then(|r| HeaderValue::from_str(r).ok()) {
-        headers.insert(ROUTE_HEADER, route);
+    let route = match route {
+        Some(Route::Local) => Some(HeaderValue::from_static("local")),
+        Some(route) => HeaderValue::from_str(&route.to_string()).ok(),
+        None => None,
+    };
+    if let Some(route) = route {
+        headers.insert(ROUTE_NAME, route);
     }
 }
 
@@ -285,10 +295,9 @@ fn build_request(
     api: ApiKind,
     caller: &access::Caller,
     headers: &HeaderMap,
-    body: Result<Bytes, BytesRejection>,
+    body: Bytes,
     request_id: &str,
 ) -> Result<(InferenceRequest, String), ApiError> {
-    let body = read_body(state, body)?;
     let mut meta = routing::parse(api, &body)?;
     caller.check_model(&meta.model)?;
     let asked = meta.model.clone();
@@ -415,28 +424,39 @@ fn refuse(
     err.with_format(format).into_response()
 }
 
-/// Serves one inference request of kind `api`.
-async fn infer(
-    State(state): AppStateRef,
-    api: ApiKind,
-    Extension(caller): Extension<access::Caller>,
-    headers: HeaderMap,
-    body: Result<Bytes, BytesRejection>,
-) -> Response {
+/// Serves one inference request of kind `api`. It takes the request whole
+/// rather than through extractors: the header map and the caller are
+/// borrowed from it, not copied for every request.
+async fn infer(State(state): AppStateRef, api: ApiKind, request: Request) -> Response {
     let format = ErrorFormat::of(api);
-    let request_id = request_id(&headers);
+    let (mut parts, body) = request.into_parts();
+    let headers = &parts.headers;
+    let request_id = request_id(headers);
     let started = Instant::now();
+    let Some(caller) = parts.extensions.remove::<access::Caller>() else {
+        // `authenticate` runs before every inference route and sets it.
+        let err = ApiError::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "internal_error",
+            "the request reached its handler without an authenticated caller",
+        );
+        return err.with_format(format).into_response();
+    };
     let mut model = None;
-    let result = match build_request(&state, api, &caller, &headers, body, &request_id) {
+    let result = match collect_body(&state, body).await {
+        Ok(body) => build_request(&state, api, &caller, headers, body, &request_id),
+        Err(err) => Err(err),
+    };
+    let result = match result {
         Ok((request, asked)) => {
             model = Some(request.meta.model.clone());
-            run(&state, request, asked, &caller, &headers, format, started).await
+            run(&state, request, asked, &caller, headers, format, started).await
         }
         Err(err) => Err(err),
     };
     let response = match result {
         Ok((mut response, node, route)) => {
-            stamp(&mut response, &node, &request_id, Some(&route.to_string()));
+            stamp(&mut response, &node, &request_id, Some(&route));
             response
         }
         Err(err) => {
@@ -447,4 +467,17 @@ async fn infer(
     };
     tracing::debug!(id = %request_id, status = response.status().as_u16(), head_ms = started.elapsed().as_millis() as u64, "response head sent");
     response
+}
+
+/// The body `access::read_body` already read in full (and within the size
+/// limit), as one buffer.
+async fn collect_body(state: &AppState, body: axum::body::Body) -> Result<Bytes, ApiError> {
+    axum::body::to_bytes(body, state.max_body_bytes).await.map_err(|err| {
+        let err = err.into_inner();
+        if err.downcast_ref::<http_body_util::LengthLimitError>().is_some() {
+            ApiError::too_large(state.max_body_bytes)
+        } else {
+            ApiError::bad_request(format!("cannot read request body: {err}"))
+        }
+    })
 }

@@ -159,18 +159,30 @@ impl futures::Stream for Guarded {
 
 /// Collects a non-streaming body, bounded in size and in silence.
 async fn collect(mut body: BodyStream, idle: Duration, limit: usize) -> Result<Bytes, ServeError> {
+    // The first chunk is kept as it came: a small document is usually one
+    // chunk, and is then relayed without a copy.
+    let mut first: Option<Bytes> = None;
     let mut buffer = BytesMut::new();
     loop {
         match tokio::time::timeout(idle, body.next()).await {
             Ok(Some(Ok(chunk))) => {
-                if buffer.len() + chunk.len() > limit {
+                let held = first.as_ref().map_or(0, Bytes::len) + buffer.len();
+                if held + chunk.len() > limit {
                     return Err(ServeError::BackendUnreachable(format!(
                         "backend response exceeds {limit} bytes (api.max_response_bytes)"
                     )));
                 }
-                buffer.extend_from_slice(&chunk);
+                match first.take() {
+                    None if buffer.is_empty() => first = Some(chunk),
+                    None => buffer.extend_from_slice(&chunk),
+                    Some(held) => {
+                        buffer.reserve(held.len() + chunk.len());
+                        buffer.extend_from_slice(&held);
+                        buffer.extend_from_slice(&chunk);
+                    }
+                }
             }
-            Ok(None) => return Ok(buffer.freeze()),
+            Ok(None) => return Ok(first.unwrap_or_else(|| buffer.freeze())),
             Ok(Some(Err(err))) => return Err(ServeError::BackendUnreachable(err.to_string())),
             Err(_) => {
                 return Err(ServeError::Timeout(format!("backend sent nothing for {idle:?} mid-response")));
@@ -289,6 +301,16 @@ mod tests {
         let r = response("application/json", vec![Ok("{\"half\":"), Err("reset")]);
         let out = relay(r, Duration::from_secs(5), 1024, ErrorFormat::OpenAi).await;
         assert_eq!(out.status(), StatusCode::BAD_GATEWAY);
+    }
+
+    #[tokio::test]
+    async fn a_document_in_one_chunk_or_in_several_arrives_whole() {
+        for chunks in [vec![Ok("{\"a\":1}")], vec![Ok("{\"a\""), Ok(":"), Ok(""), Ok("1}")]] {
+            let r = response("application/json", chunks);
+            let out = relay(r, Duration::from_secs(5), 1024, ErrorFormat::OpenAi).await;
+            assert_eq!(out.status(), StatusCode::OK);
+            assert_eq!(text(out).await, "{\"a\":1}");
+        }
     }
 
     #[tokio::test]

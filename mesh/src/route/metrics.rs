@@ -10,8 +10,8 @@ pub fn queue_wait(wait: Duration) {
 }
 
 /// Why the scheduler picked a node.
-pub fn scheduled(reason: &str) {
-    counter!("llmesh_scheduler_decisions_total", "reason" => reason.to_string()).increment(1);
+pub fn scheduled(reason: &'static str) {
+    counter!("llmesh_scheduler_decisions_total", "reason" => reason).increment(1);
 }
 
 /// A forwarded attempt that failed before its first byte.
