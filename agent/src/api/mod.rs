@@ -13,6 +13,7 @@ pub mod relay;
 pub mod resume;
 pub mod routing;
 
+use std::fmt::Write as _;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -244,7 +245,10 @@ fn new_request_id() -> String {
     static PREFIX: std::sync::LazyLock<u64> = std::sync::LazyLock::new(|| uuid::Uuid::new_v4().as_u64_pair().0);
     static COUNTER: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
     let n = COUNTER.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-    format!("{:016x}{n:016x}", *PREFIX)
+    // Sized up front: `format!` starts small and grows once.
+    let mut id = String::with_capacity(32);
+    let _ = write!(id, "{:016x}{n:016x}", *PREFIX);
+    id
 }
 
 fn stamp(response: &mut Response, node: &str, request_id: &str, route: Option<&Route>) {
