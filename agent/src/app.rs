@@ -14,7 +14,7 @@ use llmesh_mesh::{MeshConfig, Multiaddr};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
-use crate::api::{AppState, router};
+use crate::api::AppState;
 use crate::backend;
 use crate::config::Config;
 use crate::gpu::GpuProbe;
@@ -243,7 +243,8 @@ pub async fn run_agent(
         drain: config.api.drain_timeout,
         threads: config.api.connection_threads(),
     };
-    let served = crate::http_server::serve(listener, router(state.clone()), limits, shutdown.clone()).await;
+    let served =
+        crate::http_server::serve(listener, crate::api::Api::new(state.clone()), limits, shutdown.clone()).await;
     shutdown.cancel();
     if let Some(node) = state.mesh_node.get() {
         finish_forwarded(node, config.api.drain_timeout).await;

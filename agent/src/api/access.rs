@@ -3,6 +3,7 @@
 //! `/v1` and `/api` call needs one), allowed models, and model routes.
 
 use axum::extract::{Request, State};
+use axum::http::request::Parts;
 use axum::http::{HeaderMap, StatusCode};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
@@ -187,11 +188,20 @@ pub fn cloud_policy(
 }
 
 /// Middleware on the client API: rejects bad keys before any body is read.
-pub async fn authenticate(State(app): State<std::sync::Arc<AppState>>, mut request: Request, next: Next) -> Response {
+pub async fn authenticate(State(app): State<std::sync::Arc<AppState>>, request: Request, next: Next) -> Response {
+    match admit(&app, request).await {
+        Ok(request) => next.run(request).await,
+        Err(refused) => refused,
+    }
+}
+
+/// What [`authenticate`] does, as a plain function: the request with its
+/// [`Caller`] in its extensions, or the refusal to send.
+pub async fn admit(app: &AppState, mut request: Request) -> Result<Request, Response> {
     // Requests that arrive without a socket (in-process) count as local.
     let loopback = request.extensions().get::<crate::http_server::OnThisMachine>().is_none_or(|here| here.0);
-    if let Err(err) = membership_gate(&app, loopback).await {
-        return err.with_format(format_for(request.uri().path())).into_response();
+    if let Err(err) = membership_gate(app, loopback).await {
+        return Err(err.with_format(format_for(request.uri().path())).into_response());
     }
     let state = app.coordinator().map(|c| c.state());
     let mut result = caller(state.as_deref(), request.headers(), app.anonymous, loopback);
@@ -220,9 +230,9 @@ pub async fn authenticate(State(app): State<std::sync::Arc<AppState>>, mut reque
     match result {
         Ok(caller) => {
             request.extensions_mut().insert(caller);
-            next.run(request).await
+            Ok(request)
         }
-        Err(err) => err.with_format(format_for(request.uri().path())).into_response(),
+        Err(err) => Err(err.with_format(format_for(request.uri().path())).into_response()),
     }
 }
 
@@ -294,6 +304,15 @@ const STATE_LOOK_AGAIN: std::time::Duration = std::time::Duration::from_millis(1
 /// trickling its body gets 408 instead of holding a task forever) and at
 /// most `api.max_body_bytes` (413), before the handler sees it.
 pub async fn read_body(State(app): State<std::sync::Arc<AppState>>, request: Request, next: Next) -> Response {
+    match read_whole_body(&app, request).await {
+        Ok((parts, body)) => next.run(Request::from_parts(parts, axum::body::Body::from(body))).await,
+        Err(refused) => refused,
+    }
+}
+
+/// What [`read_body`] does, as a plain function: the request's head and its
+/// whole body, or the refusal to send.
+pub async fn read_whole_body(app: &AppState, request: Request) -> Result<(Parts, Bytes), Response> {
     use http_body_util::BodyExt as _;
     let format = format_for(request.uri().path());
     let (parts, body) = request.into_parts();
@@ -305,22 +324,19 @@ pub async fn read_body(State(app): State<std::sync::Arc<AppState>>, request: Req
         std::task::Poll::Ready(read) => Ok(read),
         std::task::Poll::Pending => tokio::time::timeout(app.body_read_timeout, collect).await,
     };
-    match read {
-        Ok(Ok(collected)) => next.run(Request::from_parts(parts, axum::body::Body::from(collected.to_bytes()))).await,
+    let refusal = match read {
+        Ok(Ok(collected)) => return Ok((parts, collected.to_bytes())),
         Ok(Err(err)) if err.downcast_ref::<http_body_util::LengthLimitError>().is_some() => {
-            ApiError::too_large(app.max_body_bytes).with_format(format).into_response()
+            ApiError::too_large(app.max_body_bytes)
         }
-        Ok(Err(err)) => {
-            ApiError::bad_request(format!("cannot read request body: {err}")).with_format(format).into_response()
-        }
+        Ok(Err(err)) => ApiError::bad_request(format!("cannot read request body: {err}")),
         Err(_) => ApiError::new(
             axum::http::StatusCode::REQUEST_TIMEOUT,
             "request_timeout",
             format!("the request body did not arrive within {:?} (api.body_read_timeout)", app.body_read_timeout),
-        )
-        .with_format(format)
-        .into_response(),
-    }
+        ),
+    };
+    Err(refusal.with_format(format).into_response())
 }
 
 /// Rewrites the body's `model` to `model`, keeping every other field.

@@ -20,6 +20,7 @@ use std::time::{Duration, Instant};
 use axum::Router;
 use axum::extract::rejection::BytesRejection;
 use axum::extract::{DefaultBodyLimit, Request, State};
+use axum::http::request::Parts;
 use axum::http::{HeaderMap, HeaderName, HeaderValue, Method, StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{delete, get, post};
@@ -126,20 +127,6 @@ pub fn router(state: Arc<AppState>) -> Router {
     let client_api = Router::new()
         .route("/v1/models", get(models::openai_models))
         .route("/v1/models/{*id}", get(models::openai_model))
-        .route("/v1/chat/completions", post(|s: AppStateRef, r: Request| infer(s, ApiKind::OpenaiChat, r)))
-        .route("/v1/completions", post(|s: AppStateRef, r: Request| infer(s, ApiKind::OpenaiCompletions, r)))
-        .route("/v1/embeddings", post(|s: AppStateRef, r: Request| infer(s, ApiKind::OpenaiEmbeddings, r)))
-        .route("/v1/responses", post(|s: AppStateRef, r: Request| infer(s, ApiKind::OpenaiResponses, r)))
-        .route("/v1/messages", post(|s: AppStateRef, r: Request| infer(s, ApiKind::AnthropicMessages, r)))
-        .route(
-            "/v1/messages/count_tokens",
-            post(|s: AppStateRef, r: Request| infer(s, ApiKind::AnthropicCountTokens, r)),
-        )
-        .route("/api/chat", post(|s: AppStateRef, r: Request| infer(s, ApiKind::OllamaChat, r)))
-        .route("/api/generate", post(|s: AppStateRef, r: Request| infer(s, ApiKind::OllamaGenerate, r)))
-        .route("/api/embed", post(|s: AppStateRef, r: Request| infer(s, ApiKind::OllamaEmbed, r)))
-        .route("/api/embeddings", post(|s: AppStateRef, r: Request| infer(s, ApiKind::OllamaEmbeddings, r)))
-        .route("/api/show", post(|s: AppStateRef, r: Request| infer(s, ApiKind::OllamaShow, r)))
         .route("/api/pull", post(|s: AppStateRef, c, h, b| manage::manage(s, ApiKind::OllamaPull, c, h, b)))
         .route("/api/push", post(|s: AppStateRef, c, h, b| manage::manage(s, ApiKind::OllamaPush, c, h, b)))
         .route("/api/create", post(|s: AppStateRef, c, h, b| manage::manage(s, ApiKind::OllamaCreate, c, h, b)))
@@ -149,6 +136,12 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/api/ps", get(models::ollama_ps))
         .route_layer(axum::middleware::from_fn_with_state(state.clone(), access::read_body))
         .route_layer(axum::middleware::from_fn_with_state(state.clone(), access::authenticate));
+    // The inference routes check keys and read the body themselves
+    // (`serve_inference`), as they do when `Api` serves them directly.
+    let inference = INFERENCE_ROUTES.iter().fold(Router::new(), |routes, &(path, api)| {
+        routes
+            .route(path, post(move |State(state): AppStateRef, request: Request| serve_inference(state, api, request)))
+    });
     // What operators read: open on the LAN unless api.public_status = false.
     let status = Router::new()
         .route("/", get(dashboard))
@@ -164,6 +157,7 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/api/version", get(models::ollama_version))
         .merge(status)
         .merge(client_api)
+        .merge(inference)
         .fallback(no_route)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(limit))
@@ -428,17 +422,16 @@ fn refuse(
     err.with_format(format).into_response()
 }
 
-/// Serves one inference request of kind `api`. It takes the request whole
-/// rather than through extractors: the header map and the caller are
-/// borrowed from it, not copied for every request.
-async fn infer(State(state): AppStateRef, api: ApiKind, request: Request) -> Response {
+/// Serves one inference request from its head and its whole body. It takes
+/// the head whole rather than through extractors: the header map and the
+/// caller are borrowed from it, not copied for every request.
+async fn infer(state: &AppState, api: ApiKind, mut parts: Parts, body: Bytes) -> Response {
     let format = ErrorFormat::of(api);
-    let (mut parts, body) = request.into_parts();
     let headers = &parts.headers;
     let request_id = request_id(headers);
     let started = Instant::now();
     let Some(caller) = parts.extensions.remove::<access::Caller>() else {
-        // `authenticate` runs before every inference route and sets it.
+        // `authenticate` runs before every inference request and sets it.
         let err = ApiError::new(
             StatusCode::INTERNAL_SERVER_ERROR,
             "internal_error",
@@ -447,14 +440,10 @@ async fn infer(State(state): AppStateRef, api: ApiKind, request: Request) -> Res
         return err.with_format(format).into_response();
     };
     let mut model = None;
-    let result = match collect_body(&state, body).await {
-        Ok(body) => build_request(&state, api, &caller, headers, body, &request_id),
-        Err(err) => Err(err),
-    };
-    let result = match result {
+    let result = match build_request(state, api, &caller, headers, body, &request_id) {
         Ok((request, asked)) => {
             model = Some(request.meta.model.clone());
-            run(&state, request, asked, &caller, headers, format, started).await
+            run(state, request, asked, &caller, headers, format, started).await
         }
         Err(err) => Err(err),
     };
@@ -464,7 +453,7 @@ async fn infer(State(state): AppStateRef, api: ApiKind, request: Request) -> Res
             response
         }
         Err(err) => {
-            let mut response = refuse(&state, err, &caller, &request_id, started, format, model.as_deref());
+            let mut response = refuse(state, err, &caller, &request_id, started, format, model.as_deref());
             stamp(&mut response, &state.node_name, &request_id, None);
             response
         }
@@ -473,15 +462,99 @@ async fn infer(State(state): AppStateRef, api: ApiKind, request: Request) -> Res
     response
 }
 
-/// The body `access::read_body` already read in full (and within the size
-/// limit), as one buffer.
-async fn collect_body(state: &AppState, body: axum::body::Body) -> Result<Bytes, ApiError> {
-    axum::body::to_bytes(body, state.max_body_bytes).await.map_err(|err| {
-        let err = err.into_inner();
-        if err.downcast_ref::<http_body_util::LengthLimitError>().is_some() {
-            ApiError::too_large(state.max_body_bytes)
-        } else {
-            ApiError::bad_request(format!("cannot read request body: {err}"))
+/// The API as the HTTP listener serves it: inference requests go straight
+/// to their handler through the same checks as behind the router
+/// ([`access::admit`], then [`access::read_whole_body`]); everything else
+/// goes through the axum [`router`]. The inference routes are most of the
+/// traffic, and they skip the router's per-request work: matching, cloning
+/// each layer's service, boxing each layer's future, extensions (with the
+/// boxing below, 15% fewer instructions per small request in callgrind).
+#[derive(Clone)]
+pub struct Api {
+    router: Router,
+    state: Arc<AppState>,
+}
+
+impl Api {
+    /// The API over `state`.
+    pub fn new(state: Arc<AppState>) -> Api {
+        Api { router: router(state.clone()), state }
+    }
+
+    /// Serves one request.
+    pub fn call(&self, request: Request) -> impl Future<Output = Response> + Send + use<> {
+        let inference = inference_route(request.method(), request.uri().path());
+        // Both clones are reference counts.
+        let state = self.state.clone();
+        let router = self.router.clone();
+        async move {
+            match inference {
+                // Boxed: the whole request's state machine is several KB,
+                // and hyper moves the future it holds (three copies per
+                // request, about a seventh of the agent's instructions in
+                // callgrind); the box is moved instead.
+                Some(api) => Box::pin(serve_inference(state, api, request)).await,
+                None => match tower::ServiceExt::oneshot(router, request).await {
+                    Ok(response) => response,
+                    Err(never) => match never {},
+                },
+            }
         }
-    })
+    }
+}
+
+/// The inference routes (all POST) and the API each speaks.
+const INFERENCE_ROUTES: [(&str, ApiKind); 11] = [
+    ("/v1/chat/completions", ApiKind::OpenaiChat),
+    ("/v1/completions", ApiKind::OpenaiCompletions),
+    ("/v1/embeddings", ApiKind::OpenaiEmbeddings),
+    ("/v1/responses", ApiKind::OpenaiResponses),
+    ("/v1/messages", ApiKind::AnthropicMessages),
+    ("/v1/messages/count_tokens", ApiKind::AnthropicCountTokens),
+    ("/api/chat", ApiKind::OllamaChat),
+    ("/api/generate", ApiKind::OllamaGenerate),
+    ("/api/embed", ApiKind::OllamaEmbed),
+    ("/api/embeddings", ApiKind::OllamaEmbeddings),
+    ("/api/show", ApiKind::OllamaShow),
+];
+
+/// The inference API a request is for, when it is one of
+/// [`INFERENCE_ROUTES`].
+fn inference_route(method: &Method, path: &str) -> Option<ApiKind> {
+    if method != Method::POST {
+        return None;
+    }
+    INFERENCE_ROUTES.iter().find(|(route, _)| *route == path).map(|&(_, api)| api)
+}
+
+/// Serves one inference request of kind `api`: the caller authenticated
+/// ([`access::admit`], which refuses bad keys before any body is read), the
+/// body read ([`access::read_whole_body`]), then routed and relayed.
+async fn serve_inference(state: Arc<AppState>, api: ApiKind, request: Request) -> Response {
+    let request = match access::admit(&state, request).await {
+        Ok(request) => request,
+        Err(refused) => return refused,
+    };
+    match access::read_whole_body(&state, request).await {
+        Ok((parts, body)) => infer(&state, api, parts, body).await,
+        Err(refused) => refused,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_posts_to_the_exact_inference_paths_skip_the_router() {
+        assert_eq!(inference_route(&Method::POST, "/v1/chat/completions"), Some(ApiKind::OpenaiChat));
+        assert_eq!(inference_route(&Method::POST, "/v1/messages/count_tokens"), Some(ApiKind::AnthropicCountTokens));
+        assert_eq!(inference_route(&Method::POST, "/api/show"), Some(ApiKind::OllamaShow));
+        // Everything else keeps the router's answers: 405, 404, the
+        // management and listing routes.
+        assert_eq!(inference_route(&Method::GET, "/v1/chat/completions"), None);
+        assert_eq!(inference_route(&Method::POST, "/v1/chat/completions/"), None);
+        assert_eq!(inference_route(&Method::POST, "/api/pull"), None);
+        assert_eq!(inference_route(&Method::POST, "/v1/models"), None);
+    }
 }

@@ -10,7 +10,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use axum::Router;
+use crate::api::Api;
 use axum::extract::connect_info::ConnectInfo;
 
 /// Whether the client of a connection runs on this machine (loopback, or
@@ -23,7 +23,6 @@ use hyper_util::server::graceful::GracefulShutdown;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
-use tower::ServiceExt as _;
 
 mod threads;
 use threads::ConnectionThreads;
@@ -43,7 +42,7 @@ pub const MAX_HEADERS: usize = 100;
 /// [`Lingering`] ends; with zero, on the calling runtime.
 pub async fn serve(
     listener: TcpListener,
-    app: Router,
+    app: Api,
     limits: ServeLimits,
     shutdown: CancellationToken,
 ) -> std::io::Result<Lingering> {
@@ -151,14 +150,15 @@ impl Accepted {
     fn serve(
         self,
         builder: &ConnectionBuilder,
-        app: Router,
+        app: Api,
         graceful: &GracefulShutdown,
     ) -> impl Future<Output = ()> + Send + 'static {
         let Accepted { stream, remote, here, permit } = self;
         let service = hyper::service::service_fn(move |mut request: hyper::Request<hyper::body::Incoming>| {
             request.extensions_mut().insert(ConnectInfo::<SocketAddr>(remote));
             request.extensions_mut().insert(here);
-            app.clone().oneshot(request.map(axum::body::Body::new))
+            let response = app.call(request.map(axum::body::Body::new));
+            async move { Ok::<_, std::convert::Infallible>(response.await) }
         });
         let connection = builder.serve_connection_with_upgrades(TokioIo::new(stream), service).into_owned();
         let connection = graceful.watch(connection);

@@ -15,7 +15,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
-use axum::Router;
+use crate::api::Api;
 use hyper_util::server::graceful::GracefulShutdown;
 use tokio::net::TcpStream;
 use tokio::sync::{OwnedSemaphorePermit, mpsc, oneshot};
@@ -55,7 +55,7 @@ impl ConnectionThreads {
     pub(super) fn start(
         count: usize,
         builder: Arc<ConnectionBuilder>,
-        app: Router,
+        app: Api,
         drain: Duration,
     ) -> std::io::Result<ConnectionThreads> {
         let mut lanes = Vec::with_capacity(count);
@@ -154,7 +154,7 @@ struct LaneRun {
     incoming: mpsc::UnboundedReceiver<Handoff>,
     open: Arc<AtomicUsize>,
     builder: Arc<ConnectionBuilder>,
-    app: Router,
+    app: Api,
     drain: Duration,
 }
 
