@@ -113,14 +113,22 @@ pub fn seed(dir: &Path) -> Result<Option<Vec<u8>>, ClusterFileError> {
 
 /// Replaces `path` with `bytes` through a rename, so that a reader (`llmesh
 /// init` printing a token while the agent records a new key) sees the old
-/// file or the new one, never an empty or half-written one.
+/// file or the new one, never an empty or half-written one. The file
+/// written first has a name of its own per process and call: two writers
+/// at once (`llmesh token rotate` and the agent on the same directory both
+/// record the rotated key) would otherwise remove or rename each other's.
 fn replace_private(path: &Path, bytes: &[u8]) -> Result<(), ClusterFileError> {
+    static WRITES: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let write = WRITES.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     let mut name = path.file_name().map(|n| n.to_os_string()).unwrap_or_default();
-    name.push(".new");
+    name.push(format!(".new.{}.{write}", std::process::id()));
     let fresh = path.with_file_name(name);
     let _ = std::fs::remove_file(&fresh);
     write_private(&fresh, bytes)?;
-    std::fs::rename(&fresh, path).map_err(io(path))
+    std::fs::rename(&fresh, path).map_err(|err| {
+        let _ = std::fs::remove_file(&fresh);
+        io(path)(err)
+    })
 }
 
 fn write_private(path: &Path, bytes: &[u8]) -> Result<(), ClusterFileError> {
@@ -182,5 +190,34 @@ mod tests {
         }
         writer.join().expect("writer");
         assert_eq!(join_key(dir.path(), &secret).expect("reads"), [(299 % 250) as u8 + 1; 32]);
+    }
+
+    #[test]
+    fn two_writers_at_once_both_succeed() {
+        // `llmesh token rotate` and the agent on the same directory record
+        // the same rotated key at the same moment (CI failed once on it:
+        // the CLI's rename found its file taken by the agent).
+        let dir = tempfile::tempdir().expect("tempdir");
+        let secret = crate::ClusterSecret::generate();
+        let writers: Vec<_> = (0..2)
+            .map(|_| {
+                let dir = dir.path().to_path_buf();
+                std::thread::spawn(move || {
+                    for _ in 0..300 {
+                        store_join_key(&dir, &[7; 32]).expect("every write succeeds");
+                    }
+                })
+            })
+            .collect();
+        for writer in writers {
+            writer.join().expect("writer");
+        }
+        assert_eq!(join_key(dir.path(), &secret).expect("reads"), [7; 32]);
+        let leftovers: Vec<_> = std::fs::read_dir(dir.path())
+            .expect("lists")
+            .filter_map(|e| e.ok().map(|e| e.file_name()))
+            .filter(|n| n != JOIN_KEY_FILE)
+            .collect();
+        assert!(leftovers.is_empty(), "{leftovers:?}");
     }
 }
