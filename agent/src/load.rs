@@ -51,12 +51,22 @@ pub struct Queued {
     model: String,
 }
 
+/// The stats of `model`, made on first use. Runs several times a request:
+/// the model's name is copied only when it is new (`entry` would take an
+/// owned key every time).
+fn stats_of<'a>(models: &'a mut HashMap<String, ModelStats>, model: &str) -> &'a mut ModelStats {
+    if !models.contains_key(model) {
+        models.insert(model.to_string(), ModelStats::default());
+    }
+    models.get_mut(model).unwrap_or_else(|| unreachable!("inserted above"))
+}
+
 impl LoadTracker {
     /// Counts a request for `model` until the returned guard drops.
     pub fn start(self: &Arc<Self>, model: &str) -> InFlight {
         self.in_flight.fetch_add(1, Ordering::Relaxed);
         let mut models = self.models.lock().unwrap_or_else(PoisonError::into_inner);
-        models.entry(model.to_string()).or_default().in_flight += 1;
+        stats_of(&mut models, model).in_flight += 1;
         InFlight { tracker: self.clone(), model: model.to_string() }
     }
 
@@ -65,7 +75,7 @@ impl LoadTracker {
     pub fn enqueue(self: &Arc<Self>, model: &str) -> Queued {
         self.queued.fetch_add(1, Ordering::Relaxed);
         let mut models = self.models.lock().unwrap_or_else(PoisonError::into_inner);
-        models.entry(model.to_string()).or_default().queued += 1;
+        stats_of(&mut models, model).queued += 1;
         Queued { tracker: self.clone(), model: model.to_string() }
     }
 
@@ -78,7 +88,7 @@ impl LoadTracker {
     pub fn record_ttft(&self, model: &str, ttft: Duration) {
         let ms = ttft.as_secs_f64() * 1000.0;
         let mut models = self.models.lock().unwrap_or_else(PoisonError::into_inner);
-        let stats = models.entry(model.to_string()).or_default();
+        let stats = stats_of(&mut models, model);
         stats.ttft_ewma_ms = ewma(stats.ttft_ewma_ms, stats.samples, ms);
         stats.samples += 1;
     }
@@ -86,7 +96,7 @@ impl LoadTracker {
     /// Records a decode speed measured on a streamed response (tokens/s).
     pub fn record_decode(&self, model: &str, tokens_per_s: f64) {
         let mut models = self.models.lock().unwrap_or_else(PoisonError::into_inner);
-        let stats = models.entry(model.to_string()).or_default();
+        let stats = stats_of(&mut models, model);
         stats.decode_ewma = ewma(stats.decode_ewma, stats.decode_samples, tokens_per_s);
         stats.decode_samples += 1;
     }
@@ -99,7 +109,7 @@ impl LoadTracker {
             return;
         }
         let mut models = self.models.lock().unwrap_or_else(PoisonError::into_inner);
-        let stats = models.entry(model.to_string()).or_default();
+        let stats = stats_of(&mut models, model);
         stats.prefill_ewma = ewma(stats.prefill_ewma, stats.prefill_samples, bytes_per_s);
         stats.prefill_samples += 1;
     }

@@ -141,7 +141,9 @@ fn cached_handles(o: &RequestOutcome<'_>) -> RequestHandles {
         return RequestHandles::register(o);
     }
     let names = [o.model, o.route, o.outcome, o.key];
-    let mut hasher = std::hash::DefaultHasher::new();
+    // Made-up models and keys never get here, and the sets are bounded:
+    // a fast hash will do (SipHash cost a thousand instructions a request).
+    let mut hasher = rustc_hash::FxHasher::default();
     names.hash(&mut hasher);
     let hash = hasher.finish();
     let cache = CACHE.get_or_init(Default::default);

@@ -7,7 +7,6 @@
 use std::sync::LazyLock;
 
 use memchr::memmem::Finder;
-use serde::Deserialize;
 
 /// Tokens of one response.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -31,18 +30,15 @@ pub struct UsageMeter {
     prompt_bytes: usize,
 }
 
-/// OpenAI's usage object; Anthropic's and the Responses API's name the
-/// same counts `input_tokens` and `output_tokens`.
-#[derive(Deserialize)]
-struct UsageObject {
-    #[serde(default, alias = "input_tokens")]
-    prompt_tokens: u64,
-    #[serde(default, alias = "output_tokens")]
-    completion_tokens: u64,
-}
-
 // Needles searched for in every line of every response, built once.
 static USAGE: LazyLock<Finder<'static>> = LazyLock::new(|| Finder::new(b"\"usage\":"));
+// OpenAI's usage object names the counts `prompt_tokens` and
+// `completion_tokens`; Anthropic's and the Responses API's `input_tokens`
+// and `output_tokens`.
+static PROMPT_TOKENS: LazyLock<Finder<'static>> = LazyLock::new(|| Finder::new(b"\"prompt_tokens\":"));
+static COMPLETION_TOKENS: LazyLock<Finder<'static>> = LazyLock::new(|| Finder::new(b"\"completion_tokens\":"));
+static INPUT_TOKENS: LazyLock<Finder<'static>> = LazyLock::new(|| Finder::new(b"\"input_tokens\":"));
+static OUTPUT_TOKENS: LazyLock<Finder<'static>> = LazyLock::new(|| Finder::new(b"\"output_tokens\":"));
 static EVAL_COUNT: LazyLock<Finder<'static>> = LazyLock::new(|| Finder::new(b"\"eval_count\":"));
 static PROMPT_EVAL_COUNT: LazyLock<Finder<'static>> = LazyLock::new(|| Finder::new(b"\"prompt_eval_count\":"));
 static CONTENT: LazyLock<Finder<'static>> = LazyLock::new(|| Finder::new(b"\"content\":\""));
@@ -62,6 +58,48 @@ fn number_after(line: &[u8], name: &Finder<'_>) -> Option<u64> {
     let digits: &[u8] = &rest[start..];
     let end = digits.iter().position(|b| !b.is_ascii_digit()).unwrap_or(digits.len());
     std::str::from_utf8(&digits[..end]).ok()?.parse().ok()
+}
+
+/// The JSON object `text` starts with (after blanks), through its closing
+/// brace; `None` when `text` starts with anything else (`null`: OpenAI
+/// streams say `"usage":null` in every chunk but the last) or the object
+/// is cut short. A scan for the closing brace, not a parse: the meter runs
+/// on every response and needs two numbers from the object.
+fn object_at(text: &[u8]) -> Option<&[u8]> {
+    // The JSON punctuation the scan looks for, by code (ASCII).
+    const OPEN: u8 = 0x7B;
+    const CLOSE: u8 = 0x7D;
+    const QUOTE: u8 = 0x22;
+    const ESCAPE: u8 = 0x5C;
+    let start = text.iter().position(|b| !b.is_ascii_whitespace())?;
+    if text[start] != OPEN {
+        return None;
+    }
+    let (mut depth, mut at) = (0usize, start);
+    loop {
+        let found = at + memchr::memchr3(OPEN, CLOSE, QUOTE, text.get(at..)?)?;
+        at = found + 1;
+        match text[found] {
+            QUOTE => {
+                // To the closing quote, past escaped ones.
+                loop {
+                    let quote_or_escape = at + memchr::memchr2(QUOTE, ESCAPE, text.get(at..)?)?;
+                    let closed = text[quote_or_escape] == QUOTE;
+                    at = quote_or_escape + if closed { 1 } else { 2 };
+                    if closed {
+                        break;
+                    }
+                }
+            }
+            OPEN => depth += 1,
+            _ => {
+                depth -= 1;
+                if depth == 0 {
+                    return Some(&text[start..at]);
+                }
+            }
+        }
+    }
 }
 
 /// Whether `"field":"` is followed by at least one character.
@@ -101,12 +139,14 @@ impl UsageMeter {
 
     fn line(&mut self, line: &[u8]) {
         if let Some(at) = end_of(line, &USAGE) {
-            let mut objects = serde_json::Deserializer::from_slice(&line[at..]).into_iter::<UsageObject>();
-            if let Some(Ok(usage)) = objects.next() {
+            if let Some(usage) = object_at(&line[at..]) {
+                let count = |openai, anthropic| number_after(usage, openai).or_else(|| number_after(usage, anthropic));
+                let reported_prompt = count(&PROMPT_TOKENS, &INPUT_TOKENS).unwrap_or(0);
+                let reported_completion = count(&COMPLETION_TOKENS, &OUTPUT_TOKENS).unwrap_or(0);
                 // Anthropic reports input at the start and output at the end
                 // of a stream: keep the largest of each.
                 let (prompt, completion) = self.reported.unwrap_or_default();
-                self.reported = Some((prompt.max(usage.prompt_tokens), completion.max(usage.completion_tokens)));
+                self.reported = Some((prompt.max(reported_prompt), completion.max(reported_completion)));
             }
         } else if let Some(completion) = number_after(line, &EVAL_COUNT) {
             let prompt = number_after(line, &PROMPT_EVAL_COUNT).unwrap_or(0);
@@ -162,5 +202,37 @@ mod tests {
         let mut meter = UsageMeter::new(0);
         meter.push(b"{\"message\":{\"content\":\"x\"},\"done\":false}\n{\"done\":true,\"prompt_eval_count\":7,\"eval_count\":2}\n");
         assert_eq!(meter.finish(), Tokens { prompt: 7, completion: 2, exact: true });
+    }
+
+    #[test]
+    fn reads_anthropic_and_responses_usage_around_nested_details() {
+        let mut meter = UsageMeter::new(0);
+        meter.push(b"event: message_start\ndata: {\"message\":{\"usage\":{\"input_tokens\":25,\"cache_read_input_tokens\":9,\"output_tokens\":1}}}\n\n");
+        meter.push(b"event: message_delta\ndata: {\"delta\":{},\"usage\":{\"output_tokens\":15}}\n\n");
+        assert_eq!(meter.finish(), Tokens { prompt: 25, completion: 15, exact: true });
+
+        let mut meter = UsageMeter::new(0);
+        meter.push(br#"{"usage":{"input_tokens_details":{"cached_tokens":4},"input_tokens":30,"output_tokens":6,"output_tokens_details":{"reasoning_tokens":2}},"note":"prompt_tokens\": 99 {"}"#);
+        assert_eq!(meter.finish(), Tokens { prompt: 30, completion: 6, exact: true });
+    }
+
+    #[test]
+    fn a_null_or_cut_short_usage_is_not_a_report() {
+        let stream = "data: {\"choices\":[{\"delta\":{\"content\":\"a\"}}],\"usage\":null}\n\ndata: [DONE]\n\n";
+        let mut meter = UsageMeter::new(8);
+        meter.push(stream.as_bytes());
+        assert_eq!(meter.finish(), Tokens { prompt: 2, completion: 1, exact: false });
+
+        let mut meter = UsageMeter::new(8);
+        meter.push(br#"{"usage":{"prompt_tokens":5,"completion_tokens":"#);
+        assert_eq!(meter.finish(), Tokens { prompt: 2, completion: 0, exact: false });
+
+        // A brace inside a string does not end the object early.
+        let mut meter = UsageMeter::new(8);
+        meter.push(br#"{"usage":{"label":"a}\"}","prompt_tokens":3,"completion_tokens":4}}"#);
+        assert_eq!(meter.finish(), Tokens { prompt: 3, completion: 4, exact: true });
+        let mut meter = UsageMeter::new(8);
+        meter.push(br#"{"usage":{"label":"x\\","prompt_tokens":1,"completion_tokens":2}}"#);
+        assert_eq!(meter.finish(), Tokens { prompt: 1, completion: 2, exact: true });
     }
 }

@@ -108,14 +108,22 @@ async fn enormous_or_endless_request_heads_are_refused() {
     let big = format!("GET /v1/models HTTP/1.1\r\nhost: x\r\nx-big: {}\r\n\r\n", "a".repeat(100 * 1024));
     let answer = raw(&agent, big.as_bytes(), Duration::from_secs(5)).await;
     assert!(answer.starts_with("HTTP/1.1 431"), "a 100 KiB header must get 431: {answer:.200}");
-    // Too many headers.
-    let mut many = String::from("GET /v1/models HTTP/1.1\r\nhost: x\r\n");
-    for i in 0..500 {
-        many.push_str(&format!("x-h{i}: v\r\n"));
+    // Too many headers: the limit is exactly MAX_HEADERS.
+    let head = |fields: usize| {
+        let mut head = String::from("GET /v1/models HTTP/1.1\r\nhost: x\r\nconnection: close\r\n");
+        for i in 2..fields {
+            head.push_str(&format!("x-h{i}: v\r\n"));
+        }
+        head + "\r\n"
+    };
+    // The agent's `http_server::MAX_HEADERS`.
+    let limit = 100;
+    let answer = raw(&agent, head(limit).as_bytes(), Duration::from_secs(5)).await;
+    assert!(answer.starts_with("HTTP/1.1 200"), "{limit} headers must pass: {answer:.200}");
+    for fields in [limit + 1, 500] {
+        let answer = raw(&agent, head(fields).as_bytes(), Duration::from_secs(5)).await;
+        assert!(answer.starts_with("HTTP/1.1 431"), "{fields} headers must get 431: {answer:.200}");
     }
-    many.push_str("\r\n");
-    let answer = raw(&agent, many.as_bytes(), Duration::from_secs(5)).await;
-    assert!(answer.starts_with("HTTP/1.1 431"), "500 headers must get 431: {answer:.200}");
     // Garbage instead of HTTP.
     let answer =
         raw(&agent, b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03garbage\r\n\r\n", Duration::from_secs(5)).await;

@@ -78,7 +78,7 @@ fn bearer(headers: &HeaderMap) -> Option<&str> {
         let (scheme, token) = value.split_once(' ')?;
         return scheme.eq_ignore_ascii_case("bearer").then_some(token.trim());
     }
-    headers.get("x-api-key").and_then(|v| v.to_str().ok()).map(str::trim).filter(|k| !k.is_empty())
+    headers.get(X_API_KEY).and_then(|v| v.to_str().ok()).map(str::trim).filter(|k| !k.is_empty())
 }
 
 /// Whether a request without a key may pass.
@@ -149,6 +149,9 @@ pub fn caller(
 
 /// Header with which a client forbids the cloud for one request.
 pub const CLOUD_HEADER: &str = "x-llmesh-cloud";
+const CLOUD_NAME: http::HeaderName = http::HeaderName::from_static(CLOUD_HEADER);
+/// Anthropic's key header (its SDKs send no `Authorization`).
+const X_API_KEY: http::HeaderName = http::HeaderName::from_static("x-api-key");
 
 /// What `caller` may do with the cloud for a request for `model`.
 pub fn cloud_policy(
@@ -158,7 +161,7 @@ pub fn cloud_policy(
     model: &str,
 ) -> Result<CloudPolicy, ApiError> {
     let Some(cloud) = cloud else { return Ok(CloudPolicy::default()) };
-    if let Some(value) = headers.get(CLOUD_HEADER) {
+    if let Some(value) = headers.get(CLOUD_NAME) {
         return match value.to_str().map(str::trim) {
             Ok("never") => Ok(CloudPolicy {
                 policy: CloudPolicyName::Never,

@@ -47,6 +47,11 @@ pub const REQUEST_ID_HEADER: &str = "x-request-id";
 const REQUEST_ID_NAME: HeaderName = HeaderName::from_static(REQUEST_ID_HEADER);
 const NODE_NAME: HeaderName = HeaderName::from_static(NODE_HEADER);
 const ROUTE_NAME: HeaderName = HeaderName::from_static(ROUTE_HEADER);
+// Headers read on every request, by name built once: looking one up by a
+// `&str` parses the name each time.
+const TIMEOUT_NAME: HeaderName = HeaderName::from_static(TIMEOUT_HEADER);
+const TRACEPARENT_NAME: HeaderName = HeaderName::from_static("traceparent");
+const RESUME_NAME: HeaderName = HeaderName::from_static(resume::RESUME_HEADER);
 /// Header with which a client shortens the time allowed until the response
 /// starts, in milliseconds; the deadline travels with forwarded requests.
 pub const TIMEOUT_HEADER: &str = "x-llmesh-timeout-ms";
@@ -270,7 +275,7 @@ fn stamp(response: &mut Response, node: &str, request_id: &str, route: Option<&R
 
 /// The client's deadline header, if any.
 fn deadline(headers: &HeaderMap) -> Result<Option<Instant>, ApiError> {
-    let Some(value) = headers.get(TIMEOUT_HEADER) else { return Ok(None) };
+    let Some(value) = headers.get(TIMEOUT_NAME) else { return Ok(None) };
     let ms =
         value.to_str().ok().and_then(|v| v.trim().parse::<u64>().ok()).filter(|ms| *ms > 0).ok_or_else(|| {
             ApiError::bad_request(format!("{TIMEOUT_HEADER} must be a positive number of milliseconds"))
@@ -355,7 +360,7 @@ async fn run(
     let span = tracing::info_span!("entry", request_id = %request.request_id, api = request.api.as_str_name(), model = %request.meta.model);
     // A client that traces its own calls sends its context: the entry
     // joins that trace.
-    if let Some(parent) = headers.get("traceparent").and_then(|v| v.to_str().ok()) {
+    if let Some(parent) = headers.get(TRACEPARENT_NAME).and_then(|v| v.to_str().ok()) {
         crate::telemetry::continue_trace(&span, parent);
     }
     request.traceparent = crate::telemetry::traceparent(&span);
@@ -365,7 +370,7 @@ async fn run(
     let resumable = state.resume_streams
         && resume::resumable_api(request.api)
         && request.meta.stream
-        && headers.get(resume::RESUME_HEADER).is_none_or(|v| v != "off");
+        && headers.get(RESUME_NAME).is_none_or(|v| v != "off");
     let resume = resumable.then(|| (request.clone(), cloud.clone()));
     let Routed { response: mut upstream, node, node_id, route } = state
         .router

@@ -8,6 +8,7 @@ use bytes::Bytes;
 use llmesh_mesh::route::prefix::PrefixKey;
 use llmesh_mesh::{ApiKind, RequestMeta};
 use serde::Deserialize;
+use serde::de::{Deserializer as _, SeqAccess, Visitor};
 use serde_json::value::RawValue;
 
 use crate::error::ApiError;
@@ -115,11 +116,35 @@ fn head(text: &str) -> String {
 /// `key` extended with every message up to and including the first user
 /// message of the array `messages`.
 fn through_first_user(key: PrefixKey, messages: &RawValue) -> Option<u64> {
-    let messages: Vec<&RawValue> = serde_json::from_str(messages.get()).ok()?;
-    let is_user =
-        |m: &&RawValue| serde_json::from_str::<Role<'_>>(m.get()).ok().and_then(|r| r.role).as_deref() == Some("user");
-    let end = messages.iter().position(is_user)?;
-    Some(messages[..=end].iter().fold(key, |key, m| key.push(m.get().as_bytes())).finish())
+    /// Walks the array once, hashing messages until the first user one
+    /// (no vector of the messages is built: this runs on every request).
+    struct UpToFirstUser(PrefixKey);
+
+    impl<'de> Visitor<'de> for UpToFirstUser {
+        type Value = Option<u64>;
+
+        fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.write_str("an array of messages")
+        }
+
+        fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Option<u64>, A::Error> {
+            let mut key = Some(self.0);
+            let mut through_user = None;
+            while let Some(message) = seq.next_element::<&'de RawValue>()? {
+                let Some(so_far) = key.take() else { continue };
+                let so_far = so_far.push(message.get().as_bytes());
+                let role = serde_json::from_str::<Role<'_>>(message.get()).ok().and_then(|r| r.role);
+                if role.as_deref() == Some("user") {
+                    through_user = Some(so_far.finish());
+                } else {
+                    key = Some(so_far);
+                }
+            }
+            Ok(through_user)
+        }
+    }
+
+    serde_json::Deserializer::from_str(messages.get()).deserialize_seq(UpToFirstUser(key)).ok().flatten()
 }
 
 /// JSON's name for the type of `raw`, as Go's decoder words it.

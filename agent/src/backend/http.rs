@@ -14,7 +14,7 @@ use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
 use futures::StreamExt;
-use http::header::{ACCEPT, AUTHORIZATION, CONNECTION, CONTENT_TYPE};
+use http::header::{ACCEPT, AUTHORIZATION, CONNECTION, CONTENT_TYPE, HOST, HeaderName};
 use http::{Method, Request};
 use http_body_util::{BodyExt, Full};
 use hyper_rustls::HttpsConnector;
@@ -26,6 +26,9 @@ use serde::de::DeserializeOwned;
 
 use super::inline_pool::{InlineError, InlinePool};
 use crate::config::BackendConfig;
+
+/// The request id sent to the backend, so its logs match ours.
+const X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 
 /// Largest inventory document accepted (model lists are a few KiB).
 const MAX_INVENTORY_BYTES: usize = 16 * 1024 * 1024;
@@ -107,19 +110,12 @@ struct TlsClients {
 }
 
 impl Transport {
-    /// Sends `request`; `fresh`: on a new connection, not pooled after.
-    async fn request(&self, mut request: Request<Full<Bytes>>, fresh: bool) -> Result<Answer, SendFailure> {
+    /// Sends `request` (origin form for the plain pool, absolute for the
+    /// cloud client: see [`HttpBackend::request`]); `fresh`: on a new
+    /// connection, not pooled after.
+    async fn request(&self, request: Request<Full<Bytes>>, fresh: bool) -> Result<Answer, SendFailure> {
         match self {
             Transport::Plain(pool) => {
-                // HTTP/1.1 origin form: the path on the request line, the
-                // host in its header.
-                let path = request.uri().path_and_query().map_or("/", |p| p.as_str()).to_string();
-                if let Ok(host) = http::HeaderValue::from_str(pool.authority().as_str()) {
-                    request.headers_mut().insert(http::header::HOST, host);
-                }
-                if let Ok(uri) = path.parse() {
-                    *request.uri_mut() = uri;
-                }
                 let (status, headers, body) = pool.request(request, fresh).await.map_err(SendFailure::Inline)?;
                 let status = http::StatusCode::from_u16(status).unwrap_or(http::StatusCode::BAD_GATEWAY);
                 Ok(Answer { status, headers, body: Box::pin(body) })
@@ -167,7 +163,7 @@ pub struct HttpBackend {
     /// The backend closed a pooled connection under a request.
     closes_after_stream: AtomicBool,
     base: String,
-    authorization: Option<String>,
+    authorization: Option<http::HeaderValue>,
     headers: Vec<(http::HeaderName, http::HeaderValue)>,
     inventory_timeout: Duration,
 }
@@ -224,11 +220,23 @@ impl HttpBackend {
                 .map_err(|e| ServeError::Internal(format!("bad value for header '{name}': {e}")))?;
             headers.push((name, value));
         }
+        let authorization = match &target.api_key {
+            Some(key) => {
+                let mut value = http::HeaderValue::from_str(&format!("Bearer {key}")).map_err(|_| {
+                    ServeError::Internal(format!(
+                        "the API key for {base} holds characters an HTTP header cannot carry (control characters or line breaks); check the key"
+                    ))
+                })?;
+                value.set_sensitive(true);
+                Some(value)
+            }
+            None => None,
+        };
         Ok(HttpBackend {
             client,
             closes_after_stream: AtomicBool::new(false),
             base,
-            authorization: target.api_key.as_ref().map(|key| format!("Bearer {key}")),
+            authorization,
             headers,
             inventory_timeout: target.connect_timeout + Duration::from_secs(5),
         })
@@ -243,18 +251,31 @@ impl HttpBackend {
         format!("{}{path}", self.base)
     }
 
+    /// A request for `path` with the headers every request carries. The
+    /// plain pool gets the origin form and a `Host` header built once (this
+    /// runs for every request: no URL formatting and parsing twice); the
+    /// cloud client gets the absolute URL it connects by.
     fn request(&self, method: Method, path: &str, body: Bytes) -> Result<Request<Full<Bytes>>, ServeError> {
-        let mut builder = Request::builder().method(method).uri(self.url(path));
+        let bad = |e: http::uri::InvalidUri| ServeError::Internal(format!("bad backend request path {path}: {e}"));
+        let (uri, host) = match &self.client {
+            Transport::Plain(pool) => (pool.origin_form(path).map_err(bad)?, Some(pool.host())),
+            Transport::Tls(_) => (http::Uri::try_from(self.url(path)).map_err(bad)?, None),
+        };
+        let mut request = Request::new(Full::new(body));
+        *request.method_mut() = method;
+        *request.uri_mut() = uri;
+        let headers = request.headers_mut();
+        if let Some(host) = host {
+            headers.insert(HOST, host.clone());
+        }
         if let Some(auth) = &self.authorization {
-            builder = builder.header(AUTHORIZATION, auth);
+            headers.insert(AUTHORIZATION, auth.clone());
         }
         for (name, value) in &self.headers {
-            builder = builder.header(name, value);
+            headers.append(name.clone(), value.clone());
         }
-        builder
-            .header(CONTENT_TYPE, "application/json")
-            .body(Full::new(body))
-            .map_err(|e| ServeError::Internal(format!("bad backend request for {path}: {e}")))
+        headers.insert(CONTENT_TYPE, http::HeaderValue::from_static("application/json"));
+        Ok(request)
     }
 
     fn classify(&self, path: &str, err: &SendFailure) -> ServeError {
@@ -292,7 +313,7 @@ impl HttpBackend {
         let build = || -> Result<Request<Full<Bytes>>, ServeError> {
             let mut request = self.request(method.clone(), path, body.clone())?;
             if let Ok(id) = http::HeaderValue::from_str(request_id) {
-                request.headers_mut().insert("x-request-id", id);
+                request.headers_mut().insert(X_REQUEST_ID, id);
             }
             if stream && self.closes_after_stream.load(Ordering::Relaxed) {
                 request.headers_mut().insert(CONNECTION, http::HeaderValue::from_static("close"));
@@ -354,5 +375,93 @@ impl HttpBackend {
         })??;
         serde_json::from_slice(&bytes)
             .map_err(|e| ServeError::BackendUnavailable(format!("{} sent an unexpected body: {e}", self.url(path))))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::convert::Infallible;
+
+    use hyper::body::Incoming;
+    use hyper_util::rt::TokioIo;
+    use tokio::net::TcpListener;
+
+    use super::*;
+
+    /// A backend that answers every request with its target and headers,
+    /// one `name: value` per line after the target.
+    async fn echo_server() -> String {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let address = listener.local_addr().expect("address");
+        tokio::spawn(async move {
+            while let Ok((stream, _)) = listener.accept().await {
+                let service = hyper::service::service_fn(|request: http::Request<Incoming>| async move {
+                    let mut text = format!("{} {}\n", request.method(), request.uri());
+                    for (name, value) in request.headers() {
+                        text.push_str(&format!("{name}: {}\n", value.to_str().unwrap_or("?")));
+                    }
+                    Ok::<_, Infallible>(http::Response::new(Full::new(Bytes::from(text))))
+                });
+                tokio::spawn(
+                    hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(stream), service),
+                );
+            }
+        });
+        address.to_string()
+    }
+
+    async fn body_text(response: InferenceResponse) -> String {
+        let mut body = response.body;
+        let mut text = String::new();
+        while let Some(chunk) = body.next().await {
+            text.push_str(std::str::from_utf8(&chunk.expect("chunk")).expect("utf-8"));
+        }
+        text
+    }
+
+    fn target(base: String, api_key: Option<&str>) -> HttpTarget {
+        HttpTarget {
+            base,
+            api_key: api_key.map(str::to_string),
+            headers: vec![("x-extra".into(), "yes".into())],
+            connect_timeout: Duration::from_secs(2),
+            allow_https: false,
+        }
+    }
+
+    #[tokio::test]
+    async fn requests_carry_the_base_path_host_and_configured_headers() {
+        let address = echo_server().await;
+        let backend =
+            HttpBackend::for_target(target(format!("http://{address}/under/here/"), Some("k1"))).expect("backend");
+        let response =
+            backend.post("/v1/chat/completions", Bytes::from_static(b"{}"), "req-7", false).await.expect("answered");
+        let text = body_text(response).await;
+        let mut lines = text.lines();
+        assert_eq!(lines.next(), Some("POST /under/here/v1/chat/completions"), "{text}");
+        let headers: Vec<&str> = lines.collect();
+        for expected in [
+            format!("host: {address}"),
+            "authorization: Bearer k1".into(),
+            "x-request-id: req-7".into(),
+            "x-extra: yes".into(),
+            "content-type: application/json".into(),
+        ] {
+            assert!(headers.contains(&expected.as_str()), "missing {expected:?} in {headers:?}");
+        }
+
+        let bare = HttpBackend::for_target(target(format!("http://{address}"), None)).expect("backend");
+        let text =
+            body_text(bare.post("/api/chat", Bytes::from_static(b"{}"), "r", false).await.expect("answered")).await;
+        assert!(text.starts_with("POST /api/chat\n"), "{text}");
+        assert!(!text.contains("authorization"), "{text}");
+    }
+
+    #[test]
+    fn an_api_key_a_header_cannot_carry_is_refused_at_start() {
+        let Err(err) = HttpBackend::for_target(target("http://127.0.0.1:9".into(), Some("bad\nkey"))) else {
+            panic!("a key with a line break was accepted");
+        };
+        assert!(err.to_string().contains("API key"), "{err}");
     }
 }

@@ -114,7 +114,7 @@ impl Leased {
 }
 
 struct Idle {
-    leased: Leased,
+    leased: Box<Leased>,
     since: Instant,
 }
 
@@ -124,6 +124,10 @@ struct Idle {
 /// wake a task across threads (see `http_server::threads`).
 pub struct InlinePool {
     authority: http::uri::Authority,
+    /// The `Host` header every request carries, built once.
+    host: http::HeaderValue,
+    /// The base URL's path (no trailing `/`), before every request's path.
+    prefix: String,
     connect_timeout: Duration,
     idle_timeout: Duration,
     max_idle: usize,
@@ -148,8 +152,12 @@ impl InlinePool {
     pub fn new(base: &str, connect_timeout: Duration) -> Result<Arc<InlinePool>, String> {
         let uri: Uri = base.parse().map_err(|e| format!("bad backend URL '{base}': {e}"))?;
         let authority = uri.authority().cloned().ok_or_else(|| format!("backend URL '{base}' has no host"))?;
+        let host = http::HeaderValue::from_str(authority.as_str())
+            .map_err(|e| format!("backend URL '{base}': bad host for a Host header: {e}"))?;
         Ok(Arc::new(InlinePool {
             authority,
+            host,
+            prefix: uri.path().trim_end_matches('/').to_string(),
             connect_timeout,
             idle_timeout: Duration::from_secs(90),
             max_idle: 256,
@@ -158,11 +166,18 @@ impl InlinePool {
     }
 
     /// The `host:port` requests carry in their `Host` header.
-    pub fn authority(&self) -> &http::uri::Authority {
-        &self.authority
+    pub fn host(&self) -> &http::HeaderValue {
+        &self.host
     }
 
-    async fn connect(&self) -> Result<Leased, InlineError> {
+    /// The HTTP/1.1 origin-form target of `path` on this backend: the
+    /// base URL's path, then `path` (no scheme or host: those go in the
+    /// connection and the `Host` header).
+    pub fn origin_form(&self, path: &str) -> Result<Uri, http::uri::InvalidUri> {
+        if self.prefix.is_empty() { Uri::try_from(path) } else { Uri::try_from(format!("{}{path}", self.prefix)) }
+    }
+
+    async fn connect(&self) -> Result<Box<Leased>, InlineError> {
         let address = match self.authority.port_u16() {
             Some(_) => self.authority.to_string(),
             None => format!("{}:80", self.authority.host()),
@@ -174,7 +189,9 @@ impl InlinePool {
         // Small SSE/NDJSON chunks must not wait for Nagle.
         stream.set_nodelay(true).map_err(|e| InlineError::Connect(format!("{address}: {e}")))?;
         let (sender, connection) = http1::handshake(TokioIo::new(stream)).await?;
-        Ok(Leased { sender, connection, done: false, home: self.home_shard() })
+        // Boxed: a connection's state is large, and it moves in and out of
+        // the pool and into each response body; a box moves as a pointer.
+        Ok(Box::new(Leased { sender, connection, done: false, home: self.home_shard() }))
     }
 
     fn home_shard(&self) -> usize {
@@ -186,12 +203,12 @@ impl InlinePool {
     /// cheaper than one more connection, and it keeps the idle stock at
     /// what the whole agent needs rather than what each thread once
     /// needed).
-    fn checkout(&self) -> Option<Leased> {
+    fn checkout(&self) -> Option<Box<Leased>> {
         let home = self.home_shard();
         (0..self.idle.len()).find_map(|step| self.checkout_from((home + step) % self.idle.len()))
     }
 
-    fn checkout_from(&self, shard: usize) -> Option<Leased> {
+    fn checkout_from(&self, shard: usize) -> Option<Box<Leased>> {
         let mut idle = self.idle[shard].lock().unwrap_or_else(PoisonError::into_inner);
         while idle.front().is_some_and(|entry| entry.since.elapsed() > self.idle_timeout) {
             idle.pop_front();
@@ -199,7 +216,7 @@ impl InlinePool {
         idle.pop_back().map(|entry| entry.leased)
     }
 
-    fn checkin(&self, leased: Leased) {
+    fn checkin(&self, leased: Box<Leased>) {
         if leased.done || leased.sender.is_closed() {
             return;
         }
@@ -247,7 +264,7 @@ impl InlinePool {
     }
 
     /// A pooled connection that is still open and idle, else a new one.
-    async fn ready_connection(&self, fresh: bool) -> Result<Leased, InlineError> {
+    async fn ready_connection(&self, fresh: bool) -> Result<Box<Leased>, InlineError> {
         if !fresh {
             while let Some(mut leased) = self.checkout() {
                 if poll_fn(|cx| leased.poll_ready(cx)).await.is_ok() {
@@ -267,7 +284,7 @@ impl InlinePool {
 /// to stop generating.
 pub struct InlineBody {
     body: Incoming,
-    leased: Option<Leased>,
+    leased: Option<Box<Leased>>,
     pool: Option<Arc<InlinePool>>,
 }
 
@@ -389,8 +406,8 @@ mod tests {
 
     fn get(pool: &InlinePool) -> Request<Full<Bytes>> {
         Request::builder()
-            .uri("/stream")
-            .header(http::header::HOST, pool.authority().as_str())
+            .uri(pool.origin_form("/stream").expect("path"))
+            .header(http::header::HOST, pool.host().clone())
             .body(Full::new(Bytes::new()))
             .expect("request")
     }

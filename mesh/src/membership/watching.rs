@@ -25,8 +25,17 @@ const REFUTE_EVERY: std::time::Duration = std::time::Duration::from_secs(1);
 
 impl EventLoop {
     /// Watches the ring neighbours after this node among the live peers
-    /// that speak pulses, and probes the ones it suspects on its own
-    /// evidence (their first pulse clears them); stops watching the rest.
+    /// that speak pulses, and probes the ones it suspects or took for dead
+    /// on its own evidence (their first pulse clears them); stops watching
+    /// the rest.
+    ///
+    /// Dead ones too: this node's evidence may only say that it was cut
+    /// off itself. Nothing else can clear it: the mesh's word (a pulled
+    /// snapshot holding the same state) does not count against this node's
+    /// own evidence, and a peer whose state does not change publishes no
+    /// newer one. A chaos drill that cut the leader off found it seeing two
+    /// live peers dead for good once the cut healed. A peer that is really
+    /// dead costs a failed stream open per heartbeat until it is forgotten.
     pub(super) fn rewatch(&mut self, now: Instant) {
         let me = self.swarm.local_peer_id().to_string();
         let alive = self
@@ -38,7 +47,7 @@ impl EventLoop {
         want.extend(
             self.table
                 .entries()
-                .filter(|e| e.state.pulses && e.liveness == Liveness::Suspect && e.probed)
+                .filter(|e| e.state.pulses && e.liveness != Liveness::Alive && e.probed)
                 .map(|e| e.state.node_id.clone()),
         );
         let peers: BTreeSet<PeerId> = want.iter().filter_map(|id| id.parse().ok()).collect();

@@ -92,7 +92,13 @@ impl<W> Admission<W> {
     /// Counts a request running on `node` that did not come through
     /// [`Admission::step`] (one a peer forwarded to this node).
     pub fn take(&mut self, node: &str) {
-        *self.outstanding.entry(node.to_string()).or_default() += 1;
+        // Runs on every request: the id is copied only for a new node.
+        match self.outstanding.get_mut(node) {
+            Some(count) => *count += 1,
+            None => {
+                self.outstanding.insert(node.to_string(), 1);
+            }
+        }
     }
 
     /// A request on `node` finished (or its attempt failed). When it held

@@ -336,10 +336,37 @@ impl<'lan> Fleet<'lan> {
                 }
             }
             if Instant::now() > deadline {
-                return Err(format!("the mesh did not settle within {within:?} (hosts up: {up:?})"));
+                return Err(format!(
+                    "the mesh did not settle within {within:?} (hosts up: {up:?}); views: {}",
+                    self.views().await
+                ));
             }
             tokio::time::sleep(Duration::from_millis(250)).await;
         }
+    }
+
+    /// Each running agent's leader and the nodes it does not see alive,
+    /// for a failed [`Fleet::settle`].
+    async fn views(&self) -> String {
+        let mut views = Vec::new();
+        for i in self.up() {
+            let leader = match self.cluster(i).await {
+                Some(cluster) => cluster["leader"]["name"].as_str().unwrap_or("none").to_string(),
+                None => "unreachable".into(),
+            };
+            let not_alive: Vec<String> = match self.get(i, "/mesh/v1/nodes").await {
+                Some(nodes) => nodes["nodes"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .filter(|n| n["liveness"] != "alive" && n["self"] != true)
+                    .map(|n| format!("{} {}", n["name"].as_str().unwrap_or("?"), n["liveness"]))
+                    .collect(),
+                None => vec!["no node list".into()],
+            };
+            views.push(format!("{}: leader {leader}, not alive {not_alive:?}", node_name(i)));
+        }
+        views.join("; ")
     }
 
     /// Runs `llmesh ARGS --node <host i> --data-dir <seed> --json` inside

@@ -453,7 +453,7 @@ async fn drill_on(fleet: &mut Fleet<'_>, scenario: Scenario, options: &Options) 
     checks.push((
         "the mesh converged: one leader, every node alive in every view".into(),
         settled.is_ok(),
-        String::new(),
+        settled.err().unwrap_or_default(),
     ));
     // A write must commit once the mesh has settled (a leader elected in
     // the last moment may need one more election timeout).
