@@ -134,15 +134,21 @@ pub struct InlinePool {
     idle: Vec<Mutex<VecDeque<Idle>>>,
 }
 
-/// Pool shards: more than the connection threads and the main runtime's
-/// workers of a typical box, so each thread usually has its own.
+/// Pool shards: more than the connection threads of a typical box, so
+/// each thread usually has its own.
 const SHARDS: usize = 16;
 
-/// This thread's shard.
+/// This thread's shard. The workers of a multi-threaded runtime share one
+/// reactor, and so shard 0: a connection one of them opened is as cheap
+/// to use from the others. Each other thread (a connection thread, with
+/// a runtime of its own) has a shard of its own.
 fn shard_of_this_thread() -> usize {
     static NEXT: AtomicUsize = AtomicUsize::new(0);
     thread_local! {
-        static SHARD: usize = NEXT.fetch_add(1, Ordering::Relaxed) % SHARDS;
+        static SHARD: usize = match tokio::runtime::Handle::try_current().map(|h| h.runtime_flavor()) {
+            Ok(tokio::runtime::RuntimeFlavor::MultiThread) | Err(_) => 0,
+            Ok(_) => 1 + NEXT.fetch_add(1, Ordering::Relaxed) % (SHARDS - 1),
+        };
     }
     SHARD.with(|shard| *shard)
 }
@@ -198,14 +204,40 @@ impl InlinePool {
         shard_of_this_thread() % self.idle.len()
     }
 
-    /// An idle connection: this thread's own first, else another thread's
-    /// (used from here, its reads wake that thread's reactor: slower, but
-    /// cheaper than one more connection, and it keeps the idle stock at
-    /// what the whole agent needs rather than what each thread once
-    /// needed).
+    /// An idle connection: this thread's own, else (when no other thread
+    /// has one to spare) one another thread left, used from here.
+    ///
+    /// A connection used from another thread than the one that opened it
+    /// keeps its socket with the opener's reactor: every read wakes that
+    /// thread and then this one (an eventfd write and a second thread's
+    /// turn per request, for as long as clients stay unevenly spread over
+    /// the threads). So when another thread holds two or more idle, one of
+    /// them is closed instead and this thread opens its own (`None`): the
+    /// connection moves to the thread that needs it and the agent's count
+    /// stays the same. A thread's last idle connection is borrowed, not
+    /// moved, so threads whose needs take turns do not reconnect each time.
     fn checkout(&self) -> Option<Box<Leased>> {
         let home = self.home_shard();
-        (0..self.idle.len()).find_map(|step| self.checkout_from((home + step) % self.idle.len()))
+        if let Some(own) = self.checkout_from(home) {
+            return Some(own);
+        }
+        let shards = self.idle.len();
+        let others = (1..shards).map(|step| (home + step) % shards);
+        if let Some(spare) = others.clone().find_map(|shard| self.take_spare(shard)) {
+            drop(spare);
+            return None;
+        }
+        others.into_iter().find_map(|shard| self.checkout_from(shard))
+    }
+
+    /// The least recently used idle connection of `shard`, when it holds
+    /// two or more.
+    fn take_spare(&self, shard: usize) -> Option<Box<Leased>> {
+        let mut idle = self.idle[shard].lock().unwrap_or_else(PoisonError::into_inner);
+        if idle.len() < 2 {
+            return None;
+        }
+        idle.pop_front().map(|entry| entry.leased)
     }
 
     fn checkout_from(&self, shard: usize) -> Option<Box<Leased>> {
@@ -433,26 +465,43 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn a_connection_left_idle_by_another_thread_is_reused_before_a_new_one_is_opened() {
-        let server = server(2, false).await;
+    async fn another_thread_s_spare_idle_connection_moves_here_and_its_last_is_borrowed() {
+        let mut server = server(2, false).await;
         let pool = InlinePool::new(&server.base, Duration::from_secs(2)).expect("pool");
         let (done_tx, done) = tokio::sync::oneshot::channel();
         let (release, released) = tokio::sync::oneshot::channel::<()>();
         let other = Arc::clone(&pool);
         // A thread with a runtime of its own, as a connection thread has,
-        // that stays up (its reactor holds the socket) until released.
+        // that stays up (its reactor holds the sockets) until released. Two
+        // requests at once leave it two idle connections.
         let thread = std::thread::spawn(move || {
             let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
             runtime.block_on(async move {
-                let (_, _, body) = other.request(get(&other), false).await.expect("response");
-                let _ = done_tx.send(read_all(body).await);
+                let (_, _, first) = other.request(get(&other), false).await.expect("response");
+                let (_, _, second) = other.request(get(&other), false).await.expect("response");
+                let _ = done_tx.send((read_all(first).await, read_all(second).await));
                 let _ = released.await;
             });
         });
-        assert_eq!(done.await.expect("the other thread answered"), "data: 0\n\ndata: 1\n\n");
-        let (_, _, body) = pool.request(get(&pool), false).await.expect("response");
-        assert_eq!(read_all(body).await, "data: 0\n\ndata: 1\n\n");
-        assert_eq!(server.accepted.load(Ordering::SeqCst), 1, "the other thread's idle connection was reused");
+        let expected = "data: 0\n\ndata: 1\n\n".to_string();
+        assert_eq!(done.await.expect("the other thread answered"), (expected.clone(), expected.clone()));
+        assert_eq!(server.accepted.load(Ordering::SeqCst), 2);
+        // This thread has none: one of the other's two is closed and one
+        // opened here, then reused.
+        for _ in 0..3 {
+            let (_, _, body) = pool.request(get(&pool), false).await.expect("response");
+            assert_eq!(read_all(body).await, expected);
+        }
+        assert_eq!(server.accepted.load(Ordering::SeqCst), 3, "one connection opened here, then reused");
+        tokio::time::timeout(Duration::from_secs(5), server.ended.recv())
+            .await
+            .expect("the other thread's spare idle connection was closed")
+            .expect("the server runs");
+        // Two at once here: the second borrows the other thread's last one.
+        let (_, _, first) = pool.request(get(&pool), false).await.expect("response");
+        let (_, _, second) = pool.request(get(&pool), false).await.expect("response");
+        assert_eq!((read_all(first).await, read_all(second).await), (expected.clone(), expected));
+        assert_eq!(server.accepted.load(Ordering::SeqCst), 3, "the other thread's last idle connection was borrowed");
         drop(release);
         thread.join().expect("the other thread ends");
     }

@@ -149,6 +149,17 @@ impl Lingering {
     }
 }
 
+/// While a thread has connections, a timer of its runtime is always due
+/// within this time. Tokio wakes its own I/O driver (a write to an eventfd,
+/// and one more turn of the event loop) whenever a timer is set to expire
+/// before every other one, even on the thread that is running and cannot
+/// be asleep (tokio-rs/tokio#5207); a request sets such timers (the
+/// backend's first-byte watch, hyper's header-read timeout), which cost a
+/// system call for most requests. With this timer ahead of them, none of
+/// them is the earliest. Shorter than the shortest of those timers (the
+/// stall probe, 1 s by default).
+const PACE: Duration = Duration::from_millis(250);
+
 /// What a connection thread runs.
 struct LaneRun {
     incoming: mpsc::UnboundedReceiver<Handoff>,
@@ -161,7 +172,16 @@ struct LaneRun {
 impl LaneRun {
     async fn run(mut self) {
         let graceful = GracefulShutdown::new();
-        while let Some(handoff) = self.incoming.recv().await {
+        let mut pace = tokio::time::interval(PACE);
+        pace.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            let handoff = tokio::select! {
+                handoff = self.incoming.recv() => handoff,
+                // Disabled once the thread has no connections: an idle
+                // agent is not woken four times a second.
+                _ = pace.tick(), if self.open.load(Ordering::Relaxed) > 0 => continue,
+            };
+            let Some(handoff) = handoff else { break };
             let Handoff { stream, remote, here, permit } = handoff;
             let stream = match TcpStream::from_std(stream) {
                 Ok(stream) => stream,
