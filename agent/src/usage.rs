@@ -152,7 +152,11 @@ impl UsageMeter {
             let prompt = number_after(line, &PROMPT_EVAL_COUNT).unwrap_or(0);
             self.reported = Some((prompt, completion));
         }
-        if non_empty(line, &CONTENT) || non_empty(line, &TEXT) || non_empty(line, &RESPONSE) {
+        // Content is counted only to estimate a stream that reports no
+        // usage; once it has, the three searches per line are wasted.
+        if self.reported.is_none()
+            && (non_empty(line, &CONTENT) || non_empty(line, &TEXT) || non_empty(line, &RESPONSE))
+        {
             self.content_chunks += 1;
         }
     }

@@ -220,6 +220,7 @@ pub struct Router {
     /// Tells requests waiting here that the mesh changed (a peer's slot
     /// freed, gossip arrived), so they may run elsewhere sooner.
     recheck: Arc<Notify>,
+    decisions: super::metrics::Decisions,
 }
 
 impl Router {
@@ -242,6 +243,7 @@ impl Router {
             config,
             admission,
             recheck,
+            decisions: super::metrics::Decisions::new(),
         }
     }
 
@@ -355,7 +357,7 @@ impl Router {
             };
             match step {
                 Step::Run { node, reason } => {
-                    crate::route::metrics::scheduled(reason.as_str());
+                    self.decisions.count(reason);
                     attempts += 1;
                     let span = tracing::Span::current();
                     span.record("node", node.as_str()).record("reason", reason.as_str()).record("attempts", attempts);
@@ -620,7 +622,7 @@ impl Router {
                 }
                 Race::There(node, slot, Ok(pending)) => {
                     drop(places);
-                    crate::route::metrics::scheduled(super::scheduler::Reason::Queued.as_str());
+                    self.decisions.count(super::scheduler::Reason::Queued);
                     waiting.finish();
                     return match pending.response().await {
                         Ok(forwarded) => Some(Routed {
@@ -655,7 +657,7 @@ impl Router {
         node: &str,
         reason: super::scheduler::Reason,
     ) -> Option<Routed> {
-        crate::route::metrics::scheduled(reason.as_str());
+        self.decisions.count(reason);
         waiting.finish();
         match self.attempt(node, req).await {
             Ok(routed) => Some(routed),

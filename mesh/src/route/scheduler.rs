@@ -135,6 +135,9 @@ pub enum Reason {
 }
 
 impl Reason {
+    /// Every reason, in declaration order (`reason as usize` indexes it).
+    pub const ALL: [Reason; 4] = [Reason::Affinity, Reason::Soonest, Reason::TwoChoices, Reason::Queued];
+
     /// Lower-case name (metrics labels).
     pub fn as_str(self) -> &'static str {
         match self {
@@ -338,6 +341,13 @@ impl Scheduler {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn every_reason_indexes_its_own_place_in_all() {
+        for (i, reason) in Reason::ALL.iter().enumerate() {
+            assert_eq!(*reason as usize, i, "{}", reason.as_str());
+        }
+    }
 
     fn turn(key: u64) -> Option<Turn> {
         Some(Turn { key, depth: 100 })
